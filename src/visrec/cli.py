@@ -1,0 +1,296 @@
+"""The `visrec` command line: each command parses its options and calls the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import VisrecError
+
+app = typer.Typer(
+    name="visrec",
+    help="Train, diagnose and inspect visual-recognition models (the CS231n curriculum, on PyTorch).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Get datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@app.command()
+def train(
+    dataset: Annotated[str | None, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")] = None,
+    model: Annotated[str | None, typer.Option(help="Registered model or path/to/file.py:function.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Shipped preset name or YAML file (see `visrec presets`).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="train.batch_size")] = None,
+    lr: Annotated[float | None, typer.Option(help="optim.lr")] = None,
+    seed: Annotated[int | None, typer.Option(help="train.seed")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default runs/<dataset>-<model>-<time>).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
+    device: Annotated[str | None, typer.Option(help="train.device: auto, cpu, cuda, cuda:N, mps.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this stopped run; takes no other option.")] = None,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="Live progress bar (default: on a terminal).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary.json at the end.")] = False,
+) -> None:
+    """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
+    from .config import resolve_config
+    from .training import NonFiniteLoss, Trainer
+
+    try:
+        if resume is not None:
+            given = {"DATASET": dataset, "--model": model, "--preset": preset, "--set": set_, "--epochs": epochs,
+                     "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir, "--data-dir": data_dir,
+                     "--device": device}
+            extra = [k for k, v in given.items() if v]
+            if extra:
+                raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
+                                  "the run folder holds its whole config; start a new run to change it")
+            trainer = Trainer.resume(resume, progress=progress)
+            err.print(f"resuming {resume} at step {trainer_step(resume)}")
+        else:
+            cfg = resolve_config(preset, set_ or [])
+            for key, value in (("data.name", dataset), ("model.name", model), ("train.epochs", epochs),
+                               ("train.batch_size", batch_size), ("optim.lr", lr), ("train.seed", seed),
+                               ("data.data_dir", str(data_dir) if data_dir else None), ("train.device", device)):
+                if value is not None:
+                    cfg.set(key, value, source="option")
+            trainer = Trainer(cfg, out=out_dir, progress=progress)
+            ds = trainer.ds
+            err.print(f"{ds!r} from {ds.source}")
+            err.print(f"model {cfg.model.name}: {trainer.params:,} parameters; {trainer.runtime!r}; "
+                      f"run folder {trainer.run_dir}")
+        run = trainer.fit()
+    except NonFiniteLoss as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(EXIT_NONFINITE) from None
+    s = run.summary
+    if as_json:
+        print(json.dumps(s, indent=2))
+    if s.get("status") == "interrupted":
+        err.print(f"stopped at step {s['steps']} ({s.get('error')}); the last checkpoint is saved.")
+        err.print(f"continue with: visrec train --resume {run.path}")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not as_json:
+        out.print(f"test accuracy {_pct(s['test_acc'])} (top-5 {_pct(s['test_top5'])}), "
+                  f"best val {_pct(s['best_val_acc'])}, training time {s['train_seconds']:.1f} s "
+                  f"({s['images_per_s']:.0f} images/s)")
+        out.print(f"run folder: {run.path}")
+        out.print(f"TensorBoard: tensorboard --logdir {run.path / 'tb'}")
+
+
+def trainer_step(run_dir: Path) -> int:
+    meta = json.loads((Path(run_dir) / "checkpoints" / "last.json").read_text())
+    return int(meta["step"])
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
+    tta: Annotated[str | None, typer.Option(help="none or flip (default: the run's eval.tta).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Evaluate a run's model on a split of its dataset: accuracy, top-5, per-class, confusion."""
+    from .runs import Run
+
+    r = Run(run)
+    res = r.evaluate(split, tta=tta, which=checkpoint, device=device, data_dir=str(data_dir) if data_dir else None)
+    if as_json:
+        print(json.dumps({**res.to_dict(), "confusion": res.confusion.tolist(), "classes": res.classes}, indent=2))
+        return
+    out.print(f"{r.name} on {split} (n={res.n}, tta={res.tta}): accuracy {res.acc:.2%}, top-5 {res.top5:.2%}, "
+              f"loss {res.loss:.4f}")
+    t = Table("class", "accuracy", "n")
+    for name, acc, n in zip(res.classes, res.per_class_acc, res.confusion.sum(1).tolist(), strict=True):
+        t.add_row(name, f"{acc:.2%}", str(n))
+    out.print(t)
+    if res.most_confused(3):
+        out.print("most confused (true -> predicted): " +
+                  "; ".join(f"{a} -> {b} ({n})" for a, b, n in res.most_confused(3)))
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
+    resize: Annotated[bool, typer.Option(help="Resize images whose size differs from the model's.")] = False,
+    convert: Annotated[bool, typer.Option(help="Convert color images to grayscale for grayscale models.")] = False,
+    checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Classify image files with a trained run (decoded and normalized exactly as in training)."""
+    from .runs import Run
+
+    preds = Run(run).predict([str(p) for p in images], top_k=top_k, resize=resize, convert=convert, which=checkpoint)
+    if as_json:
+        print(json.dumps([{"image": p.source, "top": [{"class": c, "prob": v} for c, v in p.top]} for p in preds],
+                         indent=2))
+        return
+    for p in preds:
+        out.print(f"{p.source}: " + ", ".join(f"{c} {v:.1%}" for c, v in p.top))
+
+
+@app.command()
+def models(
+    input_shape: Annotated[str, typer.Option("--input", help="CxHxW the models are built for.")] = "3x32x32",
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List registered models: name, family, parameter count at the given input."""
+    from .models import create_model, list_models, model_entry
+
+    try:
+        c, h, w = (int(v) for v in input_shape.lower().split("x"))
+    except ValueError:
+        raise VisrecError(f"--input {input_shape!r} is not CxHxW", "for example --input 1x28x28") from None
+    rows = []
+    for name in list_models():
+        e = model_entry(name)
+        m = create_model(name, in_chans=c, num_classes=classes, image_size=(h, w))
+        rows.append({"name": name, "family": e.family, "params": sum(p.numel() for p in m.parameters()),
+                     "description": e.description})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table("name", "family", "params", "description", title=f"models at {c}x{h}x{w}, {classes} classes")
+    for r in rows:
+        t.add_row(r["name"], r["family"], f"{r['params']:,}", r["description"])
+    out.print(t)
+
+
+@app.command()
+def datasets(
+    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the dataset catalog: found or not, where, and size on disk."""
+    from .data import dataset_status
+    from .data.catalog import search_roots
+
+    rows = dataset_status(data_dir)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table("name", "found", "where", "size", "description")
+    for r in rows:
+        t.add_row(r["name"], "yes" if r["found"] else "[red]no[/red]", r["where"] or "-",
+                  _human_bytes(r["bytes"]) if r["bytes"] else "-", r["description"])
+    out.print(t)
+    out.print("searched, in order: " + ", ".join(f"{p} ({why})" for p, why in search_roots(data_dir)))
+    out.print("also: folder:PATH (one subfolder per class, optional train/ val/ test/)")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="Catalog dataset name.")],
+    dest: Annotated[
+        Path | None, typer.Option("--dir", help="Root folder to download into (default: the user cache).")
+    ] = None,
+) -> None:
+    """Download a dataset from its official source into the cache, verifying checksums."""
+    from .data import fetch
+
+    where = fetch(name, dest)
+    out.print(f"{name}: ready in {where}")
+
+
+@data_app.command("where")
+def data_where(
+    name: Annotated[str, typer.Argument(help="Catalog dataset name.")],
+    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first.")] = None,
+) -> None:
+    """Print where a dataset's files are found; exit 1 if they are not."""
+    from .data import locate
+
+    found = locate(name, data_dir)
+    if found is None:
+        err.print(f"{name}: not found")
+        raise typer.Exit(1)
+    out.print(str(found))
+
+
+@app.command()
+def presets() -> None:
+    """List the shipped presets (use with --preset NAME)."""
+    from .config import list_presets
+
+    t = Table("preset", "what it is")
+    for name, desc in list_presets().items():
+        t.add_row(name, desc)
+    out.print(t)
+
+
+@app.command()
+def config(
+    preset: Annotated[str | None, typer.Option(help="Preset name or YAML file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+    keys: Annotated[bool, typer.Option("--keys", help="List every valid section.key.")] = False,
+) -> None:
+    """Print the resolved config (defaults, then preset, then --set) as YAML."""
+    from .config import Config, resolve_config
+
+    if keys:
+        print("\n".join(Config().keys()))
+        return
+    print(resolve_config(preset, set_ or []).to_yaml(), end="")
+
+
+@app.command()
+def runs(root: Annotated[Path, typer.Argument(help="Folder of runs.")] = Path("runs")) -> None:
+    """List run folders with their status, test accuracy and training time."""
+    from .runs import list_runs
+
+    t = Table("run", "status", "model", "epochs", "test acc", "train s")
+    for r in list_runs(root):
+        s = r.summary
+        t.add_row(r.name, r.status, s.get("model", "-"), str(s.get("epochs", "-")), _pct(s.get("test_acc")),
+                  f"{s['train_seconds']:.1f}" if s.get("train_seconds") else "-")
+    out.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except VisrecError as e:
+        err.print(f"[red]error:[/red] {e.message}")
+        if e.hint:
+            err.print(f"  [yellow]hint:[/yellow] {e.hint}")
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

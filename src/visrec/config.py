@@ -1,0 +1,316 @@
+"""Typed configuration: dataclass sections, YAML presets, and `section.key=value` overrides.
+
+A config is resolved in three layers: the dataclass defaults (the default recipe), then a preset
+(a YAML file shipped in `visrec/presets/` or any path), then `--set` overrides. Unknown sections and
+keys are errors that list the valid ones. The resolved config is written into every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import VisrecError, unknown_name
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # catalog name, `folder:PATH` or `synthetic[:k=v,...]`
+    data_dir: str | None = None  # searched first for the dataset's files (also $VISREC_DATA)
+    normalize: str = "channel"  # channel (per-channel mean/std) | image (mean image) | none (raw 0..255)
+    augment: list[str] = field(default_factory=lambda: ["hflip"])  # names, `name:arg` (see visrec.data.augment)
+    val_fraction: float = 0.1  # of the training split, held out (stratified) for validation
+    test_fraction: float = 0.2  # only for datasets without an official test split
+    split_seed: int = 0  # seed of the val/test splits, independent of the training seed
+    subset: int | None = None  # train on a stratified subset of this many training images
+    image_size: int | None = None  # folder datasets: resize every image to this square size
+    channels: int | None = None  # folder datasets: 1 or 3; None = 3 if any image has color
+    download: bool = True  # fetch from the official source when no local copy is found
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnet"  # a registered model or `path/to/file.py:function`
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model
+    channels_last: str = "auto"  # auto | on | off (auto: on for conv nets, where it measures faster)
+    compile: bool = False  # torch.compile the model (slow first steps, faster later)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "nesterov"  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw
+    lr: float = 0.2  # peak learning rate (the schedule multiplies it)
+    momentum: float = 0.9  # momentum / nesterov / rmsprop
+    weight_decay: float = 5e-4  # L2 penalty (decoupled for adamw)
+    decay_all: bool = False  # also decay biases and normalization parameters (off by default)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw
+    eps: float = 1e-8  # adagrad / rmsprop / adam / adamw
+    alpha: float = 0.99  # rmsprop: decay rate of the squared-gradient average
+    grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "one_cycle"  # constant | step | exponential | inverse_time | linear | cosine | one_cycle
+    warmup_epochs: float = 0.0  # linear warmup from start_factor*lr, before any schedule
+    start_factor: float = 0.1  # one_cycle and warmup start at this fraction of lr
+    end_factor: float = 0.001  # linear / cosine / one_cycle end at this fraction of lr
+    pct_start: float = 0.25  # one_cycle: fraction of the steps spent rising
+    step_epochs: float = 10.0  # step: epochs between decays
+    gamma: float = 0.1  # step: factor per decay; exponential: factor per epoch
+    decay: float = 0.5  # inverse_time: lr / (1 + decay * epoch)
+
+
+@dataclass
+class LossConfig:
+    name: str = "cross_entropy"  # cross_entropy (softmax) | hinge (multiclass SVM)
+    label_smoothing: float = 0.1  # cross_entropy only
+    margin: float = 1.0  # hinge only: the margin delta
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 256
+    seed: int = 0  # weights, batch order and augmentation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
+    ema: float = 0.0  # decay of an exponential moving average of the weights per step; 0 = off
+    log_every: int = 50  # steps per logged window (metrics.jsonl, TensorBoard, progress)
+    checkpoint_every: int = 0  # also checkpoint every N steps; 0 = at the end of each epoch only
+    select: str = "last"  # weights evaluated on test at the end: last | best (by val accuracy)
+    nonfinite: str = "stop"  # what a NaN/inf loss does: stop (with a diagnosis) | skip (drop the step)
+    threads: int = 0  # CPU threads; 0 = PyTorch's default (one per core)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 1024
+    tta: str = "none"  # none | flip (average the prediction of the image and its mirror)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
+        cfg = cls()
+        apply_dict(cfg, d, source)
+        return cfg
+
+    def set(self, key: str, value: Any, source: str = "--set") -> None:
+        """Set one dotted key (`optim.lr`) to a value, with type checks."""
+        _set_key(self, key, value, source)
+
+    def keys(self) -> list[str]:
+        """Every valid `section.key`."""
+        sections = dataclasses.fields(self)
+        return [f"{s.name}.{f.name}" for s in sections for f in dataclasses.fields(getattr(self, s.name))]
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check and convert a value for a field of type `tp`; the error names the key and the source."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    bad = VisrecError(
+        f"{source}: {key} must be {_type_name(tp)}, got {value!r}",
+        f"for example: --set {key}={_example(tp)}",
+    )
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no"):
+            return value.lower() in ("true", "on", "yes")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if value is None:
+            value = []
+        if not isinstance(value, list | tuple):
+            raise bad
+        return [_coerce(v, args[0], key, source) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    raise TypeError(f"unsupported config type {tp}")  # a bug in the config definition
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}.get(
+        tp, str(tp)
+    )
+
+
+def _example(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _example([a for a in typing.get_args(tp) if a is not type(None)][0])
+    if origin is list:
+        return "a,b"
+    if origin is dict:
+        return "{k: v}"
+    return {bool: "true", int: "10", float: "0.1", str: "name"}.get(tp, "...")
+
+
+def _set_key(cfg: Config, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if parts[0] not in sections:
+        raise unknown_name("config section", parts[0], sections, source)
+    section = getattr(cfg, parts[0])
+    if len(parts) == 1:
+        keys = ", ".join(_keys_of(section, parts[0]))
+        raise VisrecError(f"{source}: {key!r} is a section; set one of its keys: {keys}")
+    names = {f.name for f in dataclasses.fields(section)}
+    if parts[1] not in names:
+        raise unknown_name(f"key of section {parts[0]!r}", parts[1], names, source)
+    tp = _field_types(section)[parts[1]]
+    if len(parts) > 2:
+        # Nested mapping (model.kwargs.width=32): the leaf's value is free-form.
+        if typing.get_origin(tp) is not dict:
+            raise VisrecError(f"{source}: {'.'.join(parts[:2])} is not a mapping; {key!r} cannot be set")
+        d = getattr(section, parts[1])
+        for p in parts[2:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = value
+        return
+    setattr(section, parts[1], _coerce(value, tp, key, source))
+
+
+def _keys_of(section: Any, name: str) -> list[str]:
+    return [f"{name}.{f.name}" for f in dataclasses.fields(section)]
+
+
+def apply_dict(cfg: Config, d: dict[str, Any], source: str) -> None:
+    """Apply a nested mapping ({section: {key: value}}) onto a config."""
+    if not isinstance(d, dict):
+        raise VisrecError(f"{source}: expected a mapping of sections (data:, model:, ...), got {type(d).__name__}")
+    for sec, body in d.items():
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise VisrecError(f"{source}: section {sec!r} must be a mapping of keys, got {body!r}")
+        for k, v in body.items():
+            _set_key(cfg, f"{sec}.{k}", v, source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=0.1` -> ("optim.lr", 0.1); values are read as YAML (numbers, lists, true/false)."""
+    if "=" not in text:
+        raise VisrecError(f"--set {text!r} is not of the form section.key=value", "for example: --set optim.lr=0.05")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def list_presets() -> dict[str, str]:
+    """Shipped preset names -> their first comment line (what the preset is for)."""
+    out = {}
+    for entry in sorted(resources.files("visrec.presets").iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
+            out[entry.name[:-5]] = first.lstrip("# ").strip()
+    return out
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset by shipped name or by path to a YAML file."""
+    path = Path(name)
+    if name.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise VisrecError(f"preset file {name} does not exist", "give a shipped preset name or a YAML path")
+        text, source = path.read_text(), str(path)
+    else:
+        entry = resources.files("visrec.presets") / f"{name}.yaml"
+        if not entry.is_file():
+            raise unknown_name("preset", name, list_presets(), "--preset")
+        text, source = entry.read_text(), f"preset {name}"
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise VisrecError(f"{source} is not valid YAML: {e}") from None
+
+
+def resolve_config(
+    preset: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    base: Config | None = None,
+) -> Config:
+    """Defaults (or `base`), then the preset, then overrides (`["optim.lr=0.1"]` or `{"optim.lr": 0.1}`)."""
+    cfg = Config.from_dict(base.to_dict()) if base is not None else Config()
+    if preset:
+        apply_dict(cfg, load_preset(preset), f"preset {preset}")
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        cfg.set(key, value)
+    return cfg

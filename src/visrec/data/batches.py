@@ -1,0 +1,48 @@
+"""A device-resident batch iterator: one permutation per epoch, batches by index slicing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class DeviceBatches:
+    """Yields (uint8 images, labels) batches from tensors that already sit on the training device.
+
+    The order of epoch `e` depends only on (seed, e), so an epoch can be resumed at any batch.
+    With `drop_last`, a final partial batch is skipped (batch-norm dislikes tiny batches).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+    ):
+        self.images, self.labels = images, labels
+        self.batch_size = min(batch_size, len(labels))
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(n, device=self.labels.device)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(n, generator=g).to(self.labels.device)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch`, from batch index `start` on."""
+        perm = self.order(epoch)
+        bs = self.batch_size
+        for b in range(start, len(self)):
+            idx = perm[b * bs : (b + 1) * bs]
+            yield self.images[idx], self.labels[idx]

@@ -1,0 +1,69 @@
+"""Image-folder datasets: one subfolder per class, optionally under train/, val/ and test/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import VisrecError
+from .images import load_images, native_channels, peek, scan_classes
+from .sources import RawSplits
+
+
+def read_image_folder(root: Path, image_size: int | None = None, channels: int | None = None) -> RawSplits:
+    """Read `root/<class>/*` or `root/{train,val,test}/<class>/*` into tensors.
+
+    Class names are the train folder's subfolder names in sorted order; val/ and test/ must use the
+    same names (a subset is fine), so labels are matched by name, never by position.
+    """
+    if not root.is_dir():
+        raise VisrecError(f"image folder {root} does not exist", "give folder:PATH with one subfolder per class")
+    split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    if split_dirs and "train" not in split_dirs:
+        raise VisrecError(f"{root} has {', '.join(split_dirs)}/ but no train/ folder", "add train/<class>/ folders")
+    layout = split_dirs if split_dirs else {"train": root}
+
+    scanned = {s: scan_classes(d) for s, d in layout.items()}
+    classes = list(scanned["train"][0])
+    if len(classes) < 2:
+        raise VisrecError(
+            f"{layout['train']} has {len(classes)} class folder(s); a classifier needs at least 2",
+            "put each class's images in its own subfolder",
+        )
+    for split, (found, _) in scanned.items():
+        for name, files in found.items():
+            if not files:
+                raise VisrecError(f"class folder {layout[split] / name} has no images", "add images or remove it")
+            if name not in classes:
+                raise VisrecError(
+                    f"{layout[split] / name}: class {name!r} does not exist in {layout['train']}",
+                    f"{split}/ may only use the train classes: {', '.join(classes)}",
+                )
+
+    # One channel count for every split, decided from all files so val/test match train.
+    all_files = [p for found, _ in scanned.values() for files in found.values() for p in files]
+    if channels is None:
+        channels = 3 if any(native_channels(peek(p)[0]) == 3 for p in all_files) else 1
+    if image_size is None:
+        size0 = peek(all_files[0])[1]
+        odd = [p for p in all_files if peek(p)[1] != size0]
+        if odd:
+            # load_images lists the files; run it on everything so the message covers all splits.
+            load_images(all_files, channels, None)
+
+    def read(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        found, _ = scanned[split]
+        paths, labels = [], []
+        for name, files in found.items():
+            paths += files
+            labels += [classes.index(name)] * len(files)
+        return load_images(paths, channels, image_size), torch.tensor(labels, dtype=torch.int64)
+
+    xtr, ytr = read("train")
+    out = RawSplits(xtr, ytr, None, None, classes)
+    if "test" in scanned:
+        out.test_images, out.test_labels = read("test")
+    if "val" in scanned:
+        out.val_images, out.val_labels = read("val")
+    return out

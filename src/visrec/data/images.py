@@ -1,0 +1,117 @@
+"""Image files to uint8 tensors, decoded the same way for training folders and for prediction.
+
+Conversions (documented in the README): EXIF orientation is applied; images with transparency are
+composited on white; 16-bit and 32-bit grayscale are scaled (not clipped) to 8 bits; CMYK and
+palette images become RGB; grayscale becomes RGB when the set is in color, and color becomes
+grayscale only when asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import VisrecError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def peek(path: Path) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from the header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.mode, im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise VisrecError(f"cannot read image {path}: {e}", "remove or replace the file") from None
+
+
+def _to_8bit_gray(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and a.max() > 255) else 255.0
+        if im.mode == "F":
+            top = max(float(a.max()), 1.0)
+        return Image.fromarray(np.round(a * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+    return im.convert("L")
+
+
+def _flatten_alpha(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    rgba = im.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def decode(path: Path, channels: int, size: int | None = None) -> np.ndarray:
+    """Decode one file to uint8 (H, W, channels), converting its mode as the module doc says."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            if has_alpha:
+                im = _flatten_alpha(im)
+            if channels == 1:
+                im = _to_8bit_gray(im) if im.mode in GRAY_MODES else im.convert("L")
+            else:
+                im = _to_8bit_gray(im).convert("RGB") if im.mode in GRAY_MODES else im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            a = np.array(im, dtype=np.uint8)  # a writable copy, detached from the file
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise VisrecError(f"cannot decode image {path}: {e}", "remove or replace the file") from None
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def native_channels(mode: str) -> int:
+    return 1 if mode in GRAY_MODES else 3
+
+
+def load_images(
+    paths: list[Path], channels: int | None = None, size: int | None = None, workers: int | None = None
+) -> torch.Tensor:
+    """Decode files into one uint8 (N, C, H, W) tensor.
+
+    Without `size`, every image must have the same size; the error lists the files that differ.
+    Without `channels`, the set is RGB if any file has color, else grayscale.
+    """
+    if not paths:
+        return torch.empty(0, channels or 1, size or 1, size or 1, dtype=torch.uint8)
+    headers = [peek(p) for p in paths]
+    if channels is None:
+        channels = 3 if any(native_channels(m) == 3 for m, _ in headers) else 1
+    if size is None:
+        sizes = Counter(s for _, s in headers)
+        common = sizes.most_common(1)[0][0]
+        odd = [(p, s) for p, (_, s) in zip(paths, headers, strict=True) if s != common]
+        if odd:
+            listed = "; ".join(f"{p} is {w}x{h}" for p, (w, h) in odd[:5])
+            more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+            raise VisrecError(
+                f"images differ in size: most are {common[0]}x{common[1]} (width x height), but {listed}{more}",
+                "resize them all with --set data.image_size=N (square), or fix those files",
+            )
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+        arrays = list(pool.map(lambda p: decode(p, channels, size), paths))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def scan_classes(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """Class name -> sorted image files, for a folder of class subfolders; also the ignored files."""
+    classes: dict[str, list[Path]] = {}
+    ignored: list[Path] = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in sub.rglob("*") if p.is_file())
+        classes[sub.name] = [p for p in files if is_image_file(p)]
+        ignored += [p for p in files if not is_image_file(p)]
+    return classes, ignored

@@ -1,0 +1,127 @@
+"""ImageSet: a labelled set of images as one uint8 tensor, and seeded stratified splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, C, H, W), labels as int64 (N,), and the class names the labels index."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            got = f"{self.images.dtype} {tuple(self.images.shape)}"
+            raise ValueError(f"ImageSet images must be uint8 (N, C, H, W), got {got}")
+        if self.labels.shape != (self.images.shape[0],):
+            n, shape = self.images.shape[0], tuple(self.labels.shape)
+            raise ValueError(f"ImageSet has {n} images but labels of shape {shape}")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.images.shape[2], self.images.shape[3])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.name)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name)
+
+    def __repr__(self) -> str:
+        c, h, w = self.images.shape[1:]
+        return f"ImageSet({self.name!r}, n={len(self)}, shape={c}x{h}x{w}, classes={self.num_classes})"
+
+
+@dataclass
+class Dataset:
+    """The splits of one dataset: train, val (held out from train) and test (kept apart until the end)."""
+
+    name: str
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet
+    source: str = ""  # where the files were read from
+    splits: dict[str, Any] = field(default_factory=dict)  # how val and test were made (recorded in runs)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def channels(self) -> int:
+        return self.train.channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.train.image_size
+
+    def split(self, name: str) -> ImageSet:
+        s = {"train": self.train, "val": self.val, "test": self.test}.get(name)
+        if s is None:
+            raise KeyError(f"dataset {self.name!r} has no {name!r} split")
+        return s
+
+    def __repr__(self) -> str:
+        c, (h, w) = self.channels, self.image_size
+        nval = len(self.val) if self.val is not None else 0
+        return (
+            f"Dataset({self.name!r}, train={len(self.train)}, val={nval}, test={len(self.test)}, "
+            f"shape={c}x{h}x{w}, classes={self.num_classes})"
+        )
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (kept, held out) with `fraction` of every class held out.
+
+    Each class keeps at least one example and, when fraction > 0 and it has two or more, gives at
+    least one. Deterministic in `seed`; both index tensors are sorted.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    kept, held = [], []
+    labels = labels.cpu()
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_held = int(round(fraction * len(idx)))
+        if fraction > 0 and len(idx) >= 2:
+            n_held = min(max(n_held, 1), len(idx) - 1)
+        held.append(idx[:n_held])
+        kept.append(idx[n_held:])
+    return torch.cat(kept).sort().values, torch.cat(held).sort().values
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices of about `n` examples with the class proportions of `labels`."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    _, held = stratified_split(labels, n / len(labels), seed)
+    return held

@@ -1,0 +1,162 @@
+"""Evaluation: accuracy, top-5, per-class accuracy, confusion matrix, and flip test-time augmentation."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.imageset import ImageSet
+from .data.preprocess import Normalizer
+from .device import autocast
+from .io import write_bytes, write_text
+
+TTA_MODES = ("none", "flip")
+
+
+@dataclass
+class EvalResult:
+    split: str
+    n: int
+    loss: float  # mean softmax cross-entropy, no smoothing
+    acc: float
+    top5: float
+    per_class_acc: list[float]
+    confusion: torch.Tensor  # (C, C) int64, rows = true class, columns = predicted
+    classes: list[str]
+    tta: str = "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "n": self.n, "loss": self.loss, "acc": self.acc, "top5": self.top5,
+                "tta": self.tta, "per_class_acc": dict(zip(self.classes, self.per_class_acc, strict=True))}
+
+    def most_confused(self, k: int = 5) -> list[tuple[str, str, int]]:
+        """The k largest off-diagonal cells: (true class, predicted class, count)."""
+        off = self.confusion.clone()
+        off.fill_diagonal_(0)
+        vals, idx = off.flatten().topk(min(k, off.numel()))
+        c = len(self.classes)
+        return [(self.classes[i // c], self.classes[i % c], v) for v, i in zip(vals.tolist(), idx.tolist(), strict=True)
+                if v > 0]
+
+    def save(self, folder: Path, prefix: str = "") -> None:
+        """confusion.csv, confusion.png and per_class.csv in `folder`."""
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["true \\ predicted", *self.classes])
+        for name, row in zip(self.classes, self.confusion.tolist(), strict=True):
+            w.writerow([name, *row])
+        write_text(folder / f"{prefix}confusion.csv", buf.getvalue())
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["class", "n", "acc"])
+        for name, n, a in zip(self.classes, self.confusion.sum(1).tolist(), self.per_class_acc, strict=True):
+            w.writerow([name, n, f"{a:.4f}"])
+        write_text(folder / f"{prefix}per_class.csv", buf.getvalue())
+        write_bytes(folder / f"{prefix}confusion.png", confusion_png(self))
+
+    def __repr__(self) -> str:
+        return f"EvalResult({self.split}, n={self.n}, acc={self.acc:.4f}, top5={self.top5:.4f}, loss={self.loss:.4f})"
+
+
+def confusion_png(result: EvalResult) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = len(result.classes)
+    conf = result.confusion.float()
+    norm = conf / conf.sum(1, keepdim=True).clamp_min(1)
+    size = max(4.0, min(0.55 * c + 2, 20))
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if c <= 30:
+        ax.set_xticks(range(c), result.classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(c), result.classes, fontsize=8)
+        for i in range(c):
+            for j in range(c):
+                if conf[i, j] > 0:
+                    ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{result.split}: accuracy {result.acc:.2%} (n={result.n})")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    normalizer: Normalizer,
+    *,
+    batch_size: int = 1024,
+    channels_last: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    tta: str = "none",
+) -> torch.Tensor:
+    """Logits (N, C) in float32 for uint8 images (N, C, H, W), in eval mode, batch by batch."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta {tta!r} is not one of {TTA_MODES}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for chunk in images.split(batch_size):
+        x = normalizer(chunk.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x).float()
+            if tta == "flip":
+                logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).mul(0.5).log()
+        out.append(logits)
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageSet,
+    normalizer: Normalizer,
+    *,
+    split: str = "test",
+    batch_size: int = 1024,
+    channels_last: bool = False,
+    amp_dtype: torch.dtype | None = None,
+    tta: str = "none",
+) -> EvalResult:
+    """Accuracy, top-5, loss, per-class accuracy and the confusion matrix of `model` on `data`."""
+    logits = predict_logits(model, data.images, normalizer, batch_size=batch_size, channels_last=channels_last,
+                            amp_dtype=amp_dtype, tta=tta)
+    labels = data.labels.to(logits.device)
+    c = data.num_classes
+    pred = logits.argmax(1)
+    k = min(5, c)
+    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).float().mean().item() if len(labels) else 0.0
+    conf = torch.bincount(labels * c + pred, minlength=c * c).view(c, c).cpu()
+    per_class = (conf.diag().float() / conf.sum(1).clamp_min(1).float()).tolist()
+    n = len(labels)
+    return EvalResult(
+        split=split,
+        n=n,
+        loss=F.cross_entropy(logits, labels).item() if n else float("nan"),
+        acc=(pred == labels).float().mean().item() if n else 0.0,
+        top5=top5,
+        per_class_acc=per_class,
+        confusion=conf,
+        classes=data.classes,
+        tta=tta,
+    )

@@ -1,0 +1,147 @@
+"""The model registry: `@register_model` and `create_model(name, in_chans, num_classes, image_size)`.
+
+`create_model` also accepts `path/to/file.py:function`, a user's function returning any nn.Module;
+it is called with whichever of `in_chans`, `num_classes` and `image_size` it accepts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import VisrecError, unknown_name
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: str
+    fn: Callable[..., nn.Module]
+    description: str
+
+    def options(self) -> dict[str, Any]:
+        """The model's own keyword arguments and their defaults (beyond the three common ones)."""
+        sig = inspect.signature(self.fn)
+        skip = {"in_chans", "num_classes", "image_size"}
+        return {k: p.default for k, p in sig.parameters.items() if k not in skip and p.kind == p.KEYWORD_ONLY}
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(fn: Callable[..., nn.Module] | None = None, *, family: str | None = None, name: str | None = None):
+    """Register a model builder `fn(in_chans, num_classes, image_size, *, options...)` under its name."""
+
+    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or f.__name__
+        fam = family or f.__module__.rsplit(".", 1)[-1]
+        doc = (inspect.getdoc(f) or "").split("\n")[0]
+        _MODELS[key] = ModelEntry(key, fam, f, doc)
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_models(family: str | None = None) -> list[str]:
+    return sorted(n for n, e in _MODELS.items() if family is None or e.family == family)
+
+
+def model_entry(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        raise unknown_name("model", name, _MODELS, "--model")
+    return _MODELS[name]
+
+
+def _size2(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
+def create_model(
+    name: str,
+    in_chans: int = 3,
+    num_classes: int = 10,
+    image_size: int | tuple[int, int] = 32,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model (or a user file's model) for the data's channels, classes and size.
+
+    >>> m = create_model("convnet", in_chans=1, num_classes=10, image_size=28)
+    >>> m(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+    size = _size2(image_size)
+    if is_file_model(name):
+        return _model_from_file(name, in_chans, num_classes, size, kwargs)
+    entry = model_entry(name)
+    valid = entry.options()
+    bad = [k for k in kwargs if k not in valid]
+    if bad:
+        listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        raise VisrecError(f"model {name!r} has no option {', '.join(map(repr, bad))}", f"its options: {listed}")
+    return entry.fn(in_chans=in_chans, num_classes=num_classes, image_size=size, **kwargs)
+
+
+def is_file_model(name: str) -> bool:
+    return ":" in name and name.split(":", 1)[0].endswith(".py")
+
+
+def _model_from_file(spec: str, in_chans: int, num_classes: int, size: tuple[int, int], kwargs: dict) -> nn.Module:
+    path_s, fn_name = spec.rsplit(":", 1)
+    path = Path(path_s).expanduser()
+    if not path.is_file():
+        raise VisrecError(f"model file {path} does not exist", "give --model path/to/file.py:function")
+    mod_name = f"visrec_user_model_{abs(hash(str(path.resolve())))}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any error in the user's file is reported with its name
+        raise VisrecError(f"model file {path} failed to import: {type(e).__name__}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise VisrecError(f"model file {path} has no function {fn_name!r}", f"callables in it: {', '.join(found)}")
+    params = inspect.signature(fn).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    offered = {"in_chans": in_chans, "num_classes": num_classes, "image_size": size, **kwargs}
+    args = {k: v for k, v in offered.items() if takes_all or k in params}
+    try:
+        model = fn(**args)
+    except Exception as e:  # noqa: BLE001
+        raise VisrecError(f"{spec} raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise VisrecError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module", "return the network")
+    check_output(model, spec, in_chans, num_classes, size)
+    return model
+
+
+def check_output(model: nn.Module, name: str, in_chans: int, num_classes: int, size: tuple[int, int]) -> None:
+    """One forward pass on zeros: the output must be (batch, num_classes) logits."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, in_chans, *size))
+    except Exception as e:  # noqa: BLE001
+        raise VisrecError(
+            f"model {name} failed on a batch of shape (2, {in_chans}, {size[0]}, {size[1]}): {type(e).__name__}: {e}",
+            "check that it accepts the dataset's channels and image size",
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise VisrecError(
+            f"model {name} returned {shape} for a batch of 2; it must return (batch, {num_classes}) logits, "
+            f"one per class",
+            "end the network with a layer of num_classes outputs, with no softmax",
+        )

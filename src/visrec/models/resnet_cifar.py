@@ -1,0 +1,78 @@
+"""CIFAR-style ResNets (He et al., 2016, section 4.2): 6n+2 layers, widths 16/32/64.
+
+Shortcuts that change shape use the paper's option A (stride-2 subsampling and zero-padded
+channels), so the networks have the paper's parameter counts: ResNet-20 0.27M, -56 0.85M, -110 1.7M.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import register_model
+from .layers import Classifier, GlobalPool
+
+
+class PadShortcut(nn.Module):
+    """Option A: identity on a stride-2 grid, extra channels filled with zeros."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = PadShortcut(cin, cout, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class CifarResNet(Classifier):
+    def __init__(self, depth: int, in_chans: int, num_classes: int, widths: tuple[int, int, int] = (16, 32, 64)):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
+        stages, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks = [BasicBlock(cin, w, 1 if i == 0 else 2)] + [BasicBlock(w, w, 1) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = w
+        self.stages = nn.Sequential(*stages)
+        self.pool = GlobalPool("avg")
+        self.head = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))  # (B, C, H, W) -> (B, 64, H/4, W/4)
+
+
+def _make(depth: int):
+    def build(*, in_chans: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
+        return CifarResNet(depth, in_chans, num_classes)
+
+    build.__name__ = f"resnet{depth}"
+    build.__doc__ = f"CIFAR-style ResNet-{depth} ({(depth - 2) // 6} basic blocks per stage, option-A shortcuts)."
+    return build
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register_model(_make(_depth), family="resnet_cifar")

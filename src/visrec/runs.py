@@ -1,0 +1,241 @@
+"""Run folders: everything about one training run, and the only thing tools that inspect it read.
+
+    runs/<dataset>-<model>-<time>/
+      config.yaml      the resolved config          splits.json   how val/test were made
+      metrics.jsonl    one record per window/epoch  tb/           TensorBoard events
+      checkpoints/     last.* (resumable), best.*   summary.json  final numbers and status
+      confusion.csv / confusion.png / per_class.csv (test)        model.txt     the architecture
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .config import Config
+from .data import Dataset, Normalizer, load_dataset
+from .data.images import decode, native_channels, peek
+from .device import resolve_device, resolve_precision, use_channels_last
+from .errors import VisrecError
+from .evaluate import TTA_MODES, EvalResult, evaluate, predict_logits
+from .models import create_model
+
+
+def dataset_from_config(cfg: Config) -> Dataset:
+    d = cfg.data
+    return load_dataset(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                        split_seed=d.split_seed, subset=d.subset, download=d.download, image_size=d.image_size,
+                        channels=d.channels)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+def default_run_name(data_name: str, model_name: str) -> str:
+    """`<dataset>-<model>-<YYYYmmdd-HHMMSS>`, with folder and file paths reduced to their last name."""
+    data = Path(data_name.split(":", 1)[1]).name if data_name.startswith("folder:") else data_name.split(":", 1)[0]
+    model = Path(model_name.rsplit(":", 1)[0]).stem if ":" in model_name else model_name
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{_slug(data)}-{_slug(model)}-{stamp}"
+    name, i = base.name, 2
+    while (base.parent / name).exists():
+        name, i = f"{base.name}-{i}", i + 1
+    return name
+
+
+@dataclass
+class Prediction:
+    source: str
+    top: list[tuple[str, float]]  # (class name, probability), most likely first
+
+    @property
+    def label(self) -> str:
+        return self.top[0][0]
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"{c} {p:.1%}" for c, p in self.top[:3])
+        return f"Prediction({self.source}: {best})"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    normalizer: Normalizer
+    classes: list[str]
+    in_chans: int
+    image_size: tuple[int, int]
+    checkpoint: str
+
+
+class Run:
+    """A run folder: its config, metrics, summary and checkpoints, with evaluate() and predict()."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "config.yaml").is_file():
+            raise VisrecError(f"{self.path} is not a visrec run folder (it has no config.yaml)",
+                              "give the folder a `visrec train` run wrote, e.g. runs/<name>")
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Config:
+        return Config.from_dict(yaml.safe_load((self.path / "config.yaml").read_text()), str(self.path / "config.yaml"))
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        p = self.path / "summary.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "running or stopped")
+
+    def metrics(self, split: str | None = None) -> list[dict[str, Any]]:
+        p = self.path / "metrics.jsonl"
+        if not p.is_file():
+            return []
+        recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return [r for r in recs if split is None or r.get("split") == split]
+
+    def _checkpoint_tag(self, which: str) -> str:
+        if which not in ("auto", "last", "best"):
+            raise VisrecError(f"checkpoint {which!r} is not valid", "use auto, last or best")
+        if which == "auto":
+            return "best" if self.summary.get("eval_weights", "last").startswith("best") else "last"
+        return which
+
+    def load_model(self, which: str = "auto", device: str = "cpu") -> LoadedModel:
+        """The trained model in eval mode, with its preprocessing and class names.
+
+        `auto` picks the weights the run was evaluated with (last or best; the EMA average if it had one).
+        """
+        from .training.checkpoint import load_checkpoint
+
+        tag = self._checkpoint_tag(which)
+        key = (tag, device)
+        if key not in self._loaded:
+            ckpt = load_checkpoint(self.path / "checkpoints", tag)
+            spec = ckpt.meta["model"]
+            size = tuple(spec["image_size"])
+            model = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
+                                 image_size=size, **spec["kwargs"])
+            model.load_state_dict(ckpt.ema if ckpt.ema is not None else ckpt.weights)
+            dev = resolve_device(device)
+            cl = use_channels_last(self.config.model.channels_last, model)
+            model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).eval()
+            self._loaded[key] = LoadedModel(model, Normalizer.from_state(ckpt.meta["preprocess"]).to(dev),
+                                            ckpt.meta["classes"], spec["in_chans"], size, str(ckpt.path))
+        return self._loaded[key]
+
+    def evaluate(self, split: str = "test", *, tta: str | None = None, which: str = "auto",
+                 device: str = "auto", data_dir: str | None = None) -> EvalResult:
+        """Evaluate on the run's own dataset split (rebuilt from config.yaml with the same seeds)."""
+        cfg = self.config
+        if data_dir:
+            cfg.data.data_dir = data_dir
+        if split not in ("test", "val", "train"):
+            raise VisrecError(f"split {split!r} is not valid", "use test, val or train")
+        tta = tta or cfg.eval.tta
+        if tta not in TTA_MODES:
+            raise VisrecError(f"tta {tta!r} is not valid", f"use one of {', '.join(TTA_MODES)}")
+        ds = dataset_from_config(cfg)
+        lm = self.load_model(which, device)
+        if ds.classes != lm.classes:
+            raise VisrecError(f"the dataset's classes {ds.classes} differ from the run's {lm.classes}")
+        if split == "val" and ds.val is None:
+            raise VisrecError(f"{self.path} was trained without a validation split (data.val_fraction=0)")
+        dev = next(lm.model.parameters()).device
+        return evaluate(lm.model, ds.split(split), lm.normalizer, split=split, batch_size=cfg.eval.batch_size,
+                        channels_last=use_channels_last(cfg.model.channels_last, lm.model),
+                        amp_dtype=resolve_precision(cfg.train.precision, dev), tta=tta)
+
+    def predict(
+        self,
+        images: list[Any] | Any,
+        *,
+        top_k: int = 5,
+        resize: bool = False,
+        convert: bool = False,
+        tta: str | None = None,
+        which: str = "auto",
+        device: str = "cpu",
+    ) -> list[Prediction]:
+        """Top-k classes for image files (decoded as in training), PIL images, arrays or uint8 tensors.
+
+        An image of another size than the run's is an error unless `resize`; a color image for a
+        grayscale model is an error unless `convert`.
+        """
+        lm = self.load_model(which, device)
+        items = images if isinstance(images, list | tuple) else [images]
+        batch, names = [], []
+        for i, item in enumerate(items):
+            batch.append(self._to_tensor(item, lm, resize, convert))
+            names.append(str(item) if isinstance(item, str | Path) else f"<input {i}>")
+        x = torch.stack(batch)
+        cl = use_channels_last(self.config.model.channels_last, lm.model)
+        logits = predict_logits(lm.model, x, lm.normalizer, channels_last=cl, tta=tta or self.config.eval.tta)
+        probs = logits.float().softmax(1).cpu()
+        k = min(top_k, len(lm.classes))
+        p, idx = probs.topk(k, 1)
+        return [Prediction(n, [(lm.classes[j], float(v)) for v, j in zip(pr.tolist(), ix.tolist(), strict=True)])
+                for n, pr, ix in zip(names, p, idx, strict=True)]
+
+    @staticmethod
+    def _to_tensor(item: Any, lm: LoadedModel, resize: bool, convert: bool) -> torch.Tensor:
+        h, w = lm.image_size
+        if isinstance(item, str | Path):
+            path = Path(item)
+            if not path.is_file():
+                raise VisrecError(f"image file {path} does not exist")
+            mode, (iw, ih) = peek(path)
+            if lm.in_chans == 1 and native_channels(mode) == 3 and not convert:
+                raise VisrecError(f"{path} is a color image ({mode}) but the model takes grayscale (1 channel)",
+                                  "pass --convert (convert=True) to convert it to grayscale")
+            if (ih, iw) != (h, w) and not resize:
+                raise VisrecError(f"{path} is {iw}x{ih} (width x height) but the model takes {w}x{h}",
+                                  "pass --resize (resize=True) to resize it, or give images of that size")
+            if h != w and resize:
+                raise VisrecError(f"the model takes non-square {w}x{h} images; resize {path} yourself")
+            a = decode(path, lm.in_chans, h if resize else None)
+            return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+        if hasattr(item, "mode") and hasattr(item, "size"):  # a PIL image
+            item = np.asarray(item)
+        t = torch.as_tensor(np.asarray(item)) if not isinstance(item, torch.Tensor) else item
+        if t.dim() == 2:
+            t = t[None]
+        elif t.dim() == 3 and t.shape[-1] in (1, 3) and t.shape[0] not in (1, 3):
+            t = t.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+        if t.dtype != torch.uint8 or t.dim() != 3:
+            raise VisrecError(f"input of dtype {t.dtype} and shape {tuple(t.shape)} is not a uint8 image",
+                              "give (H, W), (H, W, C) or (C, H, W) uint8 arrays, or image files")
+        if t.shape[0] != lm.in_chans:
+            raise VisrecError(f"input has {t.shape[0]} channels but the model takes {lm.in_chans}")
+        if tuple(t.shape[1:]) != (h, w):
+            raise VisrecError(f"input is {t.shape[2]}x{t.shape[1]} but the model takes {w}x{h}")
+        return t
+
+    def __repr__(self) -> str:
+        s = self.summary
+        acc = f", test_acc={s['test_acc']:.4f}" if s.get("test_acc") is not None else ""
+        return f"Run({str(self.path)!r}, status={self.status!r}{acc})"
+
+
+def list_runs(root: str | Path = "runs") -> list[Run]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [Run(p) for p in sorted(root.iterdir()) if (p / "config.yaml").is_file()]

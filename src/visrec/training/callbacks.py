@@ -1,0 +1,168 @@
+"""Observers of training: they receive events with read-only records and never steer the loop.
+
+Events: `on_train_start(state)`, `on_window(state, record)` every `train.log_every` steps,
+`on_epoch_end(state, records)` after validation, `on_train_end(state, summary)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """What observers may look at. `model` is shared: read it, never modify it."""
+
+    run_dir: Path
+    epoch: int  # 1-based epoch in progress (or just finished)
+    epochs: int
+    step: int  # optimizer steps done
+    total_steps: int
+    steps_per_epoch: int
+    train_seconds: float
+    model: Any = None
+
+
+class Callback:
+    def on_train_start(self, state: TrainState) -> None: ...
+
+    def on_window(self, state: TrainState, record: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, state: TrainState, records: list[dict[str, Any]]) -> None: ...
+
+    def on_train_end(self, state: TrainState, summary: dict[str, Any]) -> None: ...
+
+
+class MetricsLogger(Callback):
+    """Appends every record to metrics.jsonl, one JSON object per line, flushed as written."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            # Records logged after the checkpoint we resume from would be repeated: drop them.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._f = open(path, "a")  # noqa: SIM115 - closed in on_train_end
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+
+    def on_window(self, state, record):
+        self._write(record)
+
+    def on_epoch_end(self, state, records):
+        for r in records:
+            self._write(r)
+
+    def on_train_end(self, state, summary):
+        final = summary.get("test")
+        if final:
+            self._write({"epoch": state.epoch, "step": state.step, "split": "test", "kind": "final",
+                         "loss": final["loss"], "acc": final["acc"], "top5": final["top5"],
+                         "lr": None, "seconds": state.train_seconds})
+        self._f.close()
+
+
+class TensorBoardLogger(Callback):
+    """Scalars under tb/ in the run folder: loss/*, acc/*, lr, throughput."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def on_window(self, state, record):
+        w, s = self.writer, record["step"]
+        w.add_scalar("loss/train", record["loss"], s)
+        w.add_scalar("acc/train", record["acc"], s)
+        w.add_scalar("lr", record["lr"], s)
+        w.add_scalar("images_per_s", record["images_per_s"], s)
+
+    def on_epoch_end(self, state, records):
+        for r in records:
+            if r["split"] == "val":
+                self.writer.add_scalar("loss/val", r["loss"], r["step"])
+                self.writer.add_scalar("acc/val", r["acc"], r["step"])
+                self.writer.add_scalar("top5/val", r["top5"], r["step"])
+            elif r["split"] == "train":
+                self.writer.add_scalar("acc/train_epoch", r["acc"], r["step"])
+        self.writer.flush()
+
+    def on_train_end(self, state, summary):
+        if summary.get("test"):
+            self.writer.add_scalar("acc/test", summary["test"]["acc"], state.step)
+        self.writer.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class ProgressPrinter(Callback):
+    """A Rich progress bar on a terminal; plain lines (one per epoch) when output is not a TTY."""
+
+    def __init__(self, console: Console | None = None, live: bool | None = None):
+        self.console = console or Console(file=sys.stderr)
+        self.live = self.console.is_terminal if live is None else live
+        self.progress: Progress | None = None
+        self.task = None
+        self._t0 = time.perf_counter()
+
+    def on_train_start(self, state):
+        self._t0 = time.perf_counter()
+        if self.live:
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.total_steps, completed=state.step,
+                                               epoch=f"{state.epoch}/{state.epochs}", loss="-", acc="-", ips="-")
+
+    def on_window(self, state, record):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.step, epoch=f"{state.epoch}/{state.epochs}",
+                                 loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.1%}",
+                                 ips=f"{record['images_per_s']:.0f}")
+
+    def on_epoch_end(self, state, records):
+        by = {r["split"]: r for r in records}
+        tr, va = by.get("train"), by.get("val")
+        parts = [f"epoch {state.epoch}/{state.epochs}"]
+        if tr:
+            parts.append(f"train loss {tr['loss']:.4f} acc {tr['acc']:.2%}")
+        if va:
+            parts.append(f"val loss {va['loss']:.4f} acc {va['acc']:.2%}")
+        if tr:
+            parts.append(f"lr {tr['lr']:.3g}  {tr.get('images_per_s', 0):.0f} img/s")
+        done = state.step / max(state.total_steps, 1)
+        eta = state.train_seconds * (1 - done) / done if done > 0 else float("nan")
+        parts.append(f"train {_fmt_time(state.train_seconds)} (eta {_fmt_time(eta)})")
+        line = "  ".join(parts)
+        if self.progress is not None:
+            self.progress.console.print(line)
+        else:
+            self.console.print(line, highlight=False, soft_wrap=True)
+
+    def on_train_end(self, state, summary):
+        if self.progress is not None:
+            self.progress.stop()

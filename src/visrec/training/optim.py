@@ -1,0 +1,87 @@
+"""Optimizers by name, with parameter groups that keep weight decay off biases and norms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+from ..errors import VisrecError, unknown_name
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """Two groups: weights that decay (matrices and conv kernels), and those that don't.
+
+    Biases and normalization scales/shifts (parameters with fewer than 2 dims) get no decay unless
+    `decay_all`; a model can name more parameters to exempt with a `no_weight_decay()` method.
+    """
+    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if decay_all or (p.dim() >= 2 and name not in exempt):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _sgd(groups, c: OptimConfig):
+    return torch.optim.SGD(groups, lr=c.lr, momentum=0.0)
+
+
+def _momentum(groups, c: OptimConfig):
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum)
+
+
+def _nesterov(groups, c: OptimConfig):
+    if c.momentum <= 0:
+        raise VisrecError("optim.name=nesterov needs optim.momentum > 0", "for example --set optim.momentum=0.9")
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=True)
+
+
+def _adagrad(groups, c: OptimConfig):
+    return torch.optim.Adagrad(groups, lr=c.lr, eps=c.eps)
+
+
+def _rmsprop(groups, c: OptimConfig):
+    return torch.optim.RMSprop(groups, lr=c.lr, alpha=c.alpha, eps=c.eps, momentum=c.momentum)
+
+
+def _adam(groups, c: OptimConfig):
+    return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+
+def _adamw(groups, c: OptimConfig):
+    return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "nesterov": _nesterov,
+    "adagrad": _adagrad,
+    "rmsprop": _rmsprop,
+    "adam": _adam,
+    "adamw": _adamw,
+}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer named in `cfg`, over `model`'s parameter groups.
+
+    Weight decay is L2 added to the gradient for every optimizer but AdamW, where it is decoupled.
+    """
+    if cfg.name not in OPTIMIZERS:
+        raise unknown_name("optimizer", cfg.name, OPTIMIZERS, "optim.name")
+    if cfg.lr <= 0:
+        raise VisrecError(f"optim.lr={cfg.lr} must be > 0")
+    if len(cfg.betas) != 2:
+        raise VisrecError(f"optim.betas={cfg.betas} must be two numbers", "for example --set optim.betas=[0.9,0.999]")
+    return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg.decay_all), cfg)

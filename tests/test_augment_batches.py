@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visrec.data import DeviceBatches, MixedTargets, Pipeline
+from visrec.errors import VisrecError
+
+
+def batch(n=16, c=3, h=8, w=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, c, h, w, generator=g), torch.arange(n) % 4
+
+
+def test_hflip_mirrors_about_half_the_batch():
+    x, y = batch(n=400)
+    out, t = Pipeline(["hflip"], seed=0)(x, y)
+    assert out.shape == x.shape and torch.equal(t, y)
+    flipped = (out == x.flip(3)).flatten(1).all(1)
+    same = (out == x).flatten(1).all(1)
+    assert bool((flipped | same).all())
+    assert 150 < int(flipped.sum()) < 250
+
+
+def test_crop_is_a_translation_with_zero_padding():
+    x, y = batch(n=64)
+    out, _ = Pipeline(["crop:2"], seed=0)(x, y)
+    assert out.shape == x.shape
+    offsets = []
+    for i in range(len(x)):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        matches = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if torch.equal(padded[:, dy:dy + 8, dx:dx + 8], out[i])]
+        assert len(matches) == 1, f"sample {i} is not a shifted copy"
+        offsets += matches
+    assert len(set(offsets)) > 15  # 25 offsets possible; each sample draws its own
+
+
+def test_cutout_zeroes_a_square():
+    x = torch.ones(32, 1, 16, 16)
+    out, _ = Pipeline(["cutout:4"], seed=0)(x, torch.zeros(32, dtype=torch.long))
+    zeros = (out == 0).flatten(1).sum(1)
+    assert zeros.max().item() == 16  # a full 4x4 square when not clipped by the border
+    assert zeros.min().item() >= 4  # at least a corner of it
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_mixup_and_cutmix_mix_labels():
+    x, _ = batch()
+    y = torch.arange(16)  # unique labels: t.b is the partner's index
+    out, t = Pipeline(["mixup:0.4"], seed=0)(x, y)
+    assert isinstance(t, MixedTargets) and 0 <= t.lam <= 1 and torch.equal(t.a, y)
+    assert torch.allclose(out, t.lam * x + (1 - t.lam) * x[t.b])
+    out2, t2 = Pipeline(["cutmix:1.0"], seed=3)(x, y)
+    pasted = torch.isclose(out2, x[t2.b]).all(1) & ~torch.isclose(out2, x).all(1)  # (N, H, W)
+    box = (out2 != x).any(1) | pasted
+    assert box.float().mean().item() <= 1 - t2.lam + 1e-6
+    assert abs(box[t2.b != y].float().mean().item() - (1 - t2.lam)) < 1e-6
+    with pytest.raises(VisrecError, match="only one of mixup / cutmix"):
+        Pipeline(["mixup", "cutmix"])
+
+
+def test_augmentation_is_deterministic_under_a_seed():
+    x, y = batch()
+    spec = ["hflip", "crop:2", "cutout:3", "mixup:0.2"]
+    a, ta = Pipeline(spec, seed=7)(x, y)
+    b, tb = Pipeline(spec, seed=7)(x, y)
+    c, _ = Pipeline(spec, seed=8)(x, y)
+    assert torch.equal(a, b) and ta.lam == tb.lam and torch.equal(ta.b, tb.b)
+    assert not torch.equal(a, c)
+    p = Pipeline(spec, seed=7)
+    p(x, y)
+    state = p.get_state()
+    d, _ = p(x, y)
+    p.set_state(state)
+    e, _ = p(x, y)
+    assert torch.equal(d, e)
+
+
+def test_unknown_augmentation_lists_valid_ones():
+    with pytest.raises(VisrecError) as e:
+        Pipeline(["hflipp"])
+    assert "hflip" in str(e.value) and "cutout" in str(e.value) and "did you mean 'hflip'" in str(e.value)
+    with pytest.raises(VisrecError, match="not a number"):
+        Pipeline(["crop:big"])
+
+
+def test_device_batches_cover_each_epoch_once():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    labels = torch.arange(10)
+    b = DeviceBatches(images, labels, 3, seed=0)
+    assert len(b) == 3  # drop_last
+    e0 = torch.cat([y for _, y in b.epoch(0)])
+    assert len(e0) == 9 and len(set(e0.tolist())) == 9
+    assert torch.equal(torch.cat([y for _, y in b.epoch(0)]), e0)  # same order again
+    assert not torch.equal(torch.cat([y for _, y in b.epoch(1)]), e0)  # a new order next epoch
+    tail = torch.cat([y for _, y in b.epoch(0, start=1)])
+    assert torch.equal(tail, e0[3:])  # resuming at batch 1 sees exactly the rest
+    full = DeviceBatches(images, labels, 3, drop_last=False, shuffle=False)
+    assert len(full) == 4 and torch.equal(torch.cat([y for _, y in full.epoch(0)]), labels)

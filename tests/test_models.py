@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from visrec.errors import VisrecError
+from visrec.models import create_model, list_models
+
+SHAPES = [(1, 28, 28, 10), (3, 32, 32, 100), (1, 8, 8, 10)]
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("c, h, w, k", SHAPES)
+def test_every_model_forward_backward_finite(name, c, h, w, k):
+    torch.manual_seed(0)
+    m = create_model(name, in_chans=c, num_classes=k, image_size=(h, w))
+    x = torch.randn(4, c, h, w)
+    out = m(x)
+    assert out.shape == (4, k)
+    assert torch.isfinite(out).all()
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_common_surface(name):
+    m = create_model(name, in_chans=1, num_classes=10, image_size=28).eval()
+    x = torch.randn(2, 1, 28, 28)
+    feats = m.forward_features(x)
+    assert torch.allclose(m.forward_head(feats), m(x), atol=1e-6)
+    pre = m.forward_head(feats, pre_logits=True)
+    assert pre.shape == (2, m.num_features)
+    m.reset_classifier(7)
+    assert m(x).shape == (2, 7)
+
+
+def test_cifar_resnet_parameter_counts_match_the_paper():
+    counts = {d: sum(p.numel() for p in create_model(f"resnet{d}", 3, 10, 32).parameters()) for d in (20, 56, 110)}
+    for depth, paper in ((20, 0.27e6), (56, 0.85e6), (110, 1.7e6)):
+        assert abs(counts[depth] - paper) / paper < 0.02, (depth, counts[depth])
+
+
+def test_linear_and_mlp_shapes():
+    lin = create_model("linear", in_chans=3, num_classes=10, image_size=32)
+    assert lin.head.weight.shape == (10, 3 * 32 * 32)
+    mlp = create_model("mlp", in_chans=1, num_classes=10, image_size=28, hidden=50)
+    assert sum(p.numel() for p in mlp.parameters()) == 784 * 50 + 50 + 50 * 10 + 10
+
+
+def test_lenet5_has_the_classic_layer_sizes():
+    m = create_model("lenet5", in_chans=1, num_classes=10, image_size=28)
+    n = sum(p.numel() for p in m.parameters())
+    # C1 156 + C3 2416 + F5 48120 + F6 10164 + output 850 (full C3 connectivity)
+    assert n == 156 + 2416 + 48120 + 10164 + 850
+    assert math.isclose(n, 61706)
+
+
+def test_unknown_model_and_option_errors():
+    with pytest.raises(VisrecError, match="(?s)unknown model 'convnett'.*did you mean 'convnet'"):
+        create_model("convnett")
+    with pytest.raises(VisrecError, match="(?s)no option 'depth'.*widths"):
+        create_model("convnet", depth=3)
+
+
+def test_model_from_file(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text(
+        "import torch.nn as nn\n"
+        "def tiny(in_chans, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n"
+        "def sized(in_chans, num_classes, image_size, width=4):\n"
+        "    h, w = image_size\n"
+        "    return nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1), nn.Flatten(),\n"
+        "                         nn.Linear(width * h * w, num_classes))\n"
+        "def wrong(num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes + 1))\n"
+        "def softmaxed(**kw):\n"
+        "    return 'not a module'\n"
+    )
+    m = create_model(f"{f}:tiny", in_chans=1, num_classes=5, image_size=8)
+    assert m(torch.zeros(3, 1, 8, 8)).shape == (3, 5)
+    m2 = create_model(f"{f}:sized", in_chans=3, num_classes=4, image_size=(6, 5), width=2)
+    assert m2(torch.zeros(1, 3, 6, 5)).shape == (1, 4)
+    with pytest.raises(VisrecError, match=r"returned \(2, 6\).*\(batch, 5\) logits"):
+        create_model(f"{f}:wrong", in_chans=1, num_classes=5, image_size=8)
+    with pytest.raises(VisrecError, match="returned str, not a torch.nn.Module"):
+        create_model(f"{f}:softmaxed", in_chans=1, num_classes=5, image_size=8)
+    with pytest.raises(VisrecError, match="(?s)has no function 'nope'.*tiny"):
+        create_model(f"{f}:nope")
+    with pytest.raises(VisrecError, match="does not exist"):
+        create_model(f"{tmp_path / 'missing.py'}:f")
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(VisrecError, match="broken.py failed to import: ModuleNotFoundError"):
+        create_model(f"{tmp_path / 'broken.py'}:f")

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from visrec.config import OptimConfig, ScheduleConfig
+from visrec.errors import VisrecError
+from visrec.training.ema import EMA
+from visrec.training.optim import build_optimizer, param_groups
+from visrec.training.schedules import LRSchedule, schedule_factor
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    groups = param_groups(Tiny(), 0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [(2, 3)]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # fc.bias, bn.weight, bn.bias
+    assert len(param_groups(Tiny(), 0.1, decay_all=True)) == 1
+
+
+def _run(name, steps, grads, **kw):
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    model = nn.Module()
+    model.w = w
+    opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.0, **kw))
+    out = []
+    for g in grads[:steps]:
+        w.grad = g.clone()
+        opt.step()
+        out.append(w.detach().clone())
+    return out
+
+
+GRADS = [torch.tensor([0.5, -1.0]), torch.tensor([0.2, 0.3]), torch.tensor([-0.4, 0.1])]
+
+
+def test_sgd_momentum_nesterov_follow_their_formulas():
+    lr, mu = 0.1, 0.9
+    w0 = torch.tensor([1.0, -2.0])
+    # plain SGD: w -= lr g
+    sgd = _run("sgd", 3, GRADS, lr=lr)
+    assert torch.allclose(sgd[-1], w0 - lr * sum(GRADS))
+    # momentum: v = mu v + g; w -= lr v
+    v, w = torch.zeros(2), w0.clone()
+    for g in GRADS:
+        v = mu * v + g
+        w = w - lr * v
+    assert torch.allclose(_run("momentum", 3, GRADS, lr=lr, momentum=mu)[-1], w)
+    # Nesterov (Sutskever form): v = mu v + g; w -= lr (g + mu v)
+    v, w = torch.zeros(2), w0.clone()
+    for g in GRADS:
+        v = mu * v + g
+        w = w - lr * (g + mu * v)
+    assert torch.allclose(_run("nesterov", 3, GRADS, lr=lr, momentum=mu)[-1], w)
+
+
+def test_adagrad_rmsprop_adam_follow_their_formulas():
+    lr, eps = 0.1, 1e-8
+    w0 = torch.tensor([1.0, -2.0])
+    cache, w = torch.zeros(2), w0.clone()
+    for g in GRADS:
+        cache = cache + g * g
+        w = w - lr * g / (cache.sqrt() + 1e-10)
+    assert torch.allclose(_run("adagrad", 3, GRADS, lr=lr, eps=1e-10)[-1], w, atol=1e-6)
+    alpha = 0.99
+    cache, w = torch.zeros(2), w0.clone()
+    for g in GRADS:
+        cache = alpha * cache + (1 - alpha) * g * g
+        w = w - lr * g / (cache.sqrt() + eps)
+    assert torch.allclose(_run("rmsprop", 3, GRADS, lr=lr, alpha=alpha, momentum=0.0, eps=eps)[-1], w, atol=1e-5)
+    b1, b2 = 0.9, 0.999
+    m, v, w = torch.zeros(2), torch.zeros(2), w0.clone()
+    for t, g in enumerate(GRADS, 1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        w = w - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    assert torch.allclose(_run("adam", 3, GRADS, lr=lr, betas=[b1, b2], eps=eps)[-1], w, atol=1e-6)
+
+
+def test_adamw_decouples_weight_decay():
+    w = nn.Parameter(torch.tensor([[2.0]]))  # a matrix: biases get no decay
+    model = nn.Module()
+    model.w = w
+    opt = build_optimizer(model, OptimConfig(name="adamw", lr=0.1, weight_decay=0.5))
+    w.grad = torch.zeros(1, 1)
+    opt.step()
+    assert w.item() == pytest.approx(2.0 * (1 - 0.1 * 0.5))  # zero gradient: only the decay acts
+
+
+def test_unknown_optimizer_lists_valid():
+    with pytest.raises(VisrecError) as e:
+        build_optimizer(Tiny(), OptimConfig(name="adamax"))
+    assert "adamw" in str(e.value) and "nesterov" in str(e.value)
+
+
+T, SPE = 100, 10
+
+
+@pytest.mark.parametrize(
+    "cfg, checks",
+    [
+        (ScheduleConfig("constant"), {0: 1.0, 50: 1.0, 99: 1.0}),
+        (ScheduleConfig("step", step_epochs=3, gamma=0.1), {0: 1.0, 29: 1.0, 30: 0.1, 60: 0.01, 99: 0.001}),
+        (ScheduleConfig("exponential", gamma=0.5), {0: 1.0, 10: 0.5, 25: 0.5**2.5}),
+        (ScheduleConfig("inverse_time", decay=0.5), {0: 1.0, 20: 1 / (1 + 0.5 * 2), 50: 1 / 3.5}),
+        (ScheduleConfig("linear", end_factor=0.0), {0: 1.0, 50: 0.5, 100: 0.0}),
+        (ScheduleConfig("cosine", end_factor=0.0), {0: 1.0, 50: 0.5, 25: (1 + math.cos(math.pi / 4)) / 2, 100: 0.0}),
+        (ScheduleConfig("one_cycle", pct_start=0.25, start_factor=0.1, end_factor=0.01),
+         {0: 0.1, 25: 1.0, 10: 0.1 + 0.9 * 10 / 25, 100: 0.01, 25 + 75 // 3: 1 + (0.01 - 1) * (25 / 75)}),
+        (ScheduleConfig("cosine", warmup_epochs=2, start_factor=0.0, end_factor=0.0), {0: 0.0, 10: 0.5, 20: 1.0,
+                                                                                        60: 0.5, 100: 0.0}),
+    ],
+)
+def test_schedules_at_known_steps(cfg, checks):
+    f = schedule_factor(cfg, T, SPE)
+    for t, want in checks.items():
+        assert f(t) == pytest.approx(want, abs=1e-9), (cfg.name, t)
+
+
+def test_lr_schedule_sets_every_group_and_restores():
+    opt = build_optimizer(Tiny(), OptimConfig(name="sgd", lr=0.2))
+    s = LRSchedule(opt, schedule_factor(ScheduleConfig("linear", end_factor=0.0), 10, 1))
+    for _ in range(4):
+        s.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2 * 0.6] * 2)
+    state = s.state_dict()
+    s2 = LRSchedule(opt, schedule_factor(ScheduleConfig("linear", end_factor=0.0), 10, 1))
+    s2.load_state_dict(state)
+    assert s2.lr == pytest.approx(0.12) and s2.step_count == 4
+
+
+def test_unknown_schedule():
+    with pytest.raises(VisrecError, match="(?s)unknown schedule 'cosinus'.*did you mean 'cosine'"):
+        schedule_factor(ScheduleConfig("cosinus"), 10, 1)
+
+
+def test_ema_follows_its_formula():
+    m = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(m.weight, 0.0)
+    ema = EMA(m, decay=0.9)
+    expected = 0.0
+    for step in range(1, 30):
+        with torch.no_grad():
+            m.weight.fill_(float(step))
+        ema.update(m)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * step
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import visrec
+from visrec.errors import VisrecError
+from visrec.runs import Run
+from visrec.training import NonFiniteLoss, Trainer
+from visrec.training.checkpoint import load_checkpoint
+
+SYN = "synthetic:classes=4,size=12,train=384,test=128"
+FAST = {"train.batch_size": 32, "train.log_every": 4, "model.kwargs.widths": [8, 16, 16]}
+
+
+def quick(out="runs/t", epochs=3, **overrides):
+    return visrec.train(SYN, epochs=epochs, out=out, overrides={**FAST, **overrides}, progress=False)
+
+
+def test_train_writes_a_complete_run_folder():
+    run = quick()
+    p = run.path
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "splits.json", "model.txt", "confusion.csv",
+              "confusion.png", "per_class.csv", "checkpoints/last.safetensors", "checkpoints/last.json",
+              "checkpoints/last.state.safetensors", "checkpoints/best.safetensors", "checkpoints/best.json"):
+        assert (p / f).is_file(), f
+    assert list((p / "tb").glob("events.out.tfevents.*"))
+    s = run.summary
+    for key in ("test_acc", "val_acc", "best_val_acc", "train_seconds", "epochs", "model", "params"):
+        assert s[key] is not None, key
+    assert s["status"] == "completed" and s["epochs"] == 3 and s["model"] == "convnet"
+    assert s["test_acc"] > 0.8  # the gratings are easy: a working loop learns them in 3 short epochs
+    cfg = yaml.safe_load((p / "config.yaml").read_text())
+    assert cfg["train"]["epochs"] == 3 and cfg["data"]["name"] == SYN
+    recs = run.metrics()
+    for r in recs:
+        assert {"epoch", "step", "split", "loss", "acc", "lr", "seconds"} <= set(r)
+    spe = s["n_train"] // 32
+    windows = [r["step"] for r in recs if r["kind"] == "window"]
+    assert windows[:2] == [4, 8] and spe in windows  # every 4 steps, and at each epoch's end
+    assert {r["split"] for r in recs} == {"train", "val", "test"}
+    assert [r["epoch"] for r in recs if r["split"] == "val"] == [1, 2, 3]
+    # the checkpoint records what a prediction needs
+    meta = json.loads((p / "checkpoints" / "last.json").read_text())
+    assert meta["classes"] == [f"class{i}" for i in range(4)] and meta["preprocess"]["mode"] == "channel"
+    assert meta["step"] == 3 * spe
+    weights = load_file(str(p / "checkpoints" / "last.safetensors"))
+    assert set(weights) == set(run.load_model().model.state_dict())
+
+
+def test_run_evaluate_and_predict_match_training():
+    run = quick()
+    res = run.evaluate("test")
+    assert res.acc == pytest.approx(run.summary["test_acc"], abs=1e-9)
+    assert res.confusion.sum().item() == 128
+    ds = visrec.load_dataset(SYN)
+    # files written from test images are decoded as in training and get the same predictions
+    files = []
+    for i in range(6):
+        f = run.path.parent / f"img{i}.png"
+        Image.fromarray(ds.test.images[i, 0].numpy(), "L").save(f)
+        files.append(str(f))
+    preds = run.predict(files, top_k=3)
+    logits = run.load_model().model(run.load_model().normalizer(ds.test.images[:6]))
+    assert [p.label for p in preds] == [ds.classes[i] for i in logits.argmax(1).tolist()]
+    assert len(preds[0].top) == 3 and preds[0].top[0][1] >= preds[0].top[1][1]
+    tensor_preds = run.predict(ds.test.images[0])
+    assert tensor_preds[0].label == preds[0].label
+    big = run.path.parent / "big.png"
+    Image.fromarray(np.zeros((20, 30), np.uint8), "L").save(big)
+    with pytest.raises(VisrecError, match="big.png is 30x20.*takes 12x12"):
+        run.predict([str(big)])
+    assert len(run.predict([str(big)], resize=True)) == 1
+    color = run.path.parent / "color.png"
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8), "RGB").save(color)
+    with pytest.raises(VisrecError, match="color.png is a color image"):
+        run.predict([str(color)])
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    straight = quick(out="runs/straight")
+    steps_per_epoch = straight.summary["n_train"] // 32
+    stopped = Trainer(visrec.resolve_config(None, {**FAST, "data.name": SYN, "train.epochs": 3}),
+                      out="runs/stopped", progress=False).fit(stop_after_steps=steps_per_epoch + 3)  # mid-epoch 2
+    assert stopped.status == "interrupted"
+    assert json.loads((stopped.path / "checkpoints" / "last.json").read_text())["step"] == steps_per_epoch + 3
+    resumed = visrec.resume(stopped.path, progress=False)
+    assert resumed.status == "completed"
+    a = load_checkpoint(straight.path / "checkpoints", "last", with_state=True)
+    b = load_checkpoint(resumed.path / "checkpoints", "last", with_state=True)
+    assert a.meta["step"] == b.meta["step"]
+    for k in a.weights:
+        assert torch.equal(a.weights[k], b.weights[k]), k
+    for pid, st in a.optimizer["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b.optimizer["state"][pid][k]) if isinstance(v, torch.Tensor) else v == \
+                b.optimizer["state"][pid][k]
+    assert resumed.summary["test_acc"] == straight.summary["test_acc"]
+    steps = [r["step"] for r in resumed.metrics() if r["kind"] == "window"]
+    assert steps == sorted(set(steps))  # no window logged twice
+    with pytest.raises(VisrecError, match="already completed"):
+        visrec.resume(resumed.path)
+
+
+def test_nonfinite_loss_stops_and_names_the_step():
+    with pytest.raises(NonFiniteLoss) as e:
+        quick(out="runs/nan", **{"optim.lr": 1e12, "schedule.name": "constant", "loss.label_smoothing": 0.0,
+                                 "data.normalize": "none"})
+    msg = str(e.value)
+    assert "non-finite" in msg and "at step" in msg and "learning rate is too high" in msg
+    assert "data.normalize=channel" in msg
+    run = Run("runs/nan")
+    assert run.summary["status"] == "failed"
+
+
+def test_nonfinite_skip_drops_bad_steps():
+    run = quick(out="runs/skip", epochs=1, **{"optim.lr": 1e12, "schedule.name": "constant",
+                                              "train.nonfinite": "skip", "data.normalize": "none"})
+    assert run.summary["skipped_steps"] > 0
+
+
+def test_ema_and_best_selection_and_hinge_loss():
+    run = quick(out="runs/ema", **{"train.ema": 0.9, "train.select": "best", "loss.name": "hinge"})
+    s = run.summary
+    assert s["eval_weights"] == "best+ema" and (run.path / "checkpoints" / "best.ema.safetensors").is_file()
+    assert s["test_acc"] > 0.6
+    assert run.evaluate().acc == pytest.approx(s["test_acc"])
+
+
+@pytest.mark.parametrize("preset", ["linear", "svm", "mlp", "lenet5", "resnet20"])
+def test_presets_train_a_few_steps(preset):
+    run = visrec.train(SYN, preset=preset, epochs=1, out=f"runs/{preset}",
+                       overrides={"train.batch_size": 64, "data.subset": 128}, progress=False)
+    assert run.summary["status"] == "completed" and run.summary["steps"] == 2
+
+
+def test_user_model_file_trains_and_reloads(tmp_path):
+    f = tmp_path / "net.py"
+    f.write_text("import torch.nn as nn\n"
+                 "def net(in_chans, num_classes, image_size):\n"
+                 "    h, w = image_size\n"
+                 "    return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * h * w, 32), nn.ReLU(),\n"
+                 "                         nn.Linear(32, num_classes))\n")
+    run = visrec.train(SYN, model=f"{f.name}:net", epochs=2, out="runs/user", overrides=FAST, progress=False)
+    assert run.config.model.name == f"{f}:net"  # stored as an absolute path
+    assert run.evaluate().acc == pytest.approx(run.summary["test_acc"])
+
+
+def test_existing_run_folder_is_not_overwritten():
+    quick(out="runs/x", epochs=1)
+    with pytest.raises(VisrecError, match="(?s)already holds a run.*--resume"):
+        quick(out="runs/x", epochs=1)
+
+
+def test_bad_train_settings():
+    with pytest.raises(VisrecError, match="train.epochs=0 must be >= 1"):
+        quick(epochs=0)
+    with pytest.raises(VisrecError, match="unknown optimizer 'adamm'"):
+        quick(**{"optim.name": "adamm"})
+    with pytest.raises(VisrecError, match="unknown value of train.select 'worst'"):
+        quick(**{"train.select": "worst"})
