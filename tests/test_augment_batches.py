@@ -12,11 +12,12 @@ def batch(n=16, c=3, h=8, w=8):
     return torch.randn(n, c, h, w, generator=g), torch.arange(n) % 4
 
 
-def test_hflip_mirrors_about_half_the_batch():
+@pytest.mark.parametrize("name, dim", [("hflip", 3), ("vflip", 2)])
+def test_flips_mirror_about_half_the_batch(name, dim):
     x, y = batch(n=400)
-    out, t = Pipeline(["hflip"], seed=0)(x, y)
+    out, t = Pipeline([name], seed=0)(x, y)
     assert out.shape == x.shape and torch.equal(t, y)
-    flipped = (out == x.flip(3)).flatten(1).all(1)
+    flipped = (out == x.flip(dim)).flatten(1).all(1)
     same = (out == x).flatten(1).all(1)
     assert bool((flipped | same).all())
     assert 150 < int(flipped.sum()) < 250

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import visrec
 from visrec.errors import VisrecError
+from visrec.evaluate import predict_logits
 from visrec.runs import Run
 from visrec.training import NonFiniteLoss, Trainer
 from visrec.training.checkpoint import load_checkpoint
@@ -67,7 +68,8 @@ def test_run_evaluate_and_predict_match_training():
         Image.fromarray(ds.test.images[i, 0].numpy(), "L").save(f)
         files.append(str(f))
     preds = run.predict(files, top_k=3)
-    logits = run.load_model().model(run.load_model().normalizer(ds.test.images[:6]))
+    lm = run.load_model()
+    logits = predict_logits(lm.model, ds.test.images[:6], lm.normalizer, tta=run.config.eval.tta)
     assert [p.label for p in preds] == [ds.classes[i] for i in logits.argmax(1).tolist()]
     assert len(preds[0].top) == 3 and preds[0].top[0][1] >= preds[0].top[1][1]
     tensor_preds = run.predict(ds.test.images[0])
@@ -165,3 +167,31 @@ def test_bad_train_settings():
         quick(**{"optim.name": "adamm"})
     with pytest.raises(VisrecError, match="unknown value of train.select 'worst'"):
         quick(**{"train.select": "worst"})
+
+
+def test_sigint_finishes_the_step_saves_and_can_resume():
+    import os
+    import signal
+
+    from visrec.training import Callback
+
+    class CtrlC(Callback):
+        def on_window(self, state, record):
+            if state.step == 8:
+                os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
+
+    run = visrec.train(SYN, epochs=2, out="runs/int", overrides=FAST, callbacks=[CtrlC()], progress=False)
+    assert run.status == "interrupted" and "SIGINT" in run.summary["error"]
+    meta = json.loads((run.path / "checkpoints" / "last.json").read_text())
+    assert meta["step"] == 8  # stopped right after the step in flight
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    done = visrec.resume(run.path, progress=False)
+    assert done.status == "completed" and done.summary["steps"] == 2 * (done.summary["n_train"] // 32)
+
+
+def test_live_progress_bar_renders(capsys):
+    quick(out="runs/live", epochs=1)  # progress=False: plain lines
+    assert "epoch 1/1" in capsys.readouterr().err
+    visrec.train(SYN, epochs=1, out="runs/live2", overrides=FAST, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "steps" in err

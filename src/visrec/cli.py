@@ -76,7 +76,7 @@ def train(
                 raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
                                   "the run folder holds its whole config; start a new run to change it")
             trainer = Trainer.resume(resume, progress=progress)
-            err.print(f"resuming {resume} at step {trainer_step(resume)}")
+            err.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch + 1})")
         else:
             cfg = resolve_config(preset, set_ or [])
             for key, value in (("data.name", dataset), ("model.name", model), ("train.epochs", epochs),
@@ -106,11 +106,6 @@ def train(
                   f"({s['images_per_s']:.0f} images/s)")
         out.print(f"run folder: {run.path}")
         out.print(f"TensorBoard: tensorboard --logdir {run.path / 'tb'}")
-
-
-def trainer_step(run_dir: Path) -> int:
-    meta = json.loads((Path(run_dir) / "checkpoints" / "last.json").read_text())
-    return int(meta["step"])
 
 
 @app.command("eval")

@@ -93,7 +93,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 1024
-    tta: str = "none"  # none | flip (average the prediction of the image and its mirror)
+    tta: str = "flip"  # flip (average the prediction of the image and its mirror) | none
 
 
 @dataclass

@@ -62,22 +62,22 @@ def _rand(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=gen.device)
 
 
-@register_augmentation
-class HFlip(Augmentation):
-    name = "hflip"
+class _Flip(Augmentation):
+    dim = 3  # mirror along this axis of (N, C, H, W)
 
     def __call__(self, x, y, gen, rng):
         flip = (_rand(x.shape[0], gen) < 0.5).view(-1, 1, 1, 1)
-        return torch.where(flip, x.flip(3), x), y
+        return torch.where(flip, x.flip(self.dim), x), y
 
 
 @register_augmentation
-class VFlip(Augmentation):
-    name = "vflip"
+class HFlip(_Flip):
+    name, dim = "hflip", 3
 
-    def __call__(self, x, y, gen, rng):
-        flip = (_rand(x.shape[0], gen) < 0.5).view(-1, 1, 1, 1)
-        return torch.where(flip, x.flip(2), x), y
+
+@register_augmentation
+class VFlip(_Flip):
+    name, dim = "vflip", 2
 
 
 @register_augmentation

@@ -106,6 +106,9 @@ class Trainer:
         self.progress = progress
         self._stop_reason: str | None = None
         self._setup()
+        self.resuming = _resume_dir is not None
+        if self.resuming:
+            self._restore()
 
     @classmethod
     def resume(
@@ -115,7 +118,6 @@ class Trainer:
         run = Run(run_dir)
         if run.status == "completed":
             raise VisrecError(f"{run.path} has already completed training", "start a new run instead")
-        load_checkpoint(run.path / "checkpoints", "last")  # fails early, with the path, if missing or corrupt
         return cls(run.config, callbacks=callbacks, progress=progress, _resume_dir=run.path)
 
     # ------------------------------------------------------------------ setup
@@ -258,13 +260,10 @@ class Trainer:
         `stop_after_steps` stops after that many optimizer steps in total, exactly as a Ctrl-C would:
         a resumable checkpoint is saved and the run's status is `interrupted`.
         """
-        resuming = (self.run_dir / "checkpoints" / "last.json").exists()
-        if resuming:
-            self._restore()
         self._write_run_files()
         callbacks: list[Callback] = [
-            MetricsLogger(self.run_dir / "metrics.jsonl", resume_step=self.step if resuming else None),
-            TensorBoardLogger(self.run_dir / "tb", purge_step=self.step if resuming else None),
+            MetricsLogger(self.run_dir / "metrics.jsonl", resume_step=self.step if self.resuming else None),
+            TensorBoardLogger(self.run_dir / "tb", purge_step=self.step if self.resuming else None),
             ProgressPrinter(live=self.progress),
             *self.extra_callbacks,
         ]
@@ -359,6 +358,7 @@ class Trainer:
                         cb.on_window(self._state(), rec)
                     win_losses, win_start, t_win = [], self.step, time.perf_counter()
                     win_correct = torch.zeros((), device=device, dtype=torch.long)
+                    stop = stop or self._stop_reason is not None  # a signal that came while logging
                 if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and not last_in_epoch:
                     t0 = time.perf_counter()
                     self._save_last()
