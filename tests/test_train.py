@@ -20,7 +20,7 @@ SYN = "synthetic:classes=4,size=12,train=384,test=128"
 FAST = {"train.batch_size": 32, "train.log_every": 4, "model.kwargs.widths": [8, 16, 16]}
 
 
-def quick(out="runs/t", epochs=3, **overrides):
+def quick(out="runs/t", epochs=5, **overrides):
     return visrec.train(SYN, epochs=epochs, out=out, overrides={**FAST, **overrides}, progress=False)
 
 
@@ -35,10 +35,10 @@ def test_train_writes_a_complete_run_folder():
     s = run.summary
     for key in ("test_acc", "val_acc", "best_val_acc", "train_seconds", "epochs", "model", "params"):
         assert s[key] is not None, key
-    assert s["status"] == "completed" and s["epochs"] == 3 and s["model"] == "convnet"
-    assert s["test_acc"] > 0.8  # the gratings are easy: a working loop learns them in 3 short epochs
+    assert s["status"] == "completed" and s["epochs"] == 5 and s["model"] == "convnet"
+    assert s["test_acc"] > 0.9  # measured 98.4%: a working loop learns the gratings in 5 short epochs
     cfg = yaml.safe_load((p / "config.yaml").read_text())
-    assert cfg["train"]["epochs"] == 3 and cfg["data"]["name"] == SYN
+    assert cfg["train"]["epochs"] == 5 and cfg["data"]["name"] == SYN
     recs = run.metrics()
     for r in recs:
         assert {"epoch", "step", "split", "loss", "acc", "lr", "seconds"} <= set(r)
@@ -46,11 +46,11 @@ def test_train_writes_a_complete_run_folder():
     windows = [r["step"] for r in recs if r["kind"] == "window"]
     assert windows[:2] == [4, 8] and spe in windows  # every 4 steps, and at each epoch's end
     assert {r["split"] for r in recs} == {"train", "val", "test"}
-    assert [r["epoch"] for r in recs if r["split"] == "val"] == [1, 2, 3]
+    assert [r["epoch"] for r in recs if r["split"] == "val"] == [1, 2, 3, 4, 5]
     # the checkpoint records what a prediction needs
     meta = json.loads((p / "checkpoints" / "last.json").read_text())
     assert meta["classes"] == [f"class{i}" for i in range(4)] and meta["preprocess"]["mode"] == "channel"
-    assert meta["step"] == 3 * spe
+    assert meta["step"] == 5 * spe
     weights = load_file(str(p / "checkpoints" / "last.safetensors"))
     assert set(weights) == set(run.load_model().model.state_dict())
 
@@ -69,7 +69,8 @@ def test_run_evaluate_and_predict_match_training():
         files.append(str(f))
     preds = run.predict(files, top_k=3)
     lm = run.load_model()
-    logits = predict_logits(lm.model, ds.test.images[:6], lm.normalizer, tta=run.config.eval.tta)
+    assert run.summary["tta"] == "flip"  # trained with hflip: auto evaluates with flip TTA
+    logits = predict_logits(lm.model, ds.test.images[:6], lm.normalizer, tta=run.summary["tta"])
     assert [p.label for p in preds] == [ds.classes[i] for i in logits.argmax(1).tolist()]
     assert len(preds[0].top) == 3 and preds[0].top[0][1] >= preds[0].top[1][1]
     tensor_preds = run.predict(ds.test.images[0])
@@ -88,7 +89,7 @@ def test_run_evaluate_and_predict_match_training():
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     straight = quick(out="runs/straight")
     steps_per_epoch = straight.summary["n_train"] // 32
-    stopped = Trainer(visrec.resolve_config(None, {**FAST, "data.name": SYN, "train.epochs": 3}),
+    stopped = Trainer(visrec.resolve_config(None, {**FAST, "data.name": SYN, "train.epochs": 5}),
                       out="runs/stopped", progress=False).fit(stop_after_steps=steps_per_epoch + 3)  # mid-epoch 2
     assert stopped.status == "interrupted"
     assert json.loads((stopped.path / "checkpoints" / "last.json").read_text())["step"] == steps_per_epoch + 3
@@ -131,7 +132,7 @@ def test_ema_and_best_selection_and_hinge_loss():
     run = quick(out="runs/ema", **{"train.ema": 0.9, "train.select": "best", "loss.name": "hinge"})
     s = run.summary
     assert s["eval_weights"] == "best+ema" and (run.path / "checkpoints" / "best.ema.safetensors").is_file()
-    assert s["test_acc"] > 0.6
+    assert s["test_acc"] > 0.8  # measured 94.5%
     assert run.evaluate().acc == pytest.approx(s["test_acc"])
 
 
@@ -195,3 +196,14 @@ def test_live_progress_bar_renders(capsys):
     visrec.train(SYN, epochs=1, out="runs/live2", overrides=FAST, progress=True)
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "steps" in err
+
+
+def test_auto_tta_follows_the_training_flips():
+    from visrec.evaluate import resolve_tta
+
+    assert resolve_tta("auto", ["hflip", "crop:2"]) == "flip"
+    assert resolve_tta("auto", ["crop:2"]) == "none" and resolve_tta("flip", []) == "flip"
+    with pytest.raises(VisrecError, match="eval.tta 'mirror' is not valid"):
+        resolve_tta("mirror", [])
+    run = quick(out="runs/noflip", epochs=1, **{"data.augment": []})
+    assert run.summary["tta"] == "none"

@@ -112,7 +112,7 @@ def train(
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
-    tta: Annotated[str | None, typer.Option(help="none or flip (default: the run's eval.tta).")] = None,
+    tta: Annotated[str | None, typer.Option(help="none, flip or auto (default: the run's eval.tta).")] = None,
     checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
     data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",

@@ -93,7 +93,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 1024
-    tta: str = "flip"  # flip (average the prediction of the image and its mirror) | none
+    tta: str = "auto"  # flip (average the predictions of image and mirror) | none | auto (flip if trained with hflip)
 
 
 @dataclass

@@ -15,9 +15,20 @@ from torch import nn
 from .data.imageset import ImageSet
 from .data.preprocess import Normalizer
 from .device import autocast
+from .errors import VisrecError
 from .io import write_bytes, write_text
 
 TTA_MODES = ("none", "flip")
+
+
+def resolve_tta(setting: str, augment: list[str]) -> str:
+    """`auto` is flip when training mirrored images (hflip in data.augment), else none: averaging
+    with the mirror helps a model trained flip-invariant and hurts one that was not."""
+    if setting == "auto":
+        return "flip" if any(spec.split(":")[0] == "hflip" for spec in augment) else "none"
+    if setting not in TTA_MODES:
+        raise VisrecError(f"eval.tta {setting!r} is not valid", "use auto, flip or none")
+    return setting
 
 
 @dataclass

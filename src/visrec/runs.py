@@ -26,7 +26,7 @@ from .data import Dataset, Normalizer, load_dataset
 from .data.images import decode, native_channels, peek
 from .device import resolve_device, resolve_precision, use_channels_last
 from .errors import VisrecError
-from .evaluate import TTA_MODES, EvalResult, evaluate, predict_logits
+from .evaluate import EvalResult, evaluate, predict_logits, resolve_tta
 from .models import create_model
 
 
@@ -149,9 +149,7 @@ class Run:
             cfg.data.data_dir = data_dir
         if split not in ("test", "val", "train"):
             raise VisrecError(f"split {split!r} is not valid", "use test, val or train")
-        tta = tta or cfg.eval.tta
-        if tta not in TTA_MODES:
-            raise VisrecError(f"tta {tta!r} is not valid", f"use one of {', '.join(TTA_MODES)}")
+        tta = resolve_tta(tta or cfg.eval.tta, cfg.data.augment)
         ds = dataset_from_config(cfg)
         lm = self.load_model(which, device)
         if ds.classes != lm.classes:
@@ -187,7 +185,9 @@ class Run:
             names.append(str(item) if isinstance(item, str | Path) else f"<input {i}>")
         x = torch.stack(batch)
         cl = use_channels_last(self.config.model.channels_last, lm.model)
-        logits = predict_logits(lm.model, x, lm.normalizer, channels_last=cl, tta=tta or self.config.eval.tta)
+        cfg = self.config
+        tta = resolve_tta(tta or cfg.eval.tta, cfg.data.augment)
+        logits = predict_logits(lm.model, x, lm.normalizer, channels_last=cl, tta=tta)
         probs = logits.float().softmax(1).cpu()
         k = min(top_k, len(lm.classes))
         p, idx = probs.topk(k, 1)

@@ -246,8 +246,9 @@ def parse_synthetic(spec: str) -> dict[str, float]:
 
 
 def make_synthetic(spec: str = "synthetic") -> RawSplits:
-    """Procedural images: class k is a grating at its own angle and frequency, with its own tint,
-    a random phase and shift, and pixel noise. Deterministic in the seed; learnable by a small CNN."""
+    """Procedural images: class k is a grating at angle +-90*k/(K-1) degrees (the sign drawn per image,
+    so a mirror image stays in its class) with its own frequency and tint, a random phase, and pixel
+    noise. Deterministic in the seed; learnable by a small CNN."""
     p = parse_synthetic(spec)
     k, c, s = int(p["classes"]), int(p["channels"]), int(p["size"])
     g = torch.Generator().manual_seed(int(p["seed"]))
@@ -255,7 +256,8 @@ def make_synthetic(spec: str = "synthetic") -> RawSplits:
     def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.arange(n) % k
         y = y[torch.randperm(n, generator=g)]
-        angle = math.pi * y.float() / k
+        sign = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+        angle = sign * (math.pi / 2) * y.float() / (k - 1)
         freq = 2 * math.pi * (1.5 + (y % 3).float()) / s
         phase = torch.rand(n, generator=g) * 2 * math.pi
         coords = torch.arange(s, dtype=torch.float32)

@@ -36,7 +36,7 @@ from ..device import (
     use_channels_last,
 )
 from ..errors import VisrecError, unknown_name
-from ..evaluate import TTA_MODES, EvalResult, evaluate
+from ..evaluate import EvalResult, evaluate, resolve_tta
 from ..io import write_json, write_text, write_yaml
 from ..models import create_model, is_file_model
 from ..runs import Run, dataset_from_config, default_run_name
@@ -67,8 +67,7 @@ def _check_config(cfg: Config) -> None:
         raise unknown_name("value of train.nonfinite", t.nonfinite, ["stop", "skip"])
     if t.select not in ("last", "best"):
         raise unknown_name("value of train.select", t.select, ["last", "best"])
-    if cfg.eval.tta not in TTA_MODES:
-        raise unknown_name("value of eval.tta", cfg.eval.tta, TTA_MODES)
+    resolve_tta(cfg.eval.tta, cfg.data.augment)
     if not 0.0 <= t.ema < 1.0:
         raise VisrecError(f"train.ema={t.ema} must be in [0, 1) (0 = off; typical 0.999)")
     if t.select == "best" and cfg.data.val_fraction == 0:
@@ -145,6 +144,7 @@ class Trainer:
                                                                    self.steps_per_epoch))
         self.pipeline = Pipeline(cfg.data.augment, device, seed=cfg.train.seed + 1)
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
+        self.tta = resolve_tta(cfg.eval.tta, cfg.data.augment)
         # Position: the next batch to train is batch `batch` of 0-based epoch `epoch`.
         self.epoch, self.batch, self.step = 0, 0, 0
         self.train_seconds = 0.0
@@ -236,7 +236,7 @@ class Trainer:
 
     def _evaluate(self, model: torch.nn.Module, split: str) -> EvalResult:
         return evaluate(model, self.ds.split(split), self.normalizer, split=split, batch_size=self.cfg.eval.batch_size,
-                        channels_last=self.channels_last, amp_dtype=self.runtime.amp_dtype, tta=self.cfg.eval.tta)
+                        channels_last=self.channels_last, amp_dtype=self.runtime.amp_dtype, tta=self.tta)
 
     def _nonfinite(self, step: int) -> NonFiniteLoss:
         cfg = self.cfg
@@ -272,10 +272,11 @@ class Trainer:
         try:
             with self._stop_signals():
                 finished = self._loop(callbacks, stop_after_steps)
-        except NonFiniteLoss as e:
-            self._write_summary("failed", None, error=e.message)
+        except BaseException as e:  # record why the run ended, close the loggers, then let it propagate
+            why = e.message if isinstance(e, VisrecError) else f"{type(e).__name__}: {e}"
+            summary = self._write_summary("failed", None, error=why)
             for cb in callbacks:
-                cb.on_train_end(self._state(), {"status": "failed"})
+                cb.on_train_end(self._state(), summary)
             raise
         if not finished:
             summary = self._write_summary("interrupted", None, error=f"stopped by {self._stop_reason}")
@@ -421,7 +422,7 @@ class Trainer:
             "best_epoch": self.best_epoch or None,
             "train_acc": epoch_train[-1]["acc"] if epoch_train else None,
             "eval_weights": cfg.train.select + ("+ema" if self.ema else ""),
-            "tta": cfg.eval.tta,
+            "tta": self.tta,
             "skipped_steps": self.skipped_steps,
             "n_train": len(ds.train), "n_val": len(ds.val) if ds.val is not None else 0, "n_test": len(ds.test),
             "device": str(self.runtime.device),
