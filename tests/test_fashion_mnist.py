@@ -20,3 +20,14 @@ def test_default_recipe_on_a_slice_clears_83_percent(fmnist_dir):
                        overrides={"data.subset": 6000})
     assert run.summary["n_test"] == 10000 and run.summary["n_train"] == 6000
     assert run.summary["test_acc"] >= 0.83
+
+
+def test_doctor_finds_the_default_recipe_healthy(fmnist_dir):
+    # The default recipe on the real data, with the experiments scaled down to keep the suite fast.
+    from visrec.doctor import ExamOptions, examine
+
+    opts = ExamOptions(lr_steps=70, lr_batch=128, trial_images=2000, trial_val=500, trial_epochs=2)
+    diag = examine("fashion-mnist", out="doc", options=opts, overrides={"data.data_dir": str(fmnist_dir.parent)})
+    assert diag.worst in ("ok", "info"), [(f.id, f.severity, f.message) for f in diag.findings if f.rank >= 2]
+    assert diag.results["lr_range"].conclusive
+    assert diag.results["overfit"]["success"]

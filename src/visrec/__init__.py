@@ -9,6 +9,7 @@
 
 __version__ = "0.1.0"
 
+from . import doctor  # noqa: E402
 from .config import Config, resolve_config  # noqa: E402
 from .data import Dataset, ImageSet, load_dataset  # noqa: E402
 from .errors import VisrecError  # noqa: E402
@@ -18,5 +19,5 @@ from .training import Callback, Trainer, resume, train  # noqa: E402
 
 __all__ = [
     "Callback", "Config", "Dataset", "ImageSet", "Run", "Trainer", "VisrecError", "__version__", "create_model",
-    "list_models", "list_runs", "load_dataset", "register_model", "resolve_config", "resume", "train",
+    "doctor", "list_models", "list_runs", "load_dataset", "register_model", "resolve_config", "resume", "train",
 ]

@@ -61,10 +61,20 @@ def train(
         bool | None, typer.Option("--progress/--no-progress", help="Live progress bar (default: on a terminal).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary.json at the end.")] = False,
+    monitor: Annotated[bool, typer.Option(
+        "--monitor", help="Watch activations, gradients and update ratios; print the doctor's findings at the end.",
+    )] = False,
+    monitor_every: Annotated[int | None, typer.Option(help="With --monitor: sample every N steps.")] = None,
 ) -> None:
     """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
     from .config import resolve_config
     from .training import NonFiniteLoss, Trainer
+
+    callbacks = []
+    if monitor:
+        from .doctor import TrainingMonitor
+
+        callbacks.append(TrainingMonitor(monitor_every, console=err))
 
     try:
         if resume is not None:
@@ -75,7 +85,7 @@ def train(
             if extra:
                 raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
                                   "the run folder holds its whole config; start a new run to change it")
-            trainer = Trainer.resume(resume, progress=progress)
+            trainer = Trainer.resume(resume, progress=progress, callbacks=callbacks)
             err.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch + 1})")
         else:
             cfg = resolve_config(preset, set_ or [])
@@ -84,7 +94,7 @@ def train(
                                ("data.data_dir", str(data_dir) if data_dir else None), ("train.device", device)):
                 if value is not None:
                     cfg.set(key, value, source="option")
-            trainer = Trainer(cfg, out=out_dir, progress=progress)
+            trainer = Trainer(cfg, out=out_dir, progress=progress, callbacks=callbacks)
             ds = trainer.ds
             err.print(f"{ds!r} from {ds.source}")
             err.print(f"model {cfg.model.name}: {trainer.params:,} parameters; {trainer.runtime!r}; "
@@ -106,6 +116,51 @@ def train(
                   f"({s['images_per_s']:.0f} images/s)")
         out.print(f"run folder: {run.path}")
         out.print(f"TensorBoard: tensorboard --logdir {run.path / 'tb'}")
+
+
+@app.command()
+def doctor(
+    dataset: Annotated[str | None, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")] = None,
+    model: Annotated[str | None, typer.Option(help="Registered model or path/to/file.py:function.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Shipped preset name or YAML file (see `visrec presets`).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    lr: Annotated[float | None, typer.Option(help="optim.lr")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="train.batch_size")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for doctor.md, findings.json, plots and the trial run.")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
+    device: Annotated[str | None, typer.Option(help="train.device: auto, cpu, cuda, cuda:N, mps.")] = None,
+    checks: Annotated[str | None, typer.Option(help="Comma-separated subset of the checks (default: all).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="Smaller experiments (about 4x quicker, less precise).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as a JSON list.")] = False,
+    fail_on: Annotated[str, typer.Option(help="Exit 1 when a finding reaches this severity: warn, error, never.")]
+    = "never",
+) -> None:
+    """Examine a training setup (the config `visrec train` would use) and say what is wrong and what to change."""
+    from .config import resolve_config
+    from .doctor import SEVERITIES, ExamOptions, examine
+
+    if fail_on not in ("warn", "error", "never"):
+        raise VisrecError(f"--fail-on {fail_on!r} is not valid", "use warn, error or never")
+    cfg = resolve_config(preset, set_ or [])
+    for key, value in (("data.name", dataset), ("model.name", model), ("optim.lr", lr),
+                       ("train.batch_size", batch_size), ("data.data_dir", str(data_dir) if data_dir else None),
+                       ("train.device", device)):
+        if value is not None:
+            cfg.set(key, value, source="option")
+    opts = ExamOptions(checks=tuple(c.strip() for c in checks.split(",") if c.strip()) if checks else None)
+    if fast:
+        opts.overfit_steps, opts.lr_steps, opts.lr_batch = 120, 60, 128
+        opts.trial_images, opts.trial_val, opts.trial_epochs = 2000, 500, 2
+    diag = examine(config=cfg, out=out_dir, options=opts, console=None if as_json else err)
+    if as_json:
+        print(diag.to_json())
+    else:
+        diag.print(out)
+        out.print(f"report: {diag.out / 'doctor.md'}")
+    if fail_on != "never" and SEVERITIES.index(diag.worst) >= SEVERITIES.index(fail_on):
+        raise typer.Exit(1)
 
 
 @app.command("eval")

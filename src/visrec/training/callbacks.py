@@ -30,6 +30,7 @@ class TrainState:
     steps_per_epoch: int
     train_seconds: float
     model: Any = None
+    optimizer: Any = None  # read-only too: monitors may register hooks that only observe
 
 
 class Callback:

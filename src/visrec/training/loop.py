@@ -85,6 +85,7 @@ class Trainer:
         dataset: Dataset | None = None,
         callbacks: Sequence[Callback] = (),
         progress: bool | None = None,
+        quiet: bool = False,
         _resume_dir: Path | None = None,
     ):
         _check_config(cfg)
@@ -103,6 +104,7 @@ class Trainer:
                                   f"continue it with --resume {self.run_dir}, or choose another --out")
         self.extra_callbacks = list(callbacks)
         self.progress = progress
+        self.quiet = quiet  # no progress output at all
         self._stop_reason: str | None = None
         self._setup()
         self.resuming = _resume_dir is not None
@@ -211,7 +213,7 @@ class Trainer:
         """`epoch` (1-based) defaults to the epoch in progress."""
         epoch = epoch if epoch is not None else min(self.epoch + 1, self.cfg.train.epochs)
         return TrainState(self.run_dir, epoch, self.cfg.train.epochs, self.step, self.total_steps,
-                          self.steps_per_epoch, self.train_seconds, self.model)
+                          self.steps_per_epoch, self.train_seconds, self.model, self.optimizer)
 
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:
@@ -264,7 +266,7 @@ class Trainer:
         callbacks: list[Callback] = [
             MetricsLogger(self.run_dir / "metrics.jsonl", resume_step=self.step if self.resuming else None),
             TensorBoardLogger(self.run_dir / "tb", purge_step=self.step if self.resuming else None),
-            ProgressPrinter(live=self.progress),
+            *([] if self.quiet else [ProgressPrinter(live=self.progress)]),
             *self.extra_callbacks,
         ]
         for cb in callbacks:
@@ -408,6 +410,7 @@ class Trainer:
             "dataset": ds.name,
             "model": cfg.model.name,
             "params": self.params,
+            "num_classes": ds.num_classes,
             "epochs": self.epoch,
             "epochs_planned": cfg.train.epochs,
             "steps": self.step,
