@@ -301,3 +301,11 @@ def test_cli_train_monitor_prints_findings():
                                    "--no-progress", "--set", "train.batch_size=32", "--set", "data.augment=[]"])
     assert res.exit_code == 0, res.output
     assert "training monitor" in res.output
+
+
+def test_readme_documents_every_finding_id():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [fid for fid in FINDINGS if f"| `{fid}` |" not in readme]
+    assert not missing, f"README's findings table lacks {missing}"

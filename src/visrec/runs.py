@@ -37,6 +37,33 @@ def dataset_from_config(cfg: Config) -> Dataset:
                         channels=d.channels)
 
 
+def setup_config(
+    data: str | Dataset | None,
+    *,
+    preset: str | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    config: Config | None = None,
+    **keys: Any,
+) -> tuple[Config, Dataset | None]:
+    """The config of a library call: defaults < preset < overrides < explicit arguments.
+
+    `data` is a dataset name or an already loaded Dataset (returned as is); `keys` maps dotted config
+    keys (with `_` for `.`, e.g. `optim_lr`) to values, None meaning "not given".
+    """
+    from .config import resolve_config
+
+    cfg = resolve_config(preset, overrides, base=config)
+    dataset = None
+    if isinstance(data, Dataset):
+        dataset, cfg.data.name = data, data.name
+    elif data is not None:
+        cfg.data.name = data
+    for key, value in keys.items():
+        if value is not None:
+            cfg.set(key.replace("_", ".", 1), value, source="argument")
+    return cfg, dataset
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
 

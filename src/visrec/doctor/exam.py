@@ -27,14 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, LossConfig, resolve_config
+from ..config import Config, LossConfig
 from ..data import Dataset, Normalizer, stratified_split, stratified_subset
 from ..device import resolve_device, seed_everything, set_threads
 from ..errors import VisrecError
 from ..evaluate import evaluate
 from ..io import write_text, write_yaml
 from ..models import create_model
-from ..runs import dataset_from_config
+from ..models._registry import BadModelOutput
+from ..runs import dataset_from_config, setup_config
 from ..training.losses import build_loss
 from ..training.optim import build_optimizer, param_groups
 from .findings import Diagnosis, Finding
@@ -238,7 +239,7 @@ def _forward_with_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 def check_model(ex: Exam) -> None:
     try:
         model = ex.new_model()
-    except VisrecError as e:
+    except BadModelOutput as e:
         ex.add("model", Finding("bad-output", "error", e.message, {"model": ex.cfg.model.name}, e.hint or
                                 f"make the model return (batch, {ex.C}) raw scores"))
         ex.abort = True
@@ -747,14 +748,7 @@ def examine(
     console=None,
 ) -> Diagnosis:
     """Examine the setup `visrec train` would run with the same arguments; write doctor.md and plots to `out`."""
-    cfg = resolve_config(preset, overrides, base=config)
-    ds = None
-    if isinstance(data, Dataset):
-        ds, cfg.data.name = data, data.name
-    elif data is not None:
-        cfg.data.name = data
-    if model is not None:
-        cfg.set("model.name", model, source="argument")
+    cfg, ds = setup_config(data, preset=preset, overrides=overrides, config=config, model_name=model)
     opts = options or ExamOptions()
     unknown = [c for c in (opts.checks or ()) if c not in CHECKS]
     if unknown:

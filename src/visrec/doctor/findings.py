@@ -36,10 +36,10 @@ FINDINGS: dict[str, str] = {
     "lr-range-inconclusive": "the learning-rate range test saw the loss fall at no rate",
     "non-finite-loss": "the loss became NaN or infinite",
     "loss-diverging": "the loss rose well above its minimum during training",
-    "loss-flat": "the loss did not move at the start of training",
+    "loss-flat": "the loss barely moved during training",
     "loss-noisy": "the loss jumps a lot from one logging window to the next",
     # inside the network
-    "dead-units": "ReLU-family units that output zero for every input of a batch",
+    "dead-units": "ReLU-family units that are never positive, for any input of a batch",
     "saturated-units": "tanh/sigmoid units stuck at their limits, where the gradient is ~0",
     "vanishing-gradients": "gradients (or activations) shrink by orders of magnitude toward the input",
     "exploding-gradients": "gradients grow by orders of magnitude, or become huge",
@@ -166,4 +166,4 @@ class Diagnosis:
         n_ok = sum(f.severity == "ok" for f in self.findings)
         verdict = {"ok": "healthy", "info": "healthy (see the notes above)", "warn": "problems found",
                    "error": "serious problems found"}[self.worst]
-        console.print(f"{verdict}; {n_ok} check(s) passed")
+        console.print(verdict + (f"; {n_ok} problem(s) checked for and ruled out" if n_ok else ""))

@@ -124,6 +124,10 @@ def _model_from_file(spec: str, in_chans: int, num_classes: int, size: tuple[int
     return model
 
 
+class BadModelOutput(VisrecError):
+    """A model's output is not (batch, num_classes) scores."""
+
+
 def check_output(model: nn.Module, name: str, in_chans: int, num_classes: int, size: tuple[int, int]) -> None:
     """One forward pass on zeros: the output must be (batch, num_classes) logits."""
     was_training = model.training
@@ -140,7 +144,7 @@ def check_output(model: nn.Module, name: str, in_chans: int, num_classes: int, s
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise VisrecError(
+        raise BadModelOutput(
             f"model {name} returned {shape} for a batch of 2; it must return (batch, {num_classes}) logits, "
             f"one per class",
             "end the network with a layer of num_classes outputs, with no softmax",

@@ -39,7 +39,7 @@ from ..errors import VisrecError, unknown_name
 from ..evaluate import EvalResult, evaluate, resolve_tta
 from ..io import write_json, write_text, write_yaml
 from ..models import create_model, is_file_model
-from ..runs import Run, dataset_from_config, default_run_name
+from ..runs import Run, dataset_from_config, default_run_name, setup_config
 from .callbacks import Callback, MetricsLogger, ProgressPrinter, TensorBoardLogger, TrainState
 from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import EMA
@@ -469,18 +469,8 @@ def train(
         run = visrec.train("digits", model="convnet", epochs=3, overrides={"train.batch_size": 64})
         run.summary["test_acc"], run.path
     """
-    from ..config import resolve_config
-
-    cfg = resolve_config(preset, overrides, base=config)
-    dataset = None
-    if isinstance(data, Dataset):
-        dataset, cfg.data.name = data, data.name
-    elif data is not None:
-        cfg.data.name = data
-    for key, value in (("model.name", model), ("train.epochs", epochs), ("train.batch_size", batch_size),
-                       ("optim.lr", lr), ("train.seed", seed)):
-        if value is not None:
-            cfg.set(key, value, source="argument")
+    cfg, dataset = setup_config(data, preset=preset, overrides=overrides, config=config, model_name=model,
+                                train_epochs=epochs, train_batch_size=batch_size, optim_lr=lr, train_seed=seed)
     return Trainer(cfg, out=out, dataset=dataset, callbacks=callbacks, progress=progress).fit()
 
 
