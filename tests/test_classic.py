@@ -166,3 +166,54 @@ def test_bad_input_names_the_value():
         extract(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), "sift")
     with pytest.raises(VisrecError, match="k=50"):
         cross_validate_k(x, y, [1, 50], folds=2)
+
+
+def test_baseline_cli_writes_a_run_folder_and_json():
+    import json
+
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    res = CliRunner().invoke(app, ["baseline", "digits", "--method", "knn", "--k", "1,3,5", "--folds", "3",
+                                   "--out", "b", "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert {"method", "features", "test_acc", "seconds"} <= set(s)
+    assert s["method"] == "knn" and s["k"] in (1, 3, 5) and s["test_acc"] > 0.9  # digits: about 98%
+    assert len(s["cv"]["table"]) == 3 and len(s["cv"]["table"][0]["folds"]) == 3
+    from pathlib import Path
+
+    for name in ("cv.png", "confusion.png", "summary.json", "per_class.csv"):
+        assert (Path("b") / name).exists(), name
+
+
+@pytest.mark.parametrize("method", ["svm", "softmax", "twolayer"])
+def test_baseline_learned_methods_on_digits(method):
+    from visrec.classic import baseline
+
+    s = baseline("digits", method=method, features="raw", lrs=[1e-2, 1e-1], regs=[1e-4], epochs=8, out="b")
+    assert s["test_acc"] > 0.85 and s["lr"] in (1e-2, 1e-1)
+    if method != "twolayer":
+        from pathlib import Path
+
+        assert (Path("b") / "templates.png").exists()
+
+
+def test_baseline_hog_features_and_bad_k():
+    from visrec.classic import baseline
+
+    s = baseline("synthetic:classes=3,size=16,train=120,test=60", method="softmax", features="hog+color",
+                 lrs=[0.1], regs=[1e-4], epochs=5, out="h")
+    assert s["feature_dim"] == 9 * 8 * 8 + 10  # 16 px, 2-px cells
+    with pytest.raises(VisrecError, match="k=500"):
+        baseline("synthetic:classes=3,size=8,train=120,test=30", method="knn", ks=[1, 500], out="k")
+
+
+def test_compiled_l1_kernel_matches_cdist():
+    from visrec.classic.knn import l1_distances
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(0, 256, (300, 64), generator=g).float()
+    t = torch.randint(0, 256, (11000, 64), generator=g).float()  # large enough to take the compiled path
+    assert torch.equal(l1_distances(q, t), torch.cdist(q, t, p=1))

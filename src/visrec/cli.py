@@ -163,6 +163,60 @@ def doctor(
         raise typer.Exit(1)
 
 
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise VisrecError(f"{option} {text!r} is not a comma-separated list of numbers",
+                          f"e.g. {option} 1e-3,1e-2") from None
+
+
+@app.command()
+def baseline(
+    dataset: Annotated[str, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")],
+    method: Annotated[str, typer.Option(help="knn, svm, softmax or twolayer.")] = "knn",
+    features: Annotated[str, typer.Option(help="raw, hog, color or hog+color.")] = "raw",
+    k: Annotated[str, typer.Option("--k", help="kNN: values of k to cross-validate, e.g. 1,3,5,10.")] = "1,3,5,10",
+    folds: Annotated[int, typer.Option(help="kNN: cross-validation folds.")] = 5,
+    metric: Annotated[str, typer.Option(help="kNN distance: l2, l1 or cosine.")] = "l2",
+    lr: Annotated[str | None, typer.Option(help="svm/softmax/twolayer: learning rates to search, e.g. 1e-3,1e-2.")]
+    = None,
+    reg: Annotated[str | None, typer.Option(help="Regularization strengths to search, e.g. 1e-4,1e-3.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of the final training (learned methods).")] = 10,
+    subset: Annotated[int | None, typer.Option(help="Use a stratified subset of this many training images.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/baseline-...).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """A classic baseline (kNN, SVM, softmax, two-layer net) with its model selection, into a run folder."""
+    from .classic import baseline as run_baseline
+
+    try:
+        ks = [int(v) for v in k.split(",") if v.strip()]
+    except ValueError:
+        raise VisrecError(f"--k {k!r} is not a comma-separated list of integers", "e.g. --k 1,3,5,10") from None
+    s = run_baseline(dataset, method=method, features=features, ks=ks, folds=folds, metric=metric,
+                     lrs=_floats(lr, "--lr"), regs=_floats(reg, "--reg"), epochs=epochs, subset=subset,
+                     data_dir=str(data_dir) if data_dir else None, out=out_dir)
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    t = Table("method", "features", "selected", "test accuracy", "seconds")
+    chosen = f"k={s['k']} ({s['metric']})" if method == "knn" else f"lr={s['lr']:g} reg={s['reg']:g}"
+    t.add_row(method, features, chosen, _pct(s["test_acc"]), f"{s['seconds']:.1f}")
+    out.print(t)
+    if "cv" in s:
+        cv = Table("k", "cv accuracy (mean)", "std")
+        for row in s["cv"]["table"]:
+            cv.add_row(str(row["k"]), _pct(row["mean"]), f"{row['std']:.2%}")
+        out.print(cv)
+    if s.get("warning"):
+        err.print(f"[yellow]warning:[/yellow] {s['warning']}")
+    out.print(f"run folder: {s['run']}")
+
+
 @app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run folder.")],

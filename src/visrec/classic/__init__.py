@@ -3,6 +3,7 @@
     from visrec.classic import KNN, LinearClassifier, TwoLayerNet, extract, cross_validate_k
 """
 
+from .baseline import METHODS, baseline
 from .features import KINDS as FEATURES
 from .features import color_histogram, extract, hog, standardize
 from .knn import KNN, KFoldResult, cross_validate_k, distances, vote
@@ -10,7 +11,8 @@ from .linear import LinearClassifier, regularization, softmax_loss, svm_loss
 from .twolayer import TwoLayerNet, twolayer_loss
 
 __all__ = [
-    "FEATURES", "KFoldResult", "KNN", "LinearClassifier", "TwoLayerNet", "color_histogram", "cross_validate_k",
+    "FEATURES", "METHODS", "KFoldResult", "baseline",
+    "KNN", "LinearClassifier", "TwoLayerNet", "color_histogram", "cross_validate_k",
     "distances", "extract", "hog", "regularization", "softmax_loss", "standardize", "svm_loss", "twolayer_loss",
     "vote",
 ]
