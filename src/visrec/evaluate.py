@@ -17,6 +17,7 @@ from .data.preprocess import Normalizer
 from .device import autocast
 from .errors import VisrecError
 from .io import write_bytes, write_text
+from .plotting import figure_png, pyplot
 
 TTA_MODES = ("none", "flip")
 
@@ -42,6 +43,17 @@ class EvalResult:
     confusion: torch.Tensor  # (C, C) int64, rows = true class, columns = predicted
     classes: list[str]
     tta: str = "none"
+
+    @classmethod
+    def from_predictions(cls, pred: torch.Tensor, labels: torch.Tensor, classes: list[str], *, split: str = "test",
+                         loss: float = float("nan"), top5: float = float("nan"), tta: str = "none") -> EvalResult:
+        """Accuracy, per-class accuracy and confusion matrix of predicted labels against true ones."""
+        c, n = len(classes), len(labels)
+        conf = torch.bincount(labels * c + pred, minlength=c * c).view(c, c).cpu()
+        per_class = (conf.diag().float() / conf.sum(1).clamp_min(1).float()).tolist()
+        acc = (pred == labels).float().mean().item() if n else 0.0
+        return cls(split=split, n=n, loss=loss, acc=acc, top5=top5, per_class_acc=per_class, confusion=conf,
+                   classes=classes, tta=tta)
 
     def to_dict(self) -> dict[str, Any]:
         return {"split": self.split, "n": self.n, "loss": self.loss, "acc": self.acc, "top5": self.top5,
@@ -77,11 +89,7 @@ class EvalResult:
 
 
 def confusion_png(result: EvalResult) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     c = len(result.classes)
     conf = result.confusion.float()
     norm = conf / conf.sum(1, keepdim=True).clamp_min(1)
@@ -100,11 +108,7 @@ def confusion_png(result: EvalResult) -> bytes:
     ax.set_ylabel("true")
     ax.set_title(f"{result.split}: accuracy {result.acc:.2%} (n={result.n})")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=110)
 
 
 @torch.inference_mode()
@@ -153,21 +157,9 @@ def evaluate(
     logits = predict_logits(model, data.images, normalizer, batch_size=batch_size, channels_last=channels_last,
                             amp_dtype=amp_dtype, tta=tta)
     labels = data.labels.to(logits.device)
-    c = data.num_classes
-    pred = logits.argmax(1)
-    k = min(5, c)
-    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).float().mean().item() if len(labels) else 0.0
-    conf = torch.bincount(labels * c + pred, minlength=c * c).view(c, c).cpu()
-    per_class = (conf.diag().float() / conf.sum(1).clamp_min(1).float()).tolist()
     n = len(labels)
-    return EvalResult(
-        split=split,
-        n=n,
-        loss=F.cross_entropy(logits, labels).item() if n else float("nan"),
-        acc=(pred == labels).float().mean().item() if n else 0.0,
-        top5=top5,
-        per_class_acc=per_class,
-        confusion=conf,
-        classes=data.classes,
-        tta=tta,
-    )
+    k = min(5, data.num_classes)
+    top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).float().mean().item() if n else 0.0
+    loss = F.cross_entropy(logits, labels).item() if n else float("nan")
+    return EvalResult.from_predictions(logits.argmax(1), labels, data.classes, split=split, loss=loss, top5=top5,
+                                       tta=tta)

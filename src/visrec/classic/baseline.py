@@ -14,7 +14,6 @@ are scaled to 0..1 for kNN and standardized for the learned models.
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import itertools
 import math
 import time
@@ -26,7 +25,8 @@ import torch
 from ..data import load_dataset
 from ..errors import VisrecError, unknown_name
 from ..evaluate import EvalResult
-from ..io import write_bytes, write_json
+from ..io import write_json
+from ..plotting import pyplot, save_figure
 from .features import extract, standardize
 from .knn import KNN, cross_validate_k
 from .linear import LinearClassifier
@@ -37,21 +37,8 @@ DEFAULT_LRS = {"svm": [1e-3, 1e-2, 1e-1, 1.0], "softmax": [1e-3, 1e-2, 1e-1, 1.0
 DEFAULT_REGS = {"svm": [1e-5, 1e-4, 1e-3, 1e-2], "softmax": [1e-5, 1e-4, 1e-3, 1e-2], "twolayer": [1e-5, 1e-4, 1e-3]}
 
 
-def _result(pred: torch.Tensor, labels: torch.Tensor, classes: list[str], split: str = "test") -> EvalResult:
-    c = len(classes)
-    conf = torch.bincount(labels * c + pred, minlength=c * c).view(c, c)
-    per_class = (conf.diag().float() / conf.sum(1).clamp_min(1).float()).tolist()
-    acc = (pred == labels).float().mean().item()
-    return EvalResult(split=split, n=len(labels), loss=float("nan"), acc=acc, top5=float("nan"),
-                      per_class_acc=per_class, confusion=conf, classes=classes)
-
-
 def _plot_cv(cv, metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ks = cv.ks
     for k in ks:
@@ -60,20 +47,12 @@ def _plot_cv(cv, metric: str, path: Path) -> None:
     ax.set_xlabel("k")
     ax.set_ylabel("cross-validation accuracy")
     ax.set_title(f"kNN ({metric}): {len(cv.fold_acc[ks[0]])}-fold cross-validation, best k = {cv.best_k}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def _plot_templates(W: torch.Tensor, shape: tuple[int, int, int], classes: list[str], path: Path) -> None:
     """One image per class: the learned weights of that class, rescaled to 0..1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     c, h, w = shape
     n = W.shape[1]
     cols = min(10, n)
@@ -87,11 +66,7 @@ def _plot_templates(W: torch.Tensor, shape: tuple[int, int, int], classes: list[
         ax.imshow(t.permute(1, 2, 0).numpy() if c == 3 else t[0].numpy(), cmap=None if c == 3 else "gray")
         ax.set_title(classes[j][:12], fontsize=7)
     fig.suptitle("learned weights per class (templates)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def baseline(
@@ -195,7 +170,7 @@ def baseline(
                                   "in that direction")
         if method != "twolayer" and features == "raw":
             _plot_templates(model.W, (ds.channels, *ds.image_size), ds.classes, run / "templates.png")
-    result = _result(pred, yte, ds.classes)
+    result = EvalResult.from_predictions(pred, yte, ds.classes)
     result.save(run)
     summary.update(test_acc=result.acc, seconds=round(time.perf_counter() - t_start, 3),
                    timings={k: round(v, 3) for k, v in timings.items()}, run=str(run))

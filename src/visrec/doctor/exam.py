@@ -38,10 +38,10 @@ from ..models._registry import BadModelOutput
 from ..runs import dataset_from_config, setup_config
 from ..training.losses import build_loss
 from ..training.optim import build_optimizer, param_groups
-from .findings import Diagnosis, Finding
+from .findings import SEVERITIES, Diagnosis, Finding
 from .gradcheck import gradient_check
 from .lr_finder import default_range, lr_range_test
-from .monitor import TrainingMonitor, _kind, activation_layers, activation_stats, gap_findings, layer_findings
+from .monitor import TrainingMonitor, gap_findings, layer_findings, watch_activations, watched_layers
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Exam:
             self.findings.append(f)
 
     def has(self, finding_id: str, at_least: str = "warn") -> bool:
-        low = ("ok", "info", "warn", "error").index(at_least)
+        low = SEVERITIES.index(at_least)
         return any(f.id == finding_id and f.rank >= low for f in self.findings)
 
 
@@ -220,14 +220,7 @@ def check_data(ex: Exam) -> None:
 
 def _forward_with_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     acts: dict[str, Any] = {}
-    handles = []
-    for name, m in activation_layers(model):
-        kind = _kind(m)
-
-        def hook(mod, inp, out, name=name or "input", kind=kind):
-            if isinstance(out, torch.Tensor) and name not in acts:
-                acts[name] = activation_stats(out, kind)
-        handles.append(m.register_forward_hook(hook))
+    handles = watch_activations(watched_layers(model), acts)
     try:
         out = model(x)
     finally:
@@ -784,7 +777,7 @@ def examine(
         fn(ex)
         new = ex.findings[n_before:]
         worst = max((f.rank for f in new), default=0)
-        timings[name] = {"status": ("ok", "info", "warn", "error")[worst], "seconds": time.perf_counter() - t0}
+        timings[name] = {"status": SEVERITIES[worst], "seconds": time.perf_counter() - t0}
     reconcile(ex)
     stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     diag = Diagnosis(ex.findings, checks=timings, results=ex.results, out=out,

@@ -85,6 +85,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _evidence(f: Finding) -> str:
+    return "; ".join(f"{k} = {_fmt(v)}" for k, v in f.evidence.items())
+
+
 @dataclass
 class Diagnosis:
     """The findings of one examination (or one monitored run), most severe first."""
@@ -128,7 +132,7 @@ class Diagnosis:
             lines.append(f.message)
             lines.append("")
             if f.evidence:
-                lines.append("Evidence: " + "; ".join(f"{k} = {_fmt(v)}" for k, v in f.evidence.items()))
+                lines.append("Evidence: " + _evidence(f))
                 lines.append("")
             if f.fix:
                 lines.append(f"Fix: {f.fix}")
@@ -137,7 +141,7 @@ class Diagnosis:
         if passed:
             lines += ["## Ruled out", "", "| problem | what was seen | evidence |", "|---|---|---|"]
             for f in passed:
-                ev = "; ".join(f"{k} = {_fmt(v)}" for k, v in f.evidence.items()).replace("|", "/")
+                ev = _evidence(f).replace("|", "/")
                 lines.append(f"| {f.id} | {f.message} | {ev} |")
             lines.append("")
         if self.checks:
@@ -159,8 +163,7 @@ class Diagnosis:
             c = colors[f.severity]
             console.print(f"[{c}]{f.severity:5s}[/{c}] [bold]{f.id}[/bold]: {escape(f.message)}")
             if f.evidence:
-                ev = "; ".join(f"{k} = {_fmt(v)}" for k, v in f.evidence.items())
-                console.print("        evidence: " + escape(ev))
+                console.print("        evidence: " + escape(_evidence(f)))
             if f.fix:
                 console.print(f"        fix: {escape(f.fix)}")
         n_ok = sum(f.severity == "ok" for f in self.findings)

@@ -45,6 +45,24 @@ def activation_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if not list(m.children()) and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
 
 
+def watched_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, kind) of every activation layer (see `activation_layers`); kind: relu, tanh, sigmoid, linear."""
+    return [(name or "input", m, _kind(m)) for name, m in activation_layers(model)]
+
+
+def watch_activations(layers: list[tuple[str, nn.Module, str]], store: dict[str, Any]) -> list[Any]:
+    """Forward hooks that put the statistics of each layer's first output into `store[name]`.
+
+    Returns the hook handles; remove them to stop watching."""
+    def make(name: str, kind: str):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and name not in store:
+                store[name] = activation_stats(output, kind)
+        return hook
+
+    return [m.register_forward_hook(make(name, kind)) for name, m, kind in layers]
+
+
 def _kind(m: nn.Module) -> str:
     if isinstance(m, (nn.Tanh, nn.Hardtanh)):
         return "tanh"
@@ -109,7 +127,7 @@ class TrainingMonitor(Callback):
         self.model = model
         self.optimizer = optimizer
         self.weights = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-        self.acts = [(n, m, _kind(m)) for n, m in activation_layers(model)]
+        self.acts = watched_layers(model)
         self._count = start_step
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
         if self._count % self.every == 0:
@@ -123,14 +141,7 @@ class TrainingMonitor(Callback):
     def _arm(self) -> None:
         """Start a sample: the next forward pass records activation statistics."""
         self._pending = {"step": self._count + 1, "acts": {}}
-        for name, module, kind in self.acts:
-            self._act_handles.append(module.register_forward_hook(self._act_hook(name or "input", kind)))
-
-    def _act_hook(self, name: str, kind: str):
-        def hook(module, inputs, output):
-            if self._pending is not None and isinstance(output, torch.Tensor) and name not in self._pending["acts"]:
-                self._pending["acts"][name] = activation_stats(output, kind)
-        return hook
+        self._act_handles = watch_activations(self.acts, self._pending["acts"])
 
     def _pre(self, optimizer, args, kwargs) -> None:
         if self._pending is None:

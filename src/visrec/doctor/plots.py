@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
 
-from ..io import write_bytes
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    plt = _plt()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes(path, buf.getvalue())
-    return str(path)
+from ..plotting import pyplot, save_figure
 
 
 def plot_loss(windows: list[dict[str, Any]], path: Path) -> str | None:
     pts = [(w["step"], w["loss"], w.get("lr")) for w in windows if w.get("loss") is not None]
     if not pts:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], color="C0", label="train loss (window mean)")
     ax.set_xlabel("step")
@@ -43,7 +23,7 @@ def plot_loss(windows: list[dict[str, Any]], path: Path) -> str | None:
         ax2.plot([p[0] for p in pts], [p[2] for p in pts], color="C1", alpha=0.6, label="learning rate")
         ax2.set_ylabel("learning rate", color="C1")
     ax.set_title("training loss")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_update_ratios(samples: list[dict[str, Any]], path: Path) -> str | None:
@@ -55,7 +35,7 @@ def plot_update_ratios(samples: list[dict[str, Any]], path: Path) -> str | None:
                 layers.setdefault(name, []).append((s["step"], r))
     if not layers:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for i, (name, pts) in enumerate(layers.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name if i < 12 else None, lw=1)
@@ -65,7 +45,7 @@ def plot_update_ratios(samples: list[dict[str, Any]], path: Path) -> str | None:
     ax.set_ylabel("||update|| / ||weight||")
     ax.set_title("update/weight ratio per layer")
     ax.legend(fontsize=6, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_activations(samples: list[dict[str, Any]], path: Path) -> str | None:
@@ -76,7 +56,7 @@ def plot_activations(samples: list[dict[str, Any]], path: Path) -> str | None:
     if not acts:
         return None
     acts = acts[:16]
-    plt = _plt()
+    plt = pyplot()
     cols = min(4, len(acts))
     rows = math.ceil(len(acts) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False)
@@ -91,7 +71,7 @@ def plot_activations(samples: list[dict[str, Any]], path: Path) -> str | None:
         ax.set_title(f"{name}\nmean {a['mean']:.2g} std {a['std']:.2g}{extra}", fontsize=7)
         ax.tick_params(labelsize=6)
     fig.suptitle(f"activations at step {sample['step']}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_monitor(monitor, folder: Path) -> list[str]:
@@ -103,7 +83,7 @@ def plot_monitor(monitor, folder: Path) -> list[str]:
 
 def plot_lr_finder(lrs: list[float], losses: list[float], suggested: float | None, configured: float,
                    path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.plot(lrs, losses, color="C0", label="smoothed loss")
     ax.set_xscale("log")
@@ -117,11 +97,11 @@ def plot_lr_finder(lrs: list[float], losses: list[float], suggested: float | Non
     ax.set_ylabel("loss")
     ax.set_title("learning-rate range test")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_overfit(losses: list[float], accs: list[float], path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     ax.plot(losses, color="C0", label="loss")
     ax.set_yscale("log")
@@ -132,4 +112,4 @@ def plot_overfit(losses: list[float], accs: list[float], path: Path) -> str:
     ax2.set_ylim(0, 1.02)
     ax2.set_ylabel("training accuracy", color="C1")
     ax.set_title("overfitting a tiny subset")
-    return _save(fig, path)
+    return save_figure(fig, path)
