@@ -217,3 +217,32 @@ def test_compiled_l1_kernel_matches_cdist():
     q = torch.randint(0, 256, (300, 64), generator=g).float()
     t = torch.randint(0, 256, (11000, 64), generator=g).float()  # large enough to take the compiled path
     assert torch.equal(l1_distances(q, t), torch.cdist(q, t, p=1))
+
+
+@pytest.mark.parametrize("metric,shape", [("l2", None), ("l1", (1, 8, 8)), ("l1", None)])
+def test_pruned_knn_finds_the_same_neighbours(metric, shape):
+    # Clustered integer data: the lower bounds prune most pairs, distances are exact in float32 (so the
+    # two paths agree bit for bit), and many distances tie, so the tie rule is exercised across the prune.
+    g = torch.Generator().manual_seed(11)
+    coarse = torch.randint(0, 30, (12, 1, 2, 2), generator=g)  # images made of 4x4 flat blocks
+    centers = torch.nn.functional.interpolate(coarse.float(), scale_factor=4).long().flatten(1)
+    labels = torch.randint(0, 12, (2600,), generator=g)
+    x = (centers[labels] + torch.randint(-1, 2, (2600, 64), generator=g)).float()
+    tx, ty, qx = x[:2400], labels[:2400] % 5, x[2400:]
+    exhaustive = KNN(metric, prune=False).fit(tx, ty, 5)
+    pruned = KNN(metric, prune=True, image_shape=shape, chunk=64).fit(tx, ty, 5)
+    for k in (1, 4, 9):
+        assert torch.equal(pruned.neighbors(qx, k), exhaustive.neighbors(qx, k)), k
+    found = pruned._pruned_distances(qx[:64], 4)
+    assert found is not None and found[0].shape[1] < 2400 // 4  # the bounds did prune
+
+
+def test_pruned_knn_falls_back_when_bounds_are_loose():
+    g = torch.Generator().manual_seed(12)
+    tx, qx = torch.randint(0, 4, (1000, 40), generator=g).float(), torch.randint(0, 4, (30, 40), generator=g).float()
+    ty = torch.randint(0, 3, (1000,), generator=g)
+    exhaustive = KNN("l2", prune=False).fit(tx, ty, 3)
+    pruned = KNN("l2", prune=True).fit(tx, ty, 3)
+    assert torch.equal(pruned.neighbors(qx, 3), exhaustive.neighbors(qx, 3))
+    with pytest.raises(VisrecError, match="image_shape"):
+        KNN("l1", image_shape=(3, 8, 8)).fit(tx, ty)

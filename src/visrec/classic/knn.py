@@ -14,6 +14,8 @@ decided by distance, never by class index). Training points at equal distance ar
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +23,7 @@ import torch
 from ..errors import VisrecError, unknown_name
 
 METRICS = ("l2", "l1", "cosine")
+_PCA_RANK = 128
 
 
 def distances(queries: torch.Tensor, train: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -73,11 +76,25 @@ def l1_distances(q: torch.Tensor, t: torch.Tensor, compile: bool = True) -> torc
 
 @dataclass
 class KNN:
-    """A kNN classifier. `fit` stores the data; `predict(x, k)` votes among the k nearest."""
+    """A kNN classifier. `fit` stores the data; `predict(x, k)` votes among the k nearest.
+
+    `prune` (None: automatic on large problems) skips most exact distances for L2 and L1 with lower
+    bounds that never exceed the true distance, so the answer is the same as the exhaustive search (up to
+    float rounding of the distances themselves):
+    - L2: the distance between the projections on the top principal components, plus the difference of
+      the residual norms ((|r_q| - |r_t|)^2 <= |r_q - r_t|^2), one small matrix product per chunk;
+    - L1: the L1 distance between block sums (|sum of a block of differences| <= sum of their absolute
+      values): 4x4 blocks of the image when `image_shape` is known (8-vectors otherwise) for every pair,
+      then 2x2 blocks for the pairs that survive, then the exact distance for the few that remain.
+    A pair survives when its bound is at most the (k+1)-th smallest exact distance among a few
+    candidates with the smallest bounds; every training point that could be among the k nearest does.
+    """
 
     metric: str = "l2"
     chunk: int = 1024
     compile: bool = True  # L1 on the CPU: use the compiled kernel
+    prune: bool | None = None
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of flattened raw images: tighter L1 bounds
     train_x: torch.Tensor = field(default=None, repr=False)
     train_y: torch.Tensor = field(default=None, repr=False)
     num_classes: int = 0
@@ -90,6 +107,10 @@ class KNN:
         self.train_x, self.train_y = x.float().reshape(len(x), -1), y.long()
         self._sq_norms = (self.train_x * self.train_x).sum(1)
         self.num_classes = num_classes or int(y.max()) + 1
+        if self.image_shape is not None and math.prod(self.image_shape) != self.train_x.shape[1]:
+            raise VisrecError(f"image_shape {tuple(self.image_shape)} does not match features of dimension "
+                              f"{self.train_x.shape[1]}", "pass the (C, H, W) of the raw images, or None")
+        self._bounds = None  # built on the first pruned search
         return self
 
     def neighbors(self, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -103,19 +124,19 @@ class KNN:
         if x.shape[1] != self.train_x.shape[1]:
             raise VisrecError(f"features of dimension {x.shape[1]} do not match the training features' "
                               f"{self.train_x.shape[1]}", "compute query and training features the same way")
+        prune = self._should_prune(len(x), k)
         out = []
         for q in x.split(self.chunk):
-            d = self._rank_distances(q)
-            n = d.shape[1]
-            top = torch.topk(d, min(k + 1, n), dim=1, largest=False, sorted=True)
-            idx = top.indices[:, :k]
-            # A tie at the k-th place (the (k+1)-th nearest is as near) must go to the smaller index.
-            boundary_ties = top.values[:, k] == top.values[:, k - 1] if n > k else torch.zeros(len(d), dtype=bool)
-            if bool(boundary_ties.any()):  # rare: settle those rows exactly with a stable full sort
-                rows = boundary_ties.nonzero().flatten()
-                idx[rows] = torch.sort(d[rows], dim=1, stable=True).indices[:, :k]
-            out.append(_by_distance_then_index(d.gather(1, idx), idx))
+            found = self._pruned_distances(q, k) if prune else None
+            d, index = found if found is not None else (self._rank_distances(q), None)
+            out.append(_k_smallest(d, k, index))
         return torch.cat(out)
+
+    def _should_prune(self, m: int, k: int) -> bool:
+        n, dim = self.train_x.shape
+        if self.metric == "cosine" or n < 64 * (k + 1) or dim < 16:
+            return False
+        return self.prune if self.prune is not None else m * n * dim >= 2e10 and n >= 4096
 
     def _rank_distances(self, q: torch.Tensor) -> torch.Tensor:
         """Numbers that order the training points like the metric (smaller = nearer)."""
@@ -125,6 +146,68 @@ class KNN:
             return l1_distances(q, self.train_x, self.compile)
         return distances(q, self.train_x, self.metric)
 
+    def _padded_distances(self, q: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The numbers of `_rank_distances` for q[i] and the training points index[i, :counts[i]] (inf past it).
+
+        L2: one gather and one matrix-vector product per row (the rows stay in cache); L1: rows by decreasing
+        count in blocks of similar width, one gather and one fused reduction per block."""
+        n, dim = self.train_x.shape
+        out = torch.full(index.shape, float("inf"))
+        if self.metric == "l2":
+            for i, (c, qi) in enumerate(zip(counts.tolist(), q, strict=True)):
+                idx = index[i, :c]
+                out[i, :c] = torch.addmv(self._sq_norms[idx], torch.index_select(self.train_x, 0, idx), qi, alpha=-2)
+            return out
+        order = torch.argsort(counts, descending=True)
+        sorted_counts = counts[order].tolist()
+        start = 0
+        while start < len(order):
+            width = max(1, sorted_counts[start])
+            size = max(1, 2**20 // (width * dim))
+            rows = order[start:start + size]
+            start += size
+            idx = index[rows, :width]
+            valid = idx < n
+            idx = idx.clamp_max(n - 1)
+            t = torch.index_select(self.train_x, 0, idx.flatten()).view(len(rows), width, dim)
+            d = (t - q[rows].unsqueeze(1)).abs_().sum(2)
+            out[rows, :width] = d.masked_fill_(~valid, float("inf"))
+        return out
+
+    def _pruned_distances(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, W) exact distances of every training point that can be among the k nearest, padded with inf,
+        and their (B, W) training indices in increasing order; None when the bounds prune too little."""
+        if self._bounds is None:
+            self._bounds = _Bounds.fit(self.train_x, self.metric, self.image_shape)
+        bounds, n, b = self._bounds, len(self.train_x), len(q)
+        fq = bounds.features(q)
+        lb, offset = bounds.full(fq[0], self.compile)  # bound = lb + offset (the query's part, per row)
+        m0 = min(n, max(k + 1, 32))
+        init = torch.topk(lb, m0, dim=1, largest=False, sorted=False).indices
+        full = torch.full((b,), m0)
+        tau = self._padded_distances(q, init, full).kthvalue(min(k + 1, m0), 1).values
+        if self.metric == "l2":  # back to squared distances, with room for the rounding of both sides
+            qn = (q * q).sum(1)
+            tau = tau + qn
+            thr = tau + 1e-4 * (qn + bounds.scale)
+        else:
+            thr = tau * (1 + 1e-4) + 1e-6
+        rows, cols = (lb <= (thr - offset)[:, None]).nonzero(as_tuple=True)
+        del lb
+        if len(rows) > b * n // 4:
+            return None
+        for level in range(1, len(fq)):
+            keep = bounds.pairs(level, fq[level], cols, torch.bincount(rows, minlength=b).tolist()) <= thr[rows]
+            rows, cols = rows[keep], cols[keep]
+        counts = torch.bincount(rows, minlength=b)
+        width = int(counts.max())
+        if width < min(k + 1, n) or int(counts.min()) < k:
+            return None
+        pos = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]
+        index = torch.full((b, width), n, dtype=torch.long)
+        index[rows, pos] = cols
+        return self._padded_distances(q, index, counts), index
+
     def predict(self, x: torch.Tensor, k: int | list[int] = 1) -> torch.Tensor | dict[int, torch.Tensor]:
         """Predictions for one k, or a dict k -> predictions for several (one distance pass)."""
         ks = [k] if isinstance(k, int) else list(k)
@@ -132,6 +215,81 @@ class KNN:
         labels = self.train_y[nb]
         preds = {kk: vote(labels[:, :kk], self.num_classes) for kk in ks}
         return preds[ks[0]] if isinstance(k, int) else preds
+
+
+@dataclass
+class _Bounds:
+    """Features whose distances bound the metric from below: one level for all pairs, finer levels after."""
+
+    metric: str
+    levels: list  # callables: (X) -> features, coarsest first
+    train: list[torch.Tensor]
+    scale: float = 0.0  # the largest squared norm among the training points (L2 rounding room)
+    train_sq: torch.Tensor | None = None  # squared norms of the coarsest training features (L2)
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, metric: str, image_shape: tuple[int, int, int] | None) -> _Bounds:
+        if metric == "l2":
+            mean = x.mean(0)
+            sample = x[:: max(1, len(x) // 16384)] - mean  # the basis only needs to be good, not exact
+            rank = min(_PCA_RANK, x.shape[1] // 4)
+            basis = torch.linalg.eigh((sample.T @ sample).double()).eigenvectors[:, -rank:].float().contiguous()
+
+            def project(v, mean=mean, basis=basis):
+                vc = v - mean
+                p = vc @ basis
+                residual = ((vc * vc).sum(1) - (p * p).sum(1)).clamp_min_(0).sqrt_()
+                return torch.cat([p, residual[:, None]], 1)
+
+            levels = [project]
+        else:
+            levels = [functools.partial(_block_sums, block=b, image_shape=image_shape) for b in (4, 2)]
+        train = [f(x) for f in levels]
+        scale = float((x * x).sum(1).max()) + float((train[0] * train[0]).sum(1).max())
+        return cls(metric, levels, train, scale, (train[0] * train[0]).sum(1))
+
+    def features(self, q: torch.Tensor) -> list[torch.Tensor]:
+        return [f(q) for f in self.levels]
+
+    def full(self, fq: torch.Tensor, compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds for every (query, training point) pair, as a matrix plus a per-query offset."""
+        ft = self.train[0]
+        if self.metric == "l2":  # ||f_t||^2 - 2 f_q.f_t, and ||f_q||^2 as the offset: one pass fewer
+            return torch.addmm(self.train_sq, fq, ft.T, alpha=-2), (fq * fq).sum(1)
+        return l1_distances(fq, ft, compile), torch.zeros(len(fq))
+
+    def pairs(self, level: int, fq: torch.Tensor, cols: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """L1 bounds of a finer level for q[i] and the training points of cols' i-th run of counts[i]."""
+        ft = self.train[level]
+        runs = zip(fq, cols.split(counts), strict=True)
+        return torch.cat([(torch.index_select(ft, 0, c) - f).abs_().sum(1) for f, c in runs])
+
+
+def _block_sums(x: torch.Tensor, block: int, image_shape: tuple[int, int, int] | None) -> torch.Tensor:
+    """Sums over b x b image blocks (or over runs of 2b values of a plain vector), zero-padded at the edges."""
+    if image_shape is not None and min(image_shape[1:]) >= 2 * block:
+        img = x.view(len(x), *image_shape)
+        return torch.nn.functional.avg_pool2d(img, block, ceil_mode=True, divisor_override=1).flatten(1)
+    g = 2 * block
+    return torch.nn.functional.pad(x, (0, (-x.shape[1]) % g)).view(len(x), -1, g).sum(-1)
+
+
+def _k_smallest(d: torch.Tensor, k: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, k) training indices of each row's k smallest distances, ordered by (distance, index).
+
+    `index` maps the columns of `d` to training indices (increasing along each row); None: the identity."""
+    n = d.shape[1]
+    top = torch.topk(d, min(k + 1, n), dim=1, largest=False, sorted=True)
+    idx = top.indices[:, :k]
+    # A tie at the k-th place (the (k+1)-th nearest is as near) must go to the smaller index.
+    boundary_ties = top.values[:, k] == top.values[:, k - 1] if n > k else torch.zeros(len(d), dtype=bool)
+    if bool(boundary_ties.any()):  # rare: settle those rows exactly with a stable full sort
+        rows = boundary_ties.nonzero().flatten()
+        idx[rows] = torch.sort(d[rows], dim=1, stable=True).indices[:, :k]
+    dk = d.gather(1, idx)
+    if index is not None:
+        idx = index.gather(1, idx)
+    return _by_distance_then_index(dk, idx)
 
 
 def _by_distance_then_index(d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
