@@ -270,30 +270,65 @@ def predict(
 
 @app.command()
 def models(
-    input_shape: Annotated[str, typer.Option("--input", help="CxHxW the models are built for.")] = "3x32x32",
-    classes: Annotated[int, typer.Option(help="Number of classes.")] = 10,
+    input_shape: Annotated[str, typer.Option("--input", help="CxHxW the models are built for.")] = "3x224x224",
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 1000,
+    family: Annotated[str | None, typer.Option(help="Only this family (resnet, vgg, densenet, ...).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List registered models: name, family, parameter count at the given input."""
-    from .models import create_model, list_models, model_entry
+    """List registered models: name, family, parameters and multiply-accumulates at the given input."""
+    from .models import list_models, model_entry
+    from .models.summary import human, model_summary, parse_shape
 
-    try:
-        c, h, w = (int(v) for v in input_shape.lower().split("x"))
-    except ValueError:
-        raise VisrecError(f"--input {input_shape!r} is not CxHxW", "for example --input 1x28x28") from None
+    shape = parse_shape(input_shape)
+    names = list_models(family)
+    if not names:
+        families = sorted({model_entry(n).family for n in list_models()})
+        raise VisrecError(f"--family {family!r} has no models", f"families: {', '.join(families)}")
     rows = []
-    for name in list_models():
+    for name in names:
         e = model_entry(name)
-        m = create_model(name, in_chans=c, num_classes=classes, image_size=(h, w))
-        rows.append({"name": name, "family": e.family, "params": sum(p.numel() for p in m.parameters()),
-                     "description": e.description})
+        row = {"name": name, "family": e.family, "params": None, "macs": None, "description": e.description}
+        try:
+            s = model_summary(name, shape, classes)
+            row.update(params=s.params, macs=s.macs)
+        except VisrecError as err:  # too small an input for this one: say so in its row
+            row["error"] = err.message
+        rows.append(row)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table("name", "family", "params", "description", title=f"models at {c}x{h}x{w}, {classes} classes")
+    t = Table("name", "family", "params", "MACs", "description", title=f"models at {input_shape}, {classes} classes")
     for r in rows:
-        t.add_row(r["name"], r["family"], f"{r['params']:,}", r["description"])
+        if "error" in r:
+            t.add_row(r["name"], r["family"], "-", "-", r["error"])
+        else:
+            t.add_row(r["name"], r["family"], human(r["params"]), human(r["macs"]), r["description"])
     out.print(t)
+
+
+@app.command("summary")
+def summary_cmd(
+    model: Annotated[str, typer.Argument(help="Model name (see `visrec models`).")],
+    input_shape: Annotated[str, typer.Option("--input", help="CxHxW of one image.")] = "3x224x224",
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 1000,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Model option KEY=VALUE.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: layers and totals.")] = False,
+) -> None:
+    """Per layer: output shape, parameters, multiply-accumulates and activation memory, with totals."""
+    from .config import parse_override
+    from .models.summary import model_summary, parse_shape
+
+    opts = {}
+    for item in option or []:
+        if "=" not in item:
+            raise VisrecError(f"--option {item!r} is not KEY=VALUE", "for example --option stem=small")
+        key, value = parse_override(item)
+        opts[key] = value
+    s = model_summary(model, parse_shape(input_shape), classes, **opts)
+    if as_json:
+        print(json.dumps({"model": model, **s.to_json()}, indent=2))
+    else:
+        print(s)
 
 
 @app.command()

@@ -1,7 +1,19 @@
 """Models: the registry, the common classifier surface, and the built-in families."""
 
-from . import classic, convnet, lenet, resnet_cifar  # noqa: F401 - importing registers the models
+from . import (  # noqa: F401 - importing registers the models
+    classic,
+    convnet,
+    densenet,
+    inception,
+    lenet,
+    mobile,
+    plain,
+    resnet,
+    resnet_cifar,
+)
 from ._registry import create_model, is_file_model, list_models, model_entry, register_model
-from .layers import Classifier
+from .layers import Classifier, feature_maps
+from .summary import Summary, model_summary, summary
 
-__all__ = ["Classifier", "create_model", "is_file_model", "list_models", "model_entry", "register_model"]
+__all__ = ["Classifier", "Summary", "create_model", "feature_maps", "is_file_model", "list_models", "model_entry",
+           "model_summary", "register_model", "summary"]

@@ -6,6 +6,7 @@ it is called with whichever of `in_chans`, `num_classes` and `image_size` it acc
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import sys
@@ -78,6 +79,8 @@ def create_model(
     torch.Size([2, 10])
     """
     size = _size2(image_size)
+    if name.startswith("timm:"):
+        return _timm_model(name[5:], in_chans, num_classes, size, kwargs)
     if is_file_model(name):
         return _model_from_file(name, in_chans, num_classes, size, kwargs)
     entry = model_entry(name)
@@ -86,7 +89,61 @@ def create_model(
     if bad:
         listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise VisrecError(f"model {name!r} has no option {', '.join(map(repr, bad))}", f"its options: {listed}")
-    return entry.fn(in_chans=in_chans, num_classes=num_classes, image_size=size, **kwargs)
+    build = functools.partial(entry.fn, in_chans=in_chans, num_classes=num_classes, image_size=size, **kwargs)
+    # Shapes first, on the meta device (instant): an input too small for the network gets a clear error.
+    if torch.empty(0).device.type == "meta":
+        model = build()
+        _check_input_size(name, model, in_chans, size, kwargs)
+        return model
+    with torch.device("meta"):
+        _check_input_size(name, build(), in_chans, size, kwargs)
+    return build()
+
+
+def _runs_at(model: nn.Module, in_chans: int, size: tuple[int, int]) -> bool:
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, in_chans, *size, device="meta"))
+        return True
+    except (RuntimeError, ValueError, IndexError):
+        return False
+
+
+def _check_input_size(name: str, model: nn.Module, in_chans: int, size: tuple[int, int], kwargs: dict) -> None:
+    """Raise a VisrecError naming the smallest input the (meta-device) model accepts when `size` is too small."""
+    model.eval()
+    if _runs_at(model, in_chans, size):
+        return
+    scale = 1
+    while scale < 64 and not _runs_at(model, in_chans, (size[0] * scale * 2, size[1] * scale * 2)):
+        scale *= 2
+    if scale >= 64:
+        return  # not a question of size: let the real forward pass report the actual error
+    lo, hi = max(size), max(size) * scale * 2  # square search between a failing and a working side
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _runs_at(model, in_chans, (mid, mid)) else (mid, hi)
+    fix = (" (or stem='small' / 'auto', made for small inputs)" if kwargs.get("stem") not in (None, "auto", "small")
+           else "")
+    raise VisrecError(f"model {name} does not fit {size[0]}x{size[1]} inputs: it needs at least {hi}x{hi}",
+                      f"use images of at least {hi}x{hi} (image folders: --set data.image_size={hi}){fix}")
+
+
+def _timm_model(name: str, in_chans: int, num_classes: int, size: tuple[int, int], kwargs: dict) -> nn.Module:
+    """Any timm model, when timm is installed: it has the same surface (forward_features, forward_head,
+    reset_classifier; stage feature maps through `visrec.models.feature_maps`)."""
+    try:
+        import timm
+    except ImportError:
+        raise VisrecError(f"timm:{name} needs the timm package, which is not installed",
+                          "pip install timm (or use a built-in model: visrec models)") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:10]
+        raise VisrecError(f"timm has no model {name!r}", f"similar names: {', '.join(close)}" if close else
+                          "list them with python -c 'import timm; print(timm.list_models())'")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    check_output(model, f"timm:{name}", in_chans, num_classes, size)
+    return model
 
 
 def is_file_model(name: str) -> bool:

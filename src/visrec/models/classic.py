@@ -31,7 +31,7 @@ class MLP(Classifier):
         layers: list[nn.Module] = []
         d = in_features
         for _ in range(depth - 1):
-            layers += [nn.Linear(d, hidden), activation(act)]
+            layers += [nn.Linear(d, hidden), activation(act, hidden)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             d = hidden

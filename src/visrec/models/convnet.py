@@ -23,6 +23,8 @@ from .layers import Classifier, GlobalPool, conv_bn_act
 
 
 class ConvNet(Classifier):
+    stage_paths = ("stem", "stages.0", "stages.1", "stages.2")
+
     def __init__(
         self, in_chans: int, num_classes: int, image_size: tuple[int, int],
         widths: tuple[int, int, int], act: str, pool: str,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,13 +12,16 @@ from ..errors import VisrecError
 
 
 class Classifier(nn.Module):
-    """The common surface: `forward_features` -> `forward_head`, and a replaceable classifier.
+    """The common surface: `forward_features` -> `forward_head`, a replaceable classifier, and the
+    feature maps of each stage (`feature_maps`).
 
-    Subclasses set `self.head` (the final nn.Linear) and implement `forward_features`; the pooling
-    (if any) between features and head lives in `self.pool`.
+    Subclasses implement `forward_features` and name, as dotted paths: the final nn.Linear in
+    `head_path` (default "head"), the stages whose outputs `feature_maps` returns in `stage_paths`.
+    The default `forward_head` applies `self.pool`, then the head.
     """
 
-    head: nn.Linear
+    head_path: str = "head"
+    stage_paths: tuple[str, ...] = ()
     pool: nn.Module
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -24,21 +29,54 @@ class Classifier(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pool(x)
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.get_classifier()(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def get_classifier(self) -> nn.Linear:
-        return self.head
+    def get_classifier(self) -> nn.Module:
+        return self.get_submodule(self.head_path)
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the final layer with a freshly initialized one of `num_classes` outputs."""
-        self.head = nn.Linear(self.head.in_features, num_classes, device=self.head.weight.device)
+        old = self.get_classifier()
+        set_submodule(self, self.head_path, nn.Linear(old.in_features, num_classes, device=old.weight.device))
 
     @property
     def num_features(self) -> int:
-        return self.head.in_features
+        return self.get_classifier().in_features
+
+    def feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The output of every stage (`stage_paths`, input side first) for a batch, by stage path."""
+        if not self.stage_paths:
+            return {"features": self.forward_features(x)}
+        maps: dict[str, torch.Tensor] = {}
+        hooks = [self.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: maps.__setitem__(p, o))
+                 for p in self.stage_paths]
+        try:
+            self.forward_features(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {p: maps[p] for p in self.stage_paths}
+
+
+def feature_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Stage feature maps of any model: visrec's `feature_maps`, timm's `forward_intermediates`, or the output
+    of `forward_features` as the one stage of a model that offers neither."""
+    if hasattr(model, "feature_maps"):
+        return model.feature_maps(x)
+    if hasattr(model, "forward_intermediates"):
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        return {f"stage{i}": m for i, m in enumerate(maps)}
+    if hasattr(model, "forward_features"):
+        return {"features": model.forward_features(x)}
+    raise VisrecError(f"{type(model).__name__} has no forward_features", "build it with visrec.models.create_model")
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 class GlobalPool(nn.Module):
@@ -59,20 +97,132 @@ class GlobalPool(nn.Module):
         return self.kind
 
 
+class Maxout(nn.Module):
+    """Maxout (Goodfellow et al., 2013) over groups of `pieces` channels: (N, C*pieces, ...) -> (N, C, ...).
+
+    As a drop-in activation (`act="maxout"`) it keeps the channel count: the channels are duplicated with a
+    learned per-channel scale and shift of the second piece, so max(x, a*x + b) (a and b start at 0.25, 0).
+    """
+
+    def __init__(self, channels: int | None = None, pieces: int = 2):
+        super().__init__()
+        self.pieces = pieces
+        self.scale = nn.Parameter(torch.full((channels,), 0.25)) if channels else None
+        self.shift = nn.Parameter(torch.zeros(channels)) if channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:  # drop-in form: max(x, a x + b) per channel
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return torch.maximum(x, x * self.scale.view(shape) + self.shift.view(shape))
+        n, c = x.shape[:2]
+        return x.view(n, c // self.pieces, self.pieces, *x.shape[2:]).amax(2)
+
+
 ACTIVATIONS = {
-    "relu": lambda: nn.ReLU(inplace=True),
-    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
-    "elu": lambda: nn.ELU(inplace=True),
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
+    "relu": lambda c: nn.ReLU(inplace=True),
+    "leaky_relu": lambda c: nn.LeakyReLU(0.01, inplace=True),
+    "prelu": lambda c: nn.PReLU(c or 1),
+    "elu": lambda c: nn.ELU(inplace=True),
+    "gelu": lambda c: nn.GELU(),
+    "tanh": lambda c: nn.Tanh(),
+    "sigmoid": lambda c: nn.Sigmoid(),
+    "maxout": lambda c: Maxout(c or 1),
 }
 
 
-def activation(name: str) -> nn.Module:
+def activation(name: str, channels: int | None = None) -> nn.Module:
+    """An activation by name; `channels` sizes the learned ones (PReLU and maxout: one parameter per channel)."""
     if name not in ACTIVATIONS:
         raise VisrecError(f"activation {name!r} is not valid", f"use one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    return ACTIVATIONS[name](channels)
+
+
+NORMS = ("batch", "group", "layer", "none")
+
+
+def norm_layer(name: str, channels: int) -> nn.Module:
+    """A 2-D normalization by name: batch, group (32 groups, fewer if the channels do not divide), layer
+    (one group: normalizes over C, H and W per example), or none."""
+    if name == "batch":
+        return nn.BatchNorm2d(channels)
+    if name == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if name == "layer":
+        return nn.GroupNorm(1, channels)
+    if name == "none":
+        return nn.Identity()
+    raise VisrecError(f"norm {name!r} is not valid", f"use one of {', '.join(NORMS)}")
+
+
+def swap_layers(model: nn.Module, act: str = "relu", norm: str = "batch") -> nn.Module:
+    """Replace every ReLU with `act` and every BatchNorm2d with `norm`, in place (keeps the layout, and the
+    names of everything else, so weight files of the defaults still load)."""
+    if act == "relu" and norm == "batch":
+        return model
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.ReLU) and act != "relu":
+            setattr(model, name, activation(act, _channels_before(model, name)))
+        elif isinstance(child, nn.BatchNorm2d) and norm != "batch":
+            setattr(model, name, norm_layer(norm, child.num_features))
+        else:
+            swap_layers(child, act, norm)
+    return model
+
+
+def _channels_before(parent: nn.Module, name: str) -> int | None:
+    """The channel count that reaches `parent.name`: from the nearest earlier conv/norm in the same parent."""
+    channels = None
+    for n, m in parent.named_children():
+        if n == name:
+            break
+        channels = getattr(m, "out_channels", getattr(m, "num_features", channels))
+    return channels
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016): drop a residual branch for whole examples with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al., 2018): channel weights from globally pooled features."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(8, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(w), inplace=True)))
+
+
+def resolve_stem(stem: str, image_size: tuple[int, int], large_from: int = 96) -> str:
+    """"auto" -> "imagenet" (strided stem, as published) for inputs of at least `large_from` pixels, else
+    "small" (no early downsampling, as the CIFAR variants); "imagenet" and "small" pass through."""
+    if stem not in ("auto", "imagenet", "small"):
+        raise VisrecError(f"stem {stem!r} is not valid", "use auto, imagenet or small")
+    if stem == "auto":
+        return "imagenet" if min(image_size) >= large_from else "small"
+    return stem
+
+
+def stage_drop_rates(total: float, blocks: int) -> list[float]:
+    """The linear decay rule of stochastic depth: block i of n drops with probability total * i / n."""
+    return [total * (i + 1) / blocks for i in range(blocks)]
 
 
 def conv_bn_act(cin: int, cout: int, *, pool: bool = False, act: str = "relu", kernel: int = 3) -> nn.Sequential:
@@ -80,5 +230,5 @@ def conv_bn_act(cin: int, cout: int, *, pool: bool = False, act: str = "relu", k
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)]
     if pool:
         layers.append(nn.MaxPool2d(2))
-    layers += [nn.BatchNorm2d(cout), activation(act)]
+    layers += [nn.BatchNorm2d(cout), activation(act, cout)]
     return nn.Sequential(*layers)

@@ -17,6 +17,8 @@ class LeNet5(Classifier):
     inputs under 28 are zero-padded up to 28. Larger inputs are pooled to S4's 5x5 before F5.
     """
 
+    stage_paths = ("features.2", "features.5")
+
     def __init__(self, in_chans: int, num_classes: int, image_size: tuple[int, int], act: str, pool: str):
         super().__init__()
         h, w = image_size
@@ -24,12 +26,13 @@ class LeNet5(Classifier):
         c1_pad = 2 if min(h, w) < 32 else 0
         pool_layer = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
         self.features = nn.Sequential(
-            nn.Conv2d(in_chans, 6, 5, padding=c1_pad), activation(act), pool_layer(2),
-            nn.Conv2d(6, 16, 5), activation(act), pool_layer(2),
+            nn.Conv2d(in_chans, 6, 5, padding=c1_pad), activation(act, 6), pool_layer(2),
+            nn.Conv2d(6, 16, 5), activation(act, 16), pool_layer(2),
             nn.AdaptiveAvgPool2d(5),
         )
         self.pool = nn.Flatten(1)
-        self.fc = nn.Sequential(nn.Linear(16 * 5 * 5, 120), activation(act), nn.Linear(120, 84), activation(act))
+        self.fc = nn.Sequential(nn.Linear(16 * 5 * 5, 120), activation(act, 120),
+                                nn.Linear(120, 84), activation(act, 84))
         self.head = nn.Linear(84, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

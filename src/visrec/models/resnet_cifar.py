@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_model
-from .layers import Classifier, GlobalPool
+from .layers import Classifier, DropPath, GlobalPool
 
 
 class PadShortcut(nn.Module):
@@ -34,15 +34,19 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = PadShortcut(cin, cout, stride) if stride != 1 or cin != cout else nn.Identity()
+        self.drop_path = DropPath(0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
+        out = self.drop_path(self.bn2(self.conv2(out)))
         return F.relu(out + self.shortcut(x), inplace=True)
 
 
 class CifarResNet(Classifier):
-    def __init__(self, depth: int, in_chans: int, num_classes: int, widths: tuple[int, int, int] = (16, 32, 64)):
+    stage_paths = ("stages.0", "stages.1", "stages.2")
+
+    def __init__(self, depth: int, in_chans: int, num_classes: int, widths: tuple[int, int, int] = (16, 32, 64),
+                 drop_path: float = 0.0):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -60,14 +64,17 @@ class CifarResNet(Classifier):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        from .resnet import set_drop_path
+
+        set_drop_path(self, drop_path)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))  # (B, C, H, W) -> (B, 64, H/4, W/4)
 
 
 def _make(depth: int):
-    def build(*, in_chans: int, num_classes: int, image_size: tuple[int, int]) -> nn.Module:
-        return CifarResNet(depth, in_chans, num_classes)
+    def build(*, in_chans: int, num_classes: int, image_size: tuple[int, int], drop_path: float = 0.0) -> nn.Module:
+        return CifarResNet(depth, in_chans, num_classes, drop_path=drop_path)
 
     build.__name__ = f"resnet{depth}"
     build.__doc__ = f"CIFAR-style ResNet-{depth} ({(depth - 2) // 6} basic blocks per stage, option-A shortcuts)."

@@ -320,6 +320,9 @@ class Trainer:
                 with autocast(device, amp):
                     logits = model(x)
                 loss = self.loss_fn(logits, target)
+                aux = getattr(self.model, "aux_outputs", None)  # auxiliary heads (GoogLeNet), training only
+                if aux:
+                    loss = loss + self.model.aux_weight * sum(self.loss_fn(a, target) for a in aux)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip > 0:

@@ -1,0 +1,155 @@
+"""Per-layer summary of a network: output shape, parameters, multiply-accumulates and activation memory.
+
+What is counted, per example (batch size 1):
+- `macs`: the multiply-accumulates of convolutions (including grouped and depthwise ones) and linear
+  layers, the convention behind the published figures (ResNet-50 at 224x224: 4.1 G). Element-wise work
+  (normalization, activations, pooling, residual additions) is not counted.
+- `activations`: the values each layer writes: its output, plus the input image as the first row, as in
+  the course's VGG-16 table. A layer that writes nothing new counts 0: in-place activations, dropout at
+  evaluation, identities and flattening views.
+- `params`: each layer's own parameters, counted at its first call; the total is every parameter of the
+  model once, shared or not.
+
+The pass runs on the model's own device; on the "meta" device (`with torch.device("meta"): model = ...`)
+it computes only shapes, so summarizing even the largest network takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import VisrecError
+
+_NO_NEW_VALUES = (nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    macs: int
+    activations: int
+    memory_bytes: int
+
+
+@dataclass
+class Summary:
+    input_shape: tuple[int, ...]
+    rows: list[LayerRow] = field(default_factory=list)
+    params: int = 0
+    trainable_params: int = 0
+
+    @property
+    def macs(self) -> int:
+        return sum(r.macs for r in self.rows)
+
+    @property
+    def activations(self) -> int:
+        return sum(r.activations for r in self.rows)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(r.memory_bytes for r in self.rows)
+
+    def to_json(self) -> dict:
+        return {"input_shape": list(self.input_shape), "layers": [asdict(r) for r in self.rows],
+                "params": self.params, "trainable_params": self.trainable_params, "macs": self.macs,
+                "activations": self.activations, "activation_bytes": self.memory_bytes}
+
+    def __str__(self) -> str:
+        head = f"{'layer':40s} {'type':18s} {'output':>18s} {'params':>12s} {'MACs':>14s} {'activations':>12s}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            shape = "x".join(map(str, r.output_shape))
+            lines.append(f"{r.name[:40]:40s} {r.kind[:18]:18s} {shape:>18s} {r.params:>12,} {r.macs:>14,} "
+                         f"{r.activations:>12,}")
+        lines.append("-" * len(head))
+        lines.append(f"{'total':40s} {'':18s} {'':>18s} {self.params:>12,} {self.macs:>14,} {self.activations:>12,}")
+        lines.append(f"params {human(self.params)} · MACs {human(self.macs)} · activations {human(self.activations)} "
+                     f"values ({self.memory_bytes / 2**20:.1f} MiB forward, per image)")
+        return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"3x224x224" -> (3, 224, 224)."""
+    try:
+        c, h, w = (int(v) for v in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise VisrecError(f"--input {text!r} is not CxHxW", "write it like 3x224x224 or 1x28x28") from None
+    if min(c, h, w) < 1:
+        raise VisrecError(f"--input {text!r} has a zero or negative size", "use positive sizes, e.g. 3x32x32")
+    return c, h, w
+
+
+def summary(model: nn.Module, input_shape: tuple[int, ...]) -> Summary:
+    """Run one example of `input_shape` (C, H, W) through `model` in eval mode and tabulate every leaf layer."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
+    table = Summary(tuple(input_shape))
+    table.rows.append(LayerRow("input", "input", tuple(input_shape), 0, 0, x.numel(), x.numel() * x.element_size()))
+    names = {m: n for n, m in model.named_modules()}
+    seen: set[nn.Module] = set()
+
+    def hook(module: nn.Module, inputs: tuple, output) -> None:
+        out = output[0] if isinstance(output, tuple | list) else output
+        if not isinstance(out, torch.Tensor):
+            return
+        first = module not in seen
+        seen.add(module)
+        params = sum(p.numel() for p in module.parameters(recurse=False)) if first else 0
+        new = not (isinstance(module, _NO_NEW_VALUES) or getattr(module, "inplace", False))
+        acts = out.numel() if new else 0
+        table.rows.append(LayerRow(names.get(module, "?"), type(module).__name__, tuple(out.shape[1:]), params,
+                                   _macs(module, inputs, out), acts, acts * out.element_size()))
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    table.params = sum(p.numel() for p in model.parameters())
+    table.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return table
+
+
+def _macs(module: nn.Module, inputs: tuple, out: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return out.numel() * per_output
+    if isinstance(module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+        per_input = module.out_channels // module.groups * math.prod(module.kernel_size)
+        return inputs[0].numel() * per_input
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features
+    return 0
+
+
+def model_summary(name: str, input_shape: tuple[int, int, int], num_classes: int = 1000, **options) -> Summary:
+    """Summary of a registered model built on the meta device (shapes only: instant, no memory)."""
+    from ._registry import create_model
+
+    c, h, w = input_shape
+    with torch.device("meta"):
+        model = create_model(name, in_chans=c, num_classes=num_classes, image_size=(h, w), **options)
+    return summary(model, input_shape)
