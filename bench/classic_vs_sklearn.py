@@ -10,6 +10,7 @@ LinearSVC; HOG + color features beat raw pixels for the linear models.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,6 +26,19 @@ def timed(fn):
     t = time.perf_counter()
     r = fn()
     return r, time.perf_counter() - t
+
+
+def searched(kind: str, x: torch.Tensor, y: torch.Tensor, val: int = 6000):
+    """The course's recipe: lr and reg chosen on a held-out split (3 epochs each), then 10 epochs on all of x.
+    The search is part of the measured time; scikit-learn gets its usual settings without one."""
+    best = None
+    for lr, reg in itertools.product([1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1], [1e-5, 1e-4, 1e-3]):
+        m = LinearClassifier(kind, reg=reg).fit(x[:-val], y[:-val], 10, lr=lr, epochs=3)
+        acc = (m.predict(x[-val:]) == y[-val:]).float().mean().item()
+        if best is None or acc > best[0]:
+            best = (acc, lr, reg)
+    _, lr, reg = best
+    return LinearClassifier(kind, reg=reg).fit(x, y, 10, lr=lr, epochs=10), {"lr": lr, "reg": reg, "val_acc": best[0]}
 
 
 def main() -> None:
@@ -51,7 +65,7 @@ def main() -> None:
         print(f"{name:32s} visrec {ours:.2%} in {ours_s:6.1f} s | scikit-learn {th} | {ratio}  ({target})", flush=True)
 
     for metric in ("l2", "l1"):
-        pred, s = timed(lambda m=metric: KNN(m).fit(xtr, ytr, 10).predict(xte, 5))
+        pred, s = timed(lambda m=metric: KNN(m, image_shape=(1, 28, 28)).fit(xtr, ytr, 10).predict(xte, 5))
         acc = (pred == yte).float().mean().item()
         if metric == "l1" and args.skip_l1_sklearn:
             row("kNN k=5 L1 raw", acc, s, None, None, "<= 1/5 of scikit-learn's time")
@@ -63,8 +77,9 @@ def main() -> None:
             "within 0.3 pts, <= 1/2 time" if metric == "l2" else "<= 1/5 time")
 
     str_, ste = standardize(xtr, xte)
+    chosen = {}
     for kind, sk in (("softmax", LogisticRegression(max_iter=200)), ("svm", LinearSVC(C=0.01, dual=False))):
-        m, s = timed(lambda kind=kind: LinearClassifier(kind, reg=1e-4).fit(str_, ytr, 10, lr=0.1, epochs=10))
+        (m, chosen[kind]), s = timed(lambda kind=kind: searched(kind, str_, ytr))
         acc = (m.predict(ste) == yte).float().mean().item()
         sp, ss = timed(lambda sk=sk: sk.fit(str_.numpy(), ytr_np).predict(ste.numpy()))
         row(f"{kind} raw", acc, s, float((sp == yte.numpy()).mean()), ss, "accuracy >= scikit-learn's")
@@ -74,12 +89,13 @@ def main() -> None:
     print(f"hog+color features for 70,000 images: {fs:.1f} s ({ftr.shape[1]} dims)")
     ftr, fte = standardize(ftr, fte)
     for kind in ("softmax", "svm"):
-        m, s = timed(lambda kind=kind: LinearClassifier(kind, reg=1e-4).fit(ftr, ytr, 10, lr=0.1, epochs=10))
+        (m, chosen[kind + " hog+color"]), s = timed(lambda kind=kind: searched(kind, ftr, ytr))
         acc = (m.predict(fte) == yte).float().mean().item()
         raw = next(r["visrec_acc"] for r in rows if r["task"] == f"{kind} raw")
         row(f"{kind} hog+color", acc, s, None, None, f"beats raw pixels ({raw:.2%})")
-    args.out.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                    "numpy": np.__version__}, indent=2) + "\n")
+    print("chosen on the validation split:", chosen)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "numpy": np.__version__}
+    args.out.write_text(json.dumps({"rows": rows, "chosen": chosen, **meta}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

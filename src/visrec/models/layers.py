@@ -225,6 +225,23 @@ def stage_drop_rates(total: float, blocks: int) -> list[float]:
     return [total * (i + 1) / blocks for i in range(blocks)]
 
 
+def set_drop_path(model: nn.Module, total: float) -> None:
+    """Give every DropPath of a network its stochastic-depth rate, growing linearly with depth to `total`."""
+    if not 0.0 <= total < 1.0:
+        raise VisrecError(f"drop_path={total} is not a probability below 1", "use a value in [0, 1), e.g. 0.1")
+    drops = [m for m in model.modules() if isinstance(m, DropPath)]
+    for m, p in zip(drops, stage_drop_rates(total, len(drops)), strict=True):
+        m.p = p
+
+
+def init_residual(model: nn.Module, drop_path: float) -> None:
+    """He initialization (fan-out) of every convolution, and the stochastic-depth rates of the blocks."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    set_drop_path(model, drop_path)
+
+
 def conv_bn_act(cin: int, cout: int, *, pool: bool = False, act: str = "relu", kernel: int = 3) -> nn.Sequential:
     """conv -> [2x2 max-pool] -> batch norm -> activation. Pooling before the norm halves its cost."""
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)]

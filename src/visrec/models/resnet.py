@@ -25,9 +25,10 @@ from .layers import (
     Classifier,
     DropPath,
     SqueezeExcite,
+    init_residual,
     norm_layer,
     resolve_stem,
-    stage_drop_rates,
+    set_drop_path,
     swap_layers,
 )
 
@@ -102,15 +103,6 @@ class ResNet(Classifier, tvr.ResNet):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.fc(x)
-
-
-def set_drop_path(model: nn.Module, total: float) -> None:
-    """Give every DropPath of a network its stochastic-depth rate, growing linearly with depth to `total`."""
-    if not 0.0 <= total < 1.0:
-        raise VisrecError(f"drop_path={total} is not a probability below 1", "use a value in [0, 1), e.g. 0.1")
-    drops = [m for m in model.modules() if isinstance(m, DropPath)]
-    for m, p in zip(drops, stage_drop_rates(total, len(drops)), strict=True):
-        m.p = p
 
 
 _TV = {  # name: (block, layers, groups, width_per_group)
@@ -199,6 +191,14 @@ def _act(name: str) -> nn.Module:
     return nn.ReLU() if name == "relu" else activation(name)  # not in place: the input is the shortcut
 
 
+def _preact_tail(model: Classifier, cin: int, num_classes: int, act: str, norm: str, drop_path: float) -> None:
+    """Norm and activation after the last block (pre-activation blocks leave their sum raw), pooling, head."""
+    model.final = nn.Sequential(norm_layer(norm, cin), _act(act))
+    model.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    model.head = nn.Linear(cin, num_classes)
+    init_residual(model, drop_path)
+
+
 class PreActResNet(Classifier):
     """Pre-activation ResNet, ImageNet layout (64-128-256-512 base widths), with the same stem choice."""
 
@@ -219,13 +219,7 @@ class PreActResNet(Classifier):
                 blocks.append(block(cin, planes, 2 if j == 0 and i > 0 else 1, act, norm))
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.final = nn.Sequential(norm_layer(norm, cin), _act(act))  # the last block's output is not normalized
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.head = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        set_drop_path(self, drop_path)
+        _preact_tail(self, cin, num_classes, act, norm, drop_path)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -288,13 +282,7 @@ class WideResNet(Classifier):
             stages.append(nn.Sequential(*blocks))
             cin = w
         self.stages = nn.Sequential(*stages)
-        self.final = nn.Sequential(norm_layer(norm, cin), _act(act))
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.head = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        set_drop_path(self, drop_path)
+        _preact_tail(self, cin, num_classes, act, norm, drop_path)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final(self.stages(self.stem(x)))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import register_model
-from .layers import Classifier, DropPath, GlobalPool
+from .layers import Classifier, DropPath, GlobalPool, init_residual
 
 
 class PadShortcut(nn.Module):
@@ -61,12 +61,7 @@ class CifarResNet(Classifier):
         self.stages = nn.Sequential(*stages)
         self.pool = GlobalPool("avg")
         self.head = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        from .resnet import set_drop_path
-
-        set_drop_path(self, drop_path)
+        init_residual(self, drop_path)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))  # (B, C, H, W) -> (B, 64, H/4, W/4)
