@@ -23,7 +23,7 @@ import torch
 from ..errors import VisrecError, unknown_name
 
 METRICS = ("l2", "l1", "cosine")
-_PCA_RANK = 128
+_PCA_RANK = 127  # plus the residual: 128 columns, a width the matrix product likes
 
 
 def distances(queries: torch.Tensor, train: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -174,6 +174,15 @@ class KNN:
             out[rows, :width] = d.masked_fill_(~valid, float("inf"))
         return out
 
+    def _buffer(self, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A (rows, cols) scratch matrix reused across chunks: a fresh one per chunk costs more in page faults
+        than the bound product itself."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        buf = buffers.get(dtype)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            buf = buffers[dtype] = torch.empty(max(rows, self.chunk), cols, dtype=dtype)
+        return buf[:rows]
+
     def _pruned_distances(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B, W) exact distances of every training point that can be among the k nearest, padded with inf,
         and their (B, W) training indices in increasing order; None when the bounds prune too little."""
@@ -181,7 +190,7 @@ class KNN:
             self._bounds = _Bounds.fit(self.train_x, self.metric, self.image_shape)
         bounds, n, b = self._bounds, len(self.train_x), len(q)
         fq = bounds.features(q)
-        lb, offset = bounds.full(fq[0], self.compile)  # bound = lb + offset (the query's part, per row)
+        lb, offset = bounds.full(fq[0], self.compile, self._buffer(b, n))  # bound = lb + offset (per query)
         m0 = min(n, max(k + 1, 32))
         init = torch.topk(lb, m0, dim=1, largest=False, sorted=False).indices
         full = torch.full((b,), m0)
@@ -192,7 +201,7 @@ class KNN:
             thr = tau + 1e-4 * (qn + bounds.scale)
         else:
             thr = tau * (1 + 1e-4) + 1e-6
-        rows, cols = (lb <= (thr - offset)[:, None]).nonzero(as_tuple=True)
+        rows, cols = torch.le(lb, (thr - offset)[:, None], out=self._buffer(b, n, torch.bool)).nonzero(as_tuple=True)
         del lb
         if len(rows) > b * n // 4:
             return None
@@ -233,12 +242,16 @@ class _Bounds:
             mean = x.mean(0)
             sample = x[:: max(1, len(x) // 16384)] - mean  # the basis only needs to be good, not exact
             rank = min(_PCA_RANK, x.shape[1] // 4)
+            mean_sq = float(mean @ mean)
             basis = torch.linalg.eigh((sample.T @ sample).double()).eigenvectors[:, -rank:].float().contiguous()
 
-            def project(v, mean=mean, basis=basis):
-                vc = v - mean
-                p = vc @ basis
-                residual = ((vc * vc).sum(1) - (p * p).sum(1)).clamp_min_(0).sqrt_()
+            shift = mean @ basis
+
+            def project(v, mean=mean, basis=basis, shift=shift, mean_sq=mean_sq):
+                # (v - mean) @ basis and |v - mean|^2, without materializing v - mean
+                p = torch.addmm(-shift, v, basis)
+                centered_sq = torch.addmv(torch.einsum("nd,nd->n", v, v) + mean_sq, v, mean, alpha=-2)
+                residual = (centered_sq - (p * p).sum(1)).clamp_min_(0).sqrt_()
                 return torch.cat([p, residual[:, None]], 1)
 
             levels = [project]
@@ -251,11 +264,11 @@ class _Bounds:
     def features(self, q: torch.Tensor) -> list[torch.Tensor]:
         return [f(q) for f in self.levels]
 
-    def full(self, fq: torch.Tensor, compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def full(self, fq: torch.Tensor, compile: bool, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds for every (query, training point) pair, as a matrix plus a per-query offset."""
         ft = self.train[0]
         if self.metric == "l2":  # ||f_t||^2 - 2 f_q.f_t, and ||f_q||^2 as the offset: one pass fewer
-            return torch.addmm(self.train_sq, fq, ft.T, alpha=-2), (fq * fq).sum(1)
+            return torch.addmm(self.train_sq, fq, ft.T, alpha=-2, out=out), (fq * fq).sum(1)
         return l1_distances(fq, ft, compile), torch.zeros(len(fq))
 
     def pairs(self, level: int, fq: torch.Tensor, cols: torch.Tensor, counts: list[int]) -> torch.Tensor:
