@@ -29,8 +29,10 @@ def test_train_writes_a_complete_run_folder():
     p = run.path
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "splits.json", "model.txt", "confusion.csv",
               "confusion.png", "per_class.csv", "checkpoints/last.safetensors", "checkpoints/last.json",
-              "checkpoints/last.state.safetensors", "checkpoints/best.safetensors", "checkpoints/best.json"):
+              "checkpoints/best.safetensors", "checkpoints/best.json"):
         assert (p / f).is_file(), f
+    named = json.loads((p / "checkpoints" / "last.json").read_text())["files"]
+    assert {"weights", "state"} <= set(named) and all((p / "checkpoints" / e["file"]).is_file() for e in named.values())
     assert list((p / "tb").glob("events.out.tfevents.*"))
     s = run.summary
     for key in ("test_acc", "val_acc", "best_val_acc", "train_seconds", "epochs", "model", "params"):

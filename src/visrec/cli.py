@@ -65,6 +65,12 @@ def train(
         "--monitor", help="Watch activations, gradients and update ratios; print the doctor's findings at the end.",
     )] = False,
     monitor_every: Annotated[int | None, typer.Option(help="With --monitor: sample every N steps.")] = None,
+    weights: Annotated[Path | None, typer.Option(
+        help="model.weights: start from this .safetensors or .pt state_dict (a different head is re-initialized).",
+    )] = None,
+    trust_checkpoint: Annotated[bool, typer.Option(
+        "--trust-checkpoint", help="Allow a .pt weight file that needs full unpickling, which runs code from it.",
+    )] = False,
 ) -> None:
     """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
     from .config import resolve_config
@@ -80,7 +86,7 @@ def train(
         if resume is not None:
             given = {"DATASET": dataset, "--model": model, "--preset": preset, "--set": set_, "--epochs": epochs,
                      "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir, "--data-dir": data_dir,
-                     "--device": device}
+                     "--device": device, "--weights": weights, "--trust-checkpoint": trust_checkpoint}
             extra = [k for k, v in given.items() if v]
             if extra:
                 raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
@@ -91,7 +97,9 @@ def train(
             cfg = resolve_config(preset, set_ or [])
             for key, value in (("data.name", dataset), ("model.name", model), ("train.epochs", epochs),
                                ("train.batch_size", batch_size), ("optim.lr", lr), ("train.seed", seed),
-                               ("data.data_dir", str(data_dir) if data_dir else None), ("train.device", device)):
+                               ("data.data_dir", str(data_dir) if data_dir else None), ("train.device", device),
+                               ("model.weights", str(weights) if weights else None),
+                               ("model.trust_checkpoint", trust_checkpoint or None)):
                 if value is not None:
                     cfg.set(key, value, source="option")
             trainer = Trainer(cfg, out=out_dir, progress=progress, callbacks=callbacks)
@@ -99,6 +107,8 @@ def train(
             err.print(f"{ds!r} from {ds.source}")
             err.print(f"model {cfg.model.name}: {trainer.params:,} parameters; {trainer.runtime!r}; "
                       f"run folder {trainer.run_dir}")
+            if trainer.initial_weights_note:
+                err.print(trainer.initial_weights_note)
         run = trainer.fit()
     except NonFiniteLoss as e:
         err.print(f"[red]error:[/red] {e}")
@@ -304,6 +314,45 @@ def models(
         else:
             t.add_row(r["name"], r["family"], human(r["params"]), human(r["macs"]), r["description"])
     out.print(t)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    fmt: Annotated[str, typer.Option("--format", help="safetensors, onnx or torchscript.")] = "onnx",
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output file (default RUN/export/model.*).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
+) -> None:
+    """Export a run's model with its class names and preprocessing (ONNX/TorchScript take 0..255 pixels)."""
+    from .export import export_run
+
+    path = export_run(run, fmt, out_file, checkpoint)
+    out.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+
+
+@app.command()
+def validate(
+    data: Annotated[str, typer.Argument(help="Image folder (PATH or folder:PATH) to scan.")],
+    max_pixels: Annotated[int, typer.Option(help="Pixels above which an image is a decompression bomb.")] = 89_478_485,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Scan an image-folder dataset: bad files, bombs, empty classes, leaks across splits; exit 1 on errors."""
+    from .data.validate import validate_folder
+
+    report = validate_folder(data, max_pixels)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for split, counts in report.classes.items():
+            out.print(f"{split}: {len(counts)} classes, {sum(counts.values())} images")
+        style = {"error": "red", "warning": "yellow", "note": "dim"}
+        for p in report.problems:
+            out.print(f"[{style[p.severity]}]{p.severity:7s}[/] {p.kind:24s} {p.path}: {p.detail}", highlight=False)
+        n = {s: sum(p.severity == s for p in report.problems) for s in style}
+        out.print(f"{report.files} image files: {n['error']} errors, {n['warning']} warnings, {n['note']} notes"
+                  + ("" if report.ok else " - training would fail on the errors above"))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("summary")

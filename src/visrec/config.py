@@ -41,6 +41,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model
     channels_last: str = "auto"  # auto | on | off (auto: on for conv nets, where it measures faster)
     compile: bool = False  # torch.compile the model (slow first steps, faster later)
+    weights: str = ""  # start from this weight file (.safetensors, or a .pt state_dict read without pickle code)
+    trust_checkpoint: bool = False  # allow a .pt file that needs full unpickling (runs code from the file)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .errors import VisrecError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -61,3 +63,48 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def load_weights(path: str | os.PathLike, *, trust: bool = False) -> dict:
+    """A state dict from a weight file: safetensors, or a PyTorch pickle (.pt/.pth/.bin) read with
+    `weights_only=True`, which loads tensors and plain containers and refuses anything that would run code.
+
+    Such a refused file loads only with `trust=True` (`--trust-checkpoint`): do that only for files from a
+    source you trust, because unpickling them can execute arbitrary code. A dict holding the weights under
+    "state_dict" or "model" (a common training-script layout) is unwrapped.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise VisrecError(f"weight file {path} does not exist", "give the path of a .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a damaged file: name it
+            raise VisrecError(f"weight file {path} cannot be read as safetensors: {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            raise VisrecError(
+                f"weight file {path} holds Python objects beyond tensors, and loading it would run code from the "
+                f"file ({str(e).splitlines()[0][:200]})",
+                "convert it to safetensors where it came from, or, only if you trust its source, pass "
+                "--trust-checkpoint",
+            ) from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user's explicit choice
+    except Exception as e:  # noqa: BLE001 - truncated or not a PyTorch file at all
+        raise VisrecError(f"weight file {path} cannot be read: {type(e).__name__}: {e}",
+                          "give a .safetensors file or a PyTorch state_dict saved with torch.save") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise VisrecError(f"weight file {path} does not hold a state dict (name -> tensor)",
+                          "save model.state_dict(), not the model object")
+    return obj

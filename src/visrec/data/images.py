@@ -27,13 +27,21 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+MAX_PIXELS = 89_478_485  # Pillow's default: larger headers are treated as decompression bombs
+
+
 def peek(path: Path) -> tuple[str, tuple[int, int]]:
-    """(mode, (width, height)) from the header, without decoding the pixels."""
+    """(mode, (width, height)) from the header, without decoding the pixels; refuses decompression bombs."""
     try:
         with Image.open(path) as im:
-            return im.mode, im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise VisrecError(f"cannot read image {path}: {e}", "remove or replace the file") from None
+            mode, (w, h) = im.mode, im.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise VisrecError(f"cannot read image {path}: {e}", "remove or replace the file (visrec validate DATA "
+                          "lists every bad file at once)") from None
+    if w * h > MAX_PIXELS:
+        raise VisrecError(f"image {path} claims {w}x{h} = {w * h:,} pixels, above the {MAX_PIXELS:,} limit "
+                          "(a decompression bomb, or a genuinely huge image)", "remove it, or downscale it first")
+    return mode, (w, h)
 
 
 def _to_8bit_gray(im: Image.Image) -> Image.Image:

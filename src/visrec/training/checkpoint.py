@@ -1,18 +1,30 @@
 """Checkpoints without pickle: safetensors for tensors, JSON for everything else.
 
-A checkpoint TAG in a folder is up to four files, each written atomically:
+A checkpoint TAG in a folder is a generation of files, each written atomically under a name of its own
+(GEN = TAG-<step>-<random>), and a JSON file that names them:
 
-    TAG.safetensors        the model's weights (a plain state_dict, loadable by any safetensors reader)
-    TAG.ema.safetensors    the averaged weights, when EMA is on
-    TAG.state.safetensors  optimizer tensors and RNG states (only for resumable checkpoints)
+    GEN.safetensors        the model's weights (a plain state_dict, loadable by any safetensors reader)
+    GEN.ema.safetensors    the averaged weights, when EMA is on
+    GEN.state.safetensors  optimizer tensors and RNG states (only for resumable checkpoints)
     TAG.json               epoch, step, class names, preprocessing, optimizer/schedule state, and the
-                           SHA-256 of each file above; written last, so it marks a complete checkpoint
+                           file name and SHA-256 of each file above; written last, so it marks a complete
+                           checkpoint
+    TAG.prev.json          the previous generation's JSON, kept with its files until the next save
+    TAG.safetensors        a hard link to the current weights, for tools that want a fixed name
+
+A save never touches the files the current TAG.json names, so a process killed at any moment (SIGKILL
+included) leaves a loadable checkpoint; `load_checkpoint` verifies every file's SHA-256 and falls back to
+TAG.prev.json, saying so, when the latest is missing, truncated or corrupt.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import secrets
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import VisrecError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, write_bytes, write_json
 
 FORMAT_VERSION = 1
 
@@ -89,22 +101,72 @@ def save_checkpoint(
     the checkpoint can resume training; without them it only holds weights (e.g. `best`).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    files: dict[str, dict[str, str]] = {}
-    files["weights"] = {"file": f"{tag}.safetensors",
-                        "sha256": _save_tensors(model_state(model), folder / f"{tag}.safetensors")}
-    if ema is not None:
-        files["ema"] = {"file": f"{tag}.ema.safetensors",
-                        "sha256": _save_tensors(model_state(ema), folder / f"{tag}.ema.safetensors")}
-    doc = {"format": FORMAT_VERSION, **meta}
-    if optimizer is not None:
-        tensors, opt_meta = _split_optimizer(optimizer)
-        tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
-        files["state"] = {"file": f"{tag}.state.safetensors",
-                          "sha256": _save_tensors(tensors, folder / f"{tag}.state.safetensors")}
-        doc["optimizer"] = opt_meta
-    doc["files"] = files
-    write_json(folder / f"{tag}.json", doc)
-    return folder / f"{tag}.json"
+    for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write (one writer per run folder)
+        stale.unlink(missing_ok=True)
+    gen = f"{tag}-{int(meta.get('step', 0)):09d}-{secrets.token_hex(3)}"
+    try:
+        files: dict[str, dict[str, str]] = {}
+        files["weights"] = {"file": f"{gen}.safetensors",
+                            "sha256": _save_tensors(model_state(model), folder / f"{gen}.safetensors")}
+        if ema is not None:
+            files["ema"] = {"file": f"{gen}.ema.safetensors",
+                            "sha256": _save_tensors(model_state(ema), folder / f"{gen}.ema.safetensors")}
+        doc = {"format": FORMAT_VERSION, **meta}
+        if optimizer is not None:
+            tensors, opt_meta = _split_optimizer(optimizer)
+            tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
+            files["state"] = {"file": f"{gen}.state.safetensors",
+                              "sha256": _save_tensors(tensors, folder / f"{gen}.state.safetensors")}
+            doc["optimizer"] = opt_meta
+        doc["files"] = files
+        current = folder / f"{tag}.json"
+        if _readable_json(current):
+            write_bytes(folder / f"{tag}.prev.json", current.read_bytes())
+        write_json(current, doc)
+    except OSError as e:
+        for leftover in folder.glob(f"{gen}.*"):
+            leftover.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise VisrecError(f"no space left on the device while saving checkpoint {tag!r} in {folder}; the "
+                              f"checkpoints saved before are intact", "free some space, then resume the run "
+                              "(visrec train --resume RUN)") from None
+        raise VisrecError(f"could not save checkpoint {tag!r} in {folder}: {e}",
+                          "check that the folder is writable; earlier checkpoints are intact") from None
+    _link_fixed_name(folder / f"{gen}.safetensors", folder / f"{tag}.safetensors")
+    _remove_unreferenced(folder, tag)
+    return current
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _link_fixed_name(target: Path, alias: Path) -> None:
+    """Point `alias` at `target` atomically with a hard link (skipped where links are not supported)."""
+    tmp = alias.with_name(f".{alias.name}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(target, tmp)
+        os.replace(tmp, alias)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_unreferenced(folder: Path, tag: str) -> None:
+    """Delete this tag's generations that neither TAG.json nor TAG.prev.json names."""
+    keep: set[str] = set()
+    for name in (f"{tag}.json", f"{tag}.prev.json"):
+        try:
+            keep |= {e["file"] for e in json.loads((folder / name).read_text()).get("files", {}).values()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    for path in folder.glob(f"{tag}-*.safetensors"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -115,6 +177,7 @@ class Checkpoint:
     ema: dict[str, torch.Tensor] | None = None
     optimizer: dict[str, Any] | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    fallback: str | None = None  # why the latest generation was skipped, when it was
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path}, epoch={self.meta.get('epoch')}, step={self.meta.get('step')})"
@@ -127,12 +190,36 @@ def _load_verified(folder: Path, entry: dict[str, str]) -> dict[str, torch.Tenso
     if sha256_of(path) != entry["sha256"]:
         raise VisrecError(f"checkpoint file {path} is corrupt (its SHA-256 does not match the one recorded)",
                           "use another checkpoint (e.g. best instead of last)")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a file that hashes right but does not parse: report it the same way
+        raise VisrecError(f"checkpoint file {path} cannot be read: {e}", "use another checkpoint") from None
 
 
 def load_checkpoint(folder: Path, tag: str, *, with_state: bool = False) -> Checkpoint:
-    """Read and verify checkpoint `tag`; `with_state` also loads the optimizer and RNG tensors."""
-    path = folder / f"{tag}.json"
+    """Read and verify checkpoint `tag`; `with_state` also loads the optimizer and RNG tensors.
+
+    When the latest generation is missing, truncated or corrupt and the previous one is sound, the previous
+    one is returned with `fallback` set to the reason (and a warning naming the bad file)."""
+    try:
+        return _load_one(folder / f"{tag}.json", with_state)
+    except VisrecError as latest:
+        prev = folder / f"{tag}.prev.json"
+        if not prev.is_file():
+            raise
+        try:
+            ckpt = _load_one(prev, with_state)
+        except VisrecError as older:
+            raise VisrecError(f"{latest.message}; the previous checkpoint is unusable too: {older.message}",
+                              latest.hint) from None
+        ckpt.fallback = latest.message
+        warnings.warn(f"{latest.message}: using the previous checkpoint {prev} (step {ckpt.meta.get('step')})",
+                      stacklevel=2)
+        return ckpt
+
+
+def _load_one(path: Path, with_state: bool) -> Checkpoint:
+    folder = path.parent
     if not path.is_file():
         raise VisrecError(f"no checkpoint {path}", "has this run saved a checkpoint yet?")
     try:
@@ -140,6 +227,8 @@ def load_checkpoint(folder: Path, tag: str, *, with_state: bool = False) -> Chec
     except json.JSONDecodeError as e:
         raise VisrecError(f"checkpoint {path} is not valid JSON: {e}") from None
     files = meta.get("files", {})
+    if "weights" not in files:
+        raise VisrecError(f"checkpoint {path} names no weights file", "use another checkpoint")
     ckpt = Checkpoint(path, meta, _load_verified(folder, files["weights"]))
     if "ema" in files:
         ckpt.ema = _load_verified(folder, files["ema"])

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import __version__
 from ..config import Config
@@ -132,6 +133,8 @@ class Trainer:
         self.normalizer = Normalizer.fit(ds.train.images, cfg.data.normalize).to(device)
         self.model = create_model(cfg.model.name, in_chans=ds.channels, num_classes=ds.num_classes,
                                   image_size=ds.image_size, **cfg.model.kwargs)
+        self.initial_weights_note = (load_initial_weights(self.model, cfg.model.weights, cfg.model.trust_checkpoint)
+                                     if cfg.model.weights else None)
         self.channels_last = use_channels_last(cfg.model.channels_last, self.model)
         self.model.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.params = sum(p.numel() for p in self.model.parameters())
@@ -475,6 +478,32 @@ def train(
     cfg, dataset = setup_config(data, preset=preset, overrides=overrides, config=config, model_name=model,
                                 train_epochs=epochs, train_batch_size=batch_size, optim_lr=lr, train_seed=seed)
     return Trainer(cfg, out=out, dataset=dataset, callbacks=callbacks, progress=progress).fit()
+
+
+def load_initial_weights(model: nn.Module, path: str, trust: bool) -> str:
+    """Load a weight file into a fresh model by name. A classifier head whose shape differs (another number of
+    classes) keeps its fresh initialization; any other missing, unexpected or mis-shaped tensor is an error."""
+    from ..io import load_weights
+
+    weights = load_weights(path, trust=trust)
+    own = model.state_dict()
+    head = model.head_path + "." if hasattr(model, "head_path") else None
+    skipped = [k for k, v in weights.items() if k in own and own[k].shape != v.shape and head and k.startswith(head)]
+    for k in skipped:
+        del weights[k]
+    bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                 if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in weights and k not in skipped]
+    unexpected = [k for k in weights if k not in own]
+    if bad_shape or missing or unexpected:
+        parts = [f"{name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                 for name, keys in (("shape differs", bad_shape), ("missing", missing), ("unexpected", unexpected))
+                 if keys]
+        raise VisrecError(f"weight file {path} does not fit model {type(model).__name__}: {'; '.join(parts)}",
+                          "use a file saved from the same architecture (see visrec summary MODEL)")
+    model.load_state_dict(weights, strict=False)
+    return (f"loaded {path}" + (f"; classifier head {', '.join(skipped)} re-initialized for this dataset's classes"
+                                if skipped else ""))
 
 
 def resume(run_dir: str | Path, *, callbacks: Sequence[Callback] = (), progress: bool | None = None) -> Run:

@@ -1,0 +1,348 @@
+"""Nothing is lost: checkpoints survive SIGKILL at any moment, corrupt files fall back, resume is exact."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import visrec
+from visrec.errors import VisrecError
+from visrec.training import checkpoint as ck
+
+SYN = "synthetic:classes=4,size=12,train=384,test=128"
+LONGER = "synthetic:classes=4,size=12,train=1536,test=128"  # 192 steps: time to kill it mid-run
+FAST = {"train.batch_size": 32, "train.log_every": 4, "model.kwargs.widths": [8, 16, 16], "train.threads": 1}
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _train_script(out: str, every: int) -> str:
+    return (f"import visrec; visrec.train({LONGER!r}, epochs=4, out={out!r}, "
+            f"overrides={{**{FAST!r}, 'train.checkpoint_every': {every}}}, progress=False)")
+
+
+def _complete_files(folder: Path) -> None:
+    """Every file under a final name is whole: each safetensors file parses, each JSON file parses."""
+    for f in folder.iterdir():
+        if f.name.startswith("."):
+            continue  # temporary names
+        if f.suffix == ".safetensors":
+            load_file(str(f))
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+
+
+def _step(path: Path) -> int:
+    try:
+        return json.loads(path.read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("after_step", [10, 100])
+def test_sigkill_at_any_moment_then_resume_is_bitwise_exact(tmp_path, after_step):
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.Popen([sys.executable, "-c", _train_script("runs/killed", 2)], env=env, cwd=tmp_path)
+    last = tmp_path / "runs/killed/checkpoints/last.json"
+    t0 = time.time()
+    while _step(last) < after_step and time.time() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # wherever it is now: in a step, or in the middle of the next save
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    _complete_files(last.parent)
+    killed_at = ck.load_checkpoint(last.parent, "last", with_state=True).meta["step"]
+    resumed = visrec.resume(tmp_path / "runs/killed", progress=False)
+    straight = visrec.train(LONGER, epochs=4, out=str(tmp_path / "runs/straight"),
+                            overrides={**FAST, "train.checkpoint_every": 2}, progress=False)
+    assert resumed.status == "completed" and 0 < killed_at < straight.summary["steps"]
+    a = ck.load_checkpoint(straight.path / "checkpoints", "last", with_state=True)
+    b = ck.load_checkpoint(resumed.path / "checkpoints", "last", with_state=True)
+    assert a.meta["step"] == b.meta["step"] and a.meta.get("schedule") == b.meta.get("schedule")
+    for k in a.weights:
+        assert torch.equal(a.weights[k], b.weights[k]), k
+    for pid, st in a.optimizer["state"].items():
+        for k, v in st.items():
+            w = b.optimizer["state"][pid][k]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+    assert set(a.rng) == set(b.rng) and all(torch.equal(a.rng[k], b.rng[k]) for k in a.rng)
+    assert resumed.summary["test_acc"] == straight.summary["test_acc"]
+
+
+def test_killed_in_the_middle_of_saves_leaves_the_last_complete_checkpoint(tmp_path):
+    # A writer that does nothing but save a large model: a kill almost always lands inside a save.
+    script = (
+        "import sys, torch\n"
+        "from visrec.training.checkpoint import save_checkpoint\n"
+        "m = torch.nn.Linear(2000, 2000)\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)\n"
+        "m(torch.randn(4, 2000)).sum().backward(); opt.step()\n"
+        "step = 0\n"
+        "while True:\n"
+        "    step += 1\n"
+        "    with torch.no_grad(): m.weight.fill_(float(step))\n"
+        "    save_checkpoint(__import__('pathlib').Path(sys.argv[1]), 'last', m, {'step': step}, optimizer=opt)\n"
+    )
+    folder = tmp_path / "ck"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    for delay in (0.4, 0.9, 1.3):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(folder)], env=env)
+        while not (folder / "last.json").is_file():
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _complete_files(folder)
+        got = ck.load_checkpoint(folder, "last", with_state=True)
+        assert got.fallback is None  # the latest JSON always names complete files
+        assert torch.all(got.weights["weight"] == float(got.meta["step"]))
+        assert len(list(folder.glob("last-*.safetensors"))) <= 6  # two generations kept, the rest removed
+
+
+def _model_and_two_saves(folder: Path):
+    m = nn.Linear(3, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ck.save_checkpoint(folder, "last", m, {"step": 1}, optimizer=opt)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ck.save_checkpoint(folder, "last", m, {"step": 2}, optimizer=opt)
+    return m, opt
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "bad-json"])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    folder = tmp_path / "ck"
+    _model_and_two_saves(folder)
+    latest = json.loads((folder / "last.json").read_text())
+    weights = folder / latest["files"]["weights"]["file"]
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:40])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "delete":
+        weights.unlink()
+    else:
+        (folder / "last.json").write_text("{not json")
+    with pytest.warns(UserWarning, match=r"using the previous checkpoint .*last\.prev\.json \(step 1\)"):
+        got = ck.load_checkpoint(folder, "last", with_state=True)
+    assert got.meta["step"] == 1 and got.fallback
+    if damage != "bad-json":
+        assert weights.name in got.fallback  # the report names the bad file
+
+
+def test_both_generations_corrupt_is_an_error_that_names_them(tmp_path):
+    folder = tmp_path / "ck"
+    _model_and_two_saves(folder)
+    for name in ("last.json", "last.prev.json"):
+        entry = json.loads((folder / name).read_text())["files"]["weights"]["file"]
+        (folder / entry).write_bytes(b"junk")
+    with pytest.raises(VisrecError, match=r"(?s)corrupt.*previous checkpoint is unusable too.*corrupt"):
+        ck.load_checkpoint(folder, "last")
+
+
+def test_a_full_disk_is_reported_and_earlier_checkpoints_stay_loadable(tmp_path, monkeypatch):
+    folder = tmp_path / "ck"
+    m, opt = _model_and_two_saves(folder)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(VisrecError, match=r"(?s)no space left.*intact.*--resume"):
+        ck.save_checkpoint(folder, "last", m, {"step": 3}, optimizer=opt)
+    assert ck.load_checkpoint(folder, "last", with_state=True).meta["step"] == 2
+    assert not list(folder.glob("last-000000003-*"))  # nothing of the failed save is left behind
+
+
+def test_fixed_name_points_at_the_latest_weights(tmp_path):
+    folder = tmp_path / "ck"
+    m, _ = _model_and_two_saves(folder)
+    assert torch.equal(load_file(str(folder / "last.safetensors"))["weight"], m.weight.detach())
+
+
+def test_no_torch_load_without_weights_only():
+    # Every call says weights_only; the one weights_only=False is load_weights' explicit trust branch.
+    calls, unsafe = [], []
+    for path in SRC.rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"torch\.load\(", line):
+                calls.append(f"{path.name}:{n}")
+                if "weights_only=True" not in line:
+                    unsafe.append((path.name, line.strip()))
+    assert calls
+    assert unsafe == [("io.py", 'obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the '
+                                "user's explicit choice")], unsafe
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it would create a file named by its argument."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_weight_files_load_without_running_their_code(tmp_path):
+    from visrec.io import load_weights
+
+    m = nn.Linear(3, 2)
+    torch.save(m.state_dict(), tmp_path / "plain.pt")
+    torch.save({"state_dict": m.state_dict(), "epoch": 3}, tmp_path / "wrapped.pth")
+    for name in ("plain.pt", "wrapped.pth"):
+        assert torch.equal(load_weights(tmp_path / name)["weight"], m.weight.detach())
+    marker = tmp_path / "pwned"
+    torch.save({"weight": m.weight.detach(), "evil": _Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(VisrecError, match=r"(?s)evil\.pt.*would run code.*--trust-checkpoint"):
+        load_weights(tmp_path / "evil.pt")
+    assert not marker.exists()  # refused before anything ran
+    with pytest.raises(VisrecError, match="does not hold a state dict"):  # trusted: it loads (and runs) ...
+        load_weights(tmp_path / "evil.pt", trust=True)
+    assert marker.exists()  # ... which is exactly why trust must be explicit
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "plain.pt").read_bytes()[:30])
+    with pytest.raises(VisrecError, match="cut.pt cannot be read"):
+        load_weights(tmp_path / "cut.pt")
+
+
+def test_train_starts_from_a_weight_file_and_reinitializes_a_different_head(tmp_path):
+    from safetensors.torch import save_file
+
+    from visrec.models import create_model
+    from visrec.training import Trainer
+
+    donor = create_model("convnet", in_chans=1, num_classes=7, image_size=12, widths=[8, 16, 16])
+    save_file(donor.state_dict(), str(tmp_path / "donor.safetensors"))
+    cfg = visrec.resolve_config(None, {**FAST, "data.name": SYN, "model.weights": str(tmp_path / "donor.safetensors")})
+    trainer = Trainer(cfg, out=str(tmp_path / "runs/w"), progress=False)
+    got, want = trainer.model.state_dict(), donor.state_dict()
+    assert all(torch.equal(got[k].cpu(), want[k]) for k in want if not k.startswith("head."))
+    assert got["head.weight"].shape == (4, 16) and "head.weight" in trainer.initial_weights_note
+    assert trainer.fit().status == "completed"
+    other = create_model("resnet20", in_chans=1, num_classes=4, image_size=12)
+    save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(VisrecError, match=r"(?s)other\.safetensors does not fit.*missing.*unexpected"):
+        visrec.train(SYN, epochs=1, out=str(tmp_path / "runs/x"),
+                     overrides={**FAST, "model.weights": str(tmp_path / "other.safetensors")}, progress=False)
+
+
+def _png(path: Path, size=(12, 12), mode="RGB", color=(200, 10, 10)) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+    return path
+
+
+def test_validate_reports_one_of_each_problem_and_fails(tmp_path):
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    root = tmp_path / "data"
+    for c in ("1", "2", "10"):
+        for i in range(3):
+            _png(root / "train" / c / f"{i}.png", color=(i * 40, 10 * int(c), 5))
+    _png(root / "test" / "1" / "a.png", color=(0, 10, 5))  # the same bytes as train/1/0.png: a leak
+    (root / "train" / "2" / "zero.png").write_bytes(b"")
+    from PIL import Image
+
+    noise = Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48)
+    noise.save(root / "train" / "2" / "cut.png")
+    whole = (root / "train" / "2" / "cut.png").read_bytes()
+    (root / "train" / "2" / "cut.png").write_bytes(whole[: len(whole) * 6 // 10])  # header intact, pixels cut
+    (root / "train" / "10" / "junk.jpg").write_bytes(b"this is not a jpeg")
+    _png(root / "train" / "10" / "big.png", size=(400, 300))  # a bomb under a 100,000-pixel limit
+    (root / "train" / "empty").mkdir()
+    (root / "train" / ".cache").mkdir()
+    (root / "train" / "1" / "notes.txt").write_text("hi")
+    _png(root / "train" / "1" / "wide.png", size=(20, 12))
+    (root / "test" / "3").mkdir(parents=True)
+    _png(root / "test" / "3" / "x.png")
+
+    r = CliRunner().invoke(app, ["validate", str(root), "--max-pixels", "100000", "--json"])
+    assert r.exit_code == 1, r.output
+    rep = json.loads(r.output)
+    kinds = {(p["severity"], p["kind"]) for p in rep["problems"]}
+    assert {("error", "empty"), ("error", "truncated"), ("error", "unreadable"), ("error", "bomb"),
+            ("error", "empty-class"), ("error", "unknown-class"), ("warning", "duplicate-across-splits"),
+            ("warning", "class-order"), ("note", "hidden-folder"), ("note", "not-an-image"),
+            ("note", "mixed-sizes")} <= kinds
+    by_kind = {p["kind"]: p["path"] for p in rep["problems"]}
+    assert by_kind["empty"].endswith("zero.png") and by_kind["truncated"].endswith("cut.png")
+    assert by_kind["unreadable"].endswith("junk.jpg") and by_kind["bomb"].endswith("big.png")
+    clean = tmp_path / "clean"
+    for c in ("cat", "dog"):
+        _png(clean / c / "a.png", color=(1, 2, 3) if c == "cat" else (3, 2, 1))
+    r = CliRunner().invoke(app, ["validate", str(clean)])
+    assert r.exit_code == 0 and "0 errors" in r.output
+
+
+def test_training_refuses_a_decompression_bomb_by_its_header(tmp_path, monkeypatch):
+    from visrec.data import images
+
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        for i in range(2):
+            _png(root / c / f"{i}.png", color=(i * 90, 3, 3))
+    _png(root / "a" / "huge.png", size=(300, 300))
+    monkeypatch.setattr(images, "MAX_PIXELS", 50_000)
+    with pytest.raises(VisrecError, match=r"huge\.png claims 300x300 = 90,000 pixels"):
+        visrec.load_dataset(f"folder:{root}")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
+def test_exports_predict_like_the_run_and_carry_classes_and_preprocessing(tmp_path, fmt):
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+    from visrec.export import read_export_metadata
+    from visrec.models import create_model
+    from visrec.runs import Run
+
+    run = visrec.train(SYN, epochs=1, out=str(tmp_path / "runs/e"), overrides=FAST, progress=False)
+    r = CliRunner().invoke(app, ["export", str(run.path), "--format", fmt])
+    assert r.exit_code == 0, r.output
+    path = next((run.path / "export").iterdir())
+    meta = read_export_metadata(path)
+    assert meta["classes"] == [f"class{i}" for i in range(4)] and meta["input"] == [1, 12, 12]
+    assert meta["preprocess"]["mode"] == "channel"
+    ds = visrec.load_dataset(SYN)
+    x = ds.test.images[:16]
+    lm = Run(run.path).load_model()
+    with torch.no_grad():
+        want = lm.model(lm.normalizer(x))
+    pixels = x.float()
+    if fmt == "safetensors":
+        spec = meta["model"]
+        m = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
+                         image_size=tuple(spec["image_size"]), **spec["kwargs"]).eval()
+        m.load_state_dict(load_file(str(path)))
+        from visrec.data.preprocess import Normalizer
+
+        with torch.no_grad():
+            got = m(Normalizer.from_state(meta["preprocess"])(x))
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(pixels)
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(["logits"], {"pixels": pixels.numpy()})[0])
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert torch.equal(got.argmax(1), want.argmax(1))
