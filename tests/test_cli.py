@@ -84,7 +84,7 @@ def test_main_prints_errors_without_traceback(capsys, monkeypatch):
 
 
 def test_models_and_datasets_and_config():
-    code, out = invoke("models", "--json", "--input", "1x28x28")
+    code, out = invoke("models", "--json", "--input", "1x28x28", "--classes", "10")
     rows = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and {"linear", "mlp", "lenet5", "convnet", "resnet20"} <= set(rows)
     assert rows["linear"]["params"] == 784 * 10 + 10 and rows["resnet20"]["family"] == "resnet_cifar"

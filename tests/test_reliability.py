@@ -346,3 +346,23 @@ def test_exports_predict_like_the_run_and_carry_classes_and_preprocessing(tmp_pa
         got = torch.from_numpy(session.run(["logits"], {"pixels": pixels.numpy()})[0])
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_skip_bad_images_trains_without_them_and_lists_them_in_the_run(tmp_path):
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        for i in range(12):
+            _png(root / c / f"{i}.png", color=(i * 20, 3, 3) if c == "a" else (3, 3, i * 20))
+    (root / "a" / "zero.png").write_bytes(b"")
+    (root / "b" / "junk.png").write_bytes(b"not a png at all")
+    with pytest.raises(VisrecError, match=r"zero\.png|junk\.png"):
+        visrec.load_dataset(f"folder:{root}")
+    run = visrec.train(f"folder:{root}", epochs=1, out=str(tmp_path / "runs/s"),
+                       overrides={**FAST, "data.skip_bad_images": True, "data.augment": []}, progress=False)
+    assert run.status == "completed"
+    listed = (run.path / "skipped_images.txt").read_text().splitlines()
+    assert len(listed) == 2 and any("zero.png\tempty" in line for line in listed)
+    assert any("junk.png\tunreadable" in line for line in listed)
+    splits = json.loads((run.path / "splits.json").read_text())
+    assert splits["skipped_images"]["count"] == 2
+    assert run.summary["n_train"] + splits["test"]["n"] + splits["val"]["n"] == 24

@@ -71,6 +71,9 @@ def train(
     trust_checkpoint: Annotated[bool, typer.Option(
         "--trust-checkpoint", help="Allow a .pt weight file that needs full unpickling, which runs code from it.",
     )] = False,
+    skip_bad_images: Annotated[bool, typer.Option(
+        "--skip-bad-images", help="data.skip_bad_images: leave unreadable images out (listed in the run folder).",
+    )] = False,
 ) -> None:
     """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
     from .config import resolve_config
@@ -86,7 +89,8 @@ def train(
         if resume is not None:
             given = {"DATASET": dataset, "--model": model, "--preset": preset, "--set": set_, "--epochs": epochs,
                      "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir, "--data-dir": data_dir,
-                     "--device": device, "--weights": weights, "--trust-checkpoint": trust_checkpoint}
+                     "--device": device, "--weights": weights, "--trust-checkpoint": trust_checkpoint,
+                     "--skip-bad-images": skip_bad_images}
             extra = [k for k, v in given.items() if v]
             if extra:
                 raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
@@ -99,12 +103,16 @@ def train(
                                ("train.batch_size", batch_size), ("optim.lr", lr), ("train.seed", seed),
                                ("data.data_dir", str(data_dir) if data_dir else None), ("train.device", device),
                                ("model.weights", str(weights) if weights else None),
-                               ("model.trust_checkpoint", trust_checkpoint or None)):
+                               ("model.trust_checkpoint", trust_checkpoint or None),
+                               ("data.skip_bad_images", skip_bad_images or None)):
                 if value is not None:
                     cfg.set(key, value, source="option")
             trainer = Trainer(cfg, out=out_dir, progress=progress, callbacks=callbacks)
             ds = trainer.ds
             err.print(f"{ds!r} from {ds.source}")
+            if ds.splits.get("skipped_images"):
+                n = ds.splits["skipped_images"]["count"]
+                err.print(f"[yellow]skipped {n} bad image file(s)[/yellow]: see {trainer.run_dir}/skipped_images.txt")
             err.print(f"model {cfg.model.name}: {trainer.params:,} parameters; {trainer.runtime!r}; "
                       f"run folder {trainer.run_dir}")
             if trainer.initial_weights_note:

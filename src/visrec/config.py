@@ -33,6 +33,7 @@ class DataConfig:
     image_size: int | None = None  # folder datasets: resize every image to this square size
     channels: int | None = None  # folder datasets: 1 or 3; None = 3 if any image has color
     download: bool = True  # fetch from the official source when no local copy is found
+    skip_bad_images: bool = False  # folder datasets: leave bad files out (listed in the run) instead of failing
 
 
 @dataclass

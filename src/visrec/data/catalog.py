@@ -218,11 +218,12 @@ def fetch(name: str, dest_root: Path | None = None) -> Path:
     return found
 
 
-def read_source(name: str, data_dir=None, download_missing: bool = True, image_size=None, channels=None):
+def read_source(name: str, data_dir=None, download_missing: bool = True, image_size=None, channels=None,
+                skip_bad_images: bool = False):
     """(RawSplits, where they came from) for any dataset name."""
     if name.startswith("folder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
-        return read_image_folder(path, image_size, channels), str(path)
+        return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images), str(path)
     entry = _entry(name)
     if entry.name == "synthetic":
         return make_synthetic(name), name
@@ -279,6 +280,7 @@ def load_dataset(
     download: bool = True,
     image_size: int | None = None,
     channels: int | None = None,
+    skip_bad_images: bool = False,
 ) -> Dataset:
     """Load a dataset by name, with seeded stratified val (and, if it has none, test) splits.
 
@@ -290,7 +292,7 @@ def load_dataset(
         raise VisrecError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     if not 0 < test_fraction < 1:
         raise VisrecError(f"data.test_fraction={test_fraction} must be in (0, 1)")
-    raw, source = read_source(name, data_dir, download, image_size, channels)
+    raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images)
     if not name.startswith("folder:"):
         raw.train_images = _adapt(raw.train_images, image_size, channels)
         if raw.test_images is not None:
@@ -299,6 +301,8 @@ def load_dataset(
     if len(classes) < 2:
         raise VisrecError(f"dataset {name!r} has {len(classes)} class; a classifier needs at least 2")
     splits: dict = {"seed": split_seed}
+    if raw.skipped:
+        splits["skipped_images"] = {"count": len(raw.skipped), "files": raw.skipped}
     pool = torch.arange(len(y))
 
     if raw.test_images is not None:

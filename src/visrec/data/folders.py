@@ -11,11 +11,14 @@ from .images import load_images, native_channels, peek, scan_classes
 from .sources import RawSplits
 
 
-def read_image_folder(root: Path, image_size: int | None = None, channels: int | None = None) -> RawSplits:
+def read_image_folder(root: Path, image_size: int | None = None, channels: int | None = None,
+                      skip_bad: bool = False) -> RawSplits:
     """Read `root/<class>/*` or `root/{train,val,test}/<class>/*` into tensors.
 
     Class names are the train folder's subfolder names in sorted order; val/ and test/ must use the
-    same names (a subset is fine), so labels are matched by name, never by position.
+    same names (a subset is fine), so labels are matched by name, never by position. A bad file stops
+    loading with its path, unless `skip_bad`: then every file is decoded once first, and the bad ones are
+    left out and listed in the result's `skipped`.
     """
     if not root.is_dir():
         raise VisrecError(f"image folder {root} does not exist", "give folder:PATH with one subfolder per class")
@@ -25,6 +28,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     layout = split_dirs if split_dirs else {"train": root}
 
     scanned = {s: scan_classes(d) for s, d in layout.items()}
+    skipped = _drop_bad_files(scanned) if skip_bad else []
     classes = list(scanned["train"][0])
     if len(classes) < 2:
         raise VisrecError(
@@ -61,9 +65,25 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         return load_images(paths, channels, image_size), torch.tensor(labels, dtype=torch.int64)
 
     xtr, ytr = read("train")
-    out = RawSplits(xtr, ytr, None, None, classes)
+    out = RawSplits(xtr, ytr, None, None, classes, skipped=skipped)
     if "test" in scanned:
         out.test_images, out.test_labels = read("test")
     if "val" in scanned:
         out.val_images, out.val_labels = read("val")
     return out
+
+
+def _drop_bad_files(scanned: dict[str, tuple[dict[str, list[Path]], list[Path]]]) -> list[dict[str, str]]:
+    """Decode every file once; remove the bad ones from `scanned` in place and return them with the reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .validate import check_image
+
+    files = [p for found, _ in scanned.values() for paths in found.values() for p in paths]
+    with ThreadPoolExecutor(8) as pool:  # Pillow decodes without the GIL
+        verdicts = dict(zip(files, pool.map(check_image, files), strict=True))
+    skipped = [{"path": str(p), "problem": f"{v[0]}: {v[1]}"} for p, v in verdicts.items() if v]
+    for found, _ in scanned.values():
+        for name in found:
+            found[name] = [p for p in found[name] if not verdicts[p]]
+    return skipped

@@ -11,7 +11,7 @@ import io
 import math
 import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ class RawSplits:
     classes: list[str]
     val_images: torch.Tensor | None = None  # an official validation split (image folders with val/)
     val_labels: torch.Tensor | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)  # bad image files left out, with the reason
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)

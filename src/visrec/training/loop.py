@@ -209,6 +209,10 @@ class Trainer:
         write_json(self.run_dir / "splits.json", {"dataset": self.ds.name, "source": self.ds.source,
                                                   "classes": self.ds.classes, **self.ds.splits})
         write_text(self.run_dir / "model.txt", f"{self.model}\n\nparameters: {self.params:,}\n")
+        skipped = self.ds.splits.get("skipped_images")
+        if skipped:
+            write_text(self.run_dir / "skipped_images.txt",
+                       "".join(f"{f['path']}\t{f['problem']}\n" for f in skipped["files"]))
 
     # ------------------------------------------------------------------ the loop
 
