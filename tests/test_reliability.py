@@ -366,3 +366,19 @@ def test_skip_bad_images_trains_without_them_and_lists_them_in_the_run(tmp_path)
     splits = json.loads((run.path / "splits.json").read_text())
     assert splits["skipped_images"]["count"] == 2
     assert run.summary["n_train"] + splits["test"]["n"] + splits["val"]["n"] == 24
+
+
+def test_a_poisoned_model_never_replaces_the_last_good_checkpoint(tmp_path):
+    from visrec.training import NonFiniteLoss
+
+    # Windows of 50 steps are where losses are checked; checkpoints every 2 steps fall in between.
+    with pytest.raises(NonFiniteLoss):
+        visrec.train(SYN, epochs=2, out=str(tmp_path / "runs/p"), progress=False,
+                     overrides={**FAST, "train.log_every": 50, "train.checkpoint_every": 2, "optim.lr": 1e12,
+                                "schedule.name": "constant", "data.normalize": "none"})
+    folder = tmp_path / "runs/p/checkpoints"
+    if (folder / "last.json").is_file():  # whatever was saved is finite
+        for name in ("last.json", "last.prev.json"):
+            if (folder / name).is_file():
+                ckpt = ck._load_one(folder / name, with_state=False)
+                assert all(torch.isfinite(v).all() for v in ckpt.weights.values()), name

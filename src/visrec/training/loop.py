@@ -197,6 +197,11 @@ class Trainer:
         }
 
     def _save_last(self) -> None:
+        # Never replace the last good checkpoint with poisoned weights: a NaN can arrive between two logged
+        # windows (whose losses are checked) and a checkpoint_every save. One host sync per save.
+        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # weights and BN statistics
+        if not bool(torch.stack([torch.isfinite(t).all() for t in state]).all()):
+            raise self._nonfinite(self.step)
         rng = {"torch_cpu": torch.get_rng_state(), "augment": self.pipeline.gen.get_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
