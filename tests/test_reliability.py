@@ -382,3 +382,36 @@ def test_a_poisoned_model_never_replaces_the_last_good_checkpoint(tmp_path):
             if (folder / name).is_file():
                 ckpt = ck._load_one(folder / name, with_state=False)
                 assert all(torch.isfinite(v).all() for v in ckpt.weights.values()), name
+
+
+def test_documented_image_conversions_on_generated_files(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from visrec.data.images import decode
+
+    # EXIF orientation 6 (rotate 90 clockwise to display): a 4-wide, 2-tall file shows as 2 wide, 4 tall.
+    a = np.zeros((2, 4, 3), np.uint8)
+    a[:, :2] = (255, 0, 0)  # left half red, right half black in the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "rot.png", exif=exif)
+    got = decode(tmp_path / "rot.png", 3)
+    assert got.shape == (4, 2, 3)
+    assert got[0, :, 0].tolist() == [255, 255] and got[3, :, 0].tolist() == [0, 0]  # red on top after rotation
+    # CMYK -> RGB
+    Image.new("CMYK", (3, 3), (0, 255, 255, 0)).save(tmp_path / "cmyk.tif")
+    assert decode(tmp_path / "cmyk.tif", 3)[0, 0].tolist() == [255, 0, 0]
+    # palette with a transparent index -> composited on white
+    p = Image.new("P", (3, 3), 1)
+    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    p.save(tmp_path / "pal.png", transparency=1)
+    assert decode(tmp_path / "pal.png", 3).min() == 255
+    p.save(tmp_path / "pal_opaque.png")
+    assert decode(tmp_path / "pal_opaque.png", 3)[0, 0].tolist() == [10, 200, 30]
+    # LA (gray with alpha) on white, and color to gray only when one channel is asked for (ITU-R 601 luma)
+    Image.new("LA", (2, 2), (0, 0)).save(tmp_path / "la.png")
+    assert decode(tmp_path / "la.png", 1).min() == 255
+    Image.new("RGB", (2, 2), (255, 0, 0)).save(tmp_path / "red.png")
+    assert decode(tmp_path / "red.png", 1)[0, 0, 0] == 76
+    assert decode(tmp_path / "red.png", 3)[0, 0].tolist() == [255, 0, 0]
