@@ -415,3 +415,25 @@ def test_documented_image_conversions_on_generated_files(tmp_path):
     Image.new("RGB", (2, 2), (255, 0, 0)).save(tmp_path / "red.png")
     assert decode(tmp_path / "red.png", 1)[0, 0, 0] == 76
     assert decode(tmp_path / "red.png", 3)[0, 0].tolist() == [255, 0, 0]
+
+
+def test_evaluation_maps_classes_by_name_never_by_position(tmp_path):
+    import shutil
+
+    from conftest import make_image_folder
+    from visrec.runs import Run
+
+    root = tmp_path / "pets"
+    make_image_folder(root, per_class=16, splits=("train", "test"))
+    run = visrec.train(f"folder:{root}", epochs=20, out=str(tmp_path / "runs/pets"),
+                       overrides={**FAST, "data.augment": []}, progress=False)
+    before = Run(run.path).evaluate("test")
+    assert before.acc > 0.9  # classes differ in brightness: easy
+    for split in ("train", "test"):  # the first class disappears: every other label shifts by one position
+        shutil.rmtree(root / split / "cat")
+    after = Run(run.path).evaluate("test")
+    assert after.classes == ["cat", "dog", "emu"] and after.acc > 0.9  # by position it would be about 0%
+    for split in ("train", "test"):
+        shutil.copytree(root / split / "dog", root / split / "yak")
+    with pytest.raises(VisrecError, match="never trained on: yak"):
+        Run(run.path).evaluate("test")

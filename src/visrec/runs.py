@@ -24,10 +24,25 @@ from torch import nn
 from .config import Config
 from .data import Dataset, Normalizer, load_dataset
 from .data.images import decode, native_channels, peek
+from .data.imageset import ImageSet
 from .device import resolve_device, resolve_precision, use_channels_last
 from .errors import VisrecError
 from .evaluate import EvalResult, evaluate, predict_logits, resolve_tta
 from .models import create_model
+
+
+def remap_classes(data: ImageSet, run_classes: list[str]) -> ImageSet:
+    """Labels of `data` re-expressed in the run's class order, matched by name, never by position.
+
+    Reordered or missing classes are remapped; a class the run never learned is refused."""
+    if data.classes == run_classes:
+        return data
+    extra = [c for c in data.classes if c not in run_classes]
+    if extra:
+        raise VisrecError(f"the data has classes the model was never trained on: {', '.join(extra)}",
+                          f"the model knows: {', '.join(run_classes)}; remove the others, or train a new run")
+    index = torch.tensor([run_classes.index(c) for c in data.classes], dtype=torch.long)
+    return ImageSet(data.images, index[data.labels], list(run_classes), data.name)
 
 
 def dataset_from_config(cfg: Config) -> Dataset:
@@ -179,12 +194,11 @@ class Run:
         tta = resolve_tta(tta or cfg.eval.tta, cfg.data.augment)
         ds = dataset_from_config(cfg)
         lm = self.load_model(which, device)
-        if ds.classes != lm.classes:
-            raise VisrecError(f"the dataset's classes {ds.classes} differ from the run's {lm.classes}")
         if split == "val" and ds.val is None:
             raise VisrecError(f"{self.path} was trained without a validation split (data.val_fraction=0)")
+        data = remap_classes(ds.split(split), lm.classes)
         dev = next(lm.model.parameters()).device
-        return evaluate(lm.model, ds.split(split), lm.normalizer, split=split, batch_size=cfg.eval.batch_size,
+        return evaluate(lm.model, data, lm.normalizer, split=split, batch_size=cfg.eval.batch_size,
                         channels_last=use_channels_last(cfg.model.channels_last, lm.model),
                         amp_dtype=resolve_precision(cfg.train.precision, dev), tta=tta)
 
