@@ -437,3 +437,21 @@ def test_evaluation_maps_classes_by_name_never_by_position(tmp_path):
         shutil.copytree(root / split / "dog", root / split / "yak")
     with pytest.raises(VisrecError, match="never trained on: yak"):
         Run(run.path).evaluate("test")
+
+
+def test_sigterm_saves_says_how_to_resume_and_exits_nonzero(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-c", "from visrec.cli import main; main()", "train", LONGER, "--epochs", "4",
+           "--out", "runs/term", "--checkpoint-every", "5", "--no-progress", "--set", "model.kwargs.widths=[8,16,16]",
+           "--set", "train.threads=1"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "runs/term/checkpoints/last.json"
+    t0 = time.time()
+    while _step(last) < 5 and time.time() - t0 < 120 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "runs/term" in err
+    summary = json.loads((tmp_path / "runs/term/summary.json").read_text())
+    assert summary["status"] == "interrupted" and _step(last) == summary["steps"]

@@ -71,6 +71,9 @@ def train(
     trust_checkpoint: Annotated[bool, typer.Option(
         "--trust-checkpoint", help="Allow a .pt weight file that needs full unpickling, which runs code from it.",
     )] = False,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="train.checkpoint_every: also save a resumable checkpoint every N steps (mid-epoch).",
+    )] = None,
     skip_bad_images: Annotated[bool, typer.Option(
         "--skip-bad-images", help="data.skip_bad_images: leave unreadable images out (listed in the run folder).",
     )] = False,
@@ -90,7 +93,7 @@ def train(
             given = {"DATASET": dataset, "--model": model, "--preset": preset, "--set": set_, "--epochs": epochs,
                      "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir, "--data-dir": data_dir,
                      "--device": device, "--weights": weights, "--trust-checkpoint": trust_checkpoint,
-                     "--skip-bad-images": skip_bad_images}
+                     "--skip-bad-images": skip_bad_images, "--checkpoint-every": checkpoint_every}
             extra = [k for k, v in given.items() if v]
             if extra:
                 raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
@@ -104,7 +107,8 @@ def train(
                                ("data.data_dir", str(data_dir) if data_dir else None), ("train.device", device),
                                ("model.weights", str(weights) if weights else None),
                                ("model.trust_checkpoint", trust_checkpoint or None),
-                               ("data.skip_bad_images", skip_bad_images or None)):
+                               ("data.skip_bad_images", skip_bad_images or None),
+                               ("train.checkpoint_every", checkpoint_every)):
                 if value is not None:
                     cfg.set(key, value, source="option")
             trainer = Trainer(cfg, out=out_dir, progress=progress, callbacks=callbacks)
