@@ -34,6 +34,7 @@ class DataConfig:
     channels: int | None = None  # folder datasets: 1 or 3; None = 3 if any image has color
     download: bool = True  # fetch from the official source when no local copy is found
     skip_bad_images: bool = False  # folder datasets: leave bad files out (listed in the run) instead of failing
+    max_pixels: int = 89_478_485  # folder datasets: larger images are refused from their header (decompression bombs)
 
 
 @dataclass

@@ -49,7 +49,7 @@ def dataset_from_config(cfg: Config) -> Dataset:
     d = cfg.data
     return load_dataset(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                         split_seed=d.split_seed, subset=d.subset, download=d.download, image_size=d.image_size,
-                        channels=d.channels, skip_bad_images=d.skip_bad_images)
+                        channels=d.channels, skip_bad_images=d.skip_bad_images, max_pixels=d.max_pixels)
 
 
 def setup_config(

@@ -219,11 +219,11 @@ def fetch(name: str, dest_root: Path | None = None) -> Path:
 
 
 def read_source(name: str, data_dir=None, download_missing: bool = True, image_size=None, channels=None,
-                skip_bad_images: bool = False):
+                skip_bad_images: bool = False, max_pixels: int | None = None):
     """(RawSplits, where they came from) for any dataset name."""
     if name.startswith("folder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
-        return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images), str(path)
+        return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images, max_pixels=max_pixels), str(path)
     entry = _entry(name)
     if entry.name == "synthetic":
         return make_synthetic(name), name
@@ -281,6 +281,7 @@ def load_dataset(
     image_size: int | None = None,
     channels: int | None = None,
     skip_bad_images: bool = False,
+    max_pixels: int | None = None,
 ) -> Dataset:
     """Load a dataset by name, with seeded stratified val (and, if it has none, test) splits.
 
@@ -292,7 +293,7 @@ def load_dataset(
         raise VisrecError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     if not 0 < test_fraction < 1:
         raise VisrecError(f"data.test_fraction={test_fraction} must be in (0, 1)")
-    raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images)
+    raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels)
     if not name.startswith("folder:"):
         raw.train_images = _adapt(raw.train_images, image_size, channels)
         if raw.test_images is not None:

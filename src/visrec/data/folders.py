@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from ..errors import VisrecError
-from .images import load_images, native_channels, peek, scan_classes
+from .images import MAX_PIXELS, load_images, native_channels, peek, scan_classes
 from .sources import RawSplits
 
 
 def read_image_folder(root: Path, image_size: int | None = None, channels: int | None = None,
-                      skip_bad: bool = False) -> RawSplits:
+                      skip_bad: bool = False, max_pixels: int | None = None) -> RawSplits:
     """Read `root/<class>/*` or `root/{train,val,test}/<class>/*` into tensors.
 
     Class names are the train folder's subfolder names in sorted order; val/ and test/ must use the
@@ -28,7 +28,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     layout = split_dirs if split_dirs else {"train": root}
 
     scanned = {s: scan_classes(d) for s, d in layout.items()}
-    skipped = _drop_bad_files(scanned) if skip_bad else []
+    skipped = _drop_bad_files(scanned, max_pixels) if skip_bad else []
     classes = list(scanned["train"][0])
     if len(classes) < 2:
         raise VisrecError(
@@ -48,13 +48,13 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     # One channel count for every split, decided from all files so val/test match train.
     all_files = [p for found, _ in scanned.values() for files in found.values() for p in files]
     if channels is None:
-        channels = 3 if any(native_channels(peek(p)[0]) == 3 for p in all_files) else 1
+        channels = 3 if any(native_channels(peek(p, max_pixels)[0]) == 3 for p in all_files) else 1
     if image_size is None:
-        size0 = peek(all_files[0])[1]
-        odd = [p for p in all_files if peek(p)[1] != size0]
+        size0 = peek(all_files[0], max_pixels)[1]
+        odd = [p for p in all_files if peek(p, max_pixels)[1] != size0]
         if odd:
             # load_images lists the files; run it on everything so the message covers all splits.
-            load_images(all_files, channels, None)
+            load_images(all_files, channels, None, max_pixels=max_pixels)
 
     def read(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         found, _ = scanned[split]
@@ -62,7 +62,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         for name, files in found.items():
             paths += files
             labels += [classes.index(name)] * len(files)
-        return load_images(paths, channels, image_size), torch.tensor(labels, dtype=torch.int64)
+        return load_images(paths, channels, image_size, max_pixels=max_pixels), torch.tensor(labels, dtype=torch.int64)
 
     xtr, ytr = read("train")
     out = RawSplits(xtr, ytr, None, None, classes, skipped=skipped)
@@ -73,7 +73,8 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     return out
 
 
-def _drop_bad_files(scanned: dict[str, tuple[dict[str, list[Path]], list[Path]]]) -> list[dict[str, str]]:
+def _drop_bad_files(scanned: dict[str, tuple[dict[str, list[Path]], list[Path]]],
+                    max_pixels: int | None) -> list[dict[str, str]]:
     """Decode every file once; remove the bad ones from `scanned` in place and return them with the reason."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -81,7 +82,7 @@ def _drop_bad_files(scanned: dict[str, tuple[dict[str, list[Path]], list[Path]]]
 
     files = [p for found, _ in scanned.values() for paths in found.values() for p in paths]
     with ThreadPoolExecutor(8) as pool:  # Pillow decodes without the GIL
-        verdicts = dict(zip(files, pool.map(check_image, files), strict=True))
+        verdicts = dict(zip(files, pool.map(lambda p: check_image(p, max_pixels or MAX_PIXELS), files), strict=True))
     skipped = [{"path": str(p), "problem": f"{v[0]}: {v[1]}"} for p, v in verdicts.items() if v]
     for found, _ in scanned.values():
         for name in found:

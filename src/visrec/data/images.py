@@ -30,17 +30,22 @@ def is_image_file(path: Path) -> bool:
 MAX_PIXELS = 89_478_485  # Pillow's default: larger headers are treated as decompression bombs
 
 
-def peek(path: Path) -> tuple[str, tuple[int, int]]:
-    """(mode, (width, height)) from the header, without decoding the pixels; refuses decompression bombs."""
+def peek(path: Path, max_pixels: int | None = None) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from the header, without decoding the pixels; refuses decompression bombs
+    (more than `max_pixels`, default MAX_PIXELS)."""
+    limit = max_pixels or MAX_PIXELS
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # Pillow's own guard must not be stricter than the one asked for
     try:
         with Image.open(path) as im:
             mode, (w, h) = im.mode, im.size
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise VisrecError(f"cannot read image {path}: {e}", "remove or replace the file (visrec validate DATA "
                           "lists every bad file at once)") from None
-    if w * h > MAX_PIXELS:
-        raise VisrecError(f"image {path} claims {w}x{h} = {w * h:,} pixels, above the {MAX_PIXELS:,} limit "
-                          "(a decompression bomb, or a genuinely huge image)", "remove it, or downscale it first")
+    if w * h > limit:
+        raise VisrecError(f"image {path} claims {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
+                          "(a decompression bomb, or a genuinely huge image)",
+                          "remove it, downscale it, or raise the limit with --set data.max_pixels=N")
     return mode, (w, h)
 
 
@@ -85,7 +90,8 @@ def native_channels(mode: str) -> int:
 
 
 def load_images(
-    paths: list[Path], channels: int | None = None, size: int | None = None, workers: int | None = None
+    paths: list[Path], channels: int | None = None, size: int | None = None, workers: int | None = None,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
     """Decode files into one uint8 (N, C, H, W) tensor.
 
@@ -94,7 +100,7 @@ def load_images(
     """
     if not paths:
         return torch.empty(0, channels or 1, size or 1, size or 1, dtype=torch.uint8)
-    headers = [peek(p) for p in paths]
+    headers = [peek(p, max_pixels) for p in paths]
     if channels is None:
         channels = 3 if any(native_channels(m) == 3 for m, _ in headers) else 1
     if size is None:
