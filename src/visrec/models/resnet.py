@@ -147,42 +147,50 @@ for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "res
 # ---- pre-activation ResNet: BN - ReLU - conv, identity paths kept clean ----
 
 
-class PreActBasic(nn.Module):
+class _PreActBlock(nn.Module):
+    """BN-act on the input once; the shortcut takes the pre-activated input when it must change shape; the
+    residual branch (`branch`, in the subclass) ends raw, and stochastic depth drops it whole."""
+
+    def _common(self, cin: int, out: int, stride: int, act: str, norm: str) -> None:
+        self.bn1 = norm_layer(norm, cin)
+        self.shortcut = nn.Conv2d(cin, out, 1, stride, bias=False) if stride != 1 or cin != out else None
+        self.act, self.drop_path = _act(act), DropPath(0.0)
+
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.act(self.bn1(x))
+        short = self.shortcut(pre) if self.shortcut is not None else x
+        return self.drop_path(self.branch(pre)) + short
+
+
+class PreActBasic(_PreActBlock):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int, act: str, norm: str):
         super().__init__()
-        self.bn1, self.conv1 = norm_layer(norm, cin), nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self._common(cin, planes, stride, act, norm)
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = norm_layer(norm, planes), nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        out = planes * self.expansion
-        self.shortcut = nn.Conv2d(cin, out, 1, stride, bias=False) if stride != 1 or cin != out else None
-        self.act, self.drop_path = _act(act), DropPath(0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.act(self.bn1(x))
-        short = self.shortcut(pre) if self.shortcut is not None else x
-        out = self.conv2(self.act(self.bn2(self.conv1(pre))))
-        return self.drop_path(out) + short
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.bn2(self.conv1(pre))))
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(_PreActBlock):
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int, act: str, norm: str):
         super().__init__()
-        out = planes * self.expansion
-        self.bn1, self.conv1 = norm_layer(norm, cin), nn.Conv2d(cin, planes, 1, bias=False)
+        self._common(cin, planes * self.expansion, stride, act, norm)
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
         self.bn2, self.conv2 = norm_layer(norm, planes), nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn3, self.conv3 = norm_layer(norm, planes), nn.Conv2d(planes, out, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, out, 1, stride, bias=False) if stride != 1 or cin != out else None
-        self.act, self.drop_path = _act(act), DropPath(0.0)
+        self.bn3, self.conv3 = norm_layer(norm, planes), nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.act(self.bn1(x))
-        short = self.shortcut(pre) if self.shortcut is not None else x
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
         out = self.conv2(self.act(self.bn2(self.conv1(pre))))
-        out = self.conv3(self.act(self.bn3(out)))
-        return self.drop_path(out) + short
+        return self.conv3(self.act(self.bn3(out)))
 
 
 def _act(name: str) -> nn.Module:
@@ -246,22 +254,18 @@ for _d, _b, _l in ((18, PreActBasic, [2, 2, 2, 2]), (34, PreActBasic, [3, 4, 6, 
 # ---- Wide ResNet, CIFAR layout (WRN-depth-width) ----
 
 
-class WideBlock(nn.Module):
+class WideBlock(_PreActBlock):
     """Pre-activation 3x3-3x3 block with dropout between the convolutions (Zagoruyko & Komodakis, 2016)."""
 
     def __init__(self, cin: int, cout: int, stride: int, dropout: float, act: str, norm: str):
         super().__init__()
-        self.bn1, self.conv1 = norm_layer(norm, cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self._common(cin, cout, stride, act, norm)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = norm_layer(norm, cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
-        self.act, self.drop_path = _act(act), DropPath(0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.act(self.bn1(x))
-        short = self.shortcut(pre) if self.shortcut is not None else x
-        out = self.conv2(self.dropout(self.act(self.bn2(self.conv1(pre)))))
-        return self.drop_path(out) + short
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.dropout(self.act(self.bn2(self.conv1(pre)))))
 
 
 class WideResNet(Classifier):
