@@ -133,7 +133,9 @@ def test_nonfinite_skip_drops_bad_steps():
 def test_ema_and_best_selection_and_hinge_loss():
     run = quick(out="runs/ema", **{"train.ema": 0.9, "train.select": "best", "loss.name": "hinge"})
     s = run.summary
-    assert s["eval_weights"] == "best+ema" and (run.path / "checkpoints" / "best.ema.safetensors").is_file()
+    assert s["eval_weights"] == "best+ema"
+    ema = json.loads((run.path / "checkpoints" / "best.json").read_text())["files"]["ema"]["file"]
+    assert (run.path / "checkpoints" / ema).is_file() and ema.endswith(".ema.safetensors")
     assert s["test_acc"] > 0.8  # measured 94.5%
     assert run.evaluate().acc == pytest.approx(s["test_acc"])
 

@@ -199,7 +199,11 @@ class Trainer:
     def _save_last(self) -> None:
         # Never replace the last good checkpoint with poisoned weights: a NaN can arrive between two logged
         # windows (whose losses are checked) and a checkpoint_every save. One host sync per save.
-        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]  # weights and BN statistics
+        # With train.nonfinite=skip the user accepts skipped steps, whose forward passes may still have pushed
+        # batch-norm statistics to inf: then only the parameters must be finite.
+        skip = self.cfg.train.nonfinite == "skip"
+        state = list(self.model.parameters()) if skip else [
+            t for t in self.model.state_dict().values() if t.is_floating_point()]  # weights and BN statistics
         if not bool(torch.stack([torch.isfinite(t).all() for t in state]).all()):
             raise self._nonfinite(self.step)
         rng = {"torch_cpu": torch.get_rng_state(), "augment": self.pipeline.gen.get_state()}
