@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ def train(
     checkpoint_every: Annotated[int | None, typer.Option(
         help="train.checkpoint_every: also save a resumable checkpoint every N steps (mid-epoch).",
     )] = None,
+    seeds: Annotated[str | None, typer.Option(
+        help="Train one member per seed (e.g. 1,2,3) into OUT-seedN folders, for `visrec ensemble`.",
+    )] = None,
     skip_bad_images: Annotated[bool, typer.Option(
         "--skip-bad-images", help="data.skip_bad_images: leave unreadable images out (listed in the run folder).",
     )] = False,
@@ -81,6 +85,22 @@ def train(
     """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
     from .config import resolve_config
     from .training import NonFiniteLoss, Trainer
+
+    if seeds is not None:
+        if resume is not None or seed is not None:
+            raise VisrecError("--seeds trains new runs: it goes with neither --resume nor --seed")
+        try:
+            members = [int(v) for v in seeds.split(",") if v.strip()]
+        except ValueError:
+            raise VisrecError(f"--seeds {seeds!r} is not a list of integers", "for example --seeds 1,2,3") from None
+        base = out_dir or Path("runs") / (f"{(dataset or 'data').split(':')[0]}-{model or 'model'}-"
+                                          f"{_dt.datetime.now():%Y%m%d-%H%M%S}")
+        args = dict(locals())
+        for s_ in members:
+            train(**{**{k: args[k] for k in _TRAIN_ARGS}, "seed": s_, "out_dir": Path(f"{base}-seed{s_}")})
+        folders = " ".join(f"{base}-seed{s_}" for s_ in members)
+        out.print(f"ensemble them with: visrec ensemble {folders}")
+        return
 
     callbacks = []
     if monitor:
@@ -138,6 +158,32 @@ def train(
                   f"({s['images_per_s']:.0f} images/s)")
         out.print(f"run folder: {run.path}")
         out.print(f"TensorBoard: tensorboard --logdir {run.path / 'tb'}")
+
+
+_TRAIN_ARGS = ("dataset", "model", "preset", "set_", "epochs", "batch_size", "lr", "data_dir", "device", "progress",
+               "as_json", "monitor", "monitor_every", "weights", "trust_checkpoint", "skip_bad_images",
+               "checkpoint_every")
+
+
+@app.command("ensemble")
+def ensemble_cmd(
+    members: Annotated[list[str], typer.Argument(help="Run folders, each optionally :last or :best.")],
+    split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: accuracy of members and combinations.")] = False,
+) -> None:
+    """Evaluate members and their probability average, majority vote and (checkpoints of one run) weight average."""
+    from .ensemble import ensemble
+
+    report = ensemble(members, split)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    t = Table("member / combination", f"{split} accuracy", "vs best member", title="ensemble")
+    for m in report.members:
+        t.add_row(m["member"], _pct(m["acc"]), "")
+    for name, acc in report.combined.items():
+        t.add_row(name, _pct(acc), f"{(acc - report.best_member_acc) * 100:+.2f} pts")
+    out.print(t)
 
 
 @app.command()
