@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import VisrecError
-from .evaluate import predict_logits
+from .evaluate import predict_logits, resolve_tta
 from .runs import Run, dataset_from_config, remap_classes
 
 
@@ -88,8 +88,12 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, normalizer, batc
     return model
 
 
-def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int = 1024) -> EnsembleReport:
-    """Evaluate each member and their combinations on one split of their common dataset."""
+def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int = 1024,
+             tta: str | None = None) -> EnsembleReport:
+    """Evaluate each member and their combinations on one split of their common dataset.
+
+    `tta` None evaluates each member as its run was evaluated (`eval.tta`, e.g. flips for models trained with
+    flips), so member accuracies match their summaries; "none" or "flip" forces one mode for all."""
     if len(members) < 2:
         raise VisrecError("an ensemble needs at least two members", "give two or more run folders")
     loaded = [parse_member(m) for m in members]
@@ -112,8 +116,9 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
     data = remap_classes(data, lms[0].classes)
     report = EnsembleReport(split)
     probs = []
-    for (run, which), lm in zip(loaded, lms, strict=True):
-        p = predict_logits(lm.model, data.images, lm.normalizer, batch_size=batch_size).softmax(1)
+    modes = [resolve_tta(tta or run.config.eval.tta, run.config.data.augment) for run, _ in loaded]
+    for (run, which), lm, mode in zip(loaded, lms, modes, strict=True):
+        p = predict_logits(lm.model, data.images, lm.normalizer, batch_size=batch_size, tta=mode).softmax(1)
         probs.append(p)
         report.members.append({"member": f"{run.path}:{which}", "acc": _acc(p.argmax(1), data.labels)})
     stacked = torch.stack(probs)
@@ -123,7 +128,7 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
         avg = copy.deepcopy(lms[0].model)
         avg.load_state_dict(average_state_dicts([lm.model.state_dict() for lm in lms]))
         recompute_batchnorm(avg, ds.train.images, lms[0].normalizer)
-        logits = predict_logits(avg, data.images, lms[0].normalizer, batch_size=batch_size)
+        logits = predict_logits(avg, data.images, lms[0].normalizer, batch_size=batch_size, tta=modes[0])
         report.combined["parameter average"] = _acc(logits.argmax(1), data.labels)
     return report
 
