@@ -25,6 +25,7 @@ from .layers import (
     Classifier,
     DropPath,
     SqueezeExcite,
+    activation,
     init_residual,
     norm_layer,
     resolve_stem,
@@ -194,8 +195,6 @@ class PreActBottleneck(_PreActBlock):
 
 
 def _act(name: str) -> nn.Module:
-    from .layers import activation
-
     return nn.ReLU() if name == "relu" else activation(name)  # not in place: the input is the shortcut
 
 
