@@ -8,7 +8,7 @@ from torch import nn
 
 from visrec.config import OptimConfig, ScheduleConfig
 from visrec.errors import VisrecError
-from visrec.training.ema import EMA
+from visrec.training.averaging import EMA
 from visrec.training.optim import build_optimizer, param_groups
 from visrec.training.schedules import LRSchedule, schedule_factor
 

@@ -167,14 +167,16 @@ _TRAIN_ARGS = ("dataset", "model", "preset", "set_", "epochs", "batch_size", "lr
 
 @app.command("ensemble")
 def ensemble_cmd(
-    members: Annotated[list[str], typer.Argument(help="Run folders, each optionally :last or :best.")],
+    members: Annotated[list[str], typer.Argument(
+        help="Run folders, each optionally :last, :best or :snapshotK; RUN:snapshots for all of a run's snapshots.")],
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    tta: Annotated[str | None, typer.Option(help="One TTA mode for all members (default: each run's own).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: accuracy of members and combinations.")] = False,
 ) -> None:
     """Evaluate members and their probability average, majority vote and (checkpoints of one run) weight average."""
     from .ensemble import ensemble
 
-    report = ensemble(members, split)
+    report = ensemble(members, split, tta=tta)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
@@ -184,6 +186,84 @@ def ensemble_cmd(
     for name, acc in report.combined.items():
         t.add_row(name, _pct(acc), f"{(acc - report.best_member_acc) * 100:+.2f} pts")
     out.print(t)
+
+
+@app.command()
+def finetune(
+    source: Annotated[str, typer.Argument(help="Run folder (RUN, RUN:best), weight file (with --model) or timm:NAME.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset to transfer to: name, folder:PATH, ...")],
+    strategy: Annotated[str, typer.Option(help="linear, last, full or two_stage.")] = "last",
+    model: Annotated[str | None, typer.Option(help="Architecture of a weight file.")] = None,
+    stages: Annotated[int | None, typer.Option(help="finetune.stages: (last) final stages that train.")] = None,
+    backbone_lr: Annotated[float | None, typer.Option(help="finetune.backbone_lr: stage lr / head lr.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset for the rest (default: the default recipe).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
+    lr: Annotated[float | None, typer.Option(help="optim.lr (the head's; stages get less)")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder.")] = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary.json at the end.")] = False,
+) -> None:
+    """Transfer a trained network to new data: linear classifier on cached features, last stages, or everything."""
+    from .training import Trainer
+    from .transfer import finetune_config
+
+    overrides = list(set_ or [])
+    for key, value in (("finetune.stages", stages), ("finetune.backbone_lr", backbone_lr), ("train.epochs", epochs),
+                       ("optim.lr", lr)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = finetune_config(source, dataset, strategy, model=model, preset=preset, overrides=overrides)
+    trainer = Trainer(cfg, out=out_dir, progress=progress)
+    err.print(f"{trainer.ds!r}; {trainer.initial_weights_note or 'weights: ' + cfg.model.name}")
+    err.print(f"strategy {strategy}: {trainer.finetune.describe()}; run folder {trainer.run_dir}")
+    s = trainer.fit().summary
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    out.print(f"test accuracy {_pct(s['test_acc'])}, best val {_pct(s['best_val_acc'])}, training time "
+              f"{s['train_seconds']:.1f} s; run folder: {trainer.run_dir}")
+
+
+@app.command()
+def distill(
+    teachers: Annotated[list[str], typer.Argument(help="Teacher run folders (RUN, RUN:best, ...).")],
+    model: Annotated[str | None, typer.Option(help="Student architecture (default: the first teacher's).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="distill.temperature (default 4).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="distill.alpha: soft-target weight (default 0.5).")] = None,
+    preset: Annotated[str | None, typer.Option(help="Recipe of the student (default: the first teacher's).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
+    seed: Annotated[int | None, typer.Option(help="train.seed")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder of the student.")] = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary.json at the end.")] = False,
+) -> None:
+    """Train one student on the soft predictions of an ensemble of teachers (and the labels)."""
+    from .config import parse_override, resolve_config
+    from .ensemble import parse_member
+    from .training import Trainer
+
+    first = parse_member(teachers[0])[0].config
+    cfg = resolve_config(preset, None, base=None if preset else first)
+    cfg.data = first.data  # the teachers' data, splits and preprocessing
+    cfg.distill.teachers = list(teachers)
+    cfg.model.weights, cfg.finetune.strategy = "", "none"
+    for key, value in (("model.name", model), ("distill.temperature", temperature), ("distill.alpha", alpha),
+                       ("train.epochs", epochs), ("train.seed", seed)):
+        if value is not None:
+            cfg.set(key, value, source="option")
+    for o in set_ or []:  # explicit overrides win over the teachers' data section too
+        cfg.set(*parse_override(o))
+    trainer = Trainer(cfg, out=out_dir, progress=progress)
+    err.print(f"student {cfg.model.name} ({trainer.params:,} parameters) learns from {len(teachers)} teacher(s) at "
+              f"T={cfg.distill.temperature:g}, alpha={cfg.distill.alpha:g}; run folder {trainer.run_dir}")
+    s = trainer.fit().summary
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    out.print(f"student test accuracy {_pct(s['test_acc'])} in {s['train_seconds']:.1f} s; run folder: "
+              f"{trainer.run_dir}")
 
 
 @app.command()
@@ -289,8 +369,10 @@ def baseline(
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
-    tta: Annotated[str | None, typer.Option(help="none, flip or auto (default: the run's eval.tta).")] = None,
-    checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
+    tta: Annotated[str | None, typer.Option(help=(
+        "none, flip, crops, crops+flip, scales, scales+flip or auto (default: the run's eval.tta); several "
+        "separated by commas, or all, compare their accuracy and cost."))] = None,
+    checkpoint: Annotated[str, typer.Option(help="auto, last, best or snapshotK.")] = "auto",
     data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -299,7 +381,21 @@ def eval_(
     from .runs import Run
 
     r = Run(run)
-    res = r.evaluate(split, tta=tta, which=checkpoint, device=device, data_dir=str(data_dir) if data_dir else None)
+    kw = {"which": checkpoint, "device": device, "data_dir": str(data_dir) if data_dir else None}
+    if tta is not None and ("," in tta or tta == "all"):
+        rows = r.compare_tta(None if tta == "all" else [m.strip() for m in tta.split(",") if m.strip()], split, **kw)
+        if as_json:
+            print(json.dumps([row for row, _ in rows], indent=2))
+            return
+        base = rows[0][0]["seconds"] or 1e-9
+        t = Table("tta", "views", f"{split} accuracy", "loss", "seconds", "cost", title=f"{r.name}: test-time "
+                  "augmentation")
+        for row, _ in rows:
+            t.add_row(row["tta"], str(row["views"]), _pct(row["acc"]), f"{row['loss']:.4f}", f"{row['seconds']:.2f}",
+                      f"{row['seconds'] / base:.1f}x")
+        out.print(t)
+        return
+    res = r.evaluate(split, tta=tta, **kw)
     if as_json:
         print(json.dumps({**res.to_dict(), "confusion": res.confusion.tolist(), "classes": res.classes}, indent=2))
         return

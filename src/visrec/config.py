@@ -35,6 +35,7 @@ class DataConfig:
     download: bool = True  # fetch from the official source when no local copy is found
     skip_bad_images: bool = False  # folder datasets: leave bad files out (listed in the run) instead of failing
     max_pixels: int = 89_478_485  # folder datasets: larger images are refused from their header (decompression bombs)
+    classes: list[str] = field(default_factory=list)  # keep only these classes (by name); empty = all
 
 
 @dataclass
@@ -62,7 +63,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "one_cycle"  # constant | step | exponential | inverse_time | linear | cosine | one_cycle
+    # constant | step | exponential | inverse_time | linear | cosine | cyclic_cosine | one_cycle
+    name: str = "one_cycle"
     warmup_epochs: float = 0.0  # linear warmup from start_factor*lr, before any schedule
     start_factor: float = 0.1  # one_cycle and warmup start at this fraction of lr
     end_factor: float = 0.001  # linear / cosine / one_cycle end at this fraction of lr
@@ -70,6 +72,7 @@ class ScheduleConfig:
     step_epochs: float = 10.0  # step: epochs between decays
     gamma: float = 0.1  # step: factor per decay; exponential: factor per epoch
     decay: float = 0.5  # inverse_time: lr / (1 + decay * epoch)
+    cycles: int = 4  # cyclic_cosine: cosine cycles with warm restarts; each ends with a snapshot checkpoint
 
 
 @dataclass
@@ -87,6 +90,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     ema: float = 0.0  # decay of an exponential moving average of the weights per step; 0 = off
+    swa: float = 0.0  # stochastic weight averaging over this final fraction of training (e.g. 0.25); 0 = off
+    swa_lr: float = 0.0  # during SWA, hold the lr at this fraction of optim.lr; 0 = keep the schedule
+    swa_every: int = 0  # SWA: add the weights to the average every N steps; 0 = at the end of each epoch
     log_every: int = 50  # steps per logged window (metrics.jsonl, TensorBoard, progress)
     checkpoint_every: int = 0  # also checkpoint every N steps; 0 = at the end of each epoch only
     select: str = "last"  # weights evaluated on test at the end: last | best (by val accuracy)
@@ -97,7 +103,24 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 1024
-    tta: str = "auto"  # flip (average the predictions of image and mirror) | none | auto (flip if trained with hflip)
+    tta: str = "auto"  # none | flip | crops | crops+flip | scales | scales+flip | auto (flip if trained with hflip)
+
+
+@dataclass
+class DistillConfig:
+    teachers: list[str] = field(default_factory=list)  # runs (RUN, RUN:last, RUN:best) whose mean soft output teaches
+    temperature: float = 4.0  # softens teacher and student probabilities in the soft-target loss
+    alpha: float = 0.5  # weight of the soft-target loss; the true labels get 1 - alpha
+
+
+@dataclass
+class FinetuneConfig:
+    strategy: str = "none"  # none | linear | last | full | two_stage (with model.weights: what trains, at what lr)
+    stages: int = 1  # last: how many of the final stages train (the earlier ones stay frozen)
+    backbone_lr: float = 0.1  # lr of the stage next to the head, as a fraction of optim.lr (the head gets optim.lr)
+    stage_decay: float = 0.5  # each stage further from the head gets this factor more (per-stage learning rates)
+    head_epochs: int = 1  # two_stage: epochs that train only the head before everything trains
+    cache_dir: str = ""  # linear: feature cache folder (default $VISREC_CACHE or ~/.cache/visrec/features)
 
 
 @dataclass
@@ -109,6 +132,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

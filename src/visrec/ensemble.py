@@ -2,7 +2,8 @@
 average of checkpoints of one run (with batch-norm statistics recomputed on the training data).
 
 Members are run folders, optionally with the checkpoint to use: `RUN` (the weights the run was evaluated
-with), `RUN:last` or `RUN:best`. They must share the dataset, its split seeds and class names, so they are
+with), `RUN:last`, `RUN:best`, `RUN:snapshotK`, or `RUN:snapshots` for all snapshots of a cyclic schedule (a
+snapshot ensemble). They must share the dataset, its split seeds and class names, so they are
 evaluated on the very same images.
 
 The vote counts each member's top class; a tie goes to the tied class with the highest average
@@ -19,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .errors import VisrecError
 from .evaluate import predict_logits, resolve_tta
 from .runs import Run, dataset_from_config, remap_classes
+from .training.averaging import recompute_batchnorm
 
 
 @dataclass
@@ -43,11 +44,29 @@ class EnsembleReport:
 
 
 def parse_member(spec: str | Path) -> tuple[Run, str]:
+    """`RUN`, `RUN:last`, `RUN:best`, `RUN:snapshotK` -> (Run, which)."""
     text = str(spec)
     path, sep, which = text.rpartition(":")
-    if not sep or which not in ("auto", "last", "best") or not path:
+    if not sep or not path or not (which in ("auto", "last", "best") or
+                                   (which.startswith("snapshot") and which[8:].isdigit())):
         path, which = text, "auto"
     return Run(path), which
+
+
+def expand_members(specs: list[str | Path]) -> list[str]:
+    """`RUN:snapshots` stands for every snapshot checkpoint of the run (a snapshot ensemble)."""
+    out: list[str] = []
+    for spec in map(str, specs):
+        if spec.endswith(":snapshots"):
+            run = Run(spec[: -len(":snapshots")])
+            tags = run.snapshots()
+            if not tags:
+                raise VisrecError(f"{run.path} saved no snapshots",
+                                  "train it with --set schedule.name=cyclic_cosine (one snapshot per cycle)")
+            out += [f"{run.path}:{t}" for t in tags]
+        else:
+            out.append(spec)
+    return out
 
 
 def majority_vote(probs: torch.Tensor) -> torch.Tensor:
@@ -66,36 +85,15 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
             if states[0][k].is_floating_point() else states[0][k].clone() for k in states[0]}
 
 
-@torch.no_grad()
-def recompute_batchnorm(model: nn.Module, images: torch.Tensor, normalizer, batch_size: int = 256) -> nn.Module:
-    """Replace every batch-norm layer's running statistics by the exact averages over `images` (train mode
-    forward passes, cumulative averaging): averaged weights do not match any run's statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return model
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch weighs the same
-    was_training = model.training
-    model.train()
-    device = next(model.parameters()).device
-    for chunk in images.split(batch_size):
-        model(normalizer(chunk.to(device)))
-    for m, mom in zip(bns, momenta, strict=True):
-        m.momentum = mom
-    model.train(was_training)
-    return model
-
-
 def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int = 1024,
              tta: str | None = None) -> EnsembleReport:
     """Evaluate each member and their combinations on one split of their common dataset.
 
     `tta` None evaluates each member as its run was evaluated (`eval.tta`, e.g. flips for models trained with
     flips), so member accuracies match their summaries; "none" or "flip" forces one mode for all."""
+    members = expand_members(members)
     if len(members) < 2:
-        raise VisrecError("an ensemble needs at least two members", "give two or more run folders")
+        raise VisrecError("an ensemble needs at least two members", "give two or more run folders, or RUN:snapshots")
     loaded = [parse_member(m) for m in members]
     first = loaded[0][0].config
     for run, _ in loaded[1:]:

@@ -1,4 +1,17 @@
-"""Evaluation: accuracy, top-5, per-class accuracy, confusion matrix, and flip test-time augmentation."""
+"""Evaluation: accuracy, top-5, per-class accuracy, confusion matrix, and test-time augmentation (TTA).
+
+TTA averages the softmax probabilities of several views of each image:
+
+    none         the image                                                        1 forward pass
+    flip         the image and its mirror                                         2
+    crops        the course's multi-crop: center and the four corners of the      5
+                 image padded by 1/8 of its side (zero after normalization,
+                 as the `crop` augmentation pads), i.e. shifts by that much
+    crops+flip   those five and their mirrors                                     10
+    scales       the image resized by 0.9, 1.0 and 1.1, then center-cropped or    3
+                 zero-padded back to the model's input size
+    scales+flip  those three and their mirrors                                    6
+"""
 
 from __future__ import annotations
 
@@ -19,7 +32,8 @@ from .errors import VisrecError
 from .io import write_bytes, write_text
 from .plotting import figure_png, pyplot
 
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("none", "flip", "crops", "crops+flip", "scales", "scales+flip")
+TTA_SCALES = (0.9, 1.0, 1.1)
 
 
 def resolve_tta(setting: str, augment: list[str]) -> str:
@@ -28,8 +42,40 @@ def resolve_tta(setting: str, augment: list[str]) -> str:
     if setting == "auto":
         return "flip" if any(spec.split(":")[0] == "hflip" for spec in augment) else "none"
     if setting not in TTA_MODES:
-        raise VisrecError(f"eval.tta {setting!r} is not valid", "use auto, flip or none")
+        raise VisrecError(f"eval.tta {setting!r} is not valid", f"use auto or one of {', '.join(TTA_MODES)}")
     return setting
+
+
+def _fit_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Center-crop or zero-pad (N, C, H', W') to (h, w)."""
+    top, left = max(x.shape[2] - h, 0) // 2, max(x.shape[3] - w, 0) // 2
+    x = x[:, :, top: top + h, left: left + w]
+    dh, dw = h - x.shape[2], w - x.shape[3]
+    if dh > 0 or dw > 0:
+        x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
+    return x
+
+
+def tta_views(tta: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """The views of a preprocessed batch that `tta` averages over (see the module docstring)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta {tta!r} is not one of {TTA_MODES}")
+    base = tta.removesuffix("+flip").removesuffix("flip") or "none"
+    h, w = x.shape[2:]
+    if base == "crops":
+        p = max(1, round(min(h, w) / 8))
+        padded = F.pad(x, (p, p, p, p))
+        views = [padded[:, :, dy: dy + h, dx: dx + w] for dy, dx in ((p, p), (0, 0), (0, 2 * p), (2 * p, 0),
+                                                                     (2 * p, 2 * p))]
+    elif base == "scales":
+        views = [x if s == 1 else _fit_to(F.interpolate(x, size=(round(h * s), round(w * s)), mode="bilinear",
+                                                        antialias=True, align_corners=False), h, w)
+                 for s in TTA_SCALES]
+    else:
+        views = [x]
+    if tta.endswith("flip"):
+        views += [v.flip(3) for v in views]
+    return views
 
 
 @dataclass
@@ -134,9 +180,13 @@ def predict_logits(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            logits = model(x).float()
-            if tta == "flip":
-                logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).mul(0.5).log()
+            if tta == "none":
+                logits = model(x).float()
+            else:
+                views = tta_views(tta, x)
+                probs = sum(model(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
+                            .float().softmax(1) for v in views)
+                logits = (probs / len(views)).log()
         out.append(logits)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

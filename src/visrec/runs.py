@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from .data.images import decode, native_channels, peek
 from .data.imageset import ImageSet
 from .device import resolve_device, resolve_precision, use_channels_last
 from .errors import VisrecError
-from .evaluate import EvalResult, evaluate, predict_logits, resolve_tta
+from .evaluate import TTA_MODES, EvalResult, evaluate, predict_logits, resolve_tta, tta_views
 from .models import create_model
 
 
@@ -49,7 +50,8 @@ def dataset_from_config(cfg: Config) -> Dataset:
     d = cfg.data
     return load_dataset(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                         split_seed=d.split_seed, subset=d.subset, download=d.download, image_size=d.image_size,
-                        channels=d.channels, skip_bad_images=d.skip_bad_images, max_pixels=d.max_pixels)
+                        channels=d.channels, skip_bad_images=d.skip_bad_images, max_pixels=d.max_pixels,
+                        classes=d.classes or None)
 
 
 def setup_config(
@@ -153,21 +155,28 @@ class Run:
         recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         return [r for r in recs if split is None or r.get("split") == split]
 
-    def _checkpoint_tag(self, which: str) -> str:
-        if which not in ("auto", "last", "best"):
-            raise VisrecError(f"checkpoint {which!r} is not valid", "use auto, last or best")
+    def snapshots(self) -> list[str]:
+        """Tags of the snapshot checkpoints a cyclic schedule saved (snapshot1, snapshot2, ...), in order."""
+        found = [p.stem for p in (self.path / "checkpoints").glob("snapshot*.json") if p.stem[8:].isdigit()]
+        return sorted(found, key=lambda t: int(t[8:]))
+
+    def checkpoint_tag(self, which: str) -> str:
+        """`auto` (the weights the run was evaluated with), `last`, `best` or `snapshotK` -> a checkpoint tag."""
         if which == "auto":
             return "best" if self.summary.get("eval_weights", "last").startswith("best") else "last"
-        return which
+        if which in ("last", "best") or which in self.snapshots():
+            return which
+        raise VisrecError(f"{self.path} has no checkpoint {which!r}",
+                          f"use one of: auto, last, best{''.join(', ' + t for t in self.snapshots())}")
 
     def load_model(self, which: str = "auto", device: str = "cpu") -> LoadedModel:
         """The trained model in eval mode, with its preprocessing and class names.
 
-        `auto` picks the weights the run was evaluated with (last or best; the EMA average if it had one).
+        `auto` picks the weights the run was evaluated with (last or best; its SWA or EMA average if it had one).
         """
         from .training.checkpoint import load_checkpoint
 
-        tag = self._checkpoint_tag(which)
+        tag = self.checkpoint_tag(which)
         key = (tag, device)
         if key not in self._loaded:
             ckpt = load_checkpoint(self.path / "checkpoints", tag)
@@ -175,7 +184,7 @@ class Run:
             size = tuple(spec["image_size"])
             model = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
                                  image_size=size, **spec["kwargs"])
-            model.load_state_dict(ckpt.ema if ckpt.ema is not None else ckpt.weights)
+            model.load_state_dict(ckpt.swa or ckpt.ema or ckpt.weights)
             dev = resolve_device(device)
             cl = use_channels_last(self.config.model.channels_last, model)
             model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).eval()
@@ -186,21 +195,33 @@ class Run:
     def evaluate(self, split: str = "test", *, tta: str | None = None, which: str = "auto",
                  device: str = "auto", data_dir: str | None = None) -> EvalResult:
         """Evaluate on the run's own dataset split (rebuilt from config.yaml with the same seeds)."""
+        return self.compare_tta([tta], split, which=which, device=device, data_dir=data_dir)[0][1]
+
+    def compare_tta(self, modes: list[str | None] | None = None, split: str = "test", *, which: str = "auto",
+                    device: str = "auto", data_dir: str | None = None) -> list[tuple[dict[str, Any], EvalResult]]:
+        """Evaluate once per test-time augmentation mode (None = the run's own; default: every mode), loading the
+        data and model once: [({"tta", "views", "acc", "loss", "seconds"}, EvalResult), ...]."""
         cfg = self.config
         if data_dir:
             cfg.data.data_dir = data_dir
         if split not in ("test", "val", "train"):
             raise VisrecError(f"split {split!r} is not valid", "use test, val or train")
-        tta = resolve_tta(tta or cfg.eval.tta, cfg.data.augment)
+        resolved = [resolve_tta(m or cfg.eval.tta, cfg.data.augment) for m in (modes or TTA_MODES)]
         ds = dataset_from_config(cfg)
         lm = self.load_model(which, device)
         if split == "val" and ds.val is None:
             raise VisrecError(f"{self.path} was trained without a validation split (data.val_fraction=0)")
         data = remap_classes(ds.split(split), lm.classes)
         dev = next(lm.model.parameters()).device
-        return evaluate(lm.model, data, lm.normalizer, split=split, batch_size=cfg.eval.batch_size,
-                        channels_last=use_channels_last(cfg.model.channels_last, lm.model),
-                        amp_dtype=resolve_precision(cfg.train.precision, dev), tta=tta)
+        rows = []
+        for mode in resolved:
+            t0 = time.perf_counter()
+            res = evaluate(lm.model, data, lm.normalizer, split=split, batch_size=cfg.eval.batch_size,
+                           channels_last=use_channels_last(cfg.model.channels_last, lm.model),
+                           amp_dtype=resolve_precision(cfg.train.precision, dev), tta=mode)
+            rows.append(({"tta": mode, "views": len(tta_views(mode, data.images[:1].float())), "acc": res.acc,
+                          "loss": res.loss, "seconds": round(time.perf_counter() - t0, 3)}, res))
+        return rows
 
     def predict(
         self,

@@ -282,6 +282,7 @@ def load_dataset(
     channels: int | None = None,
     skip_bad_images: bool = False,
     max_pixels: int | None = None,
+    classes: list[str] | None = None,
 ) -> Dataset:
     """Load a dataset by name, with seeded stratified val (and, if it has none, test) splits.
 
@@ -298,6 +299,8 @@ def load_dataset(
         raw.train_images = _adapt(raw.train_images, image_size, channels)
         if raw.test_images is not None:
             raw.test_images = _adapt(raw.test_images, image_size, channels)
+    if classes:
+        _keep_classes(raw, classes, name)
     x, y, classes = raw.train_images, raw.train_labels, raw.classes
     if len(classes) < 2:
         raise VisrecError(f"dataset {name!r} has {len(classes)} class; a classifier needs at least 2")
@@ -338,6 +341,26 @@ def load_dataset(
     train = ImageSet(x[pool], y[pool], classes, name)
     splits["train"] = {"n": len(train)}
     return Dataset(name, train, val, test, source, splits)
+
+
+def _keep_classes(raw: RawSplits, wanted: list[str], name: str) -> None:
+    """Drop every image of a class not in `wanted`; labels are renumbered in the dataset's own class order."""
+    unknown = [c for c in wanted if c not in raw.classes]
+    if unknown:
+        raise VisrecError(f"data.classes: dataset {name!r} has no class {', '.join(map(repr, unknown))}",
+                          f"its classes are: {', '.join(raw.classes)}")
+    kept = [c for c in raw.classes if c in wanted]
+    lut = torch.full((len(raw.classes),), -1, dtype=torch.long)
+    lut[[raw.classes.index(c) for c in kept]] = torch.arange(len(kept))
+    for split in ("train", "test", "val"):
+        images, labels = getattr(raw, f"{split}_images"), getattr(raw, f"{split}_labels")
+        if images is None:
+            continue
+        new = lut[labels]
+        mask = new >= 0
+        setattr(raw, f"{split}_images", images[mask])
+        setattr(raw, f"{split}_labels", new[mask])
+    raw.classes = kept
 
 
 def dataset_status(data_dir: str | os.PathLike | None = None) -> list[dict]:

@@ -4,7 +4,8 @@ A checkpoint TAG in a folder is a generation of files, each written atomically u
 (GEN = TAG-<step>-<random>), and a JSON file that names them:
 
     GEN.safetensors        the model's weights (a plain state_dict, loadable by any safetensors reader)
-    GEN.ema.safetensors    the averaged weights, when EMA is on
+    GEN.ema.safetensors    the exponential moving average of the weights, when EMA is on
+    GEN.swa.safetensors    the stochastic weight average, once SWA has started
     GEN.state.safetensors  optimizer tensors and RNG states (only for resumable checkpoints)
     TAG.json               epoch, step, class names, preprocessing, optimizer/schedule state, and the
                            file name and SHA-256 of each file above; written last, so it marks a complete
@@ -92,6 +93,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     *,
     ema: nn.Module | None = None,
+    swa: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
@@ -108,9 +110,10 @@ def save_checkpoint(
         files: dict[str, dict[str, str]] = {}
         files["weights"] = {"file": f"{gen}.safetensors",
                             "sha256": _save_tensors(model_state(model), folder / f"{gen}.safetensors")}
-        if ema is not None:
-            files["ema"] = {"file": f"{gen}.ema.safetensors",
-                            "sha256": _save_tensors(model_state(ema), folder / f"{gen}.ema.safetensors")}
+        for name, module in (("ema", ema), ("swa", swa)):
+            if module is not None:
+                files[name] = {"file": f"{gen}.{name}.safetensors",
+                               "sha256": _save_tensors(model_state(module), folder / f"{gen}.{name}.safetensors")}
         doc = {"format": FORMAT_VERSION, **meta}
         if optimizer is not None:
             tensors, opt_meta = _split_optimizer(optimizer)
@@ -175,6 +178,7 @@ class Checkpoint:
     meta: dict[str, Any]
     weights: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor] | None = None
+    swa: dict[str, torch.Tensor] | None = None
     optimizer: dict[str, Any] | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
     fallback: str | None = None  # why the latest generation was skipped, when it was
@@ -232,6 +236,8 @@ def _load_one(path: Path, with_state: bool) -> Checkpoint:
     ckpt = Checkpoint(path, meta, _load_verified(folder, files["weights"]))
     if "ema" in files:
         ckpt.ema = _load_verified(folder, files["ema"])
+    if "swa" in files:
+        ckpt.swa = _load_verified(folder, files["swa"])
     if with_state:
         if "state" not in files:
             raise VisrecError(f"checkpoint {path} holds weights only and cannot resume training", "resume from last")

@@ -41,12 +41,13 @@ from ..evaluate import EvalResult, evaluate, resolve_tta
 from ..io import write_json, write_text, write_yaml
 from ..models import create_model, is_file_model
 from ..runs import Run, dataset_from_config, default_run_name, setup_config
+from .averaging import EMA, SWA, recompute_batchnorm
 from .callbacks import Callback, MetricsLogger, ProgressPrinter, TensorBoardLogger, TrainState
 from .checkpoint import load_checkpoint, save_checkpoint
-from .ema import EMA
+from .distill import Teachers
 from .losses import build_loss
 from .optim import build_optimizer
-from .schedules import LRSchedule, schedule_factor
+from .schedules import LRSchedule, schedule_factor, snapshot_steps
 
 
 class NonFiniteLoss(VisrecError):
@@ -73,6 +74,23 @@ def _check_config(cfg: Config) -> None:
         raise VisrecError(f"train.ema={t.ema} must be in [0, 1) (0 = off; typical 0.999)")
     if t.select == "best" and cfg.data.val_fraction == 0:
         raise VisrecError("train.select=best needs a validation split", "set data.val_fraction > 0 or select=last")
+    if not 0.0 <= t.swa < 1.0:
+        raise VisrecError(f"train.swa={t.swa} must be in [0, 1): the final fraction of training that is averaged",
+                          "for example --set train.swa=0.25 (0 = off)")
+    if t.swa_lr < 0 or t.swa_every < 0:
+        raise VisrecError(f"train.swa_lr={t.swa_lr} and train.swa_every={t.swa_every} must be >= 0")
+    if t.swa > 0 and t.select == "best":
+        raise VisrecError("train.swa averages the final part of training; it does not combine with train.select=best",
+                          "use train.select=last with SWA")
+    if cfg.distill.teachers and cfg.loss.name != "cross_entropy":
+        raise VisrecError(f"distillation learns from probabilities: it needs loss.name=cross_entropy, not "
+                          f"{cfg.loss.name!r}")
+    from ..transfer import check_finetune
+
+    check_finetune(cfg.finetune, bool(cfg.model.weights) or cfg.model.kwargs.get("pretrained") is True)
+    if cfg.finetune.strategy == "two_stage" and cfg.finetune.head_epochs >= t.epochs:
+        raise VisrecError(f"finetune.head_epochs={cfg.finetune.head_epochs} leaves no epoch of the {t.epochs} "
+                          "to train everything", "train more epochs or fewer head epochs")
 
 
 class Trainer:
@@ -133,22 +151,37 @@ class Trainer:
         self.normalizer = Normalizer.fit(ds.train.images, cfg.data.normalize).to(device)
         self.model = create_model(cfg.model.name, in_chans=ds.channels, num_classes=ds.num_classes,
                                   image_size=ds.image_size, **cfg.model.kwargs)
-        self.initial_weights_note = (load_initial_weights(self.model, cfg.model.weights, cfg.model.trust_checkpoint)
-                                     if cfg.model.weights else None)
+        self.initial_weights_note = None
+        if cfg.model.weights:
+            self.initial_weights_note, source_norm = load_initial_weights(
+                self.model, cfg.model.weights, cfg.model.trust_checkpoint, new_head=cfg.finetune.strategy != "none")
+            if source_norm is not None:  # a run's network sees its inputs preprocessed as in its own training
+                self.normalizer = Normalizer.from_state(source_norm).to(device)
         self.channels_last = use_channels_last(cfg.model.channels_last, self.model)
         self.model.to(device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.forward = torch.compile(self.model) if cfg.model.compile else self.model
         self.loss_fn = build_loss(cfg.loss)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.finetune = None
+        if cfg.finetune.strategy != "none":
+            from ..transfer import Finetune
+
+            self.finetune = Finetune.build(self.model, cfg.finetune, ds.channels, ds.image_size)
+        self.optimizer = build_optimizer(self.model, cfg.optim,
+                                         lr_factors=self.finetune.lr_factors() if self.finetune else None)
         self.batches = DeviceBatches(ds.train.images.to(device), ds.train.labels.to(device), cfg.train.batch_size,
                                      seed=cfg.train.seed)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.schedule = LRSchedule(self.optimizer, schedule_factor(cfg.schedule, self.total_steps,
-                                                                   self.steps_per_epoch))
+        self.schedule = LRSchedule(self.optimizer, self._lr_factor())
         self.pipeline = Pipeline(cfg.data.augment, device, seed=cfg.train.seed + 1)
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
+        self.swa: SWA | None = None  # created at its first update
+        self.swa_start = round((1 - cfg.train.swa) * self.total_steps) if cfg.train.swa > 0 else None
+        self.snapshots = set(snapshot_steps(cfg.schedule, self.total_steps, self.steps_per_epoch))
+        d = cfg.distill
+        self.teachers = (Teachers(d.teachers, ds, self.normalizer, device, d.temperature, d.alpha)
+                         if d.teachers else None)
         self.tta = resolve_tta(cfg.eval.tta, cfg.data.augment)
         # Position: the next batch to train is batch `batch` of 0-based epoch `epoch`.
         self.epoch, self.batch, self.step = 0, 0, 0
@@ -156,6 +189,23 @@ class Trainer:
         self.best_val_acc, self.best_epoch = -1.0, 0
         self.skipped_steps = 0
         self.started = _now()
+
+    def _lr_factor(self):
+        """The schedule's factor per step: restarted when a two-stage fine-tune unfreezes the network, and held
+        at train.swa_lr during SWA when that is set."""
+        cfg, total, spe = self.cfg, self.total_steps, self.steps_per_epoch
+        if self.finetune is not None and cfg.finetune.strategy == "two_stage":
+            t1 = cfg.finetune.head_epochs * spe
+            head, body = schedule_factor(cfg.schedule, t1, spe), schedule_factor(cfg.schedule, total - t1, spe)
+
+            def base(t: int) -> float:
+                return head(t) if t < t1 else body(t - t1)
+        else:
+            base = schedule_factor(cfg.schedule, total, spe)
+        if cfg.train.swa > 0 and cfg.train.swa_lr > 0:
+            start, hold = round((1 - cfg.train.swa) * total), cfg.train.swa_lr
+            return lambda t: hold if t >= start else base(t)
+        return base
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.run_dir / "checkpoints", "last", with_state=True)
@@ -167,6 +217,10 @@ class Trainer:
         if self.ema is not None and ckpt.ema is not None:
             self.ema.module.load_state_dict(ckpt.ema)
             self.ema.load_state_dict(m["ema"])
+        if ckpt.swa is not None:
+            self.swa = SWA(self.model)
+            self.swa.module.load_state_dict(ckpt.swa)
+            self.swa.load_state_dict(m["swa"])
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.schedule.load_state_dict(m["schedule"])
         self.normalizer = Normalizer.from_state(m["preprocess"]).to(self.runtime.device)
@@ -193,6 +247,7 @@ class Trainer:
                       "num_classes": ds.num_classes, "image_size": list(ds.image_size)},
             "schedule": self.schedule.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "swa": self.swa.state_dict() if self.swa else None,
             "augment_rng": self.pipeline.get_state()["rng"],
         }
 
@@ -210,7 +265,8 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(self.run_dir / "checkpoints", "last", self.model, self._meta(),
-                        ema=self.ema.module if self.ema else None, optimizer=self.optimizer, rng=rng)
+                        ema=self.ema.module if self.ema else None, swa=self.swa.module if self.swa else None,
+                        optimizer=self.optimizer, rng=rng)
 
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,8 +305,18 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
 
+    def _averages(self) -> dict[str, torch.nn.Module]:
+        """The weights to compare: raw, and the EMA and SWA averages when on (SWA once it is final)."""
+        out = {"raw": self.model}
+        if self.ema is not None:
+            out["ema"] = self.ema.module
+        if self.swa is not None and self.epoch + 1 >= self.cfg.train.epochs:
+            out["swa"] = self.swa.module
+        return out
+
     def _eval_model(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.model
+        """The weights the run is judged by: SWA over EMA over raw."""
+        return list(self._averages().values())[-1]
 
     def _evaluate(self, model: torch.nn.Module, split: str) -> EvalResult:
         return evaluate(model, self.ds.split(split), self.normalizer, split=split, batch_size=self.cfg.eval.batch_size,
@@ -301,13 +367,20 @@ class Trainer:
             for cb in callbacks:
                 cb.on_train_end(self._state(), summary)
             return Run(self.run_dir)
-        test_model = self._eval_model()
         if self.cfg.train.select == "best" and self.best_epoch > 0:
             best = load_checkpoint(self.run_dir / "checkpoints", "best")
-            test_model.load_state_dict(best.ema if best.ema is not None else best.weights)
-        result = self._evaluate(test_model, "test")
+            self.model.load_state_dict(best.weights)
+            if self.ema is not None and best.ema is not None:
+                self.ema.module.load_state_dict(best.ema)
+        result = self._evaluate(self._eval_model(), "test")
         result.save(self.run_dir)
-        summary = self._write_summary("completed", result)
+        compared = {}
+        if len(self._averages()) > 1:  # how much averaging gained over the raw weights, on val and test
+            for name, m in self._averages().items():
+                compared[name] = {"test_acc": result.acc if m is self._eval_model() else
+                                  self._evaluate(m, "test").acc,
+                                  "val_acc": self._evaluate(m, "val").acc if self.ds.val is not None else None}
+        summary = self._write_summary("completed", result, compared=compared)
         for cb in callbacks:
             cb.on_train_end(self._state(), summary)
         return Run(self.run_dir)
@@ -316,11 +389,16 @@ class Trainer:
         cfg, model, opt = self.cfg, self.forward, self.optimizer
         device, amp = self.runtime.device, self.runtime.amp_dtype
         log_every, clip, skip_bad = cfg.train.log_every, cfg.optim.grad_clip, cfg.train.nonfinite == "skip"
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = list(self.model.parameters())  # frozen ones have no gradient and are skipped
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         bs = self.batches.batch_size
 
+        if self.finetune is not None and cfg.finetune.strategy == "linear":
+            return self._loop_linear(callbacks, stop_after_steps)
+        swa_every = cfg.train.swa_every if self.swa_start is not None else 0
         while self.epoch < cfg.train.epochs:
+            if self.finetune is not None:
+                self.finetune.apply(self.model, self.epoch)
             ep_loss = torch.zeros((), device=device)
             ep_correct = torch.zeros((), device=device, dtype=torch.long)
             ep_steps = 0
@@ -339,6 +417,10 @@ class Trainer:
                 aux = getattr(self.model, "aux_outputs", None)  # auxiliary heads (GoogLeNet), training only
                 if aux:
                     loss = loss + self.model.aux_weight * sum(self.loss_fn(a, target) for a in aux)
+                if self.teachers is not None:
+                    with autocast(device, amp):
+                        soft = self.teachers.loss(logits, x)
+                    loss = (1 - self.teachers.alpha) * loss + self.teachers.alpha * soft
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip > 0:
@@ -352,6 +434,12 @@ class Trainer:
                 self.schedule.step()
                 self.step += 1
                 self.batch += 1
+                if swa_every and self.step >= self.swa_start and (self.step - self.swa_start) % swa_every == 0:
+                    self._swa_update()
+                if self.step in self.snapshots:
+                    t0 = time.perf_counter()
+                    self._save_snapshot()
+                    t_epoch += time.perf_counter() - t0  # saving is not training time
                 labels = target.a if isinstance(target, MixedTargets) else target
                 correct = (logits.detach().argmax(1) == labels).sum()
                 win_losses.append(loss.detach())
@@ -395,6 +483,58 @@ class Trainer:
             self._end_epoch(callbacks, ep_loss, ep_correct, ep_steps, bs, self.train_seconds - seconds_before)
         return True
 
+    def _swa_update(self) -> None:
+        if self.swa is None:
+            self.swa = SWA(self.model)
+        self.swa.update(self.model)
+
+    def _save_snapshot(self) -> None:
+        """The weights at the end of a learning-rate cycle, as checkpoint `snapshotK` (snapshot ensembles)."""
+        k = sorted(self.snapshots).index(self.step) + 1
+        save_checkpoint(self.run_dir / "checkpoints", f"snapshot{k}", self.model, self._meta())
+
+    def _loop_linear(self, callbacks: list[Callback], stop_after_steps: int | None) -> bool:
+        """Linear classifier on cached features: the frozen network's features are extracted once (or read from
+        the cache), then only the head trains, on feature batches, with the run's optimizer and schedule."""
+        from ..transfer import cache_dir, cached_features
+
+        cfg, device, head = self.cfg, self.runtime.device, self.model.get_classifier()
+        self.finetune.apply(self.model, self.epoch)
+        t0 = time.perf_counter()
+        feats, hit = cached_features(self.model, self.ds.train.images, self.normalizer, cache_dir(cfg.finetune),
+                                     self.channels_last)
+        self.feature_cache_hit, self.feature_seconds = hit, time.perf_counter() - t0
+        batches = DeviceBatches(feats.to(device), self.ds.train.labels.to(device), cfg.train.batch_size,
+                                seed=cfg.train.seed)
+        while self.epoch < cfg.train.epochs:
+            ep_loss = torch.zeros((), device=device)
+            ep_correct = torch.zeros((), device=device, dtype=torch.long)
+            ep_steps, t_epoch, seconds_before = 0, time.perf_counter(), self.train_seconds
+            for fb, yb in batches.epoch(self.epoch, start=self.batch):
+                logits = head(fb)
+                loss = self.loss_fn(logits, yb)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.schedule.step()
+                self.step += 1
+                self.batch += 1
+                ep_loss += loss.detach()
+                ep_correct += (logits.detach().argmax(1) == yb).sum()
+                ep_steps += 1
+                if self._stop_reason is not None or (stop_after_steps is not None and self.step >= stop_after_steps):
+                    self._stop_reason = self._stop_reason or f"stop_after_steps={stop_after_steps}"
+                    self.train_seconds = seconds_before + (time.perf_counter() - t_epoch)
+                    self._save_last()
+                    return False
+            if not bool(torch.isfinite(ep_loss)):
+                raise self._nonfinite(self.step)
+            self.train_seconds = seconds_before + (time.perf_counter() - t_epoch)
+            self._end_epoch(callbacks, ep_loss, ep_correct, ep_steps, batches.batch_size,
+                            self.train_seconds - seconds_before)
+            self.finetune.apply(self.model, self.epoch)  # evaluation put the whole model back in train mode
+        return True
+
     def _end_epoch(self, callbacks, ep_loss, ep_correct, ep_steps: int, bs: int, ep_seconds: float) -> None:
         records = []
         if ep_steps:
@@ -403,6 +543,11 @@ class Trainer:
                             "loss": ep_loss.item() / ep_steps, "acc": ep_correct.item() / n,
                             "lr": self.schedule.lr, "seconds": round(self.train_seconds, 3),
                             "images_per_s": n / max(ep_seconds, 1e-9)})
+        if self.swa_start is not None and not self.cfg.train.swa_every and self.step >= self.swa_start:
+            self._swa_update()
+        if self.swa is not None and self.epoch + 1 == self.cfg.train.epochs:  # the average is final: fit its BN
+            recompute_batchnorm(self.swa.module, self.ds.train.images, self.normalizer,
+                                batch_size=self.cfg.eval.batch_size)
         if self.ds.val is not None:
             r = self._evaluate(self._eval_model(), "val")
             records.append({"epoch": self.epoch + 1, "step": self.step, "split": "val", "kind": "epoch",
@@ -419,7 +564,8 @@ class Trainer:
         for cb in callbacks:
             cb.on_epoch_end(state, records)
 
-    def _write_summary(self, status: str, test: EvalResult | None, error: str | None = None) -> dict[str, Any]:
+    def _write_summary(self, status: str, test: EvalResult | None, error: str | None = None,
+                       compared: dict[str, dict[str, float | None]] | None = None) -> dict[str, Any]:
         cfg, ds = self.cfg, self.ds
         metrics = Run(self.run_dir).metrics() if (self.run_dir / "metrics.jsonl").exists() else []
         vals = [r for r in metrics if r["split"] == "val"]
@@ -443,7 +589,7 @@ class Trainer:
             "best_val_acc": self.best_val_acc if self.best_val_acc >= 0 else None,
             "best_epoch": self.best_epoch or None,
             "train_acc": epoch_train[-1]["acc"] if epoch_train else None,
-            "eval_weights": cfg.train.select + ("+ema" if self.ema else ""),
+            "eval_weights": cfg.train.select + ("+swa" if self.swa else "+ema" if self.ema else ""),
             "tta": self.tta,
             "skipped_steps": self.skipped_steps,
             "n_train": len(ds.train), "n_val": len(ds.val) if ds.val is not None else 0, "n_test": len(ds.test),
@@ -457,6 +603,19 @@ class Trainer:
             "started": self.started,
             "finished": _now(),
         }
+        if compared:
+            summary["weights_compared"] = compared
+        if self.snapshots:
+            summary["snapshots"] = [f"snapshot{k + 1}" for k in range(len(self.snapshots))]
+        if self.finetune is not None:
+            summary["finetune"] = {"strategy": cfg.finetune.strategy, "plan": self.finetune.describe(),
+                                   "source": cfg.model.weights or cfg.model.name}
+            if hasattr(self, "feature_cache_hit"):
+                summary["finetune"].update(feature_cache_hit=self.feature_cache_hit,
+                                           feature_seconds=round(self.feature_seconds, 3))
+        if self.teachers is not None:
+            summary["distill"] = {"teachers": cfg.distill.teachers, "temperature": cfg.distill.temperature,
+                                  "alpha": cfg.distill.alpha}
         if test is not None:
             summary["test"] = test.to_dict()
             summary["most_confused"] = [list(t) for t in test.most_confused(5)]
@@ -493,15 +652,28 @@ def train(
     return Trainer(cfg, out=out, dataset=dataset, callbacks=callbacks, progress=progress).fit()
 
 
-def load_initial_weights(model: nn.Module, path: str, trust: bool) -> str:
-    """Load a weight file into a fresh model by name. A classifier head whose shape differs (another number of
-    classes) keeps its fresh initialization; any other missing, unexpected or mis-shaped tensor is an error."""
+def load_initial_weights(model: nn.Module, path: str, trust: bool, *, new_head: bool = False
+                         ) -> tuple[str, dict[str, Any] | None]:
+    """Load a weight file, or the weights of a run folder (`RUN`, `RUN:best`, `RUN:last`), into a fresh model by
+    name. A classifier head whose shape differs (another number of classes), or any head with `new_head`, keeps its
+    fresh initialization; any other missing, unexpected or mis-shaped tensor is an error.
+
+    Returns a note for the user and, for a run, its preprocessing state (the network expects inputs prepared so)."""
+    from ..ensemble import parse_member
     from ..io import load_weights
 
-    weights = load_weights(path, trust=trust)
+    norm = None
+    if Path(path.rpartition(":")[0] if path.endswith((":best", ":last")) else path).is_dir():
+        run, which = parse_member(path)
+        ckpt = load_checkpoint(run.path / "checkpoints", run.checkpoint_tag(which))
+        weights = dict(ckpt.swa or ckpt.ema or ckpt.weights)
+        norm = ckpt.meta["preprocess"]
+    else:
+        weights = load_weights(path, trust=trust)
     own = model.state_dict()
     head = model.head_path + "." if hasattr(model, "head_path") else None
-    skipped = [k for k, v in weights.items() if k in own and own[k].shape != v.shape and head and k.startswith(head)]
+    skipped = [k for k, v in weights.items() if k in own and head and k.startswith(head)
+               and (new_head or own[k].shape != v.shape)]
     for k in skipped:
         del weights[k]
     bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
@@ -512,11 +684,20 @@ def load_initial_weights(model: nn.Module, path: str, trust: bool) -> str:
         parts = [f"{name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
                  for name, keys in (("shape differs", bad_shape), ("missing", missing), ("unexpected", unexpected))
                  if keys]
-        raise VisrecError(f"weight file {path} does not fit model {type(model).__name__}: {'; '.join(parts)}",
-                          "use a file saved from the same architecture (see visrec summary MODEL)")
+        hint = "use a file saved from the same architecture (see visrec summary MODEL)"
+        first = next(iter(own))
+        if first in weights and own[first].dim() == 4 and own[first].shape != weights[first].shape:
+            want, have = tuple(weights[first].shape), tuple(own[first].shape)
+            if want[1] != have[1]:
+                hint = f"the weights take {want[1]}-channel images: add --set data.channels={want[1]}"
+            elif want[2:] != have[2:]:
+                hint = ("the weights have another stem (first layer): for small images visrec uses a 3x3 stem; "
+                        "add --set model.kwargs.stem=imagenet")
+        raise VisrecError(f"weight file {path} does not fit model {type(model).__name__}: {'; '.join(parts)}", hint)
     model.load_state_dict(weights, strict=False)
-    return (f"loaded {path}" + (f"; classifier head {', '.join(skipped)} re-initialized for this dataset's classes"
-                                if skipped else ""))
+    note = f"loaded {path}" + (f"; classifier head {', '.join(skipped)} re-initialized for this dataset's classes"
+                               if skipped else "")
+    return note, norm
 
 
 def resume(run_dir: str | Path, *, callbacks: Sequence[Callback] = (), progress: bool | None = None) -> Run:

@@ -11,25 +11,30 @@ from ..config import OptimConfig
 from ..errors import VisrecError, unknown_name
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """Two groups: weights that decay (matrices and conv kernels), and those that don't.
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False, lr: float | None = None,
+                 lr_factors: dict[str, float] | None = None) -> list[dict]:
+    """Groups of weights that decay (matrices and conv kernels) and weights that don't, per learning rate.
 
     Biases and normalization scales/shifts (parameters with fewer than 2 dims) get no decay unless
-    `decay_all`; a model can name more parameters to exempt with a `no_weight_decay()` method.
+    `decay_all`; a model can name more parameters to exempt with a `no_weight_decay()` method. With
+    `lr_factors` (parameter name -> factor of `lr`, e.g. per-stage fine-tuning rates) every distinct factor gets
+    its own pair of groups, all parameters included; without, parameters that do not require grad are left out.
     """
     exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and lr_factors is None:
             continue
-        if decay_all or (p.dim() >= 2 and name not in exempt):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decays = decay_all or (p.dim() >= 2 and name not in exempt)
+        factor = 1.0 if lr_factors is None else lr_factors.get(name, 1.0)
+        groups.setdefault((decays, factor), []).append(p)
+    out = []
+    for (decays, factor), params in sorted(groups.items(), key=lambda kv: (-kv[0][1], not kv[0][0])):
+        g = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        if lr_factors is not None and lr is not None:
+            g["lr"] = lr * factor
+        out.append(g)
+    return out or [{"params": [], "weight_decay": weight_decay}]
 
 
 def _sgd(groups, c: OptimConfig):
@@ -73,8 +78,9 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
 }
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer named in `cfg`, over `model`'s parameter groups.
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_factors: dict[str, float] | None = None
+                    ) -> torch.optim.Optimizer:
+    """The optimizer named in `cfg`, over `model`'s parameter groups (`lr_factors`: see `param_groups`).
 
     Weight decay is L2 added to the gradient for every optimizer but AdamW, where it is decoupled.
     """
@@ -84,4 +90,4 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         raise VisrecError(f"optim.lr={cfg.lr} must be > 0")
     if len(cfg.betas) != 2:
         raise VisrecError(f"optim.betas={cfg.betas} must be two numbers", "for example --set optim.betas=[0.9,0.999]")
-    return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg.decay_all), cfg)
+    return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg.decay_all, cfg.lr, lr_factors), cfg)

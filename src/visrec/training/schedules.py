@@ -8,6 +8,7 @@ With T total steps, t the current step, and E = t / steps_per_epoch the fraction
     inverse_time   1 / (1 + decay * E)                       (the course's 1/t decay)
     linear         1 + (end_factor - 1) * t / T
     cosine         end_factor + (1 - end_factor) * (1 + cos(pi * t / T)) / 2
+    cyclic_cosine  the cosine above restarted `cycles` times (SGDR; snapshot ensembles save one model per cycle)
     one_cycle      start_factor -> 1 linearly over pct_start * T, then 1 -> end_factor linearly
 
 `schedule.warmup_epochs` puts a linear warmup from start_factor to 1 in front of any of them; the
@@ -16,6 +17,7 @@ schedule then runs over the remaining steps.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 
@@ -52,6 +54,32 @@ def _cosine(c: ScheduleConfig, total: int, spe: int) -> FactorFn:
     return lambda t: c.end_factor + (1 - c.end_factor) * 0.5 * (1 + math.cos(math.pi * min(t / total, 1.0)))
 
 
+def _cycle_bounds(cycles: int, total: int) -> list[int]:
+    """Start step of each cycle, and `total` last."""
+    return [round(k * total / cycles) for k in range(cycles + 1)]
+
+
+def _cyclic_cosine(c: ScheduleConfig, total: int, spe: int) -> FactorFn:
+    if not 1 <= c.cycles <= total:
+        raise VisrecError(f"schedule.cycles={c.cycles} must be between 1 and the number of steps ({total})")
+    bounds = _cycle_bounds(c.cycles, total)
+
+    def f(t: int) -> float:
+        k = min(bisect.bisect_right(bounds, t) - 1, c.cycles - 1)
+        frac = min((t - bounds[k]) / (bounds[k + 1] - bounds[k]), 1.0)
+        return c.end_factor + (1 - c.end_factor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+def snapshot_steps(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> list[int]:
+    """The steps after which a cyclic schedule ends a cycle (snapshot ensembles save there); [] otherwise."""
+    if cfg.name != "cyclic_cosine":
+        return []
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    return [warm + b for b in _cycle_bounds(cfg.cycles, max(total_steps - warm, 1))[1:]]
+
+
 def _one_cycle(c: ScheduleConfig, total: int, spe: int) -> FactorFn:
     if not 0 < c.pct_start < 1:
         raise VisrecError(f"schedule.pct_start={c.pct_start} must be in (0, 1)")
@@ -72,6 +100,7 @@ SCHEDULES: dict[str, Callable[[ScheduleConfig, int, int], FactorFn]] = {
     "inverse_time": _inverse_time,
     "linear": _linear,
     "cosine": _cosine,
+    "cyclic_cosine": _cyclic_cosine,
     "one_cycle": _one_cycle,
 }
 
