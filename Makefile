@@ -21,6 +21,7 @@ demo: data
 	@echo "(from this checkout, TensorBoard is $(BIN)/tensorboard --logdir runs)"
 
 test: data
+	@sh scripts/get-test-services.sh
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -15,7 +15,7 @@ import visrec
 from visrec.cli import app
 from visrec.config import ScheduleConfig
 from visrec.errors import VisrecError
-from visrec.evaluate import tta_views
+from visrec.evaluate import resolve_crop_pad, tta_views
 from visrec.training import Trainer
 from visrec.training.averaging import SWA
 from visrec.training.checkpoint import load_checkpoint
@@ -147,6 +147,9 @@ def test_tta_views_are_the_course_crops_and_scales():
     assert len(scales) == 3 and torch.equal(scales[1], x) and all(v.shape == x.shape for v in scales)
     assert (scales[0][:, :, 0] == 0).all()  # shrunk, then padded back
     assert len(tta_views("scales+flip", x)) == 6 and len(tta_views("flip", x)) == 2
+    assert torch.equal(tta_views("crops", x, crop_pad=3)[4][:, :, :-3, :-3], x[:, :, 3:, 3:])  # bottom-right corner
+    assert resolve_crop_pad(0, ["hflip", "crop:4"]) == 4 and resolve_crop_pad(0, ["hflip"]) == 2
+    assert resolve_crop_pad(3, ["crop:4"]) == 3 and resolve_crop_pad(0, ["translate"]) == 2
 
 
 def test_eval_compares_tta_modes_with_their_cost(tmp_path):

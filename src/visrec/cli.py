@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -264,6 +265,98 @@ def distill(
         return
     out.print(f"student test accuracy {_pct(s['test_acc'])} in {s['train_seconds']:.1f} s; run folder: "
               f"{trainer.run_dir}")
+
+
+@app.command()
+def tune(
+    dataset: Annotated[str | None, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")] = None,
+    space: Annotated[Path | None, typer.Option(help="Search space YAML (default: lr, weight decay, label "
+                                                    "smoothing, batch size).")] = None,
+    trials: Annotated[int, typer.Option(help="Number of trials.")] = 20,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
+    strategy: Annotated[str, typer.Option(help="random, grid, tpe or coarse-to-fine.")] = "random",
+    epochs: Annotated[int | None, typer.Option(help="Epochs per trial (coarse-to-fine: a third in the coarse "
+                                                    "stage).")] = None,
+    model: Annotated[str | None, typer.Option(help="Registered model or path/to/file.py:function.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset every trial starts from.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite file in the study "
+                                                     "folder; postgresql+psycopg2://... for many machines).")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: DATASET-MODEL).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Study folder (default runs/tune-STUDY).")] = None,
+    pruner: Annotated[str, typer.Option(help="median, asha or none (on validation accuracy per epoch).")] = "median",
+    seed: Annotated[int, typer.Option(help="Seed of the parameter draws.")] = 0,
+    heartbeat: Annotated[int, typer.Option(help="Seconds between worker heartbeats; a silent worker's trial is "
+                                                "retried after twice that.")] = 10,
+    final: Annotated[bool, typer.Option("--final", help="Then retrain the best config and evaluate on test once.")
+                     ] = False,
+    show: Annotated[str | None, typer.Option(help="Print the leaderboard of this study (folder or name) and "
+                                                  "exit.")] = None,
+    join: Annotated[bool, typer.Option("--join", help="Join the study at --storage/--study as one more worker.")
+                    ] = False,
+) -> None:
+    """Hyperparameter search: random in log space, grid, TPE or coarse-to-fine, on Optuna, with parallel workers."""
+    from . import tune as T
+
+    if show is not None or join:
+        spec = _find_study(show, storage, study)
+        if join:
+            n = T.Worker(spec, index=os.getpid(), out=out_dir).run()
+            err.print(f"this worker ran {n} trial(s) of study {spec.name}")
+        _print_leaderboard(spec)
+        return
+    if dataset is None:
+        raise VisrecError("give the DATASET to search on", "for example: visrec tune fashion-mnist --trials 20")
+    spec = T.create_study(dataset, space=space, trials=trials, strategy=strategy, epochs=epochs, model=model,
+                          preset=preset, overrides=set_ or [], storage=storage, study=study, out=out_dir,
+                          pruner=pruner, seed=seed, heartbeat=heartbeat)
+    err.print(f"study {spec.name}: {trials} trial(s), {strategy}, {workers} worker(s); folder {spec.folder}; "
+              f"storage {spec.storage}")
+    T.run_workers(spec, workers)
+    result = T.write_results(spec)
+    _print_leaderboard(spec)
+    for w in result["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+    out.print(f"results: {spec.folder}/trials.csv, best.yaml (visrec train --preset {spec.folder}/best.yaml), "
+              "scatter.png, progress.png")
+    if final:
+        run = T.final(spec)
+        out.print(f"final: the best config retrained: test accuracy {_pct(run.summary['test_acc'])} "
+                  f"(val {_pct(run.summary['val_acc'])}); run folder {run.path}")
+
+
+def _find_study(show: str | None, storage: str | None, study: str | None):
+    from . import tune as T
+
+    if show is not None and (Path(show) / "study.json").is_file():
+        doc = json.loads((Path(show) / "study.json").read_text())
+        return T.load_spec(storage or doc["storage"], doc["name"])
+    name = show or study
+    if not name:
+        raise VisrecError("name the study", "--show FOLDER_OR_NAME, or --join with --storage URL --study NAME")
+    folder = Path("runs") / f"tune-{name}"
+    if storage is None and (folder / "study.json").is_file():
+        storage = json.loads((folder / "study.json").read_text())["storage"]
+    if storage is None:
+        raise VisrecError(f"no study folder {show or folder} with a study.json", "give the folder, or --storage URL")
+    return T.load_spec(storage, name)
+
+
+def _print_leaderboard(spec) -> None:
+    from . import tune as T
+
+    rows = T.leaderboard(spec)
+    keys = list(spec.space)
+    t = Table("#", "stage", "val acc", "epochs", *keys, "seconds", title=f"study {spec.name} ({spec.strategy})")
+    for r in rows:
+        t.add_row(str(r["number"]), r["stage"], _pct(r["val_acc"]), str(r["epochs"]),
+                  *[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys],
+                  str(r["seconds"]))
+    out.print(t)
+    states = {}
+    for r in T.trial_rows(spec):
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    out.print("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
 
 
 @app.command()

@@ -104,6 +104,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 1024
     tta: str = "auto"  # none | flip | crops | crops+flip | scales | scales+flip | auto (flip if trained with hflip)
+    crop_pad: int = 0  # crops: shift by this many pixels; 0 = the pad of a crop/translate augmentation, else 2
 
 
 @dataclass

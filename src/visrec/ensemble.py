@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import VisrecError
-from .evaluate import predict_logits, resolve_tta
+from .evaluate import predict_logits, resolve_crop_pad, resolve_tta
 from .runs import Run, dataset_from_config, remap_classes
 from .training.averaging import recompute_batchnorm
 
@@ -116,7 +116,9 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
     probs = []
     modes = [resolve_tta(tta or run.config.eval.tta, run.config.data.augment) for run, _ in loaded]
     for (run, which), lm, mode in zip(loaded, lms, modes, strict=True):
-        p = predict_logits(lm.model, data.images, lm.normalizer, batch_size=batch_size, tta=mode).softmax(1)
+        pad = resolve_crop_pad(run.config.eval.crop_pad, run.config.data.augment)
+        p = predict_logits(lm.model, data.images, lm.normalizer, batch_size=batch_size, tta=mode,
+                           crop_pad=pad).softmax(1)
         probs.append(p)
         report.members.append({"member": f"{run.path}:{which}", "acc": _acc(p.argmax(1), data.labels)})
     stacked = torch.stack(probs)
@@ -126,7 +128,9 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
         avg = copy.deepcopy(lms[0].model)
         avg.load_state_dict(average_state_dicts([lm.model.state_dict() for lm in lms]))
         recompute_batchnorm(avg, ds.train.images, lms[0].normalizer)
-        logits = predict_logits(avg, data.images, lms[0].normalizer, batch_size=batch_size, tta=modes[0])
+        pad = resolve_crop_pad(first.eval.crop_pad, first.data.augment)
+        logits = predict_logits(avg, data.images, lms[0].normalizer, batch_size=batch_size, tta=modes[0],
+                                crop_pad=pad)
         report.combined["parameter average"] = _acc(logits.argmax(1), data.labels)
     return report
 

@@ -5,8 +5,9 @@ TTA averages the softmax probabilities of several views of each image:
     none         the image                                                        1 forward pass
     flip         the image and its mirror                                         2
     crops        the course's multi-crop: center and the four corners of the      5
-                 image padded by 1/8 of its side (zero after normalization,
-                 as the `crop` augmentation pads), i.e. shifts by that much
+                 image padded by `eval.crop_pad` pixels (zero after
+                 normalization, as the `crop` augmentation pads), i.e. shifts
+                 by that much; by default the training crop's pad, else 2
     crops+flip   those five and their mirrors                                     10
     scales       the image resized by 0.9, 1.0 and 1.1, then center-cropped or    3
                  zero-padded back to the model's input size
@@ -46,6 +47,19 @@ def resolve_tta(setting: str, augment: list[str]) -> str:
     return setting
 
 
+def resolve_crop_pad(setting: int, augment: list[str]) -> int:
+    """The shift of the `crops` views: `eval.crop_pad`, else the pad of a crop/translate augmentation, else 2."""
+    if setting < 0:
+        raise VisrecError(f"eval.crop_pad={setting} must be >= 0 (0 = from the training augmentation)")
+    if setting:
+        return setting
+    for spec in augment:
+        name, _, arg = spec.partition(":")
+        if name in ("crop", "translate"):
+            return max(1, int(float(arg))) if arg else 2
+    return 2
+
+
 def _fit_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Center-crop or zero-pad (N, C, H', W') to (h, w)."""
     top, left = max(x.shape[2] - h, 0) // 2, max(x.shape[3] - w, 0) // 2
@@ -56,14 +70,14 @@ def _fit_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x
 
 
-def tta_views(tta: str, x: torch.Tensor) -> list[torch.Tensor]:
+def tta_views(tta: str, x: torch.Tensor, crop_pad: int = 2) -> list[torch.Tensor]:
     """The views of a preprocessed batch that `tta` averages over (see the module docstring)."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta {tta!r} is not one of {TTA_MODES}")
     base = tta.removesuffix("+flip").removesuffix("flip") or "none"
     h, w = x.shape[2:]
     if base == "crops":
-        p = max(1, round(min(h, w) / 8))
+        p = crop_pad
         padded = F.pad(x, (p, p, p, p))
         views = [padded[:, :, dy: dy + h, dx: dx + w] for dy, dx in ((p, p), (0, 0), (0, 2 * p), (2 * p, 0),
                                                                      (2 * p, 2 * p))]
@@ -167,6 +181,7 @@ def predict_logits(
     channels_last: bool = False,
     amp_dtype: torch.dtype | None = None,
     tta: str = "none",
+    crop_pad: int = 2,
 ) -> torch.Tensor:
     """Logits (N, C) in float32 for uint8 images (N, C, H, W), in eval mode, batch by batch."""
     if tta not in TTA_MODES:
@@ -183,7 +198,7 @@ def predict_logits(
             if tta == "none":
                 logits = model(x).float()
             else:
-                views = tta_views(tta, x)
+                views = tta_views(tta, x, crop_pad)
                 probs = sum(model(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
                             .float().softmax(1) for v in views)
                 logits = (probs / len(views)).log()
@@ -202,10 +217,11 @@ def evaluate(
     channels_last: bool = False,
     amp_dtype: torch.dtype | None = None,
     tta: str = "none",
+    crop_pad: int = 2,
 ) -> EvalResult:
     """Accuracy, top-5, loss, per-class accuracy and the confusion matrix of `model` on `data`."""
     logits = predict_logits(model, data.images, normalizer, batch_size=batch_size, channels_last=channels_last,
-                            amp_dtype=amp_dtype, tta=tta)
+                            amp_dtype=amp_dtype, tta=tta, crop_pad=crop_pad)
     labels = data.labels.to(logits.device)
     n = len(labels)
     k = min(5, data.num_classes)

@@ -28,7 +28,7 @@ from .data.images import decode, native_channels, peek
 from .data.imageset import ImageSet
 from .device import resolve_device, resolve_precision, use_channels_last
 from .errors import VisrecError
-from .evaluate import TTA_MODES, EvalResult, evaluate, predict_logits, resolve_tta, tta_views
+from .evaluate import TTA_MODES, EvalResult, evaluate, predict_logits, resolve_crop_pad, resolve_tta, tta_views
 from .models import create_model
 
 
@@ -213,12 +213,13 @@ class Run:
             raise VisrecError(f"{self.path} was trained without a validation split (data.val_fraction=0)")
         data = remap_classes(ds.split(split), lm.classes)
         dev = next(lm.model.parameters()).device
+        pad = resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment)
         rows = []
         for mode in resolved:
             t0 = time.perf_counter()
             res = evaluate(lm.model, data, lm.normalizer, split=split, batch_size=cfg.eval.batch_size,
                            channels_last=use_channels_last(cfg.model.channels_last, lm.model),
-                           amp_dtype=resolve_precision(cfg.train.precision, dev), tta=mode)
+                           amp_dtype=resolve_precision(cfg.train.precision, dev), tta=mode, crop_pad=pad)
             rows.append(({"tta": mode, "views": len(tta_views(mode, data.images[:1].float())), "acc": res.acc,
                           "loss": res.loss, "seconds": round(time.perf_counter() - t0, 3)}, res))
         return rows
@@ -249,7 +250,8 @@ class Run:
         cl = use_channels_last(self.config.model.channels_last, lm.model)
         cfg = self.config
         tta = resolve_tta(tta or cfg.eval.tta, cfg.data.augment)
-        logits = predict_logits(lm.model, x, lm.normalizer, channels_last=cl, tta=tta)
+        logits = predict_logits(lm.model, x, lm.normalizer, channels_last=cl, tta=tta,
+                                crop_pad=resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment))
         probs = logits.float().softmax(1).cpu()
         k = min(top_k, len(lm.classes))
         p, idx = probs.topk(k, 1)

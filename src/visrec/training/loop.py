@@ -37,7 +37,7 @@ from ..device import (
     use_channels_last,
 )
 from ..errors import VisrecError, unknown_name
-from ..evaluate import EvalResult, evaluate, resolve_tta
+from ..evaluate import EvalResult, evaluate, resolve_crop_pad, resolve_tta
 from ..io import write_json, write_text, write_yaml
 from ..models import create_model, is_file_model
 from ..runs import Run, dataset_from_config, default_run_name, setup_config
@@ -70,6 +70,7 @@ def _check_config(cfg: Config) -> None:
     if t.select not in ("last", "best"):
         raise unknown_name("value of train.select", t.select, ["last", "best"])
     resolve_tta(cfg.eval.tta, cfg.data.augment)
+    resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment)
     if not 0.0 <= t.ema < 1.0:
         raise VisrecError(f"train.ema={t.ema} must be in [0, 1) (0 = off; typical 0.999)")
     if t.select == "best" and cfg.data.val_fraction == 0:
@@ -183,6 +184,7 @@ class Trainer:
         self.teachers = (Teachers(d.teachers, ds, self.normalizer, device, d.temperature, d.alpha)
                          if d.teachers else None)
         self.tta = resolve_tta(cfg.eval.tta, cfg.data.augment)
+        self.crop_pad = resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment)
         # Position: the next batch to train is batch `batch` of 0-based epoch `epoch`.
         self.epoch, self.batch, self.step = 0, 0, 0
         self.train_seconds = 0.0
@@ -320,7 +322,8 @@ class Trainer:
 
     def _evaluate(self, model: torch.nn.Module, split: str) -> EvalResult:
         return evaluate(model, self.ds.split(split), self.normalizer, split=split, batch_size=self.cfg.eval.batch_size,
-                        channels_last=self.channels_last, amp_dtype=self.runtime.amp_dtype, tta=self.tta)
+                        channels_last=self.channels_last, amp_dtype=self.runtime.amp_dtype, tta=self.tta,
+                        crop_pad=self.crop_pad)
 
     def _nonfinite(self, step: int) -> NonFiniteLoss:
         cfg = self.cfg
@@ -338,11 +341,16 @@ class Trainer:
             "likely causes:\n    - " + "\n    - ".join(causes),
         )
 
-    def fit(self, *, stop_after_steps: int | None = None) -> Run:
+    def stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step, as Ctrl-C does (an observer may call this)."""
+        self._stop_reason = reason
+
+    def fit(self, *, stop_after_steps: int | None = None, test: bool = True) -> Run:
         """Train to the end (or until stopped), evaluate on test, and return the Run.
 
         `stop_after_steps` stops after that many optimizer steps in total, exactly as a Ctrl-C would:
-        a resumable checkpoint is saved and the run's status is `interrupted`.
+        a resumable checkpoint is saved and the run's status is `interrupted`. `test=False` leaves the test
+        split untouched (hyperparameter search judges by validation accuracy only).
         """
         self._write_run_files()
         callbacks: list[Callback] = [
@@ -372,14 +380,16 @@ class Trainer:
             self.model.load_state_dict(best.weights)
             if self.ema is not None and best.ema is not None:
                 self.ema.module.load_state_dict(best.ema)
-        result = self._evaluate(self._eval_model(), "test")
-        result.save(self.run_dir)
+        result = self._evaluate(self._eval_model(), "test") if test else None
+        if result is not None:
+            result.save(self.run_dir)
         compared = {}
         if len(self._averages()) > 1:  # how much averaging gained over the raw weights, on val and test
             for name, m in self._averages().items():
-                compared[name] = {"test_acc": result.acc if m is self._eval_model() else
-                                  self._evaluate(m, "test").acc,
-                                  "val_acc": self._evaluate(m, "val").acc if self.ds.val is not None else None}
+                compared[name] = {"val_acc": self._evaluate(m, "val").acc if self.ds.val is not None else None}
+                if result is not None:
+                    compared[name]["test_acc"] = (result.acc if m is self._eval_model() else
+                                                  self._evaluate(m, "test").acc)
         summary = self._write_summary("completed", result, compared=compared)
         for cb in callbacks:
             cb.on_train_end(self._state(), summary)
