@@ -360,6 +360,30 @@ def _print_leaderboard(spec) -> None:
 
 
 @app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files (default: test images of each class).")
+                      ] = None,
+    method: Annotated[str, typer.Option(help="filters, activations, saliency, smoothgrad, guided_backprop, gradcam "
+                                             "or occlusion.")] = "gradcam",
+    class_: Annotated[str | None, typer.Option("--class", help="Class name or index (default: the predicted one).")
+                      ] = None,
+    n: Annotated[int, typer.Option(help="How many test images when none are given.")] = 8,
+    layer: Annotated[str | None, typer.Option(help="gradcam: module path (default: the last feature map).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs (default RUN/explain).")] = None,
+    resize: Annotated[bool, typer.Option("--resize", help="Resize images to the model's input size.")] = False,
+    convert: Annotated[bool, typer.Option("--convert", help="Convert color images for a grayscale model.")] = False,
+) -> None:
+    """Explain a run's predictions: filters, activation maps, saliency, guided backprop, Grad-CAM, occlusion."""
+    from .explain import explain as run_explain
+
+    ex = run_explain(run, method, [str(i) for i in images] if images else None, target=class_, n=n, layer=layer,
+                     out=out_dir, resize=resize, convert=convert)
+    for f in ex.files:
+        out.print(f"wrote {f}")
+
+
+@app.command()
 def doctor(
     dataset: Annotated[str | None, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")] = None,
     model: Annotated[str | None, typer.Option(help="Registered model or path/to/file.py:function.")] = None,

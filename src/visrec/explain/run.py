@@ -1,0 +1,164 @@
+"""Explanations of a run's model for images, drawn into RUN/explain/ as PNGs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import VisrecError
+from ..io import write_bytes
+from ..plotting import figure_png, pyplot
+from .methods import METHODS, attribute
+
+FIGURES = ("filters", "activations")
+
+
+@dataclass
+class Explanation:
+    method: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    targets: list[int]
+    probs: list[float]  # the model's probability of each target
+    maps: torch.Tensor | None  # (N, H, W) for attribution methods
+    files: list[Path] = field(default_factory=list)
+
+
+def _target_index(value: str | int, classes: list[str]) -> int:
+    if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+        i = int(value)
+        if not 0 <= i < len(classes):
+            raise VisrecError(f"class index {i} is out of range: the run has {len(classes)} classes (0.."
+                              f"{len(classes) - 1})", f"classes: {', '.join(classes)}")
+        return i
+    if value not in classes:
+        raise VisrecError(f"the run has no class {value!r}", f"its classes are: {', '.join(classes)}")
+    return classes.index(value)
+
+
+def _pick_test_images(run, n: int) -> torch.Tensor:
+    """n test images spread over the classes (the first of each class in turn), from the run's own split."""
+    from ..runs import dataset_from_config, remap_classes
+
+    lm = run.load_model()
+    test = remap_classes(dataset_from_config(run.config).test, lm.classes)
+    per_class = [torch.nonzero(test.labels == c).flatten().tolist() for c in range(len(lm.classes))]
+    order = [idx[k] for k in range(max(map(len, per_class), default=0)) for idx in per_class if k < len(idx)]
+    return test.images[order[:n]]
+
+
+def explain(run, method: str, images: list[Any] | None = None, *, target: str | int | None = None, n: int = 8,
+            layer: str | None = None, out: str | Path | None = None, which: str = "auto", resize: bool = False,
+            convert: bool = False, **options) -> Explanation:
+    """Explain `run`'s model (a Run or a run folder) with `method` for image files (decoded as in training) or,
+    by default, `n` test images; `target` is a class name or index (default: each image's predicted class)."""
+    from ..runs import Run
+
+    run = run if isinstance(run, Run) else Run(run)
+    if method not in METHODS and method not in FIGURES:
+        raise VisrecError(f"explain method {method!r} is not known",
+                          f"choose one of: {', '.join([*FIGURES, *METHODS])}")
+    lm = run.load_model(which, "cpu")
+    model = lm.model
+    if images:
+        x8 = torch.stack([run._to_tensor(i, lm, resize, convert) for i in images])
+    else:
+        x8 = _pick_test_images(run, n)
+    x = lm.normalizer(x8)
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    targets = probs.argmax(1) if target is None else torch.full((len(x),), _target_index(target, lm.classes))
+    folder = Path(out) if out else run.path / "explain"
+    tp = probs.gather(1, targets[:, None])[:, 0].tolist()
+    ex = Explanation(method, x8, targets.tolist(), tp, None)
+    if method == "filters":
+        ex.files.append(_write(folder / "filters.png", filters_figure(model)))
+        return ex
+    if method == "activations":
+        ex.files.append(_write(folder / "activations.png", activations_figure(model, x[:1], lm.classes[targets[0]])))
+        return ex
+    ex.maps = attribute(method, model, x, targets, **({"layer": layer} if method == "gradcam" else {}), **options)
+    ex.files.append(_write(folder / f"{method}.png", maps_figure(ex, lm.classes)))
+    return ex
+
+
+def _write(path: Path, png: bytes) -> Path:
+    write_bytes(path, png)
+    return path
+
+
+def _show(ax, img8: torch.Tensor) -> None:
+    img = img8.permute(1, 2, 0).numpy()
+    ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
+              vmin=0, vmax=255)
+    ax.axis("off")
+
+
+def maps_figure(ex: Explanation, classes: list[str]) -> bytes:
+    plt = pyplot()
+    n = len(ex.images)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n + 0.4, 3.6), squeeze=False)
+    for k in range(n):
+        _show(axes[0, k], ex.images[k])
+        axes[0, k].set_title(f"{classes[ex.targets[k]]}\n{ex.probs[k]:.0%}", fontsize=7)
+        m = ex.maps[k]
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+        _show(axes[1, k], ex.images[k])
+        axes[1, k].imshow(m.numpy(), cmap="jet", vmin=0, vmax=1, alpha=0.55)
+    fig.suptitle(f"{ex.method}: the map over each image (class and the model's probability above)", fontsize=9)
+    fig.subplots_adjust(hspace=0.3)
+    return figure_png(fig, dpi=110)
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m
+    raise VisrecError(f"{type(model).__name__} has no convolutional layer: it has no filters to show",
+                      "use saliency or occlusion for this model")
+
+
+def filters_figure(model: nn.Module) -> bytes:
+    """The first convolution's filters as small images (RGB for 3 input channels, else the channel mean)."""
+    w = _first_conv(model).weight.detach().float().cpu()
+    k = w.shape[0]
+    cols = min(16, k)
+    rows = math.ceil(k / cols)
+    plt = pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6 + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= k:
+            continue
+        f = w[i]
+        f = (f - f.min()) / (f.max() - f.min()).clamp_min(1e-12)
+        ax.imshow(f.permute(1, 2, 0).numpy() if f.shape[0] == 3 else f.mean(0).numpy(), cmap="gray",
+                  interpolation="nearest")
+    fig.suptitle(f"first-layer filters ({k} x {tuple(w.shape[1:])})", fontsize=9)
+    return figure_png(fig, dpi=110)
+
+
+@torch.no_grad()
+def activations_figure(model: nn.Module, x: torch.Tensor, label: str, per_stage: int = 8) -> bytes:
+    """Up to `per_stage` channel maps of every stage for one image."""
+    from ..models import feature_maps
+
+    maps = {k: v for k, v in feature_maps(model, x).items() if v.dim() == 4}
+    if not maps:
+        raise VisrecError(f"{type(model).__name__} has no spatial feature maps to show")
+    plt = pyplot()
+    fig, axes = plt.subplots(len(maps), per_stage, figsize=(per_stage * 0.9, len(maps) * 1.0 + 0.4),
+                             squeeze=False)
+    for r, (name, a) in enumerate(maps.items()):
+        strongest = a[0].flatten(1).mean(1).argsort(descending=True)[:per_stage]
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(strongest):
+                ax.imshow(a[0, strongest[c]].float().numpy(), cmap="viridis")
+        axes[r, 0].set_title(f"{name} {tuple(a.shape[1:])}", fontsize=6, loc="left")
+    fig.suptitle(f"strongest activation maps per stage ({label})", fontsize=9)
+    return figure_png(fig, dpi=110)
