@@ -364,8 +364,8 @@ def explain(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     images: Annotated[list[Path] | None, typer.Argument(help="Image files (default: test images of each class).")
                       ] = None,
-    method: Annotated[str, typer.Option(help="filters, activations, saliency, smoothgrad, guided_backprop, gradcam "
-                                             "or occlusion.")] = "gradcam",
+    method: Annotated[str, typer.Option(help="filters, activations, errors, saliency, smoothgrad, guided_backprop, "
+                                             "gradcam or occlusion.")] = "gradcam",
     class_: Annotated[str | None, typer.Option("--class", help="Class name or index (default: the predicted one).")
                       ] = None,
     n: Annotated[int, typer.Option(help="How many test images when none are given.")] = 8,

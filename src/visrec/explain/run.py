@@ -15,7 +15,7 @@ from ..io import write_bytes
 from ..plotting import figure_png, pyplot
 from .methods import METHODS, attribute
 
-FIGURES = ("filters", "activations")
+FIGURES = ("filters", "activations", "errors")
 
 
 @dataclass
@@ -64,6 +64,9 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
                           f"choose one of: {', '.join([*FIGURES, *METHODS])}")
     lm = run.load_model(which, "cpu")
     model = lm.model
+    folder = Path(out) if out else run.path / "explain"
+    if method == "errors":
+        return _errors(run, lm, folder, n)
     if images:
         x8 = torch.stack([run._to_tensor(i, lm, resize, convert) for i in images])
     else:
@@ -72,7 +75,6 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
     with torch.no_grad():
         probs = model(x).softmax(1)
     targets = probs.argmax(1) if target is None else torch.full((len(x),), _target_index(target, lm.classes))
-    folder = Path(out) if out else run.path / "explain"
     tp = probs.gather(1, targets[:, None])[:, 0].tolist()
     ex = Explanation(method, x8, targets.tolist(), tp, None)
     if method == "filters":
@@ -83,6 +85,33 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
         return ex
     ex.maps = attribute(method, model, x, targets, **({"layer": layer} if method == "gradcam" else {}), **options)
     ex.files.append(_write(folder / f"{method}.png", maps_figure(ex, lm.classes)))
+    return ex
+
+
+def _errors(run, lm, folder: Path, n: int) -> Explanation:
+    """The most confidently wrong test images, with their true and predicted classes and the confidence."""
+    from ..evaluate import predict_logits
+    from ..runs import dataset_from_config, remap_classes
+
+    test = remap_classes(dataset_from_config(run.config).test, lm.classes)
+    probs = predict_logits(lm.model, test.images, lm.normalizer).softmax(1)
+    conf, pred = probs.max(1)
+    wrong = torch.nonzero(pred != test.labels).flatten()
+    worst = wrong[conf[wrong].argsort(descending=True)][:n]
+    ex = Explanation("errors", test.images[worst], pred[worst].tolist(), conf[worst].tolist(), None)
+    plt = pyplot()
+    cols = max(1, min(8, len(worst)))
+    rows = max(1, math.ceil(len(worst) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.4, 1.9 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, i in enumerate(worst.tolist()):
+        ax = axes.flat[k]
+        _show(ax, test.images[i])
+        ax.set_title(f"true {lm.classes[test.labels[i]]}\nsaid {lm.classes[pred[i]]} {conf[i]:.0%}", fontsize=7)
+    fig.suptitle(f"the {len(worst)} most confidently wrong of {len(wrong)} errors in {len(test)} test images",
+                 fontsize=9)
+    ex.files.append(_write(folder / "errors.png", figure_png(fig, dpi=110)))
     return ex
 
 
