@@ -92,10 +92,13 @@ def test_deleting_top_ranked_pixels_first_lowers_the_score_faster(trained, metho
 
 
 def test_explain_writes_figures_and_reports_bad_input(trained, tmp_path):
-    for method in ("filters", "activations", "errors", "gradcam", "smoothgrad"):
+    for method in ("filters", "activations", "errors", "tsne", "gradcam", "smoothgrad"):
         r = CliRunner().invoke(app, ["explain", str(trained.path), "--method", method, "--n", "4"])
         assert r.exit_code == 0, r.output
         assert (trained.path / "explain" / f"{method}.png").stat().st_size > 2000
+    near = explain(trained, "neighbors", n=8)
+    by_features, by_pixels = near.probs  # fraction of neighbours of the query's class
+    assert by_features >= max(by_pixels, 0.75)  # the features find the query's class at least as well as pixels
     errors = explain(trained, "errors", n=5)
     assert len(errors.images) <= 5 and errors.probs == sorted(errors.probs, reverse=True)  # most confident first
     ex = explain(trained, "saliency", target="class2", n=4)

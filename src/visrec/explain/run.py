@@ -15,7 +15,7 @@ from ..io import write_bytes
 from ..plotting import figure_png, pyplot
 from .methods import METHODS, attribute
 
-FIGURES = ("filters", "activations", "errors")
+FIGURES = ("filters", "activations", "errors", "tsne", "neighbors")
 
 
 @dataclass
@@ -67,6 +67,10 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
     folder = Path(out) if out else run.path / "explain"
     if method == "errors":
         return _errors(run, lm, folder, n)
+    if method == "tsne":
+        return _tsne(run, lm, folder, options.get("points", 1000))
+    if method == "neighbors":
+        return _neighbors(run, lm, folder, n)
     if images:
         x8 = torch.stack([run._to_tensor(i, lm, resize, convert) for i in images])
     else:
@@ -112,6 +116,83 @@ def _errors(run, lm, folder: Path, n: int) -> Explanation:
     fig.suptitle(f"the {len(worst)} most confidently wrong of {len(wrong)} errors in {len(test)} test images",
                  fontsize=9)
     ex.files.append(_write(folder / "errors.png", figure_png(fig, dpi=110)))
+    return ex
+
+
+def _stratified(labels: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """About k indices spread evenly over the classes, in a seeded order."""
+    from ..data import stratified_subset
+
+    return stratified_subset(labels, min(k, len(labels)), seed) if k < len(labels) else torch.arange(len(labels))
+
+
+def _tsne(run, lm, folder: Path, points: int) -> Explanation:
+    """t-SNE of the penultimate features of test images, coloured by their true class."""
+    from sklearn.manifold import TSNE
+
+    from ..runs import dataset_from_config, remap_classes
+    from ..transfer import extract_features
+
+    test = remap_classes(dataset_from_config(run.config).test, lm.classes)
+    idx = _stratified(test.labels, points)
+    feats = extract_features(lm.model, test.images[idx], lm.normalizer)
+    xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, max(5.0, (len(idx) - 1) / 4)),
+              random_state=0).fit_transform(feats.numpy())
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    labels = test.labels[idx]
+    for c, name in enumerate(lm.classes):
+        sel = (labels == c).numpy()
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.8, label=name, color=plt.cm.tab20(c % 20))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(lm.classes) <= 20:
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    ax.set_title(f"t-SNE of the penultimate features of {len(idx)} test images ({feats.shape[1]} dims)")
+    ex = Explanation("tsne", test.images[idx], labels.tolist(), [], None)
+    ex.files.append(_write(folder / "tsne.png", figure_png(fig, dpi=110)))
+    return ex
+
+
+def _neighbors(run, lm, folder: Path, n: int, k: int = 6, pool: int = 10000) -> Explanation:
+    """For n test images, the k nearest training images in feature space (the network's penultimate layer) and in
+    pixel space (L2 on raw pixels): features find the same class, pixels find the same brightness and layout."""
+    from ..runs import dataset_from_config, remap_classes
+    from ..transfer import extract_features
+
+    ds = dataset_from_config(run.config)
+    test, train = remap_classes(ds.test, lm.classes), remap_classes(ds.train, lm.classes)
+    q = _stratified(test.labels, n, seed=1)[:n]
+    t = _stratified(train.labels, pool, seed=2)
+    fq, ft = (extract_features(lm.model, s, lm.normalizer) for s in (test.images[q], train.images[t]))
+    by_feat = torch.cdist(fq, ft).topk(k, largest=False).indices
+    pq, pt = test.images[q].flatten(1).float(), train.images[t].flatten(1).float()
+    by_pixel = torch.cdist(pq, pt).topk(k, largest=False).indices
+    plt = pyplot()
+    fig, axes = plt.subplots(2 * len(q), k + 1, figsize=(1.1 * (k + 1) + 0.6, 2.3 * len(q) + 0.4), squeeze=False)
+    agree = {"features": 0, "pixels": 0}
+    for r, i in enumerate(q.tolist()):
+        for row, (name, nn_idx) in enumerate((("features", by_feat[r]), ("pixels", by_pixel[r]))):
+            axes[2 * r + row, 0].axis("off")
+            if row == 0:
+                _show(axes[2 * r, 0], test.images[i])
+                axes[2 * r, 0].set_title(lm.classes[test.labels[i]], fontsize=7)
+            else:
+                axes[2 * r + 1, 0].text(0.5, 0.5, "", ha="center")
+            for c, j in enumerate(t[nn_idx].tolist()):
+                _show(axes[2 * r + row, c + 1], train.images[j])
+                same = int(train.labels[j]) == int(test.labels[i])
+                agree[name] += same
+                axes[2 * r + row, c + 1].set_title(("" if same else "x ") + lm.classes[train.labels[j]], fontsize=6,
+                                                   color="black" if same else "red")
+            axes[2 * r + row, 1].text(-0.15, 0.5, name, transform=axes[2 * r + row, 1].transAxes, rotation=90,
+                                      va="center", ha="right", fontsize=7)
+    total = len(q) * k
+    fig.suptitle(f"nearest training images: same class {agree['features']}/{total} by features, "
+                 f"{agree['pixels']}/{total} by pixels", fontsize=9)
+    ex = Explanation("neighbors", test.images[q], test.labels[q].tolist(),
+                     [agree["features"] / total, agree["pixels"] / total], None)
+    ex.files.append(_write(folder / "neighbors.png", figure_png(fig, dpi=100)))
     return ex
 
 
