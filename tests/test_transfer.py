@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -100,6 +101,7 @@ def test_two_stage_trains_the_head_first_then_everything(source):
     backbone = [k for k in base if not k.startswith("head.")]
     assert all(torch.equal(mid[k], base[k]) for k in backbone)
     assert trainer.schedule.factor(spe) == pytest.approx(trainer.schedule.factor(0))  # the schedule restarts
+    shutil.rmtree(source.path)  # a resumed run needs only its own folder
     done = visrec.resume("runs/two", progress=False)
     assert any(not torch.equal(_weights(done)[k], base[k]) for k in backbone)
 

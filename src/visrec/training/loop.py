@@ -126,6 +126,7 @@ class Trainer:
         self.progress = progress
         self.quiet = quiet  # no progress output at all
         self._stop_reason: str | None = None
+        self._resume_dir = _resume_dir
         self._setup()
         self.resuming = _resume_dir is not None
         if self.resuming:
@@ -153,7 +154,7 @@ class Trainer:
         self.model = create_model(cfg.model.name, in_chans=ds.channels, num_classes=ds.num_classes,
                                   image_size=ds.image_size, **cfg.model.kwargs)
         self.initial_weights_note = None
-        if cfg.model.weights:
+        if cfg.model.weights and self._resume_dir is None:  # a resumed run's checkpoint holds its weights
             self.initial_weights_note, source_norm = load_initial_weights(
                 self.model, cfg.model.weights, cfg.model.trust_checkpoint, new_head=cfg.finetune.strategy != "none")
             if source_norm is not None:  # a run's network sees its inputs preprocessed as in its own training
@@ -174,11 +175,11 @@ class Trainer:
                                      seed=cfg.train.seed)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.swa: SWA | None = None  # created at its first update
+        self.swa_start = round((1 - cfg.train.swa) * self.total_steps) if cfg.train.swa > 0 else None
         self.schedule = LRSchedule(self.optimizer, self._lr_factor())
         self.pipeline = Pipeline(cfg.data.augment, device, seed=cfg.train.seed + 1)
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
-        self.swa: SWA | None = None  # created at its first update
-        self.swa_start = round((1 - cfg.train.swa) * self.total_steps) if cfg.train.swa > 0 else None
         self.snapshots = set(snapshot_steps(cfg.schedule, self.total_steps, self.steps_per_epoch))
         d = cfg.distill
         self.teachers = (Teachers(d.teachers, ds, self.normalizer, device, d.temperature, d.alpha)
@@ -204,8 +205,8 @@ class Trainer:
                 return head(t) if t < t1 else body(t - t1)
         else:
             base = schedule_factor(cfg.schedule, total, spe)
-        if cfg.train.swa > 0 and cfg.train.swa_lr > 0:
-            start, hold = round((1 - cfg.train.swa) * total), cfg.train.swa_lr
+        if self.swa_start is not None and cfg.train.swa_lr > 0:
+            start, hold = self.swa_start, cfg.train.swa_lr
             return lambda t: hold if t >= start else base(t)
         return base
 
