@@ -222,3 +222,15 @@ def test_a_killed_worker_leaves_its_trial_retried_and_the_study_complete(tmp_pat
     retry = [r for r in rows if r["retry_of"] == killed]
     assert len(retry) == 1 and retry[0]["state"] in ("COMPLETE", "PRUNED")
     assert all(retry[0][k] == failed[0][k] for k in SPACE)  # the same parameters again
+
+
+def test_tpe_fills_its_queued_tickets_within_the_space(tmp_path):
+    spec = create_study(SYN, space=SPACE, trials=5, strategy="tpe", out=tmp_path / "tpe", seed=4)
+
+    def objective(trial, values, epochs):
+        return -abs(math.log10(values["optim.lr"]) + 1)
+
+    assert Worker(spec, objective=objective).run(poll=0.05) == 5
+    rows = trial_rows(spec)
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 5 and {r["stage"] for r in rows} == {"tpe"}
+    assert all(0.02 <= r["optim.lr"] <= 0.5 and 1e-5 <= r["optim.weight_decay"] <= 1e-3 for r in rows)
