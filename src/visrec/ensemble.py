@@ -43,13 +43,19 @@ class EnsembleReport:
                 "gain_over_best_member": {k: v - self.best_member_acc for k, v in self.combined.items()}}
 
 
-def parse_member(spec: str | Path) -> tuple[Run, str]:
-    """`RUN`, `RUN:last`, `RUN:best`, `RUN:snapshotK` -> (Run, which)."""
+def split_member(spec: str | Path) -> tuple[Path, str]:
+    """`RUN`, `RUN:last`, `RUN:best`, `RUN:snapshotK` -> (folder, which), without opening the folder."""
     text = str(spec)
     path, sep, which = text.rpartition(":")
     if not sep or not path or not (which in ("auto", "last", "best") or
                                    (which.startswith("snapshot") and which[8:].isdigit())):
         path, which = text, "auto"
+    return Path(path), which
+
+
+def parse_member(spec: str | Path) -> tuple[Run, str]:
+    """`RUN`, `RUN:last`, `RUN:best`, `RUN:snapshotK` -> (Run, which)."""
+    path, which = split_member(spec)
     return Run(path), which
 
 

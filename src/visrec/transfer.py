@@ -66,7 +66,7 @@ def stage_groups(model: nn.Module, example: torch.Tensor) -> tuple[list[list[str
     A parameter belongs to the stage whose output (one of `stage_paths`) is the first to be computed after its
     module runs, found by one forward pass of `example`; what runs after the last stage (and outside the head,
     e.g. VGG's fc6/fc7) and what never runs joins the last stage. A model without `stage_paths` has one stage."""
-    head_names = {f"{n}" for n, _ in _named_under(model, _head(model))}
+    head_names = {n for n, _ in _named_under(model, _head(model))}
     paths = list(getattr(model, "stage_paths", ()))
     order: dict[str, int] = {}
     done = [0]
@@ -231,11 +231,12 @@ def finetune_config(source: str, data: str, strategy: str, *, model: str | None 
                     overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """The config of a fine-tuning run: the preset (default recipe), then the source's architecture and
     preprocessing mode, then overrides."""
+    from .ensemble import split_member
     from .runs import Run
 
     cfg = resolve_config(preset, None)
     cfg.data.name = data
-    path = Path(source.rpartition(":")[0] if source.endswith((":best", ":last")) else source)
+    path = split_member(source)[0]
     if source.startswith("timm:"):
         cfg.model.name = source
         cfg.model.kwargs = {**cfg.model.kwargs, "pretrained": True}

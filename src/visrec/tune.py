@@ -311,7 +311,16 @@ def _quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+_STORAGES: dict[tuple[str, int], object] = {}  # one engine per URL in a process, not one per look at the study
+
+
 def _storage(url: str, heartbeat: int):
+    if (url, heartbeat) not in _STORAGES:
+        _STORAGES[url, heartbeat] = _open_storage(url, heartbeat)
+    return _STORAGES[url, heartbeat]
+
+
+def _open_storage(url: str, heartbeat: int):
     import optuna
     from optuna.storages import RDBStorage
 

@@ -33,7 +33,7 @@ class Teachers:
             if lm.classes != ds.classes:
                 raise VisrecError(f"teacher {run.path} knows the classes {lm.classes}, but this run's data has "
                                   f"{ds.classes}", "distill on the dataset (and data.classes) the teachers learned")
-            theirs = Normalizer.from_state(lm.normalizer.state())
+            theirs = lm.normalizer.to("cpu")
             if theirs.mode != normalizer.mode or not (
                     torch.allclose(theirs.mean, normalizer.mean.cpu(), atol=1e-4)
                     and torch.allclose(theirs.std, normalizer.std.cpu(), atol=1e-4)):

@@ -670,11 +670,11 @@ def load_initial_weights(model: nn.Module, path: str, trust: bool, *, new_head: 
     fresh initialization; any other missing, unexpected or mis-shaped tensor is an error.
 
     Returns a note for the user and, for a run, its preprocessing state (the network expects inputs prepared so)."""
-    from ..ensemble import parse_member
+    from ..ensemble import parse_member, split_member
     from ..io import load_weights
 
     norm = None
-    if Path(path.rpartition(":")[0] if path.endswith((":best", ":last")) else path).is_dir():
+    if split_member(path)[0].is_dir():
         run, which = parse_member(path)
         ckpt = load_checkpoint(run.path / "checkpoints", run.checkpoint_tag(which))
         weights = dict(ckpt.swa or ckpt.ema or ckpt.weights)
