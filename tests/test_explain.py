@@ -115,3 +115,81 @@ def test_explain_writes_figures_and_reports_bad_input(trained, tmp_path):
     flat = create_model("mlp", in_chans=1, num_classes=3, image_size=(8, 8)).eval()
     with pytest.raises(VisrecError, match="needs spatial feature maps"):
         attribute("gradcam", flat, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
+
+
+def test_class_model_images_are_recognized_as_their_class(trained):
+    from visrec.explain.synthesis import class_model, pixel_bounds
+
+    lm = trained.load_model()
+    classes = torch.arange(4)
+    shape = (lm.in_chans, *lm.image_size)
+    x = class_model(lm.model, classes, lm.normalizer, shape, steps=60, seed=0)
+    lo, hi = pixel_bounds(lm.normalizer, tuple(x.shape))
+    assert (x >= lo - 1e-5).all() and (x <= hi + 1e-5).all()  # valid pixels only
+    with torch.no_grad():
+        p = lm.model(x).softmax(1)
+        noise = lm.model(torch.randn(4, *shape) * 0.1).softmax(1)
+    assert (p.argmax(1) == classes).all(), p
+    assert p.diagonal().mean() > noise.gather(1, classes[:, None]).mean() + 0.3
+
+
+def test_fooling_flips_predictions_with_a_change_smaller_than_the_nearest_target_image(trained):
+    from visrec.explain.synthesis import fooling
+
+    lm = trained.load_model()
+    ds = visrec.load_dataset(SYN)
+    x8 = ds.test.images[:8]
+    x = lm.normalizer(x8)
+    with torch.no_grad():
+        pred = lm.model(x).argmax(1)
+    target = (pred + 1) % 4
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    res = fooling(lm.model, x, target, lm.normalizer, step=0.25)
+    with torch.no_grad():
+        after = lm.model(res.images).argmax(1)
+    assert all(res.fooled) and torch.equal(after, target)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    train = ds.train.images.flatten(1).float()
+    for k in range(len(x)):  # a real image of the target class is much further away than the attack's change
+        same = train[ds.train.labels == target[k]]
+        nearest = (same - x8[k].flatten().float()).norm(dim=1).min()
+        assert res.l2[k] < 0.5 * nearest, (k, res.l2[k], float(nearest))
+
+
+def test_feature_inversion_of_an_early_stage_resembles_its_image(trained):
+    from visrec.explain.synthesis import invert, to_pixels
+
+    lm = trained.load_model()
+    x = lm.normalizer(visrec.load_dataset(SYN).test.images[:4])
+    rec = invert(lm.model, x, "stem", lm.normalizer, steps=150)
+    a, b = to_pixels(rec, lm.normalizer).flatten(1), to_pixels(x, lm.normalizer).flatten(1)
+    corr = torch.corrcoef(torch.cat([a, b]))[:4, 4:]  # reconstruction i against original j
+    assert (corr.diagonal() > 0.5).all(), corr
+    assert (corr.diagonal() > corr.masked_fill(torch.eye(4, dtype=torch.bool), -1).amax(1)).all()
+
+
+def test_confused_pairs_counts_mistakes():
+    from visrec.explain.run import confused_pairs
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    pred = torch.tensor([1, 1, 0, 0, 1, 1, 2, 0])
+    assert confused_pairs(labels, pred, 3, 3) == [(0, 1, 2), (1, 0, 1), (2, 0, 1)]
+    assert confused_pairs(labels, labels, 3, 3) == []
+
+
+def test_synthesis_figures_and_their_bad_input(trained):
+    for method in ("class_model", "fooling", "confused"):
+        r = CliRunner().invoke(app, ["explain", str(trained.path), "--method", method, "--n", "3"])
+        assert r.exit_code == 0, r.output
+        assert (trained.path / "explain" / f"{method}.png").stat().st_size > 2000
+    inv = explain(trained, "inversion", n=2, steps=30)
+    assert len(inv.images) == 2 * 4 and (trained.path / "explain" / "inversion.png").stat().st_size > 2000
+    one = explain(trained, "class_model", target="class1", steps=20)
+    assert one.targets == [1] and len(one.images) == 1
+    fooled = explain(trained, "fooling", target=3, n=4)
+    assert all(t == 3 for t in fooled.targets) and "linf" in fooled.info
+    with pytest.raises(VisrecError, match="no stage 'stages.7'") as e:
+        explain(trained, "inversion", layer="stages.7", n=1)
+    assert "stem" in e.value.hint
+    with pytest.raises(VisrecError, match="no class 'zebra'"):
+        explain(trained, "fooling", target="zebra")

@@ -14,10 +14,12 @@ from .config import Config, resolve_config  # noqa: E402
 from .data import Dataset, ImageSet, load_dataset  # noqa: E402
 from .errors import VisrecError  # noqa: E402
 from .models import create_model, list_models, register_model  # noqa: E402
+from .report import write_report  # noqa: E402
 from .runs import Run, list_runs  # noqa: E402
 from .training import Callback, Trainer, resume, train  # noqa: E402
 
 __all__ = [
     "Callback", "Config", "Dataset", "ImageSet", "Run", "Trainer", "VisrecError", "__version__", "create_model",
     "doctor", "list_models", "list_runs", "load_dataset", "register_model", "resolve_config", "resume", "train",
+    "write_report",
 ]

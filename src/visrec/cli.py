@@ -158,6 +158,8 @@ def train(
                   f"best val {_pct(s['best_val_acc'])}, training time {s['train_seconds']:.1f} s "
                   f"({s['images_per_s']:.0f} images/s)")
         out.print(f"run folder: {run.path}")
+        if (run.path / "report.html").is_file():
+            out.print(f"report: {run.path / 'report.html'}")
         out.print(f"TensorBoard: tensorboard --logdir {run.path / 'tb'}")
 
 
@@ -364,23 +366,44 @@ def explain(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     images: Annotated[list[Path] | None, typer.Argument(help="Image files (default: test images of each class).")
                       ] = None,
-    method: Annotated[str, typer.Option(help="filters, activations, errors, saliency, smoothgrad, guided_backprop, "
-                                             "gradcam or occlusion.")] = "gradcam",
+    method: Annotated[str, typer.Option(help="filters, activations, errors, confused, tsne, neighbors, class_model, "
+                                             "fooling, inversion, saliency, smoothgrad, guided_backprop, gradcam "
+                                             "or occlusion.")] = "gradcam",
     class_: Annotated[str | None, typer.Option("--class", help="Class name or index (default: the predicted one).")
                       ] = None,
     n: Annotated[int, typer.Option(help="How many test images when none are given.")] = 8,
-    layer: Annotated[str | None, typer.Option(help="gradcam: module path (default: the last feature map).")] = None,
+    layer: Annotated[str | None, typer.Option(help="gradcam: module path (default: the last feature map); "
+                                                   "inversion: one stage (default: every stage).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs (default RUN/explain).")] = None,
     resize: Annotated[bool, typer.Option("--resize", help="Resize images to the model's input size.")] = False,
     convert: Annotated[bool, typer.Option("--convert", help="Convert color images for a grayscale model.")] = False,
 ) -> None:
-    """Explain a run's predictions: filters, activation maps, saliency, guided backprop, Grad-CAM, occlusion."""
+    """Explain a run's model: filters, activations, attribution maps, errors, feature space, synthesized images.
+
+    --class picks the explained class (attribution maps), the class drawn (class_model) or the target of the
+    attack (fooling; default: each image's runner-up class)."""
     from .explain import explain as run_explain
 
     ex = run_explain(run, method, [str(i) for i in images] if images else None, target=class_, n=n, layer=layer,
                      out=out_dir, resize=resize, convert=convert)
     for f in ex.files:
         out.print(f"wrote {f}")
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN/report.html).")] = None,
+    explain: Annotated[bool, typer.Option("--explain/--no-explain",
+                                          help="Include the sections that need the model and the test data.")] = True,
+) -> None:
+    """Write a run's self-contained report.html: curves, confusion, per-class, errors, filters, Grad-CAM, doctor."""
+    from .report import build_report
+
+    rep = build_report(run, out_file, explain=explain)
+    for item in rep.skipped:
+        err.print(f"left out: {item}")
+    out.print(f"wrote {rep.path} ({rep.path.stat().st_size / 1e6:.1f} MB, {rep.seconds:.1f} s)")
 
 
 @app.command()

@@ -98,6 +98,8 @@ class TrainConfig:
     select: str = "last"  # weights evaluated on test at the end: last | best (by val accuracy)
     nonfinite: str = "stop"  # what a NaN/inf loss does: stop (with a diagnosis) | skip (drop the step)
     threads: int = 0  # CPU threads; 0 = PyTorch's default (one per core)
+    report: bool = True  # write report.html (curves, confusion, explanations) when training completes
+    histograms: int = 1  # TensorBoard weight/activation histograms every N epochs; 0 = none
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,7 +16,7 @@ from ..io import write_bytes
 from ..plotting import figure_png, pyplot
 from .methods import METHODS, attribute
 
-FIGURES = ("filters", "activations", "errors", "tsne", "neighbors")
+FIGURES = ("filters", "activations", "errors", "confused", "tsne", "neighbors", "class_model", "fooling", "inversion")
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Explanation:
     probs: list[float]  # the model's probability of each target
     maps: torch.Tensor | None  # (N, H, W) for attribution methods
     files: list[Path] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # method-specific results (confused pairs, attack sizes)
 
 
 def _target_index(value: str | int, classes: list[str]) -> int:
@@ -71,6 +73,10 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
         return _tsne(run, lm, folder, options.get("points", 1000))
     if method == "neighbors":
         return _neighbors(run, lm, folder, n)
+    if method == "confused":
+        return _confused(run, lm, folder, n)
+    if method == "class_model":
+        return _class_model(lm, folder, None if target is None else _target_index(target, lm.classes), n, options)
     if images:
         x8 = torch.stack([run._to_tensor(i, lm, resize, convert) for i in images])
     else:
@@ -87,18 +93,28 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
     if method == "activations":
         ex.files.append(_write(folder / "activations.png", activations_figure(model, x[:1], lm.classes[targets[0]])))
         return ex
+    if method == "fooling":
+        return _fooling(lm, folder, x, probs, None if target is None else _target_index(target, lm.classes), options)
+    if method == "inversion":
+        return _inversion(lm, folder, x[:4], targets[:4].tolist(), tp[:4], layer, options)
     ex.maps = attribute(method, model, x, targets, **({"layer": layer} if method == "gradcam" else {}), **options)
     ex.files.append(_write(folder / f"{method}.png", maps_figure(ex, lm.classes)))
     return ex
 
 
-def _errors(run, lm, folder: Path, n: int) -> Explanation:
-    """The most confidently wrong test images, with their true and predicted classes and the confidence."""
+def test_probabilities(run, lm):
+    """The run's test split (in the model's class order) and the model's probabilities for it."""
     from ..evaluate import predict_logits
     from ..runs import dataset_from_config, remap_classes
 
     test = remap_classes(dataset_from_config(run.config).test, lm.classes)
-    probs = predict_logits(lm.model, test.images, lm.normalizer).softmax(1)
+    return test, predict_logits(lm.model, test.images, lm.normalizer).softmax(1)
+
+
+def _errors(run, lm, folder: Path, n: int, test=None, probs=None) -> Explanation:
+    """The most confidently wrong test images, with their true and predicted classes and the confidence."""
+    if test is None:
+        test, probs = test_probabilities(run, lm)
     conf, pred = probs.max(1)
     wrong = torch.nonzero(pred != test.labels).flatten()
     worst = wrong[conf[wrong].argsort(descending=True)][:n]
@@ -116,6 +132,166 @@ def _errors(run, lm, folder: Path, n: int) -> Explanation:
     fig.suptitle(f"the {len(worst)} most confidently wrong of {len(wrong)} errors in {len(test)} test images",
                  fontsize=9)
     ex.files.append(_write(folder / "errors.png", figure_png(fig, dpi=110)))
+    return ex
+
+
+def confused_pairs(labels: torch.Tensor, pred: torch.Tensor, num_classes: int, k: int) -> list[tuple[int, int, int]]:
+    """The k most frequent (true, predicted, count) mistakes, most frequent first (ties by class order)."""
+    cm = torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+    cm.fill_diagonal_(0)
+    order = cm.flatten().argsort(descending=True, stable=True)[:k]
+    return [(int(i) // num_classes, int(i) % num_classes, int(cm.flatten()[i])) for i in order if cm.flatten()[i] > 0]
+
+
+def _confused(run, lm, folder: Path, n: int, pairs: int = 5, test=None, probs=None) -> Explanation:
+    """The most confused class pairs of the test split, each a row of its most confidently wrong images."""
+    if test is None:
+        test, probs = test_probabilities(run, lm)
+    conf, pred = probs.max(1)
+    top = confused_pairs(test.labels, pred, len(lm.classes), pairs)
+    cols = max(1, min(n, 8))
+    plt = pyplot()
+    fig, axes = plt.subplots(max(1, len(top)), cols + 1, figsize=(1.3 * (cols + 1) + 0.8, 1.45 * max(1, len(top))
+                                                                  + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    shown, counts = [], []
+    for r, (a, b, count) in enumerate(top):
+        idx = torch.nonzero((test.labels == a) & (pred == b)).flatten()
+        idx = idx[conf[idx].argsort(descending=True)][:cols]
+        axes[r, 0].text(1.0, 0.5, f"true {lm.classes[a]}\nsaid {lm.classes[b]}\n{count} times", ha="right",
+                        va="center", fontsize=7, transform=axes[r, 0].transAxes)
+        for c, i in enumerate(idx.tolist()):
+            _show(axes[r, c + 1], test.images[i])
+            axes[r, c + 1].set_title(f"{conf[i]:.0%}", fontsize=6)
+        shown += idx.tolist()
+        counts.append(count)
+    wrong = int((pred != test.labels).sum())
+    title = (f"the {len(top)} most confused pairs ({sum(counts)} of {wrong} errors in {len(test)} test images)"
+             if top else f"no errors in {len(test)} test images")
+    fig.suptitle(title, fontsize=9)
+    ex = Explanation("confused", test.images[shown] if shown else test.images[:0], [b for _, b, _ in top],
+                     [c / max(1, len(test)) for c in counts], None)
+    ex.info["pairs"] = [(lm.classes[a], lm.classes[b], c) for a, b, c in top]
+    ex.files.append(_write(folder / "confused.png", figure_png(fig, dpi=110)))
+    return ex
+
+
+def _display(x: torch.Tensor, normalizer, stretch: bool = False) -> torch.Tensor:
+    """Normalized images -> uint8 pixels for display; `stretch` maps each image's own range to 0..255."""
+    from .synthesis import to_pixels
+
+    p = to_pixels(x.detach().float().cpu(), normalizer)
+    if stretch:
+        lo = p.flatten(1).amin(1).view(-1, 1, 1, 1)
+        hi = p.flatten(1).amax(1).view(-1, 1, 1, 1)
+        p = (p - lo) / (hi - lo).clamp_min(1e-6) * 255
+    return p.round().clamp(0, 255).to(torch.uint8)
+
+
+def _class_model(lm, folder: Path, cls: int | None, n: int, options: dict) -> Explanation:
+    """The input each class's score likes most (gradient ascent with L2, blur and jitter), one panel per class."""
+    from .synthesis import class_model
+
+    classes = [cls] if cls is not None else list(range(min(len(lm.classes), max(n, 10))))
+    c, (h, w) = lm.in_chans, lm.image_size
+    keys = ("steps", "lr", "l2", "blur_every", "blur_sigma", "jitter", "seed")
+    x = class_model(lm.model, torch.tensor(classes), lm.normalizer, (c, h, w),
+                    **{k: v for k, v in options.items() if k in keys})
+    with torch.no_grad():
+        probs = lm.model.eval()(x).softmax(1)
+    tp = [float(probs[k, cl]) for k, cl in enumerate(classes)]
+    images = _display(x, lm.normalizer, stretch=True)
+    plt = pyplot()
+    cols = min(5, len(classes))
+    rows = math.ceil(len(classes) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.4, 2.1 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, cl in enumerate(classes):
+        _show(axes.flat[k], images[k])
+        axes.flat[k].set_title(f"{lm.classes[cl]}\np={tp[k]:.2f}", fontsize=7)
+    fig.suptitle("class models: inputs that maximize each class score (L2, blur, jitter regularized)", fontsize=9)
+    ex = Explanation("class_model", images, classes, tp, None)
+    ex.files.append(_write(folder / "class_model.png", figure_png(fig, dpi=110)))
+    return ex
+
+
+def _fooling(lm, folder: Path, x: torch.Tensor, probs: torch.Tensor, cls: int | None, options: dict) -> Explanation:
+    """Fooling images: each image pushed to a target class (`cls`, else its runner-up class) by the smallest
+    gradient steps that flip the prediction; the change is shown magnified."""
+    from .synthesis import fooling
+
+    pred = probs.argmax(1)
+    if cls is None:
+        target = probs.topk(2, dim=1).indices[:, 1]
+    else:
+        target = torch.full((len(x),), cls)
+        keep = pred != cls  # an image the model already puts in the target class cannot be fooled into it
+        x, probs, pred, target = x[keep], probs[keep], pred[keep], target[keep]
+        if not len(x):
+            raise VisrecError(f"every image is already predicted as {lm.classes[cls]!r}",
+                              "give images of other classes or another --class")
+    keys = ("step", "max_steps")
+    res = fooling(lm.model, x, target, lm.normalizer, **{k: v for k, v in options.items() if k in keys})
+    with torch.no_grad():
+        after = lm.model.eval()(res.images).softmax(1)
+    orig, adv = _display(x, lm.normalizer), _display(res.images, lm.normalizer)
+    diff = adv.float() - orig.float()
+    mag = float(options.get("magnify", 10))
+    plt = pyplot()
+    n = len(x)
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n + 0.6, 5.4), squeeze=False)
+    for k in range(n):
+        _show(axes[0, k], orig[k])
+        axes[0, k].set_title(f"{lm.classes[pred[k]]} {probs[k, pred[k]]:.0%}", fontsize=7)
+        _show(axes[1, k], adv[k])
+        said = int(after[k].argmax())
+        axes[1, k].set_title(f"{lm.classes[said]} {after[k, said]:.0%}" + ("" if res.fooled[k] else " (not fooled)"),
+                             fontsize=7, color="black" if res.fooled[k] else "red")
+        _show(axes[2, k], (127.5 + mag * diff[k]).round().clamp(0, 255).to(torch.uint8))
+        axes[2, k].set_title(f"max {res.linf[k]:.0f}/255, {res.steps[k]} steps", fontsize=6)
+    for r, name in enumerate(("original", f"fooled (target: {'runner-up' if cls is None else lm.classes[cls]})",
+                              f"change x{mag:g}")):
+        axes[r, 0].text(-0.12, 0.5, name, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right",
+                        fontsize=7)
+    fig.suptitle(f"fooling images: {sum(res.fooled)}/{n} flipped to the target class", fontsize=9)
+    ex = Explanation("fooling", adv, target.tolist(), [float(after[k, target[k]]) for k in range(n)], None)
+    ex.info.update(fooled=res.fooled, steps=res.steps, linf=res.linf, l2=res.l2)
+    ex.files.append(_write(folder / "fooling.png", figure_png(fig, dpi=110)))
+    return ex
+
+
+def _inversion(lm, folder: Path, x: torch.Tensor, targets: list[int], tp: list[float], layer: str | None,
+               options: dict) -> Explanation:
+    """Feature inversion: for each image, the image reconstructed from its features at every stage (or `layer`)."""
+    from ..models import feature_maps
+    from .synthesis import invert
+
+    with torch.no_grad():
+        stages = list(feature_maps(lm.model.eval(), x[:1]))
+    if layer is not None:
+        if layer not in stages:
+            raise VisrecError(f"{type(lm.model).__name__} has no stage {layer!r} for inversion",
+                              f"its stages are: {', '.join(stages)}")
+        stages = [layer]
+    keys = ("steps", "lr", "tv", "l2", "seed")
+    recs = [_display(invert(lm.model, x, s, lm.normalizer, **{k: v for k, v in options.items() if k in keys}),
+                     lm.normalizer) for s in stages]
+    plt = pyplot()
+    fig, axes = plt.subplots(len(x), len(stages) + 1, figsize=(1.5 * (len(stages) + 1) + 0.4, 1.7 * len(x) + 0.5),
+                             squeeze=False)
+    orig = _display(x, lm.normalizer)
+    for r in range(len(x)):
+        _show(axes[r, 0], orig[r])
+        axes[r, 0].set_title(f"{lm.classes[targets[r]]}", fontsize=7)
+        for c, s in enumerate(stages):
+            _show(axes[r, c + 1], recs[c][r])
+            if r == 0:
+                axes[r, c + 1].set_title(s, fontsize=7)
+    fig.suptitle("feature inversion: images rebuilt from each stage's features", fontsize=9)
+    ex = Explanation("inversion", torch.cat(recs), targets, tp, None)
+    ex.files.append(_write(folder / "inversion.png", figure_png(fig, dpi=110)))
     return ex
 
 
@@ -208,19 +384,37 @@ def _show(ax, img8: torch.Tensor) -> None:
     ax.axis("off")
 
 
-def maps_figure(ex: Explanation, classes: list[str]) -> bytes:
+def _rgb(img8: torch.Tensor) -> np.ndarray:
+    """uint8 (C, H, W) -> float (H, W, 3) in [0, 1]."""
+    a = img8.permute(1, 2, 0).float().numpy() / 255.0
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[..., :3]
+
+
+def maps_figure(ex: Explanation, classes: list[str], cols: int = 10) -> bytes:
+    """Each image above its map (overlaid in jet), `cols` images to a row pair, drawn as one mosaic (fast)."""
     plt = pyplot()
     n = len(ex.images)
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n + 0.4, 3.6), squeeze=False)
+    cols = max(1, min(n, cols))
+    groups = math.ceil(n / cols)
+    h, w = ex.images.shape[2:]
+    gap = max(2, h // 8)
+    mosaic = np.ones((groups * (2 * h + 3 * gap), cols * (w + gap), 3))
+    jet = plt.get_cmap("jet")
     for k in range(n):
-        _show(axes[0, k], ex.images[k])
-        axes[0, k].set_title(f"{classes[ex.targets[k]]}\n{ex.probs[k]:.0%}", fontsize=7)
+        top, left = (k // cols) * (2 * h + 3 * gap) + gap, (k % cols) * (w + gap)
+        img = _rgb(ex.images[k])
         m = ex.maps[k]
-        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
-        _show(axes[1, k], ex.images[k])
-        axes[1, k].imshow(m.numpy(), cmap="jet", vmin=0, vmax=1, alpha=0.55)
-    fig.suptitle(f"{ex.method}: the map over each image (class and the model's probability above)", fontsize=9)
-    fig.subplots_adjust(hspace=0.3)
+        m = ((m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)).numpy()
+        mosaic[top: top + h, left: left + w] = img
+        mosaic[top + h + gap: top + 2 * h + gap, left: left + w] = 0.45 * img + 0.55 * jet(m)[..., :3]
+    fig, ax = plt.subplots(figsize=(1.3 * cols + 0.4, 2.8 * groups + 0.4))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
+    for k in range(n):
+        top, left = (k // cols) * (2 * h + 3 * gap) + gap, (k % cols) * (w + gap)
+        ax.text(left + w / 2, top - 0.5, f"{classes[ex.targets[k]]} {ex.probs[k]:.0%}", ha="center", va="bottom",
+                fontsize=6)
+    ax.set_title(f"{ex.method}: each image above its map (class and the model's probability)", fontsize=9)
     return figure_png(fig, dpi=110)
 
 

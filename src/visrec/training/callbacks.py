@@ -75,16 +75,73 @@ class MetricsLogger(Callback):
         self._f.close()
 
 
-class TensorBoardLogger(Callback):
-    """Scalars under tb/ in the run folder: loss/*, acc/*, lr, throughput."""
+def flat_hparams(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as TensorBoard hyperparameters: dotted keys, values bool/int/float/str (lists as text)."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, key + "."))
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        elif v is None:
+            out[key] = ""
+        else:
+            out[key] = json.dumps(v)
+    return out
 
-    def __init__(self, log_dir: Path, purge_step: int | None = None):
+
+class TensorBoardLogger(Callback):
+    """TensorBoard events under tb/ in the run folder: scalars (loss/*, acc/*, lr, throughput), weight and
+    activation histograms every `histograms` epochs (0 = none; activations sampled at the first training batch
+    after each such epoch, at most 65,536 values per stage), figures (`add_figures`), and the run's
+    hyperparameters with its final metrics (the HParams tab compares runs side by side)."""
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None, *, config: dict[str, Any] | None = None,
+                 histograms: int = 0, activations: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        self.config, self.histograms, self.activations = config, histograms, activations
+        self._hooks: list[Any] = []
+        self._capture: set[str] = set()
+        self._step = 0
+
+    def on_train_start(self, state):
+        self._step = state.step
+        if not self.histograms or state.model is None:
+            return
+        self._weights(state.model, state.step)
+        paths = getattr(state.model, "stage_paths", ()) if self.activations else ()
+        for path in paths:
+            self._hooks.append(state.model.get_submodule(path).register_forward_hook(
+                lambda m, i, o, path=path: self._activation(path, o)))
+        self._capture = set(paths)
+
+    def _activation(self, path: str, output: Any) -> None:
+        if path not in self._capture or not hasattr(output, "detach"):
+            return
+        self._capture.discard(path)
+        flat = output.detach().flatten()
+        stride = max(1, flat.numel() // 65536)  # a strided sample: no random numbers are drawn
+        self._histogram(f"activations/{path}", flat[::stride], self._step)
+
+    def _histogram(self, tag: str, values: Any, step: int) -> None:
+        values = values.float().cpu()
+        values = values[values.isfinite()]  # a run that skips non-finite steps may hold inf/NaN
+        if values.numel():
+            try:
+                self.writer.add_histogram(tag, values, step)
+            except ValueError:  # values too far apart to bin (a diverged run): the run matters more than this
+                pass
+
+    def _weights(self, model: Any, step: int) -> None:
+        for name, p in model.named_parameters():
+            self._histogram(f"weights/{name}", p.detach(), step)
 
     def on_window(self, state, record):
         w, s = self.writer, record["step"]
+        self._step = s
         w.add_scalar("loss/train", record["loss"], s)
         w.add_scalar("acc/train", record["acc"], s)
         w.add_scalar("lr", record["lr"], s)
@@ -98,11 +155,41 @@ class TensorBoardLogger(Callback):
                 self.writer.add_scalar("top5/val", r["top5"], r["step"])
             elif r["split"] == "train":
                 self.writer.add_scalar("acc/train_epoch", r["acc"], r["step"])
+        self._step = state.step
+        if self.histograms and state.model is not None and state.epoch % self.histograms == 0:
+            self._weights(state.model, state.step)
+            self._capture = {path for path in getattr(state.model, "stage_paths", ())} if self._hooks else set()
         self.writer.flush()
 
+    def add_figures(self, figures: dict[str, bytes], step: int) -> None:
+        """PNG figures (filters, Grad-CAM examples, confusion matrix) as TensorBoard images."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        for name, png in figures.items():
+            img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+            self.writer.add_image(f"figures/{name}", img, step, dataformats="HWC")
+
     def on_train_end(self, state, summary):
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._capture = [], set()
         if summary.get("test"):
             self.writer.add_scalar("acc/test", summary["test"]["acc"], state.step)
+        if self.config is not None and summary.get("status") == "completed":
+            from torch.utils.tensorboard.summary import hparams
+
+            metrics = {f"hparam/{k}": float(summary[k]) for k in
+                       ("test_acc", "test_loss", "best_val_acc", "val_acc", "train_acc", "train_seconds")
+                       if isinstance(summary.get(k), (int, float))}
+            exp, ssi, sei = hparams(flat_hparams(self.config), metrics)
+            fw = self.writer._get_file_writer()
+            for item in (exp, ssi, sei):
+                fw.add_summary(item)
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, state.step)
         self.writer.close()
 
 

@@ -13,6 +13,7 @@ import contextlib
 import datetime as _dt
 import platform
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -354,9 +355,12 @@ class Trainer:
         split untouched (hyperparameter search judges by validation accuracy only).
         """
         self._write_run_files()
+        tb = TensorBoardLogger(self.run_dir / "tb", purge_step=self.step if self.resuming else None,
+                               config=self.cfg.to_dict(), histograms=self.cfg.train.histograms,
+                               activations=not self.cfg.model.compile)
         callbacks: list[Callback] = [
             MetricsLogger(self.run_dir / "metrics.jsonl", resume_step=self.step if self.resuming else None),
-            TensorBoardLogger(self.run_dir / "tb", purge_step=self.step if self.resuming else None),
+            tb,
             *([] if self.quiet else [ProgressPrinter(live=self.progress)]),
             *self.extra_callbacks,
         ]
@@ -392,9 +396,26 @@ class Trainer:
                     compared[name]["test_acc"] = (result.acc if m is self._eval_model() else
                                                   self._evaluate(m, "test").acc)
         summary = self._write_summary("completed", result, compared=compared)
-        for cb in callbacks:
-            cb.on_train_end(self._state(), summary)
+        for cb in callbacks:  # TensorBoard last: the report (which shows the doctor's findings) adds figures to it
+            if cb is not tb:
+                cb.on_train_end(self._state(), summary)
+        if test and self.cfg.train.report:
+            self._write_report(tb)
+        tb.on_train_end(self._state(), summary)
         return Run(self.run_dir)
+
+    def _write_report(self, tb: TensorBoardLogger) -> None:
+        """report.html, its figures also to TensorBoard; a report that cannot be drawn never fails the run."""
+        from ..report import build_report
+
+        try:
+            rep = build_report(Run(self.run_dir))
+        except Exception as e:  # noqa: BLE001 - the trained model and its results are already safe on disk
+            print(f"visrec: report.html was not written: {type(e).__name__}: {e} "
+                  f"(retry with `visrec report {self.run_dir}`)", file=sys.stderr)
+            return
+        tb.add_figures({k: v for k, v in rep.figures.items() if k in ("filters", "gradcam", "saliency", "confusion")},
+                       self.step)
 
     def _loop(self, callbacks: list[Callback], stop_after_steps: int | None) -> bool:
         cfg, model, opt = self.cfg, self.forward, self.optimizer

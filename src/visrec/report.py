@@ -1,0 +1,325 @@
+"""report.html: one self-contained page per run that a person wants to read.
+
+Sections: the headline numbers, timing, training curves (loss, accuracy, learning rate), the confusion matrix and
+per-class accuracy, the most confused pairs with their images, the most confidently wrong images, first-layer
+filters, Grad-CAM and saliency for test images of every class, the doctor's findings when the run has them, and
+the config. Every image is an embedded PNG (data URI); the page has no scripts and loads nothing from anywhere.
+
+    visrec report runs/fm          # regenerate RUN/report.html
+    visrec.write_report("runs/fm")
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import VisrecError
+from .io import write_text
+from .plotting import figure_png, pyplot
+
+
+@dataclass
+class Report:
+    path: Path
+    figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG, also logged to TensorBoard
+    skipped: list[str] = field(default_factory=list)  # sections left out, with the reason
+    seconds: float = 0.0
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _pct(x: Any) -> str:
+    return f"{x:.2%}" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
+
+
+def _secs(x: Any) -> str:
+    if not isinstance(x, (int, float)):
+        return "–"
+    m, s = divmod(float(x), 60)
+    return f"{int(m)} min {s:.0f} s" if m else f"{s:.1f} s"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash: the rest is still worth drawing
+                continue
+    return rows
+
+
+def curves_png(metrics: list[dict[str, Any]], title: str) -> bytes | None:
+    """Loss, accuracy and learning rate against epochs, train windows as thin lines, val epochs as dots."""
+    train = [r for r in metrics if r.get("split") == "train" and r.get("kind") == "window"]
+    val = [r for r in metrics if r.get("split") == "val"]
+    if not train:
+        return None
+    steps_per_epoch = max(1, max(r["step"] for r in train) / max(1, max(r["epoch"] for r in train)))
+
+    def ep(r):
+        return r["step"] / steps_per_epoch
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, name in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        ax.plot([ep(r) for r in train], [r[key] for r in train], lw=1, label="train (windows)")
+        if val:
+            ax.plot([ep(r) for r in val], [r[key] for r in val], "o-", ms=4, label="val")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[2].plot([ep(r) for r in train], [r["lr"] for r in train], lw=1.2)
+    axes[2].set_xlabel("epoch")
+    axes[2].set_title("learning rate")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return figure_png(fig, dpi=100)
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def per_class_png(rows: list[list[str]]) -> bytes:
+    names = [r[0] for r in rows]
+    accs = [float(r[2]) for r in rows]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(names) + 1))
+    ax.barh(range(len(names)), accs, color=["#c0392b" if a < sum(accs) / len(accs) - 0.05 else "#2e86c1"
+                                            for a in accs])
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test accuracy")
+    for i, a in enumerate(accs):
+        ax.text(min(a, 0.98), i, f" {a:.1%}", va="center", ha="right" if a > 0.85 else "left", fontsize=7,
+                color="white" if a > 0.85 else "black")
+    ax.set_title("per-class accuracy (red: more than 5 points below the mean)", fontsize=9)
+    return figure_png(fig, dpi=100)
+
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:24px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #d8dce3}
+.sub{color:#5b6475;margin:0 0 16px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{background:#fff;border:1px solid #d8dce3;border-radius:8px;
+padding:10px 14px;min-width:140px}.card b{display:block;font-size:22px}.card span{color:#5b6475;font-size:13px}
+table{border-collapse:collapse;background:#fff}td,th{border:1px solid #d8dce3;padding:3px 9px;text-align:left;
+font-size:13px}th{background:#eef0f4}
+img{max-width:100%;background:#fff;border:1px solid #d8dce3;border-radius:4px;margin:4px 0}
+pre{background:#fff;border:1px solid #d8dce3;padding:10px;overflow:auto;font-size:12px}
+.finding{background:#fff;border-left:5px solid #888;padding:8px 12px;margin:8px 0}
+.finding.error{border-color:#c0392b}.finding.warn{border-color:#e67e22}.finding.info{border-color:#2e86c1}
+.finding.ok{border-color:#27ae60}.muted{color:#5b6475;font-size:13px}
+"""
+
+
+def _cards(s: dict[str, Any]) -> str:
+    items = [("test accuracy", _pct(s.get("test_acc"))), ("best val accuracy", _pct(s.get("best_val_acc"))),
+             ("train accuracy", _pct(s.get("train_acc"))), ("training time", _secs(s.get("train_seconds"))),
+             ("images / s", f"{s['images_per_s']:,.0f}" if isinstance(s.get("images_per_s"), (int, float)) else "–"),
+             ("parameters", f"{s['params']:,}" if isinstance(s.get("params"), int) else "–")]
+    return '<div class="cards">' + "".join(f'<div class="card"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>'
+                                           for k, v in items) + "</div>"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _timing(s: dict[str, Any]) -> str:
+    rows = [["training", _secs(s.get("train_seconds"))],
+            ["epochs (steps)", f"{s.get('epochs', '–')} of {s.get('epochs_planned', '–')} ({s.get('steps', '–')})"],
+            ["throughput", f"{s.get('images_per_s', 0):,.0f} images/s" if s.get("images_per_s") else "–"],
+            ["device", f"{s.get('device', '–')}, {s.get('precision', '–')}, {s.get('threads', '–')} threads"
+                       + (", channels_last" if s.get("channels_last") else "")],
+            ["started / finished", f"{s.get('started', '–')} / {s.get('finished', '–')}"],
+            ["software", f"visrec {s.get('visrec', '–')}, torch {s.get('torch', '–')}, python {s.get('python', '–')}"]]
+    if isinstance(s.get("weights_compared"), dict):
+        for name, v in s["weights_compared"].items():
+            rows.append([f"{name} weights", f"val {_pct(v.get('val_acc'))}, test {_pct(v.get('test_acc'))}"])
+    return _table(["", ""], rows)
+
+
+def _findings(run_dir: Path) -> str | None:
+    path = run_dir / "findings.json"
+    if not path.is_file():
+        return None
+    try:
+        items = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return '<p class="muted">findings.json could not be read.</p>'
+    if isinstance(items, dict):
+        items = items.get("findings", [])
+    out = []
+    for f in items:
+        sev = str(f.get("severity", "info"))
+        if sev == "ok":
+            continue
+        fix = f.get("fix") or ""
+        ev = f.get("evidence") or {}
+        evidence = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in ev.items()
+                             if not isinstance(v, (list, dict)))
+        out.append(f'<div class="finding {_esc(sev)}"><b>{_esc(sev.upper())} · {_esc(f.get("id", ""))}</b><br>'
+                   f'{_esc(f.get("message", ""))}'
+                   + (f"<br><i>What to change:</i> {_esc(fix)}" if fix else "")
+                   + (f'<br><span class="muted">{_esc(evidence)}</span>' if evidence else "") + "</div>")
+    return "".join(out) or '<p class="muted">The doctor found nothing wrong.</p>'
+
+
+def _per_class_examples(test, classes: list[str], per_class: int):
+    """`per_class` test images of every class (at most 10 classes shown)."""
+    import torch
+
+    idx = []
+    for c in range(min(10, len(classes))):
+        idx += torch.nonzero(test.labels == c).flatten()[:per_class].tolist()
+    return test.images[idx]
+
+
+def build_report(run, out: str | Path | None = None, *, explain: bool = True, per_class: int = 2) -> Report:
+    """Write `run`'s report.html (default RUN/report.html); `explain=False` leaves out the sections that need the
+    model and the data (confused images, errors, filters, Grad-CAM, saliency)."""
+    from .runs import Run
+
+    t0 = time.perf_counter()
+    run = run if isinstance(run, Run) else Run(run)
+    d = run.path
+    summary_path = d / "summary.json"
+    s = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    rep = Report(Path(out) if out else d / "report.html")
+    parts: list[str] = []
+    status = s.get("status", "no summary yet")
+    parts.append(f"<h1>{_esc(d.name)}</h1><p class='sub'>{_esc(s.get('model', run.config.model.name))} on "
+                 f"{_esc(s.get('dataset', run.config.data.name))} — status: <b>{_esc(status)}</b>"
+                 + (f" — {_esc(s['error'])}" if s.get("error") else "") + "</p>")
+    parts.append(_cards(s))
+
+    curves = curves_png(read_metrics(d / "metrics.jsonl"), f"{d.name}: training curves")
+    parts.append("<h2>Training curves</h2>")
+    if curves:
+        rep.figures["curves"] = curves
+        parts.append(_img(curves, "training curves"))
+    else:
+        parts.append('<p class="muted">No training windows were logged.</p>')
+
+    parts.append("<h2>Test results</h2>")
+    if (d / "confusion.png").is_file():
+        rep.figures["confusion"] = (d / "confusion.png").read_bytes()
+        parts.append(_img(rep.figures["confusion"], "confusion matrix"))
+    per = _read_csv(d / "per_class.csv")[1:]
+    if per:
+        rep.figures["per_class"] = per_class_png(per)
+        parts.append(_img(rep.figures["per_class"], "per-class accuracy"))
+        parts.append(_table(["class", "test images", "accuracy"], [[r[0], r[1], _pct(float(r[2]))] for r in per]))
+    if s.get("most_confused"):
+        parts.append("<p>Most confused (true → predicted, count):</p>"
+                     + _table(["true", "predicted", "count"], [list(r) for r in s["most_confused"]]))
+    if not per:
+        parts.append('<p class="muted">The run has no test evaluation yet.</p>')
+
+    if explain:
+        parts += _explain_sections(run, rep, per_class)
+
+    parts.append("<h2>Doctor</h2>")
+    found = _findings(d)
+    parts.append(found or '<p class="muted">This run was not watched by the doctor (train with --monitor, or run '
+                 '<code>visrec doctor</code>).</p>')
+    parts.append("<h2>Timing</h2>" + _timing(s))
+    config = (d / "config.yaml").read_text() if (d / "config.yaml").is_file() else ""
+    parts.append(f"<h2>Config</h2><pre>{_esc(config)}</pre>")
+    if rep.skipped:
+        parts.append("<h2>Left out</h2><ul>" + "".join(f"<li>{_esc(x)}</li>" for x in rep.skipped) + "</ul>")
+    parts.append(f'<p class="muted">Written by visrec {_esc(s.get("visrec", ""))} on '
+                 f'{time.strftime("%Y-%m-%d %H:%M:%S")}.</p>')
+    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+            "style-src 'unsafe-inline'\">"
+            f"<title>visrec report: {_esc(d.name)}</title><style>{CSS}</style></head><body><main>"
+            + "\n".join(parts) + "</main></body></html>\n")
+    write_text(rep.path, page)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _explain_sections(run, rep: Report, per_class: int) -> list[str]:
+    """Sections drawn with the model and the test split; each one that fails is listed under "Left out"."""
+    from .explain.run import _confused, _errors, filters_figure, maps_figure, test_probabilities
+
+    parts: list[str] = []
+    try:
+        lm = run.load_model()
+        test, probs_all = test_probabilities(run, lm)
+        x8 = _per_class_examples(test, lm.classes, per_class)
+    except (VisrecError, OSError) as e:
+        rep.skipped.append(f"explanations: {getattr(e, 'message', e)}")
+        return parts
+    folder = run.path / "explain"
+    for name, title, fn in (
+        ("confused", "Most confused pairs", lambda: _confused(run, lm, folder, 8, test=test, probs=probs_all)),
+        ("errors", "Most confidently wrong", lambda: _errors(run, lm, folder, 16, test=test, probs=probs_all)),
+    ):
+        try:
+            ex = fn()
+            if not len(ex.images):
+                parts.append(f"<h2>{title}</h2><p class='muted'>No test image was misclassified.</p>")
+                continue
+            rep.figures[name] = ex.files[0].read_bytes()
+            parts.append(f"<h2>{title}</h2>" + _img(rep.figures[name], title))
+        except VisrecError as e:
+            rep.skipped.append(f"{title.lower()}: {e.message}")
+    try:
+        rep.figures["filters"] = filters_figure(lm.model)
+        parts.append("<h2>First-layer filters</h2>" + _img(rep.figures["filters"], "first-layer filters"))
+    except VisrecError as e:
+        rep.skipped.append(f"filters: {e.message}")
+    import torch
+
+    from .explain import Explanation, attribute
+
+    x = lm.normalizer(x8)
+    with torch.no_grad():
+        probs = lm.model(x).softmax(1)
+    pred = probs.argmax(1)
+    parts.append(f"<h2>What the model looks at</h2><p class='muted'>{per_class} test image(s) of each class, maps "
+                 "for the predicted class (its probability above each image).</p>")
+    for method in ("gradcam", "saliency"):
+        try:
+            maps = attribute(method, lm.model, x, pred)
+        except VisrecError as e:
+            rep.skipped.append(f"{method}: {e.message}")
+            continue
+        ex = Explanation(method, x8, pred.tolist(), probs.gather(1, pred[:, None])[:, 0].tolist(), maps)
+        rep.figures[method] = maps_figure(ex, lm.classes)
+        parts.append(_img(rep.figures[method], method))
+    return parts
+
+
+def write_report(run, out: str | Path | None = None, *, explain: bool = True) -> Path:
+    return build_report(run, out, explain=explain).path
