@@ -6,6 +6,7 @@ Events: `on_train_start(state)`, `on_window(state, record)` every `train.log_eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -129,11 +130,10 @@ class TensorBoardLogger(Callback):
     def _histogram(self, tag: str, values: Any, step: int) -> None:
         values = values.float().cpu()
         values = values[values.isfinite()]  # a run that skips non-finite steps may hold inf/NaN
+        # values too far apart to bin (a diverged run) raise ValueError: the run matters more than this histogram
         if values.numel():
-            try:
+            with contextlib.suppress(ValueError):
                 self.writer.add_histogram(tag, values, step)
-            except ValueError:  # values too far apart to bin (a diverged run): the run matters more than this
-                pass
 
     def _weights(self, model: Any, step: int) -> None:
         for name, p in model.named_parameters():
