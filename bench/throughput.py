@@ -4,7 +4,9 @@ achieved GFLOP/s against the machine's measured fp32 matmul peak (measured in th
 FLOPs per image: 2 x the multiply-accumulates that `visrec.models.summary` counts; a training step costs about
 3x a forward pass (forward, input gradients, weight gradients).
 
-    python bench/throughput.py [--models mlp,lenet5,convnet,resnet20] [--batch 256] [--out bench/throughput.json]
+    python bench/throughput.py [--models mlp,lenet5,convnet,preset:fmnist-fast,resnet20] [--batch 256]
+
+An entry `preset:NAME` measures that preset's model with its keyword arguments.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from baseline import machine
+from visrec.config import resolve_config
 from visrec.models import create_model
 from visrec.models.summary import summary
 
@@ -36,7 +39,11 @@ def matmul_peak(n: int = 2048, seconds: float = 3.0) -> float:
 
 def measure(name: str, batch: int, seconds: float) -> dict:
     torch.manual_seed(0)
-    model = create_model(name, in_chans=1, num_classes=10, image_size=(28, 28))
+    kwargs = {}
+    if name.startswith("preset:"):
+        cfg = resolve_config(name.split(":", 1)[1])
+        name, kwargs = cfg.model.name, cfg.model.kwargs
+    model = create_model(name, in_chans=1, num_classes=10, image_size=(28, 28), **kwargs)
     macs = summary(model.eval(), (1, 28, 28)).macs
     cl = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -65,13 +72,13 @@ def measure(name: str, batch: int, seconds: float) -> dict:
     model.eval()
     with torch.inference_mode():
         infer_ips = timed(lambda: model(x))
-    return {"model": name, "macs": macs, "train_images_per_s": train_ips, "infer_images_per_s": infer_ips,
-            "train_gflops": train_ips * macs * 2 * 3 / 1e9, "infer_gflops": infer_ips * macs * 2 / 1e9}
+    return {"model": name, "kwargs": kwargs, "macs": macs, "train_images_per_s": train_ips,
+            "infer_images_per_s": infer_ips, "train_gflops": train_ips * macs * 2 * 3 / 1e9, "infer_gflops": infer_ips * macs * 2 / 1e9}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="mlp,lenet5,convnet,resnet20")
+    ap.add_argument("--models", default="mlp,lenet5,convnet,preset:fmnist-fast,resnet20")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
@@ -80,13 +87,14 @@ def main() -> None:
     peak = matmul_peak()
     print(f"fp32 matmul peak (2048x2048): {peak:.0f} GFLOP/s", flush=True)
     rows = []
-    print(f"{'model':10s} {'MFLOP/img':>9s} {'train img/s':>11s} {'GFLOP/s':>8s} {'of peak':>7s} "
+    print(f"{'model':19s} {'MFLOP/img':>9s} {'train img/s':>11s} {'GFLOP/s':>8s} {'of peak':>7s} "
           f"{'infer img/s':>11s} {'GFLOP/s':>8s} {'of peak':>7s}")
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         r = measure(name, args.batch, args.seconds)
+        r["entry"] = name
         r["train_of_peak"], r["infer_of_peak"] = r["train_gflops"] / peak, r["infer_gflops"] / peak
         rows.append(r)
-        print(f"{name:10s} {2 * r['macs'] / 1e6:9.1f} {r['train_images_per_s']:11.0f} {r['train_gflops']:8.1f} "
+        print(f"{name:19s} {2 * r['macs'] / 1e6:9.1f} {r['train_images_per_s']:11.0f} {r['train_gflops']:8.1f} "
               f"{r['train_of_peak']:7.0%} {r['infer_images_per_s']:11.0f} {r['infer_gflops']:8.1f} "
               f"{r['infer_of_peak']:7.0%}", flush=True)
     args.out.write_text(json.dumps({"machine": machine(), "batch": args.batch, "matmul_peak_gflops": peak,

@@ -105,3 +105,18 @@ def test_model_from_file(tmp_path):
     (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
     with pytest.raises(VisrecError, match="broken.py failed to import: ModuleNotFoundError"):
         create_model(f"{tmp_path / 'broken.py'}:f")
+
+
+def test_convnet_pools_move_the_downsampling():
+    from visrec.models.summary import summary
+
+    default = create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28))
+    early = create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), pools=[1, 1, 0, 0])
+    x = torch.randn(2, 1, 28, 28)
+    assert default.forward_features(x).shape[2:] == early.forward_features(x).shape[2:] == (7, 7)
+    assert early(x).shape == (2, 10)
+    assert summary(early.eval(), (1, 28, 28)).macs < 0.5 * summary(default.eval(), (1, 28, 28)).macs
+    with pytest.raises(VisrecError, match="must have 4 flags"):
+        create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), pools=[1, 1])
+    with pytest.raises(VisrecError, match="below one pixel"):
+        create_model("convnet", in_chans=1, num_classes=10, image_size=(8, 8), pools=[1, 1, 1, 1])
