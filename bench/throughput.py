@@ -73,7 +73,8 @@ def measure(name: str, batch: int, seconds: float) -> dict:
     with torch.inference_mode():
         infer_ips = timed(lambda: model(x))
     return {"model": name, "kwargs": kwargs, "macs": macs, "train_images_per_s": train_ips,
-            "infer_images_per_s": infer_ips, "train_gflops": train_ips * macs * 2 * 3 / 1e9, "infer_gflops": infer_ips * macs * 2 / 1e9}
+            "infer_images_per_s": infer_ips, "train_gflops": train_ips * macs * 2 * 3 / 1e9,
+            "infer_gflops": infer_ips * macs * 2 / 1e9}
 
 
 def main() -> None:
