@@ -140,7 +140,7 @@ def test_ema_and_best_selection_and_hinge_loss():
     assert run.evaluate().acc == pytest.approx(s["test_acc"])
 
 
-@pytest.mark.parametrize("preset", ["linear", "svm", "mlp", "lenet5", "resnet20"])
+@pytest.mark.parametrize("preset", ["linear", "svm", "mlp", "lenet5", "resnet20", "fmnist-fast", "fmnist-best"])
 def test_presets_train_a_few_steps(preset):
     run = visrec.train(SYN, preset=preset, epochs=1, out=f"runs/{preset}",
                        overrides={"train.batch_size": 64, "data.subset": 128}, progress=False)
