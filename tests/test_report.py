@@ -93,6 +93,9 @@ def test_tensorboard_has_histograms_figures_and_hparams(run):
     acts = [t for t in tags["histograms"] if t.startswith("activations/")]
     assert "weights/stem.0.0.weight" in weights and len(acts) == 4  # every stage of the convnet
     assert len(ea.Histograms("weights/stem.0.0.weight")) == 4  # at the start and after each of 3 epochs
+    # the first training batch, then the first of epochs 2 and 3: never the final test evaluation
+    assert [h.step for h in ea.Histograms("activations/stem")] == [0, run.summary["steps"] // 3,
+                                                                    2 * run.summary["steps"] // 3]
     assert {"figures/filters", "figures/gradcam", "figures/saliency"} <= set(tags["images"])
     assert "hparam/test_acc" in tags["scalars"]
     hp = ea.PluginTagToContent("hparams")

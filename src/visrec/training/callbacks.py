@@ -104,8 +104,7 @@ class TensorBoardLogger(Callback):
 
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         self.config, self.histograms, self.activations = config, histograms, activations
-        self._hooks: list[Any] = []
-        self._capture: set[str] = set()
+        self._hooks: dict[str, Any] = {}  # stage path -> forward hook waiting for its next forward pass
         self._step = 0
 
     def on_train_start(self, state):
@@ -113,16 +112,22 @@ class TensorBoardLogger(Callback):
         if not self.histograms or state.model is None:
             return
         self._weights(state.model, state.step)
-        paths = getattr(state.model, "stage_paths", ()) if self.activations else ()
-        for path in paths:
-            self._hooks.append(state.model.get_submodule(path).register_forward_hook(
-                lambda m, i, o, path=path: self._activation(path, o)))
-        self._capture = set(paths)
+        self._arm(state.model)
+
+    def _arm(self, model: Any) -> None:
+        """Hook every stage until its next forward pass: each hook records one histogram, then removes itself, so
+        the steps in between run without hooks."""
+        if not self.activations:
+            return
+        for path in getattr(model, "stage_paths", ()):
+            if path not in self._hooks:
+                self._hooks[path] = model.get_submodule(path).register_forward_hook(
+                    lambda m, i, o, path=path: self._activation(path, o))
 
     def _activation(self, path: str, output: Any) -> None:
-        if path not in self._capture or not hasattr(output, "detach"):
+        self._hooks.pop(path).remove()
+        if not hasattr(output, "detach"):
             return
-        self._capture.discard(path)
         flat = output.detach().flatten()
         stride = max(1, flat.numel() // 65536)  # a strided sample: no random numbers are drawn
         self._histogram(f"activations/{path}", flat[::stride], self._step)
@@ -158,7 +163,8 @@ class TensorBoardLogger(Callback):
         self._step = state.step
         if self.histograms and state.model is not None and state.epoch % self.histograms == 0:
             self._weights(state.model, state.step)
-            self._capture = {path for path in getattr(state.model, "stage_paths", ())} if self._hooks else set()
+            if state.epoch < state.epochs:  # after the last epoch, the next forward passes are test evaluation
+                self._arm(state.model)
         self.writer.flush()
 
     def add_figures(self, figures: dict[str, bytes], step: int) -> None:
@@ -173,9 +179,9 @@ class TensorBoardLogger(Callback):
             self.writer.add_image(f"figures/{name}", img, step, dataformats="HWC")
 
     def on_train_end(self, state, summary):
-        for h in self._hooks:
+        for h in self._hooks.values():
             h.remove()
-        self._hooks, self._capture = [], set()
+        self._hooks = {}
         if summary.get("test"):
             self.writer.add_scalar("acc/test", summary["test"]["acc"], state.step)
         if self.config is not None and summary.get("status") == "completed":
