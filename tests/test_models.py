@@ -120,3 +120,41 @@ def test_convnet_pools_move_the_downsampling():
         create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), pools=[1, 1])
     with pytest.raises(VisrecError, match="below one pixel"):
         create_model("convnet", in_chans=1, num_classes=10, image_size=(8, 8), pools=[1, 1, 1, 1])
+
+
+def test_patch_whitening_decorrelates_the_patches_it_was_fitted_on():
+    from visrec.models.layers import PatchWhitening
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 12, 12).cumsum(2).cumsum(3)  # strongly correlated neighbouring pixels
+    layer = PatchWhitening(3, kernel_size=2)
+    assert layer.out_channels == 24 and not layer.weight.requires_grad
+    raw = layer(x)  # before fitting: each patch pixel and its negation
+    assert torch.equal(raw[:, 0, :-1, :-1], x[:, 0, :-1, :-1]) and torch.equal(raw[:, 12], -raw[:, 0])
+    layer.fit(x)
+    y = layer(x)[:, :12, :-1, :-1]  # the positive half, at the positions whose patches lie inside the image
+    cov = torch.cov(y.permute(1, 0, 2, 3).reshape(12, -1).double())
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=0.02)
+    assert [p for p in layer.parameters()] == [layer.bias] and "weight" in layer.state_dict()
+    with pytest.raises(VisrecError, match=r"\(N, 3, H, W\)"):
+        layer.fit(torch.randn(4, 1, 8, 8))
+    top = PatchWhitening(3, kernel_size=2, out_channels=8)  # the 4 directions of largest variance
+    top.fit(x)
+    assert torch.allclose(top.weight[:4], layer.weight[:4]) and torch.allclose(top.weight[4:], -top.weight[:4])
+    y4 = top(x)[:, :4, :-1, :-1].permute(1, 0, 2, 3).reshape(4, -1).double()
+    assert torch.allclose(torch.cov(y4), torch.eye(4, dtype=torch.float64), atol=0.02)
+    with pytest.raises(VisrecError, match="cannot have 25 output channels"):
+        PatchWhitening(3, kernel_size=2, out_channels=25)
+
+
+def test_convnet_whitening_stem():
+    m = create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), pools=[1, 1, 0, 0], stem="whiten")
+    assert m.stem[0].out_channels == 16 and m.stages[0][0].in_channels == 16  # 8 of the 9 3x3 directions, +-
+    assert m.forward_features(torch.randn(2, 1, 28, 28)).shape[1:] == (64, 7, 7)
+    _forward_backward(m, 1, 28, 28, 10)
+    with pytest.raises(VisrecError, match="stem 'patchify' is not valid"):
+        create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="patchify")
+    with pytest.raises(VisrecError, match=r"widths\[0\]=16 cannot be .* at most 8"):
+        create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_kernel=2)
+    with pytest.raises(VisrecError, match="whiten_kernel=0"):
+        create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_kernel=0)

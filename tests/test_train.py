@@ -211,3 +211,13 @@ def test_auto_tta_follows_the_training_flips():
         resolve_tta("mirror", [])
     run = quick(out="runs/noflip", epochs=1, **{"data.augment": []})
     assert run.summary["tta"] == "none"
+
+
+def test_whitening_stem_is_fitted_on_the_training_images_and_saved():
+    run = quick(out="runs/whiten", **{"model.kwargs.stem": "whiten"})
+    weights = load_file(str(run.path / "checkpoints" / "last.safetensors"))
+    w = weights["stem.0.weight"]
+    assert w.shape == (8, 1, 3, 3)  # widths[0]=8: the 4 leading directions of the 3x3 patches, and negations
+    assert not torch.equal(w[:4].reshape(4, 9), torch.eye(9)[:4])  # fitted, not the unfitted pixel-picking filters
+    assert run.summary["test_acc"] > 0.9  # measured 99.2% (the conv stem: 98.4%)
+    assert run.evaluate().acc == pytest.approx(run.summary["test_acc"])  # the reloaded network is the trained one

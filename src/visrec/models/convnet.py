@@ -10,7 +10,13 @@ At 28x28 it costs about 9.1M multiply-accumulates per image. Layout (widths w0, 
 
 Inputs larger than 32 pixels get extra 2x2 max-pools after the stem, so stage1 sees at most 32x32.
 `pools` moves the 2x2 max-pools: one flag per conv (stem, stage1, stage2, stage3), default (0, 1, 1, 0) as drawn
-above; (1, 0, 1, 0) runs stage1 at H/2, which cuts its cost 4x (the `fmnist-fast` preset's layout).
+above; (1, 1, 0, 0) runs stage1 at H/2 and stages 2-3 at H/4, which cuts the cost to 3.7M (the `fmnist-fast`
+preset's layout).
+
+`stem="whiten"` replaces the stem's trained conv with a fixed patch-whitening layer (airbench's first layer,
+`layers.PatchWhitening`): its filters whiten the `whiten_kernel` x `whiten_kernel` patches of the training images
+(the Trainer fits them on a sample before the first step), then ReLU. It emits w0 channels: the w0/2 whitened
+directions of largest variance and their negations, so w0 must be even and at most 2 x channels x kernel^2.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch import nn
 
 from ..errors import VisrecError
 from ._registry import register_model
-from .layers import Classifier, GlobalPool, conv_bn_act
+from .layers import Classifier, GlobalPool, PatchWhitening, activation, conv_bn_act
 
 
 class ConvNet(Classifier):
@@ -31,6 +37,7 @@ class ConvNet(Classifier):
     def __init__(
         self, in_chans: int, num_classes: int, image_size: tuple[int, int],
         widths: tuple[int, int, int], act: str, pool: str, pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0),
+        stem: str = "conv", whiten_kernel: int = 3,
     ):
         super().__init__()
         w0, w1, w2 = widths
@@ -40,10 +47,25 @@ class ConvNet(Classifier):
         if 2 ** sum(map(bool, pools)) > min(image_size):
             raise VisrecError(f"convnet pools {list(pools)} halve {tuple(image_size)} images below one pixel",
                               "use fewer pooling flags")
+        if stem not in ("conv", "whiten"):
+            raise VisrecError(f"convnet stem {stem!r} is not valid", "use conv or whiten")
+        if whiten_kernel < 1:
+            raise VisrecError(f"convnet whiten_kernel={whiten_kernel} must be >= 1",
+                              "e.g. model.kwargs.whiten_kernel=2")
         extra_pools = max(0, math.ceil(math.log2(min(image_size) / 32)))
-        stem: list[nn.Module] = [conv_bn_act(in_chans, w0, act=act, pool=bool(pools[0]))]
-        stem += [nn.MaxPool2d(2) for _ in range(extra_pools)]
-        self.stem = nn.Sequential(*stem)
+        layers: list[nn.Module]
+        if stem == "whiten":
+            most = 2 * in_chans * whiten_kernel**2
+            if w0 % 2 or w0 > most:
+                raise VisrecError(f"convnet widths[0]={w0} cannot be the width of a whitening stem of "
+                                  f"{whiten_kernel}x{whiten_kernel} patches: it must be even and at most {most}",
+                                  "lower model.kwargs.widths[0] or raise model.kwargs.whiten_kernel")
+            whiten = PatchWhitening(in_chans, whiten_kernel, w0)
+            layers = [whiten, *([nn.MaxPool2d(2)] if pools[0] else []), activation(act, w0)]
+        else:
+            layers = [conv_bn_act(in_chans, w0, act=act, pool=bool(pools[0]))]
+        layers += [nn.MaxPool2d(2) for _ in range(extra_pools)]
+        self.stem = nn.Sequential(*layers)
         self.stages = nn.Sequential(
             conv_bn_act(w0, w1, pool=bool(pools[1]), act=act),
             conv_bn_act(w1, w2, pool=bool(pools[2]), act=act),
@@ -60,7 +82,7 @@ class ConvNet(Classifier):
 def convnet(
     *, in_chans: int, num_classes: int, image_size: tuple[int, int],
     widths: tuple[int, int, int] = (16, 32, 64), act: str = "relu", pool: str = "max",
-    pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0),
+    pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0), stem: str = "conv", whiten_kernel: int = 3,
 ) -> nn.Module:
     """Small, fast batch-norm CNN (the default): 4 convs, 2 pools, global max-pool, linear head."""
-    return ConvNet(in_chans, num_classes, image_size, tuple(widths), act, pool, tuple(pools))
+    return ConvNet(in_chans, num_classes, image_size, tuple(widths), act, pool, tuple(pools), stem, whiten_kernel)

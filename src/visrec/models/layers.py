@@ -249,3 +249,67 @@ def conv_bn_act(cin: int, cout: int, *, pool: bool = False, act: str = "relu", k
         layers.append(nn.MaxPool2d(2))
     layers += [nn.BatchNorm2d(cout), activation(act, cout)]
     return nn.Sequential(*layers)
+
+
+class PatchWhitening(nn.Module):
+    """A fixed first layer that whitens the k x k patches of the training images (airbench's first layer).
+
+    Its filters are the eigenvectors of the covariance of the (C*k*k)-dimensional patches of the normalized
+    training images, each scaled by 1/sqrt(eigenvalue + eps), so on those images the outputs are decorrelated
+    with unit variance: the layers after it see well-conditioned inputs from the first step. It emits each
+    whitened direction and its negation so a following ReLU loses neither sign: 2*C*k*k channels, or
+    `out_channels` from the directions of largest variance (dropping the faintest, noisiest ones). The filters
+    are a buffer (saved with the weights, never trained); the per-channel bias is trained. Until `fit` runs, the
+    filters pick out the raw pixels of each patch.
+    """
+
+    def __init__(self, in_chans: int, kernel_size: int = 2, out_channels: int | None = None, eps: float = 5e-4):
+        super().__init__()
+        d = in_chans * kernel_size * kernel_size
+        out_channels = 2 * d if out_channels is None else out_channels
+        if out_channels % 2 or not 2 <= out_channels <= 2 * d:
+            raise VisrecError(f"patch whitening of {in_chans}-channel {kernel_size}x{kernel_size} patches cannot "
+                              f"have {out_channels} output channels",
+                              f"use an even number from 2 to {2 * d} (2 x channels x kernel^2), or a larger kernel")
+        self.in_chans, self.kernel_size, self.eps = in_chans, kernel_size, eps
+        eye = torch.eye(d)[: out_channels // 2]
+        self.register_buffer("weight", torch.cat([eye, -eye]).reshape(out_channels, in_chans, kernel_size,
+                                                                      kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> None:
+        """Set the filters from a sample of normalized images (N, C, H, W), the inputs this layer will see."""
+        if images.dim() != 4 or images.shape[1] != self.in_chans:
+            raise VisrecError(f"patch whitening needs (N, {self.in_chans}, H, W) images, got {tuple(images.shape)}")
+        k = self.kernel_size
+        patches = F.unfold(images.double(), k).transpose(1, 2).reshape(-1, self.in_chans * k * k)
+        patches = patches - patches.mean(0)
+        cov = patches.T @ patches / max(len(patches) - 1, 1)
+        evals, evecs = torch.linalg.eigh(cov)
+        filters = (evecs / (evals.clamp_min(0) + self.eps).sqrt()).T  # row i: eigenvector i / sqrt(eigenvalue i)
+        filters = filters.flip(0)[: self.out_channels // 2]  # the largest-variance directions first
+        w = torch.cat([filters, -filters]).reshape_as(self.weight)
+        self.weight.copy_(w.to(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size  # "same" size; an even kernel's extra row and column of padding go right and below
+        if k > 1:
+            x = F.pad(x, ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2))
+        return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_chans}, {self.out_channels}, kernel_size={self.kernel_size}, eps={self.eps}"
+
+
+def fit_data_dependent(model: nn.Module, images: torch.Tensor) -> int:
+    """Fit every data-dependent layer of `model` (PatchWhitening) on normalized input images; returns how many.
+    Such a layer must be the network's first, so it sees the images themselves."""
+    layers = [m for m in model.modules() if isinstance(m, PatchWhitening)]
+    for m in layers:
+        m.fit(images.to(m.weight.device))
+    return len(layers)

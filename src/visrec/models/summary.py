@@ -1,9 +1,9 @@
 """Per-layer summary of a network: output shape, parameters, multiply-accumulates and activation memory.
 
 What is counted, per example (batch size 1):
-- `macs`: the multiply-accumulates of convolutions (including grouped and depthwise ones) and linear
-  layers, the convention behind the published figures (ResNet-50 at 224x224: 4.1 G). Element-wise work
-  (normalization, activations, pooling, residual additions) is not counted.
+- `macs`: the multiply-accumulates of convolutions (including grouped and depthwise ones, and the fixed
+  patch-whitening layer) and linear layers, the convention behind the published figures (ResNet-50 at
+  224x224: 4.1 G). Element-wise work (normalization, activations, pooling, residual additions) is not counted.
 - `activations`: the values each layer writes: its output, plus the input image as the first row, as in
   the course's VGG-16 table. A layer that writes nothing new counts 0: in-place activations, dropout at
   evaluation, identities and flattening views.
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import VisrecError
+from .layers import PatchWhitening
 
 _NO_NEW_VALUES = (nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout)
 
@@ -142,6 +143,8 @@ def _macs(module: nn.Module, inputs: tuple, out: torch.Tensor) -> int:
         return inputs[0].numel() * per_input
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
+    if isinstance(module, PatchWhitening):
+        return out.numel() * module.weight[0].numel()
     return 0
 
 

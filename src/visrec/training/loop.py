@@ -41,6 +41,7 @@ from ..errors import VisrecError, unknown_name
 from ..evaluate import EvalResult, evaluate, resolve_crop_pad, resolve_tta
 from ..io import write_json, write_text, write_yaml
 from ..models import create_model, is_file_model
+from ..models.layers import PatchWhitening, fit_data_dependent
 from ..runs import Run, dataset_from_config, default_run_name, setup_config
 from .averaging import EMA, SWA, recompute_batchnorm
 from .callbacks import Callback, MetricsLogger, ProgressPrinter, TensorBoardLogger, TrainState
@@ -154,6 +155,7 @@ class Trainer:
         self.normalizer = Normalizer.fit(ds.train.images, cfg.data.normalize).to(device)
         self.model = create_model(cfg.model.name, in_chans=ds.channels, num_classes=ds.num_classes,
                                   image_size=ds.image_size, **cfg.model.kwargs)
+        self._fit_data_dependent()
         self.initial_weights_note = None
         if cfg.model.weights and self._resume_dir is None:  # a resumed run's checkpoint holds its weights
             self.initial_weights_note, source_norm = load_initial_weights(
@@ -193,6 +195,16 @@ class Trainer:
         self.best_val_acc, self.best_epoch = -1.0, 0
         self.skipped_steps = 0
         self.started = _now()
+
+    def _fit_data_dependent(self, n: int = 10_000) -> None:
+        """Fit the layers set from the data rather than trained (a whitening first layer) on a seeded sample of
+        the normalized training images. Loaded weights or a resumed checkpoint replace what this sets."""
+        if not any(isinstance(m, PatchWhitening) for m in self.model.modules()):
+            return
+        images = self.ds.train.images
+        g = torch.Generator().manual_seed(self.cfg.train.seed)
+        idx = torch.randperm(len(images), generator=g)[:n]
+        fit_data_dependent(self.model, self.normalizer(images[idx].to(self.normalizer.mean.device)))
 
     def _lr_factor(self):
         """The schedule's factor per step: restarted when a two-stage fine-tune unfreezes the network, and held
