@@ -305,11 +305,3 @@ class PatchWhitening(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_chans}, {self.out_channels}, kernel_size={self.kernel_size}, eps={self.eps}"
 
-
-def fit_data_dependent(model: nn.Module, images: torch.Tensor) -> int:
-    """Fit every data-dependent layer of `model` (PatchWhitening) on normalized input images; returns how many.
-    Such a layer must be the network's first, so it sees the images themselves."""
-    layers = [m for m in model.modules() if isinstance(m, PatchWhitening)]
-    for m in layers:
-        m.fit(images.to(m.weight.device))
-    return len(layers)

@@ -41,7 +41,7 @@ from ..errors import VisrecError, unknown_name
 from ..evaluate import EvalResult, evaluate, resolve_crop_pad, resolve_tta
 from ..io import write_json, write_text, write_yaml
 from ..models import create_model, is_file_model
-from ..models.layers import PatchWhitening, fit_data_dependent
+from ..models.layers import PatchWhitening
 from ..runs import Run, dataset_from_config, default_run_name, setup_config
 from .averaging import EMA, SWA, recompute_batchnorm
 from .callbacks import Callback, MetricsLogger, ProgressPrinter, TensorBoardLogger, TrainState
@@ -199,12 +199,14 @@ class Trainer:
     def _fit_data_dependent(self, n: int = 10_000) -> None:
         """Fit the layers set from the data rather than trained (a whitening first layer) on a seeded sample of
         the normalized training images. Loaded weights or a resumed checkpoint replace what this sets."""
-        if not any(isinstance(m, PatchWhitening) for m in self.model.modules()):
+        layers = [m for m in self.model.modules() if isinstance(m, PatchWhitening)]  # each must be the first layer
+        if not layers:
             return
         images = self.ds.train.images
-        g = torch.Generator().manual_seed(self.cfg.train.seed)
-        idx = torch.randperm(len(images), generator=g)[:n]
-        fit_data_dependent(self.model, self.normalizer(images[idx].to(self.normalizer.mean.device)))
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:n]
+        x = self.normalizer(images[idx].to(self.normalizer.mean.device))
+        for m in layers:
+            m.fit(x.to(m.weight.device))
 
     def _lr_factor(self):
         """The schedule's factor per step: restarted when a two-stage fine-tune unfreezes the network, and held
