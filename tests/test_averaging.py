@@ -12,13 +12,13 @@ from torch import nn
 from typer.testing import CliRunner
 
 import visrec
+from visrec import Trainer
+from visrec.checkpoint import load_checkpoint
 from visrec.cli import app
 from visrec.config import ScheduleConfig
 from visrec.errors import VisrecError
 from visrec.evaluate import resolve_crop_pad, tta_views
-from visrec.training import Trainer
 from visrec.training.averaging import SWA
-from visrec.training.checkpoint import load_checkpoint
 from visrec.training.schedules import schedule_factor, snapshot_steps
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
@@ -116,7 +116,7 @@ def test_distillation_loss_is_the_tempered_kl_and_a_student_trains(tmp_path):
     trainer = Trainer(visrec.resolve_config(None, {**FAST, "train.epochs": 1,
                                                    "distill.teachers": [str(t.path) for t in teachers]}),
                       out="runs/probe", progress=False, quiet=True)
-    t = trainer.teachers
+    t = trainer.loss_step.teachers
     assert isinstance(t, Teachers) and len(t.models) == 2 and t.temperature == 4.0
     x = trainer.normalizer(trainer.ds.train.images[:8])
     with torch.no_grad():

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import visrec
+from visrec import checkpoint as ck
 from visrec.errors import VisrecError
-from visrec.training import checkpoint as ck
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
 LONGER = "synthetic:classes=4,size=12,train=1536,test=128"  # 192 steps: time to kill it mid-run
@@ -84,7 +84,7 @@ def test_killed_in_the_middle_of_saves_leaves_the_last_complete_checkpoint(tmp_p
     # A writer that does nothing but save a large model: a kill almost always lands inside a save.
     script = (
         "import sys, torch\n"
-        "from visrec.training.checkpoint import save_checkpoint\n"
+        "from visrec.checkpoint import save_checkpoint\n"
         "m = torch.nn.Linear(2000, 2000)\n"
         "opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)\n"
         "m(torch.randn(4, 2000)).sum().backward(); opt.step()\n"
@@ -223,8 +223,8 @@ def test_weight_files_load_without_running_their_code(tmp_path):
 def test_train_starts_from_a_weight_file_and_reinitializes_a_different_head(tmp_path):
     from safetensors.torch import save_file
 
+    from visrec import Trainer
     from visrec.models import create_model
-    from visrec.training import Trainer
 
     donor = create_model("convnet", in_chans=1, num_classes=7, image_size=12, widths=[8, 16, 16])
     save_file(donor.state_dict(), str(tmp_path / "donor.safetensors"))

@@ -10,11 +10,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import visrec
+from visrec import Trainer
+from visrec.checkpoint import load_checkpoint
 from visrec.errors import VisrecError
 from visrec.evaluate import predict_logits
 from visrec.runs import Run
-from visrec.training import NonFiniteLoss, Trainer
-from visrec.training.checkpoint import load_checkpoint
+from visrec.training import NonFiniteLoss
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
 FAST = {"train.batch_size": 32, "train.log_every": 4, "model.kwargs.widths": [8, 16, 16]}

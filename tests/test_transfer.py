@@ -11,15 +11,16 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import visrec
-import visrec.transfer
+import visrec.training.finetune
+from visrec import Trainer
+from visrec.checkpoint import load_checkpoint
 from visrec.cli import app
 from visrec.config import FinetuneConfig
 from visrec.data import load_dataset
 from visrec.errors import VisrecError
 from visrec.models import create_model
-from visrec.training import Trainer
-from visrec.training.checkpoint import load_checkpoint
-from visrec.transfer import Finetune, cached_features, finetune, stage_groups
+from visrec.training.finetune import Finetune, cached_features, stage_groups
+from visrec.transfer import finetune
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
 FAST = {"train.batch_size": 32, "train.log_every": 4, "model.kwargs.widths": [8, 16, 16]}
@@ -116,8 +117,8 @@ def test_linear_probe_caches_features_and_reuses_them(source, monkeypatch, tmp_p
     def no_extraction(*a, **k):
         raise AssertionError("features were extracted again instead of read from the cache")
 
-    original = visrec.transfer.extract_features
-    monkeypatch.setattr("visrec.transfer.extract_features", no_extraction)
+    original = visrec.training.finetune.extract_features
+    monkeypatch.setattr("visrec.training.finetune.extract_features", no_extraction)
     second = finetune(str(source.path), SYN, "linear", overrides=opts, out="runs/lin2", quiet=True)
     assert second.summary["finetune"]["feature_cache_hit"] is True
     assert second.summary["test_acc"] == first.summary["test_acc"]
@@ -132,7 +133,7 @@ def test_linear_probe_caches_features_and_reuses_them(source, monkeypatch, tmp_p
         direct = lm.model(lm.normalizer(ds.train.images[:16]))
         assert torch.allclose(lm.model.get_classifier()(feats[:16]), direct, atol=1e-4)
     other = visrec.train(SYN, epochs=1, out="runs/other", progress=False, overrides=FAST)
-    monkeypatch.setattr("visrec.transfer.extract_features", original)
+    monkeypatch.setattr("visrec.training.finetune.extract_features", original)
     third = finetune(str(other.path), SYN, "linear", overrides=opts, out="runs/lin3", quiet=True)
     assert third.summary["finetune"]["feature_cache_hit"] is False  # another network: other features
 

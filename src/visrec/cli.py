@@ -85,7 +85,8 @@ def train(
 ) -> None:
     """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
     from .config import resolve_config
-    from .training import NonFiniteLoss, Trainer
+    from .fit import Trainer
+    from .training import NonFiniteLoss
 
     if seeds is not None:
         if resume is not None or seed is not None:
@@ -120,7 +121,7 @@ def train(
                 raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
                                   "the run folder holds its whole config; start a new run to change it")
             trainer = Trainer.resume(resume, progress=progress, callbacks=callbacks)
-            err.print(f"resuming {resume} at step {trainer.step} (epoch {trainer.epoch + 1})")
+            err.print(f"resuming {resume} at step {trainer.pos.step} (epoch {trainer.pos.epoch + 1})")
         else:
             cfg = resolve_config(preset, set_ or [])
             for key, value in (("data.name", dataset), ("model.name", model), ("train.epochs", epochs),
@@ -208,7 +209,7 @@ def finetune(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary.json at the end.")] = False,
 ) -> None:
     """Transfer a trained network to new data: linear classifier on cached features, last stages, or everything."""
-    from .training import Trainer
+    from .fit import Trainer
     from .transfer import finetune_config
 
     overrides = list(set_ or [])
@@ -244,10 +245,10 @@ def distill(
 ) -> None:
     """Train one student on the soft predictions of an ensemble of teachers (and the labels)."""
     from .config import parse_override, resolve_config
-    from .ensemble import parse_member
-    from .training import Trainer
+    from .fit import Trainer
+    from .runs import RunRef
 
-    first = parse_member(teachers[0])[0].config
+    first = RunRef.parse(teachers[0]).run.config
     cfg = resolve_config(preset, None, base=None if preset else first)
     cfg.data = first.data  # the teachers' data, splits and preprocessing
     cfg.distill.teachers = list(teachers)
@@ -626,14 +627,16 @@ def export(
 
 @app.command()
 def validate(
-    data: Annotated[str, typer.Argument(help="Image folder (PATH or folder:PATH) to scan.")],
+    data: Annotated[str, typer.Argument(help="Image folder (PATH or folder:PATH), coco:PATH or yolo:PATH to scan.")],
     max_pixels: Annotated[int, typer.Option(help="Pixels above which an image is a decompression bomb.")] = 89_478_485,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Scan an image-folder dataset: bad files, bombs, empty classes, leaks across splits; exit 1 on errors."""
-    from .data.validate import validate_folder
+    """Scan a dataset before training: an image folder (bad files, bombs, empty classes, leaks across splits) or
+    COCO / YOLO annotations (missing images, bad boxes, unknown categories, duplicate ids, bad masks); exit 1 on
+    errors."""
+    from .data.validate import validate_folder, validate_objects
 
-    report = validate_folder(data, max_pixels)
+    report = validate_objects(data) if data.startswith(("coco:", "yolo:")) else validate_folder(data, max_pixels)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -36,6 +36,9 @@ class DataConfig:
     skip_bad_images: bool = False  # folder datasets: leave bad files out (listed in the run) instead of failing
     max_pixels: int = 89_478_485  # folder datasets: larger images are refused from their header (decompression bombs)
     classes: list[str] = field(default_factory=list)  # keep only these classes (by name); empty = all
+    scene_size: int = 64  # scenes: canvas side in pixels
+    max_objects: int = 4  # scenes: objects per canvas, 1 to this many
+    scene_count: int = 10_000  # scenes: training canvases (validation gets a tenth, test a fifth)
 
 
 @dataclass
@@ -127,7 +130,13 @@ class FinetuneConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = "classification"  # a registered task (see `visrec tasks`) or `path/to/file.py:ClassName`
+
+
+@dataclass
 class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

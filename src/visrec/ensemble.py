@@ -23,7 +23,7 @@ import torch
 
 from .errors import VisrecError
 from .evaluate import predict_logits, resolve_crop_pad, resolve_tta
-from .runs import Run, dataset_from_config, remap_classes
+from .runs import dataset_from_config, expand_refs, remap_classes
 from .training.averaging import recompute_batchnorm
 
 
@@ -41,38 +41,6 @@ class EnsembleReport:
         return {"split": self.split, "members": self.members, "combined": self.combined,
                 "best_member_acc": self.best_member_acc,
                 "gain_over_best_member": {k: v - self.best_member_acc for k, v in self.combined.items()}}
-
-
-def split_member(spec: str | Path) -> tuple[Path, str]:
-    """`RUN`, `RUN:last`, `RUN:best`, `RUN:snapshotK` -> (folder, which), without opening the folder."""
-    text = str(spec)
-    path, sep, which = text.rpartition(":")
-    if not sep or not path or not (which in ("auto", "last", "best") or
-                                   (which.startswith("snapshot") and which[8:].isdigit())):
-        path, which = text, "auto"
-    return Path(path), which
-
-
-def parse_member(spec: str | Path) -> tuple[Run, str]:
-    """`RUN`, `RUN:last`, `RUN:best`, `RUN:snapshotK` -> (Run, which)."""
-    path, which = split_member(spec)
-    return Run(path), which
-
-
-def expand_members(specs: list[str | Path]) -> list[str]:
-    """`RUN:snapshots` stands for every snapshot checkpoint of the run (a snapshot ensemble)."""
-    out: list[str] = []
-    for spec in map(str, specs):
-        if spec.endswith(":snapshots"):
-            run = Run(spec[: -len(":snapshots")])
-            tags = run.snapshots()
-            if not tags:
-                raise VisrecError(f"{run.path} saved no snapshots",
-                                  "train it with --set schedule.name=cyclic_cosine (one snapshot per cycle)")
-            out += [f"{run.path}:{t}" for t in tags]
-        else:
-            out.append(spec)
-    return out
 
 
 def majority_vote(probs: torch.Tensor) -> torch.Tensor:
@@ -97,10 +65,10 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
 
     `tta` None evaluates each member as its run was evaluated (`eval.tta`, e.g. flips for models trained with
     flips), so member accuracies match their summaries; "none" or "flip" forces one mode for all."""
-    members = expand_members(members)
-    if len(members) < 2:
+    refs = expand_refs(members)
+    if len(refs) < 2:
         raise VisrecError("an ensemble needs at least two members", "give two or more run folders, or RUN:snapshots")
-    loaded = [parse_member(m) for m in members]
+    loaded = [(r.run, r.which) for r in refs]
     first = loaded[0][0].config
     for run, _ in loaded[1:]:
         a, b = first.data, run.config.data

@@ -115,6 +115,10 @@ class EvalResult:
         return cls(split=split, n=n, loss=loss, acc=acc, top5=top5, per_class_acc=per_class, confusion=conf,
                    classes=classes, tta=tta)
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"loss": self.loss, "acc": self.acc, "top5": self.top5}
+
     def to_dict(self) -> dict[str, Any]:
         return {"split": self.split, "n": self.n, "loss": self.loss, "acc": self.acc, "top5": self.top5,
                 "tta": self.tta, "per_class_acc": dict(zip(self.classes, self.per_class_acc, strict=True))}

@@ -108,3 +108,29 @@ def load_weights(path: str | os.PathLike, *, trust: bool = False) -> dict:
         raise VisrecError(f"weight file {path} does not hold a state dict (name -> tensor)",
                           "save model.state_dict(), not the model object")
     return obj
+
+
+def import_from_file(spec: str, kind: str, example: str) -> Any:
+    """`path/to/file.py:name` -> that callable (a function or class) of the user's Python file. `kind` and
+    `example` word the errors ("model", "--model path/to/file.py:function")."""
+    import importlib.util
+    import sys
+
+    path_s, name = spec.rsplit(":", 1)
+    path = Path(path_s).expanduser()
+    if not path.is_file():
+        raise VisrecError(f"{kind} file {path} does not exist", f"give {example}")
+    mod_name = f"visrec_user_{kind}_{abs(hash(str(path.resolve())))}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any error in the user's file is reported with its name
+        raise VisrecError(f"{kind} file {path} failed to import: {type(e).__name__}: {e}") from None
+    found = getattr(module, name, None)
+    if not callable(found):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise VisrecError(f"{kind} file {path} has no {'function' if kind == 'model' else 'class'} {name!r}",
+                          f"callables in it: {', '.join(names)}")
+    return found

@@ -24,6 +24,7 @@ from typing import Any
 from .errors import VisrecError
 from .io import write_text
 from .plotting import figure_png, pyplot
+from .training.callbacks import Callback, log_figures
 
 
 @dataclass
@@ -66,8 +67,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def curves_png(metrics: list[dict[str, Any]], title: str) -> bytes | None:
-    """Loss, accuracy and learning rate against epochs, train windows as thin lines, val epochs as dots."""
+def curves_png(metrics: list[dict[str, Any]], title: str, primary: str = "acc") -> bytes | None:
+    """Loss, the primary metric (accuracy) and learning rate against epochs, train windows as thin lines, val
+    epochs as dots."""
     train = [r for r in metrics if r.get("split") == "train" and r.get("kind") == "window"]
     val = [r for r in metrics if r.get("split") == "val"]
     if not train:
@@ -79,10 +81,10 @@ def curves_png(metrics: list[dict[str, Any]], title: str) -> bytes | None:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, name in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
-        ax.plot([ep(r) for r in train], [r[key] for r in train], lw=1, label="train (windows)")
+    for ax, key, name in ((axes[0], "loss", "loss"), (axes[1], primary, "accuracy" if primary == "acc" else primary)):
+        ax.plot([ep(r) for r in train], [r.get(key, math.nan) for r in train], lw=1, label="train (windows)")
         if val:
-            ax.plot([ep(r) for r in val], [r[key] for r in val], "o-", ms=4, label="val")
+            ax.plot([ep(r) for r in val], [r.get(key, math.nan) for r in val], "o-", ms=4, label="val")
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.grid(alpha=0.3)
@@ -137,9 +139,17 @@ pre{background:#fff;border:1px solid #d8dce3;padding:10px;overflow:auto;font-siz
 """
 
 
+def _value(x: Any, metric: str) -> str:
+    if metric == "acc":
+        return _pct(x)
+    return f"{x:.4g}" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
+
+
 def _cards(s: dict[str, Any]) -> str:
-    items = [("test accuracy", _pct(s.get("test_acc"))), ("best val accuracy", _pct(s.get("best_val_acc"))),
-             ("train accuracy", _pct(s.get("train_acc"))), ("training time", _secs(s.get("train_seconds"))),
+    p = s.get("primary_metric", "acc")
+    name = "accuracy" if p == "acc" else p
+    items = [(f"test {name}", _value(s.get(f"test_{p}"), p)), (f"best val {name}", _value(s.get(f"best_val_{p}"), p)),
+             (f"train {name}", _value(s.get(f"train_{p}"), p)), ("training time", _secs(s.get("train_seconds"))),
              ("images / s", f"{s['images_per_s']:,.0f}" if isinstance(s.get("images_per_s"), (int, float)) else "–"),
              ("parameters", f"{s['params']:,}" if isinstance(s.get("params"), int) else "–")]
     return '<div class="cards">' + "".join(f'<div class="card"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>'
@@ -161,8 +171,10 @@ def _timing(s: dict[str, Any]) -> str:
             ["started / finished", f"{s.get('started', '–')} / {s.get('finished', '–')}"],
             ["software", f"visrec {s.get('visrec', '–')}, torch {s.get('torch', '–')}, python {s.get('python', '–')}"]]
     if isinstance(s.get("weights_compared"), dict):
+        p = s.get("primary_metric", "acc")
         for name, v in s["weights_compared"].items():
-            rows.append([f"{name} weights", f"val {_pct(v.get('val_acc'))}, test {_pct(v.get('test_acc'))}"])
+            val, test = _value(v.get(f"val_{p}"), p), _value(v.get(f"test_{p}"), p)
+            rows.append([f"{name} weights", f"val {val}, test {test}"])
     return _table(["", ""], rows)
 
 
@@ -220,7 +232,8 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
                  + (f" — {_esc(s['error'])}" if s.get("error") else "") + "</p>")
     parts.append(_cards(s))
 
-    curves = curves_png(read_metrics(d / "metrics.jsonl"), f"{d.name}: training curves")
+    curves = curves_png(read_metrics(d / "metrics.jsonl"), f"{d.name}: training curves",
+                        s.get("primary_metric", "acc"))
     parts.append("<h2>Training curves</h2>")
     if curves:
         rep.figures["curves"] = curves
@@ -240,10 +253,17 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
     if s.get("most_confused"):
         parts.append("<p>Most confused (true → predicted, count):</p>"
                      + _table(["true", "predicted", "count"], [list(r) for r in s["most_confused"]]))
-    if not per:
+    classification = s.get("task", "classification") == "classification"
+    if not per and classification:
         parts.append('<p class="muted">The run has no test evaluation yet.</p>')
+    if s.get("test") and not classification:
+        parts.append(_table(["metric", "test"], [[k, _value(v, k)] for k, v in s["test"].items()
+                                                 if isinstance(v, (int, float))]))
 
-    if explain:
+    if explain and not classification:
+        rep.skipped.append(f"explanations (Grad-CAM, saliency, filters): written for classification runs, and this "
+                           f"run's task is {s.get('task')}")
+    elif explain:
         parts += _explain_sections(run, rep, per_class)
 
     parts.append("<h2>Doctor</h2>")
@@ -323,3 +343,27 @@ def _explain_sections(run, rep: Report, per_class: int) -> list[str]:
 
 def write_report(run, out: str | Path | None = None, *, explain: bool = True) -> Path:
     return build_report(run, out, explain=explain).path
+
+
+class ReportWriter(Callback):
+    """An observer that writes report.html when a run completes with a test evaluation, and logs its figures to
+    TensorBoard. A report that cannot be drawn prints a warning: the trained model and its results are already
+    safe on disk, so it never fails the run."""
+
+    def on_train_end(self, state, summary: dict[str, Any]) -> None:
+        import sys
+
+        if summary.get("status") != "completed" or not summary.get("test"):
+            return
+        try:
+            rep = build_report(state.run_dir)
+        except Exception as e:  # noqa: BLE001
+            print(f"visrec: report.html was not written: {type(e).__name__}: {e} "
+                  f"(retry with `visrec report {state.run_dir}`)", file=sys.stderr)
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(state.run_dir / "tb"))
+        log_figures(writer, {k: v for k, v in rep.figures.items()
+                             if k in ("filters", "gradcam", "saliency", "confusion")}, state.step)
+        writer.close()

@@ -51,7 +51,8 @@ def dataset_from_config(cfg: Config) -> Dataset:
     return load_dataset(d.name, data_dir=d.data_dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
                         split_seed=d.split_seed, subset=d.subset, download=d.download, image_size=d.image_size,
                         channels=d.channels, skip_bad_images=d.skip_bad_images, max_pixels=d.max_pixels,
-                        classes=d.classes or None)
+                        classes=d.classes or None, scene_size=d.scene_size, max_objects=d.max_objects,
+                        scene_count=d.scene_count)
 
 
 def setup_config(
@@ -174,7 +175,7 @@ class Run:
 
         `auto` picks the weights the run was evaluated with (last or best; its SWA or EMA average if it had one).
         """
-        from .training.checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint
 
         tag = self.checkpoint_tag(which)
         key = (tag, device)
@@ -296,6 +297,60 @@ class Run:
         s = self.summary
         acc = f", test_acc={s['test_acc']:.4f}" if s.get("test_acc") is not None else ""
         return f"Run({str(self.path)!r}, status={self.status!r}{acc})"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Weights of a run folder: `RUN` (the weights the run was evaluated with), `RUN:last`, `RUN:best`,
+    `RUN:snapshotK`, or `RUN:snapshots` for every snapshot of a cyclic schedule (see `expand`).
+
+    >>> RunRef.parse("runs/a:best")
+    RunRef('runs/a:best')
+    >>> RunRef.parse("weights.safetensors").which
+    'auto'
+    """
+
+    path: Path
+    which: str = "auto"
+
+    @classmethod
+    def parse(cls, spec: str | Path) -> RunRef:
+        """Split a spec without opening the folder; a suffix that names no checkpoint stays part of the path."""
+        text = str(spec)
+        path, sep, which = text.rpartition(":")
+        if not sep or not path or not (which in ("auto", "last", "best", "snapshots") or
+                                       (which.startswith("snapshot") and which[8:].isdigit())):
+            path, which = text, "auto"
+        return cls(Path(path), which)
+
+    @property
+    def is_run(self) -> bool:
+        return (self.path / "config.yaml").is_file()
+
+    @property
+    def run(self) -> Run:
+        return Run(self.path)
+
+    def expand(self) -> list[RunRef]:
+        """`RUN:snapshots` -> one reference per snapshot checkpoint; any other reference -> itself."""
+        if self.which != "snapshots":
+            return [self]
+        tags = self.run.snapshots()
+        if not tags:
+            raise VisrecError(f"{self.path} saved no snapshots",
+                              "train it with --set schedule.name=cyclic_cosine (one snapshot per cycle)")
+        return [RunRef(self.path, t) for t in tags]
+
+    def __str__(self) -> str:
+        return str(self.path) if self.which == "auto" else f"{self.path}:{self.which}"
+
+    def __repr__(self) -> str:
+        return f"RunRef({str(self)!r})"
+
+
+def expand_refs(specs: list[str | Path]) -> list[RunRef]:
+    """Parse run references, each `RUN:snapshots` standing for all snapshots of its run."""
+    return [r for spec in specs for r in RunRef.parse(spec).expand()]
 
 
 def list_runs(root: str | Path = "runs") -> list[Run]:

@@ -469,12 +469,11 @@ class _Unqueued(Exception):
 
 
 class TrialWatch:
-    """Observer of one trial's training: reports validation accuracy per epoch for pruning, and stops a trial
-    whose loss blows up (the course's rule: more than 3x the initial loss, or not finite)."""
+    """Observer of one trial's training: reports the task's primary validation metric per epoch for pruning, and
+    stops a trial whose loss blows up (the course's rule: more than 3x the initial loss, or not finite)."""
 
     def __init__(self, trial, initial_loss: float):
         self.trial, self.initial_loss = trial, initial_loss
-        self.trainer = None
         self.reason: str | None = None
 
     def on_train_start(self, state) -> None: ...
@@ -484,16 +483,17 @@ class TrialWatch:
         if not math.isfinite(loss) or loss > 3 * self.initial_loss:
             self.reason = (f"loss {loss:.4g} at step {record['step']} exceeds 3x the initial loss "
                            f"({self.initial_loss:.3g}): the learning rate is too high")
-            self.trainer.stop(self.reason)
+            state.request_stop(self.reason)
 
     def on_epoch_end(self, state, records) -> None:
         val = [r for r in records if r["split"] == "val"]
         if not val:
             return
-        self.trial.report(val[-1]["acc"], state.epoch)
+        value = val[-1][state.primary]
+        self.trial.report(value, state.epoch)
         if state.epoch < state.epochs and self.trial.should_prune():  # a finished trial is judged, not pruned
-            self.reason = f"pruned after epoch {state.epoch} (val acc {val[-1]['acc']:.4f})"
-            self.trainer.stop(self.reason)
+            self.reason = f"pruned after epoch {state.epoch} (val {state.primary} {value:.4f})"
+            state.request_stop(self.reason)
 
     def on_train_end(self, state, summary) -> None: ...
 
@@ -520,8 +520,9 @@ class Worker:
     def _train(self, trial, values: dict[str, Any], epochs: int) -> float:
         import optuna
 
+        from .fit import Trainer
         from .runs import dataset_from_config
-        from .training import NonFiniteLoss, Trainer
+        from .training import NonFiniteLoss
 
         cfg = trial_config(self.spec, values, epochs)
         key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
@@ -535,7 +536,6 @@ class Worker:
         out = self.folder / f"{stage}-{trial.number:04d}"
         trial.set_user_attr("run", str(out))
         trainer = Trainer(cfg, out=out, dataset=ds, callbacks=[watch], quiet=True)
-        watch.trainer = trainer
         try:
             run = trainer.fit(test=False)
         except NonFiniteLoss as e:
@@ -545,7 +545,7 @@ class Worker:
             trial.set_user_attr("stopped", watch.reason)
             raise optuna.TrialPruned(watch.reason)
         trial.set_user_attr("train_seconds", run.summary["train_seconds"])
-        return float(run.summary["val_acc"])
+        return float(run.summary[f"val_{run.summary['primary_metric']}"])
 
     def _run_one(self, trial) -> float:
         if "stage" not in trial.user_attrs:  # not from the queue: it emptied between our look and Optuna's ask
@@ -739,7 +739,7 @@ def _progress_png(rows: list[dict[str, Any]]) -> bytes:
 
 def final(spec: StudySpec, out: str | Path | None = None):
     """Retrain the best config and evaluate it on the test split, once."""
-    from .training import Trainer
+    from .fit import Trainer
 
     folder = Path(spec.folder)
     if not (folder / "best.yaml").is_file():

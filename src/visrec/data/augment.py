@@ -10,7 +10,11 @@ Each augmentation is registered by name and built from a spec string `name` or `
     mixup:ALPHA      blend pairs of images and their labels, weight ~ Beta(ALPHA, ALPHA) (default 0.2)
     cutmix:ALPHA     paste a box from a paired image, labels mixed by its area (default 1.0)
 
-They run on normalized float batches (N, C, H, W) after the batch is taken from the device tensor.
+They run on normalized float batches (N, C, H, W) after the batch is taken from the device tensor. Geometric
+targets move with their images (a dict with `boxes` (N, M, 4) xyxy and `box_labels` (N, M), optionally
+`instances` (N, H, W) and `semantic` (N, H, W)): a flip mirrors boxes and masks; a crop shifts boxes, clips them to
+the image and drops (label -1) those that fall outside; masks shift with the pixels. Mixing two images' targets
+is defined for class labels only.
 """
 
 from __future__ import annotations
@@ -62,12 +66,27 @@ def _rand(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=gen.device)
 
 
+_MASKS = ("instances", "semantic")  # per-pixel targets (N, H, W)
+
+
 class _Flip(Augmentation):
     dim = 3  # mirror along this axis of (N, C, H, W)
 
     def __call__(self, x, y, gen, rng):
-        flip = (_rand(x.shape[0], gen) < 0.5).view(-1, 1, 1, 1)
-        return torch.where(flip, x.flip(self.dim), x), y
+        flip = _rand(x.shape[0], gen) < 0.5
+        out = torch.where(flip.view(-1, 1, 1, 1), x.flip(self.dim), x)
+        if isinstance(y, dict):
+            y = dict(y)
+            size = x.shape[self.dim]
+            b = y["boxes"]
+            lo, hi = (0, 2) if self.dim == 3 else (1, 3)  # the coordinates along the mirrored axis
+            mirrored = b.clone()
+            mirrored[..., lo], mirrored[..., hi] = size - b[..., hi], size - b[..., lo]
+            y["boxes"] = torch.where(flip.view(-1, 1, 1), mirrored, b)
+            for k in _MASKS:
+                if k in y:
+                    y[k] = torch.where(flip.view(-1, 1, 1), y[k].flip(self.dim - 1), y[k])
+        return out, y
 
 
 @register_augmentation
@@ -97,7 +116,26 @@ class Crop(Augmentation):
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
         batch = torch.arange(n, device=x.device)[:, None, None]
         out = xp.permute(0, 2, 3, 1)[batch, rows, cols]  # (N, H, W, C)
+        if isinstance(y, dict):
+            y = _shift_targets(y, (pad - dx).float(), (pad - dy).float(), h, w, batch, rows, cols, pad)
         return out.permute(0, 3, 1, 2), y  # channels_last memory, NCHW shape
+
+
+def _shift_targets(y: dict, sx: torch.Tensor, sy: torch.Tensor, h: int, w: int, batch, rows, cols, pad: int) -> dict:
+    """Targets of images translated by (sx, sy) pixels: boxes shifted and clipped to the image, those left with
+    no area dropped (label -1); masks shifted by the same gather as the pixels, zero where the pad came in."""
+    y = dict(y)
+    b = y["boxes"] + torch.stack([sx, sy, sx, sy], 1)[:, None, :]  # (N, M, 4)
+    b[..., 0::2] = b[..., 0::2].clamp(0, w)
+    b[..., 1::2] = b[..., 1::2].clamp(0, h)
+    gone = (b[..., 2] - b[..., 0] <= 0) | (b[..., 3] - b[..., 1] <= 0)
+    y["boxes"] = torch.where(gone[..., None], torch.zeros_like(b), b)
+    y["box_labels"] = torch.where(gone, torch.full_like(y["box_labels"], -1), y["box_labels"])
+    for k in _MASKS:
+        if k in y:
+            mp = torch.nn.functional.pad(y[k], (pad, pad, pad, pad))  # (N, H+2p, W+2p), zero = no object
+            y[k] = mp[batch, rows, cols]
+    return y
 
 
 @register_augmentation
@@ -130,6 +168,9 @@ def _partner(n: int, gen: torch.Generator) -> torch.Tensor:
 def _labels(y: Targets) -> torch.Tensor:
     if isinstance(y, MixedTargets):
         raise VisrecError("only one of mixup / cutmix can be in data.augment")
+    if isinstance(y, dict):
+        raise VisrecError("mixup and cutmix mix class labels; they do not apply to boxes or masks",
+                          "remove mixup/cutmix from data.augment for this task")
     return y
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+from .imageset import index_targets
+
 
 class DeviceBatches:
-    """Yields (uint8 images, labels) batches from tensors that already sit on the training device.
+    """Yields (uint8 images, targets) batches from tensors that already sit on the training device; targets are
+    labels, or any tensor or dict of tensors with one row per image.
 
     The order of epoch `e` depends only on (seed, e), so an epoch can be resumed at any batch.
     With `drop_last`, a final partial batch is skipped (batch-norm dislikes tiny batches).
@@ -17,32 +21,32 @@ class DeviceBatches:
     def __init__(
         self,
         images: torch.Tensor,
-        labels: torch.Tensor,
+        targets: Any,
         batch_size: int,
         *,
         shuffle: bool = True,
         drop_last: bool = True,
         seed: int = 0,
     ):
-        self.images, self.labels = images, labels
-        self.batch_size = min(batch_size, len(labels))
+        self.images, self.targets = images, targets
+        self.batch_size = min(batch_size, len(images))
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = len(self.images)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
-        n = len(self.labels)
+        n = len(self.images)
         if not self.shuffle:
-            return torch.arange(n, device=self.labels.device)
+            return torch.arange(n, device=self.images.device)
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(n, generator=g).to(self.labels.device)
+        return torch.randperm(n, generator=g).to(self.images.device)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, Any]]:
         """The batches of `epoch`, from batch index `start` on."""
         perm = self.order(epoch)
         bs = self.batch_size
         for b in range(start, len(self)):
             idx = perm[b * bs : (b + 1) * bs]
-            yield self.images[idx], self.labels[idx]
+            yield self.images[idx], index_targets(self.targets, idx)

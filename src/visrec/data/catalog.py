@@ -146,8 +146,54 @@ register_dataset(CatalogEntry(
 ))
 
 
+register_dataset(CatalogEntry(
+    "scenes",
+    "generated 64x64 scenes of 1-4 Fashion-MNIST objects with boxes, masks and captions (scenes:mnist, "
+    "scenes:digits for other objects; data.scene_size, data.max_objects, data.scene_count)",
+    [],
+    None,
+    lambda _: RawSplits(torch.zeros(0), torch.zeros(0), None, None, []),  # read by read_scene_source
+))
+
+SCENE_PREFIXES = ("scenes", "coco:", "yolo:")
+
+
 def dataset_names() -> list[str]:
-    return [*CATALOG, "folder:PATH"]
+    return [*CATALOG, "folder:PATH", "coco:PATH", "yolo:PATH"]
+
+
+def is_scene_source(name: str) -> bool:
+    """Whether the data has objects (boxes, masks, captions): generated scenes, a COCO or a YOLO folder."""
+    return name.startswith(("coco:", "yolo:")) or _base_name(name) == "scenes"
+
+
+def read_scene_source(name: str, data_dir=None, image_size: int | None = None, channels: int | None = None, *,
+                      scene_size: int = 64, max_objects: int = 4, scene_count: int = 10_000, seed: int = 0
+                      ) -> tuple[RawSplits, str]:
+    """RawSplits with targets for `scenes[:SOURCE]`, `coco:PATH` or `yolo:PATH`; each image's label is the class
+    of its largest object (visrec's own class `(no object)` is added when some image has none)."""
+    from .coco import NO_OBJECT, read_coco, to_targets
+    from .scenes import generate_scenes
+    from .yolo import read_yolo
+
+    if name.startswith("yolo:"):
+        where = name.split(":", 1)[1]
+        classes, splits = read_yolo(where, image_size, channels)
+    else:
+        where = name.split(":", 1)[1] if name.startswith("coco:") else str(generate_scenes(
+            name, count=scene_count, size=scene_size, max_objects=max_objects, seed=seed, data_dir=data_dir))
+        classes, splits = read_coco(where, image_size, channels)
+    empty = any(len(b) == 0 for sp in splits.values() for b in sp.boxes)
+    classes = [*classes, NO_OBJECT] if empty else classes
+    converted = {s: (sp.images, *to_targets(sp, len(classes) - 1)) for s, sp in splits.items()}
+    x, y, t = converted["train"]
+    raw = RawSplits(x, y, None, None, classes, train_targets=t)
+    test = converted.get("test") or converted.get("val")  # no test split: the official val split is the test
+    if test is not None:
+        raw.test_images, raw.test_labels, raw.test_targets = test
+    if "test" in converted and "val" in converted:
+        raw.val_images, raw.val_labels, raw.val_targets = converted["val"]
+    return raw, where
 
 
 def _base_name(name: str) -> str:
@@ -221,6 +267,8 @@ def fetch(name: str, dest_root: Path | None = None) -> Path:
 def read_source(name: str, data_dir=None, download_missing: bool = True, image_size=None, channels=None,
                 skip_bad_images: bool = False, max_pixels: int | None = None):
     """(RawSplits, where they came from) for any dataset name."""
+    if is_scene_source(name):
+        return read_scene_source(name, data_dir, image_size, channels)
     if name.startswith("folder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
         return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images, max_pixels=max_pixels), str(path)
@@ -283,6 +331,9 @@ def load_dataset(
     skip_bad_images: bool = False,
     max_pixels: int | None = None,
     classes: list[str] | None = None,
+    scene_size: int = 64,
+    max_objects: int = 4,
+    scene_count: int = 10_000,
 ) -> Dataset:
     """Load a dataset by name, with seeded stratified val (and, if it has none, test) splits.
 
@@ -294,14 +345,22 @@ def load_dataset(
         raise VisrecError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     if not 0 < test_fraction < 1:
         raise VisrecError(f"data.test_fraction={test_fraction} must be in (0, 1)")
-    raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels)
-    if not name.startswith("folder:"):
+    if is_scene_source(name):
+        raw, source = read_scene_source(name, data_dir, image_size, channels, scene_size=scene_size,
+                                        max_objects=max_objects, scene_count=scene_count)
+    else:
+        raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels)
+    if not name.startswith("folder:") and not is_scene_source(name):
         raw.train_images = _adapt(raw.train_images, image_size, channels)
         if raw.test_images is not None:
             raw.test_images = _adapt(raw.test_images, image_size, channels)
     if classes:
+        if raw.train_targets is not None:
+            raise VisrecError(f"data.classes does not apply to {name!r}: its images hold objects of several classes",
+                              "leave data.classes empty for scenes, COCO and YOLO data")
         _keep_classes(raw, classes, name)
     x, y, classes = raw.train_images, raw.train_labels, raw.classes
+    full = ImageSet(x, y, classes, name, raw.train_targets)
     if len(classes) < 2:
         raise VisrecError(f"dataset {name!r} has {len(classes)} class; a classifier needs at least 2")
     splits: dict = {"seed": split_seed}
@@ -310,21 +369,21 @@ def load_dataset(
     pool = torch.arange(len(y))
 
     if raw.test_images is not None:
-        test = ImageSet(raw.test_images, raw.test_labels, classes, name)
+        test = ImageSet(raw.test_images, raw.test_labels, classes, name, raw.test_targets)
         splits["test"] = {"kind": "official", "n": len(test)}
     else:
         keep, held = stratified_split(y, test_fraction, split_seed)
-        test = ImageSet(x[held], y[held], classes, name)
+        test = full.subset(held)
         pool = keep
         splits["test"] = {"kind": "held-out", "fraction": test_fraction, "stratified": True, "n": len(held),
                           "indices": held.tolist()}
 
     if raw.val_images is not None:
-        val = ImageSet(raw.val_images, raw.val_labels, classes, name)
+        val = ImageSet(raw.val_images, raw.val_labels, classes, name, raw.val_targets)
         splits["val"] = {"kind": "official", "n": len(val)}
     elif val_fraction > 0:
         keep, held = stratified_split(y[pool], val_fraction, split_seed + 1)
-        val = ImageSet(x[pool[held]], y[pool[held]], classes, name)
+        val = full.subset(pool[held])
         splits["val"] = {"kind": "held-out", "fraction": val_fraction, "stratified": True, "n": len(held),
                          "indices": pool[held].tolist()}
         pool = pool[keep]
@@ -338,7 +397,7 @@ def load_dataset(
         pick = stratified_subset(y[pool], subset, split_seed + 2)
         pool = pool[pick]
         splits["subset"] = {"n": len(pool), "stratified": True}
-    train = ImageSet(x[pool], y[pool], classes, name)
+    train = full.subset(pool)
     splits["train"] = {"n": len(train)}
     return Dataset(name, train, val, test, source, splits)
 
@@ -368,7 +427,8 @@ def dataset_status(data_dir: str | os.PathLike | None = None) -> list[dict]:
     rows = []
     for name, entry in CATALOG.items():
         if entry.locate is None:
-            where = "bundled with scikit-learn" if name == "digits" else "generated on demand"
+            where = {"digits": "bundled with scikit-learn", "scenes": "generated on demand, cached as COCO"}.get(
+                name, "generated on demand")
             rows.append({"name": name, "found": True, "where": where, "bytes": 0, "description": entry.description})
             continue
         found = locate(name, data_dir)

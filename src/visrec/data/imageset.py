@@ -8,14 +8,29 @@ from typing import Any
 import torch
 
 
+def index_targets(targets: Any, idx: torch.Tensor) -> Any:
+    """The targets of the images at `idx`: a tensor, a list (captions), or a dict of them, each indexed."""
+    if isinstance(targets, dict):
+        return {k: index_targets(v, idx) for k, v in targets.items()}
+    if isinstance(targets, list):
+        return [targets[i] for i in idx.tolist()]
+    return targets[idx]
+
+
 @dataclass
 class ImageSet:
-    """Images as uint8 (N, C, H, W), labels as int64 (N,), and the class names the labels index."""
+    """Images as uint8 (N, C, H, W), labels as int64 (N,), and the class names the labels index.
+
+    Scenes carry more targets, one row per image, in `targets` (see `visrec.data.targets`): `boxes` (N, M, 4)
+    float xyxy pixels and `box_labels` (N, M) int64 (-1 pads images with fewer than M objects), `instances`
+    (N, H, W) uint8 (0 = no object, k = the k-th box), and `captions` (a list of lists of strings). For them,
+    `labels` is the class of each image's largest object."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     name: str = ""
+    targets: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -45,10 +60,13 @@ class ImageSet:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
     def subset(self, index: torch.Tensor) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index], self.classes, self.name)
+        t = index_targets(self.targets, index) if self.targets is not None else None
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.name, t)
 
     def to(self, device: torch.device | str) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name)
+        t = None if self.targets is None else {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                               for k, v in self.targets.items()}
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name, t)
 
     def __repr__(self) -> str:
         c, h, w = self.images.shape[1:]

@@ -32,6 +32,9 @@ class RawSplits:
     val_images: torch.Tensor | None = None  # an official validation split (image folders with val/)
     val_labels: torch.Tensor | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # bad image files left out, with the reason
+    train_targets: dict | None = None  # scenes: boxes, masks and captions per image (see ImageSet)
+    test_targets: dict | None = None
+    val_targets: dict | None = None
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)

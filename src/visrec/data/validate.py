@@ -140,3 +140,17 @@ def validate_folder(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> R
         report.add("note", "mixed-sizes", root, f"{len(sizes)} image sizes (most {common[0]}x{common[1]}); set "
                    "data.image_size to resize them")
     return report
+
+
+def validate_objects(name: str) -> Report:
+    """`coco:PATH` or `yolo:PATH`: every annotation problem, each naming the file, the image or annotation id (or
+    line) and what to do."""
+    from .coco import validate_coco
+    from .yolo import validate_yolo
+
+    kind, _, path = name.partition(":")
+    problems = validate_coco(path) if kind == "coco" else validate_yolo(path)
+    report = Report(path)
+    for p in problems:
+        report.add(p.severity, p.where, p.file, f"{p.detail}: {p.fix}")
+    return report

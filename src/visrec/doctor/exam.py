@@ -33,11 +33,11 @@ from ..device import resolve_device, seed_everything, set_threads
 from ..errors import VisrecError
 from ..evaluate import evaluate
 from ..io import write_text, write_yaml
-from ..models import create_model
 from ..models._registry import BadModelOutput
 from ..runs import dataset_from_config, setup_config
 from ..training.losses import build_loss
 from ..training.optim import build_optimizer, param_groups
+from ..training.setup import build_model
 from .findings import SEVERITIES, Diagnosis, Finding
 from .gradcheck import gradient_check
 from .lr_finder import default_range, lr_range_test
@@ -85,9 +85,11 @@ class Exam:
         self.chance_loss = math.log(self.C) if ce else (self.C - 1) * self.cfg.loss.margin
 
     def new_model(self, seed: int | None = None) -> nn.Module:
-        seed_everything(self.opts.seed if seed is None else seed)
-        m = create_model(self.cfg.model.name, in_chans=self.ds.channels, num_classes=self.C,
-                         image_size=self.ds.image_size, **self.cfg.model.kwargs)
+        """A freshly initialized network, built as training builds it (a whitening first layer is fitted to the
+        data), without the initial weights of model.weights: the doctor examines training from scratch."""
+        seed = self.opts.seed if seed is None else seed
+        seed_everything(seed)
+        m, _, _ = build_model(self.cfg, self.ds, self.normalizer, self.C, seed=seed, load_weights_from_config=False)
         return m.to(self.device)
 
     def sample(self, n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -603,7 +605,8 @@ def _trial_dataset(ex: Exam) -> Dataset:
 
 
 def check_trial(ex: Exam) -> None:
-    from ..training import NonFiniteLoss, Trainer
+    from ..fit import Trainer
+    from ..training import NonFiniteLoss
 
     o = ex.opts
     tds = _trial_dataset(ex)

@@ -307,7 +307,7 @@ def _tsne(run, lm, folder: Path, points: int) -> Explanation:
     from sklearn.manifold import TSNE
 
     from ..runs import dataset_from_config, remap_classes
-    from ..transfer import extract_features
+    from ..training.finetune import extract_features
 
     test = remap_classes(dataset_from_config(run.config).test, lm.classes)
     idx = _stratified(test.labels, points)
@@ -334,7 +334,7 @@ def _neighbors(run, lm, folder: Path, n: int, k: int = 6, pool: int = 10000) -> 
     """For n test images, the k nearest training images in feature space (the network's penultimate layer) and in
     pixel space (L2 on raw pixels): features find the same class, pixels find the same brightness and layout."""
     from ..runs import dataset_from_config, remap_classes
-    from ..transfer import extract_features
+    from ..training.finetune import extract_features
 
     ds = dataset_from_config(run.config)
     test, train = remap_classes(ds.test, lm.classes), remap_classes(ds.train, lm.classes)

@@ -7,18 +7,16 @@ it is called with whichever of `in_chans`, `num_classes` and `image_size` it acc
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import VisrecError, unknown_name
+from ..io import import_from_file
 
 
 @dataclass(frozen=True)
@@ -151,22 +149,7 @@ def is_file_model(name: str) -> bool:
 
 
 def _model_from_file(spec: str, in_chans: int, num_classes: int, size: tuple[int, int], kwargs: dict) -> nn.Module:
-    path_s, fn_name = spec.rsplit(":", 1)
-    path = Path(path_s).expanduser()
-    if not path.is_file():
-        raise VisrecError(f"model file {path} does not exist", "give --model path/to/file.py:function")
-    mod_name = f"visrec_user_model_{abs(hash(str(path.resolve())))}"
-    try:
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - any error in the user's file is reported with its name
-        raise VisrecError(f"model file {path} failed to import: {type(e).__name__}: {e}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        raise VisrecError(f"model file {path} has no function {fn_name!r}", f"callables in it: {', '.join(found)}")
+    fn = import_from_file(spec, "model", "--model path/to/file.py:function")
     params = inspect.signature(fn).parameters
     takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
     offered = {"in_chans": in_chans, "num_classes": num_classes, "image_size": size, **kwargs}

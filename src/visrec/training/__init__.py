@@ -1,6 +1,6 @@
-"""Training: losses, optimizers, schedules, EMA, checkpoints, observers and the loop."""
-
 from .callbacks import Callback, TrainState
-from .loop import NonFiniteLoss, Trainer, resume, train
+from .loop import Trainer
+from .step import NonFiniteLoss
+from .task import EvalSettings, Evaluation, Task
 
-__all__ = ["Callback", "NonFiniteLoss", "TrainState", "Trainer", "resume", "train"]
+__all__ = ["Callback", "EvalSettings", "Evaluation", "NonFiniteLoss", "Task", "TrainState", "Trainer"]

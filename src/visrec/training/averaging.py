@@ -86,3 +86,59 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, normalizer, batc
         m.momentum = mom
     model.train(was_training)
     return model
+
+
+class WeightAverages:
+    """The averages a run keeps beside its weights: an EMA updated after every optimizer step, and SWA over the
+    final `swa` fraction of the steps (every `swa_every` steps, else at each epoch end), its batch-norm statistics
+    recomputed once the average is final."""
+
+    def __init__(self, model: nn.Module, *, ema: float, swa: float, swa_every: int, total_steps: int):
+        self.ema = EMA(model, ema) if ema > 0 else None
+        self.swa: SWA | None = None  # created at its first update
+        self.swa_start = round((1 - swa) * total_steps) if swa > 0 else None
+        self.swa_every = swa_every if self.swa_start is not None else 0
+
+    def after_step(self, model: nn.Module, step: int, stepped: bool) -> None:
+        """After optimizer step `step` (1-based); `stepped` is False for a step skipped as non-finite."""
+        if stepped and self.ema is not None:
+            self.ema.update(model)
+        if self.swa_every and step >= self.swa_start and (step - self.swa_start) % self.swa_every == 0:
+            self._swa_update(model)
+
+    def end_epoch(self, model: nn.Module, step: int, final: bool, images: torch.Tensor, normalizer,
+                  batch_size: int) -> None:
+        if self.swa_start is not None and not self.swa_every and step >= self.swa_start:
+            self._swa_update(model)
+        if self.swa is not None and final:  # the average is final: fit its batch-norm statistics
+            recompute_batchnorm(self.swa.module, images, normalizer, batch_size=batch_size)
+
+    def _swa_update(self, model: nn.Module) -> None:
+        if self.swa is None:
+            self.swa = SWA(model)
+        self.swa.update(model)
+
+    def models(self, model: nn.Module, final: bool) -> dict[str, nn.Module]:
+        """The weights to compare: raw, and the EMA and SWA averages when on (SWA once it is `final`); the last
+        one is the weights the run is judged by."""
+        out = {"raw": model}
+        if self.ema is not None:
+            out["ema"] = self.ema.module
+        if self.swa is not None and final:
+            out["swa"] = self.swa.module
+        return out
+
+    def label(self) -> str:
+        return "+swa" if self.swa else "+ema" if self.ema else ""
+
+    def state(self) -> dict:
+        return {"ema": self.ema.state_dict() if self.ema else None, "swa": self.swa.state_dict() if self.swa else None}
+
+    def load(self, model: nn.Module, state: dict, ema_weights: dict | None, swa_weights: dict | None) -> None:
+        if self.ema is not None and ema_weights is not None:
+            self.ema.module.load_state_dict(ema_weights)
+            self.ema.load_state_dict(state["ema"])
+        if swa_weights is not None:
+            self.swa = SWA(model)
+            self.swa.module.load_state_dict(swa_weights)
+            self.swa.load_state_dict(state["swa"])

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ class TrainState:
     train_seconds: float
     model: Any = None
     optimizer: Any = None  # read-only too: monitors may register hooks that only observe
+    request_stop: Callable[[str], None] | None = None  # ask the loop to stop after this step, as Ctrl-C does
+    primary: str = "acc"  # the task's primary metric: the field records and summaries lead with
 
 
 class Callback:
@@ -42,38 +45,6 @@ class Callback:
     def on_epoch_end(self, state: TrainState, records: list[dict[str, Any]]) -> None: ...
 
     def on_train_end(self, state: TrainState, summary: dict[str, Any]) -> None: ...
-
-
-class MetricsLogger(Callback):
-    """Appends every record to metrics.jsonl, one JSON object per line, flushed as written."""
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            # Records logged after the checkpoint we resume from would be repeated: drop them.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self._f = open(path, "a")  # noqa: SIM115 - closed in on_train_end
-
-    def _write(self, rec: dict[str, Any]) -> None:
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
-
-    def on_window(self, state, record):
-        self._write(record)
-
-    def on_epoch_end(self, state, records):
-        for r in records:
-            self._write(r)
-
-    def on_train_end(self, state, summary):
-        final = summary.get("test")
-        if final:
-            self._write({"epoch": state.epoch, "step": state.step, "split": "test", "kind": "final",
-                         "loss": final["loss"], "acc": final["acc"], "top5": final["top5"],
-                         "lr": None, "seconds": state.train_seconds})
-        self._f.close()
 
 
 def flat_hparams(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -95,7 +66,7 @@ def flat_hparams(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class TensorBoardLogger(Callback):
     """TensorBoard events under tb/ in the run folder: scalars (loss/*, acc/*, lr, throughput), weight and
     activation histograms every `histograms` epochs (0 = none; activations sampled at the first training batch
-    after each such epoch, at most 65,536 values per stage), figures (`add_figures`), and the run's
+    after each such epoch, at most 65,536 values per stage), figures (`log_figures`), and the run's
     hyperparameters with its final metrics (the HParams tab compares runs side by side)."""
 
     def __init__(self, log_dir: Path, purge_step: int | None = None, *, config: dict[str, Any] | None = None,
@@ -144,22 +115,21 @@ class TensorBoardLogger(Callback):
         for name, p in model.named_parameters():
             self._histogram(f"weights/{name}", p.detach(), step)
 
+    def _metrics(self, record: dict[str, Any], suffix: str) -> None:
+        """Every metric of a record (loss, acc, top5, a task's own) as `metric/split` scalars."""
+        for k, v in record.items():
+            if k not in _NOT_METRICS and isinstance(v, int | float) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{k}/{suffix}", v, record["step"])
+
     def on_window(self, state, record):
-        w, s = self.writer, record["step"]
-        self._step = s
-        w.add_scalar("loss/train", record["loss"], s)
-        w.add_scalar("acc/train", record["acc"], s)
-        w.add_scalar("lr", record["lr"], s)
-        w.add_scalar("images_per_s", record["images_per_s"], s)
+        self._step = record["step"]
+        self._metrics(record, "train")
+        self.writer.add_scalar("lr", record["lr"], record["step"])
+        self.writer.add_scalar("images_per_s", record["images_per_s"], record["step"])
 
     def on_epoch_end(self, state, records):
         for r in records:
-            if r["split"] == "val":
-                self.writer.add_scalar("loss/val", r["loss"], r["step"])
-                self.writer.add_scalar("acc/val", r["acc"], r["step"])
-                self.writer.add_scalar("top5/val", r["top5"], r["step"])
-            elif r["split"] == "train":
-                self.writer.add_scalar("acc/train_epoch", r["acc"], r["step"])
+            self._metrics(r, "val" if r["split"] == "val" else "train_epoch")
         self._step = state.step
         if self.histograms and state.model is not None and state.epoch % self.histograms == 0:
             self._weights(state.model, state.step)
@@ -167,28 +137,18 @@ class TensorBoardLogger(Callback):
                 self._arm(state.model)
         self.writer.flush()
 
-    def add_figures(self, figures: dict[str, bytes], step: int) -> None:
-        """PNG figures (filters, Grad-CAM examples, confusion matrix) as TensorBoard images."""
-        import io
-
-        import numpy as np
-        from PIL import Image
-
-        for name, png in figures.items():
-            img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-            self.writer.add_image(f"figures/{name}", img, step, dataformats="HWC")
-
     def on_train_end(self, state, summary):
         for h in self._hooks.values():
             h.remove()
         self._hooks = {}
+        p = state.primary
         if summary.get("test"):
-            self.writer.add_scalar("acc/test", summary["test"]["acc"], state.step)
+            self.writer.add_scalar(f"{p}/test", summary["test"][p], state.step)
         if self.config is not None and summary.get("status") == "completed":
             from torch.utils.tensorboard.summary import hparams
 
             metrics = {f"hparam/{k}": float(summary[k]) for k in
-                       ("test_acc", "test_loss", "best_val_acc", "val_acc", "train_acc", "train_seconds")
+                       (f"test_{p}", "test_loss", f"best_val_{p}", f"val_{p}", f"train_{p}", "train_seconds")
                        if isinstance(summary.get(k), (int, float))}
             exp, ssi, sei = hparams(flat_hparams(self.config), metrics)
             fw = self.writer._get_file_writer()
@@ -199,11 +159,34 @@ class TensorBoardLogger(Callback):
         self.writer.close()
 
 
+def log_figures(writer: Any, figures: dict[str, bytes], step: int) -> None:
+    """PNG figures (filters, Grad-CAM examples, confusion matrix) as TensorBoard images under figures/."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for name, png in figures.items():
+        img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        writer.add_image(f"figures/{name}", img, step, dataformats="HWC")
+
+
+_NOT_METRICS = {"epoch", "step", "lr", "seconds", "images_per_s"}
+
+
 def _fmt_time(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _metric(record: dict[str, Any], name: str) -> str:
+    """`acc 93.10%` for accuracies, `mae 0.0123` for any other metric."""
+    v = record.get(name)
+    if not isinstance(v, int | float):
+        return f"{name} -"
+    return f"{name} {v:.2%}" if name in ("acc", "top5") else f"{name} {v:.4g}"
 
 
 class ProgressPrinter(Callback):
@@ -223,7 +206,7 @@ class ProgressPrinter(Callback):
                 TextColumn("epoch {task.fields[epoch]}"),
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total} steps"),
-                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"),
+                TextColumn("loss {task.fields[loss]}  {task.fields[acc]}  {task.fields[ips]} img/s"),
                 TimeRemainingColumn(),
                 console=self.console,
                 transient=False,
@@ -235,7 +218,7 @@ class ProgressPrinter(Callback):
     def on_window(self, state, record):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.step, epoch=f"{state.epoch}/{state.epochs}",
-                                 loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.1%}",
+                                 loss=f"{record['loss']:.3f}", acc=_metric(record, state.primary),
                                  ips=f"{record['images_per_s']:.0f}")
 
     def on_epoch_end(self, state, records):
@@ -243,9 +226,9 @@ class ProgressPrinter(Callback):
         tr, va = by.get("train"), by.get("val")
         parts = [f"epoch {state.epoch}/{state.epochs}"]
         if tr:
-            parts.append(f"train loss {tr['loss']:.4f} acc {tr['acc']:.2%}")
+            parts.append(f"train loss {tr['loss']:.4f} {_metric(tr, state.primary)}")
         if va:
-            parts.append(f"val loss {va['loss']:.4f} acc {va['acc']:.2%}")
+            parts.append(f"val loss {va['loss']:.4f} {_metric(va, state.primary)}")
         if tr:
             parts.append(f"lr {tr['lr']:.3g}  {tr.get('images_per_s', 0):.0f} img/s")
         done = state.step / max(state.total_steps, 1)

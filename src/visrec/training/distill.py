@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..data import Dataset, Normalizer
 from ..errors import VisrecError
+from ..runs import RunRef
 
 
 class Teachers:
@@ -20,16 +21,15 @@ class Teachers:
 
     def __init__(self, specs: list[str], ds: Dataset, normalizer: Normalizer, device: torch.device,
                  temperature: float, alpha: float):
-        from ..ensemble import parse_member
-
         if temperature <= 0:
             raise VisrecError(f"distill.temperature={temperature} must be > 0", "typical values are 2 to 8")
         if not 0 <= alpha <= 1:
             raise VisrecError(f"distill.alpha={alpha} must be in [0, 1]", "0.5 weighs soft and hard targets equally")
         self.models, self.temperature, self.alpha = [], temperature, alpha
         for spec in specs:
-            run, which = parse_member(spec)
-            lm = run.load_model(which, str(device))
+            ref = RunRef.parse(spec)
+            run = ref.run
+            lm = run.load_model(ref.which, str(device))
             if lm.classes != ds.classes:
                 raise VisrecError(f"teacher {run.path} knows the classes {lm.classes}, but this run's data has "
                                   f"{ds.classes}", "distill on the dataset (and data.classes) the teachers learned")

@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import VisrecError
-from ..io import atomic_path, write_bytes, write_json
+from .errors import VisrecError
+from .io import atomic_path, write_bytes, write_json
 
 FORMAT_VERSION = 1
 

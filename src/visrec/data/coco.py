@@ -1,0 +1,334 @@
+"""COCO folders, as users have them and as visrec writes its scenes.
+
+    PATH/annotations/instances_<split>.json   images, annotations (xywh bbox, RLE or polygon segmentation, area,
+                                              iscrowd), categories; <split> names train, val or test
+                                              (`instances_train2017.json` is train)
+    PATH/annotations/captions_<split>.json    optional: captions of the same images
+    PATH/images/<file_name>, PATH/images/<split>/<file_name>, PATH/<split>2017/<file_name> or PATH/<file_name>
+
+Categories map to contiguous class indices by name, in the train file's id order (any id, 0 included, is an
+ordinary category). Images without annotations are kept as negatives. Masks are decoded with pycocotools into one
+instance map per image (the later of two overlapping instances owns the shared pixels). Every problem is
+reported with the file, the image or annotation id, and what to do (`validate_coco` lists them all).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import VisrecError
+from ..io import write_json
+from .images import decode, peek
+
+SPLITS = ("train", "val", "test")
+NO_OBJECT = "(no object)"  # visrec's own class for images without objects, when classifying by largest object
+
+
+@dataclass
+class CocoProblem:
+    severity: str  # error | warning
+    file: str
+    where: str  # "image 12", "annotation 7", ...
+    detail: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.where}: {self.detail} ({self.fix})"
+
+
+@dataclass
+class CocoSplit:
+    """One split as read: images (uint8 N,C,H,W) with their targets, one row per image."""
+
+    images: torch.Tensor
+    boxes: list[np.ndarray]  # (m, 4) xyxy pixels of the stored image size
+    labels: list[np.ndarray]  # (m,) contiguous class index
+    instances: torch.Tensor | None  # (N, H, W) uint8, 0 = none, k = k-th box; None without segmentation
+    captions: list[list[str]] = field(default_factory=list)
+
+
+def split_of(path: Path) -> str | None:
+    """`instances_train2017.json` -> train; `instances_val.json` -> val; a name with none of them -> None."""
+    stem = path.stem.lower()
+    for s in SPLITS:
+        if re.search(rf"(^|[_\-.]){s}", stem.removeprefix("instances").removeprefix("captions")):
+            return s
+    return None
+
+
+def annotation_files(root: Path) -> dict[str, Path]:
+    ann = root / "annotations"
+    if not ann.is_dir():
+        raise VisrecError(f"{root} has no annotations/ folder: it is not a COCO folder",
+                          "give the folder that holds annotations/instances_<split>.json")
+    found: dict[str, Path] = {}
+    for p in sorted(ann.glob("instances_*.json")):
+        s = split_of(p)
+        if s and s not in found:
+            found[s] = p
+    if "train" not in found:
+        raise VisrecError(f"{ann} has no instances_train*.json", "COCO training annotations are needed to train")
+    return found
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise VisrecError(f"{path} is not readable JSON: {e}", "re-export the annotations") from None
+    if not isinstance(d, dict) or not isinstance(d.get("images"), list):
+        raise VisrecError(f"{path} has no 'images' list: it is not a COCO annotation file")
+    return d
+
+
+def find_image(root: Path, split_file: Path, file_name: str) -> Path | None:
+    stem = split_file.stem.split("_", 1)[1] if "_" in split_file.stem else ""
+    for cand in (root / "images" / file_name, root / "images" / (split_of(split_file) or "") / file_name,
+                 root / stem / file_name, root / file_name):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def check_split(root: Path, path: Path, d: dict[str, Any]) -> tuple[list[CocoProblem], dict[int, Path]]:
+    """Every problem of one annotation file, and where each image's file is."""
+    problems: list[CocoProblem] = []
+
+    def bad(where: str, detail: str, fix: str, severity: str = "error") -> None:
+        problems.append(CocoProblem(severity, str(path), where, detail, fix))
+
+    cats = d.get("categories") or []
+    cat_ids: dict[int, str] = {}
+    for c in cats:
+        if c.get("id") in cat_ids:
+            bad(f"category {c.get('id')}", "duplicate category id", "give every category its own id")
+        cat_ids[c.get("id")] = str(c.get("name"))
+    names = list(cat_ids.values())
+    for n in {n for n in names if names.count(n) > 1}:
+        bad(f"category {n!r}", "two categories share this name", "categories are matched by name: rename one")
+    images: dict[int, dict] = {}
+    files: dict[int, Path] = {}
+    for im in d["images"]:
+        iid = im.get("id")
+        if iid in images:
+            bad(f"image {iid}", "duplicate image id", "give every image its own id")
+            continue
+        images[iid] = im
+        f = find_image(root, path, str(im.get("file_name", "")))
+        if f is None:
+            bad(f"image {iid}", f"file {im.get('file_name')!r} not found under {root}/images or {root}",
+                "put the image there, or remove its entry")
+        else:
+            files[iid] = f
+    seen: set = set()
+    for a in d.get("annotations") or []:
+        aid = a.get("id")
+        where = f"annotation {aid} (image {a.get('image_id')})"
+        if aid in seen:
+            bad(where, "duplicate annotation id", "give every annotation its own id")
+        seen.add(aid)
+        im = images.get(a.get("image_id"))
+        if im is None:
+            bad(where, f"image_id {a.get('image_id')} is not among the images", "fix image_id or drop the annotation")
+            continue
+        if a.get("category_id") not in cat_ids:
+            bad(where, f"unknown category_id {a.get('category_id')}",
+                f"use one of the categories' ids: {sorted(cat_ids)[:20]}")
+        w, h = im.get("width"), im.get("height")
+        box = a.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
+            bad(where, f"bbox {box!r} is not [x, y, width, height]", "write the box as four numbers")
+        elif box[2] <= 0 or box[3] <= 0:
+            bad(where, f"bbox {box} has zero or negative size", "drop the annotation or fix its width/height")
+        elif box[0] < -1 or box[1] < -1 or box[0] + box[2] > w + 1 or box[1] + box[3] > h + 1:
+            bad(where, f"bbox {box} lies outside the {w}x{h} image", "clip the box to the image")
+        seg = a.get("segmentation")
+        if isinstance(seg, list):
+            for poly in seg:
+                if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+                    bad(where, f"a polygon with {len(poly) // 2 if isinstance(poly, list) else 0} points",
+                        "a polygon needs at least 3 (x, y) points; drop it or use RLE")
+        elif isinstance(seg, dict):
+            size = seg.get("size")
+            if list(size or []) != [h, w]:
+                bad(where, f"RLE mask of size {size} on a {w}x{h} image (size is [height, width])",
+                    "encode the mask at the image's size")
+    return problems, files
+
+
+def _mask(seg: Any, h: int, w: int) -> np.ndarray | None:
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list) and seg:
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg, dict):
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg.get("counts"), list) else seg
+    else:
+        return None
+    return mask_utils.decode(rle).astype(bool)
+
+
+def read_coco(root: str | Path, image_size: int | None = None, channels: int | None = None
+              ) -> tuple[list[str], dict[str, CocoSplit]]:
+    """(class names, {split: CocoSplit}) of a COCO folder; images resized to `image_size` (boxes and masks with
+    them) when given, else all images must share one size."""
+    root = Path(root).expanduser()
+    files = annotation_files(root)
+    docs = {s: _load_json(p) for s, p in files.items()}
+    train_cats = sorted(docs["train"].get("categories") or [], key=lambda c: c.get("id", 0))
+    classes = [str(c["name"]) for c in train_cats]
+    problems: list[CocoProblem] = []
+    located: dict[str, dict[int, Path]] = {}
+    for s, d in docs.items():
+        p, located[s] = check_split(root, files[s], d)
+        problems += p
+        extra = [str(c.get("name")) for c in d.get("categories") or [] if str(c.get("name")) not in classes]
+        if extra:
+            problems.append(CocoProblem("error", str(files[s]), "categories",
+                                        f"categories {extra} are not in the train annotations",
+                                        "train and evaluation files must share category names"))
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        shown = "\n    ".join(map(str, errors[:10]))
+        more = f"\n    ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise VisrecError(f"COCO folder {root} has {len(errors)} problem(s):\n    {shown}{more}",
+                          f"see them all with: visrec validate coco:{root}")
+    if channels is None:
+        channels = 3 if any(peek(f)[0] not in ("L", "1", "I", "I;16", "F", "LA")
+                            for f in list(located["train"].values())[:50]) else 1
+    out = {}
+    for s, d in docs.items():
+        out[s] = _read_split(root, files[s], d, located[s], classes, image_size, channels)
+    return classes, out
+
+
+def _read_split(root: Path, path: Path, d: dict, located: dict[int, Path], classes: list[str],
+                image_size: int | None, channels: int) -> CocoSplit:
+    by_name = {str(c["name"]): classes.index(str(c["name"])) for c in d.get("categories") or []}
+    cat = {c["id"]: by_name[str(c["name"])] for c in d.get("categories") or []}
+    anns: dict[int, list[dict]] = {}
+    for a in d.get("annotations") or []:
+        anns.setdefault(a["image_id"], []).append(a)
+    sizes = {(im["height"], im["width"]) for im in d["images"]}
+    if image_size is None and len(sizes) > 1:
+        raise VisrecError(f"{path}: images come in {len(sizes)} sizes ({sorted(sizes)[:4]} ...)",
+                          "set data.image_size to resize them all to one square size")
+    images, boxes, labels, inst_maps = [], [], [], []
+    has_masks = any(a.get("segmentation") for a in d.get("annotations") or [])
+    for im in d["images"]:
+        h, w = im["height"], im["width"]
+        a = decode(located[im["id"]], channels, image_size)
+        if a.shape[:2] != (h, w) and image_size is None:
+            raise VisrecError(f"{path}: image {im['id']} ({located[im['id']]}) is {a.shape[1]}x{a.shape[0]}, but the "
+                              f"annotations say {w}x{h}", "fix width/height in the annotation file")
+        oh, ow = a.shape[:2]
+        sy, sx = oh / h, ow / w
+        own = anns.get(im["id"], [])
+        b = np.array([[x * sx, y * sy, (x + bw) * sx, (y + bh) * sy] for x, y, bw, bh in (o["bbox"] for o in own)],
+                     dtype=np.float32).reshape(-1, 4)
+        b[:, 0::2] = b[:, 0::2].clip(0, ow)
+        b[:, 1::2] = b[:, 1::2].clip(0, oh)
+        images.append(torch.from_numpy(a).permute(2, 0, 1))
+        boxes.append(b)
+        labels.append(np.array([cat[o["category_id"]] for o in own], dtype=np.int64))
+        if has_masks:
+            inst = np.zeros((h, w), np.uint8)
+            for k, o in enumerate(own[:255], 1):
+                m = _mask(o.get("segmentation"), h, w)
+                if m is not None:
+                    inst[m] = k
+            t = torch.from_numpy(inst)
+            if (oh, ow) != (h, w):
+                t = torch.nn.functional.interpolate(t[None, None].float(), size=(oh, ow), mode="nearest")[0, 0]
+            inst_maps.append(t.to(torch.uint8))
+    split = CocoSplit(torch.stack(images) if images else torch.zeros(0, channels, image_size or 1, image_size or 1,
+                                                                     dtype=torch.uint8),
+                      boxes, labels, torch.stack(inst_maps) if has_masks and inst_maps else None)
+    cap_file = path.parent / path.name.replace("instances_", "captions_", 1)
+    if cap_file.is_file():
+        caps: dict[int, list[str]] = {}
+        for c in _load_json(cap_file).get("annotations") or []:
+            caps.setdefault(c.get("image_id"), []).append(str(c.get("caption", "")))
+        split.captions = [caps.get(im["id"], []) for im in d["images"]]
+    return split
+
+
+def validate_coco(root: str | Path) -> list[CocoProblem]:
+    """Every problem of a COCO folder, errors and warnings, without decoding any image."""
+    root = Path(root).expanduser()
+    files = annotation_files(root)
+    problems: list[CocoProblem] = []
+    train_names: set[str] | None = None
+    for s in ("train", "val", "test"):
+        if s not in files:
+            continue
+        d = _load_json(files[s])
+        p, _ = check_split(root, files[s], d)
+        problems += p
+        names = {str(c.get("name")) for c in d.get("categories") or []}
+        if train_names is None:
+            train_names = names
+        elif names - train_names:
+            problems.append(CocoProblem("error", str(files[s]), "categories",
+                                        f"categories {sorted(names - train_names)} are not in the train annotations",
+                                        "train and evaluation files must share category names"))
+        n_empty = len({im.get("id") for im in d["images"]} - {a.get("image_id") for a in d.get("annotations") or []})
+        if n_empty:
+            problems.append(CocoProblem("warning", str(files[s]), f"{n_empty} image(s)", "have no annotations",
+                                        "they are kept as negatives (images with no object)"))
+    return problems
+
+
+def write_coco(root: Path, split: str, file_names: list[str], sizes: list[tuple[int, int]],
+               objects: list[list[dict[str, Any]]], classes: list[str], captions: list[list[str]] | None = None
+               ) -> None:
+    """annotations/instances_<split>.json (and captions_<split>.json) for images already under root/images.
+    `objects[i]` holds dicts with `label` (class index), `mask` (bool H x W) for image i; boxes and areas come
+    from the masks, segmentation as RLE."""
+    from pycocotools import mask as mask_utils
+
+    images, anns, ann_id = [], [], 1
+    for i, (name, (h, w), objs) in enumerate(zip(file_names, sizes, objects, strict=True), 1):
+        images.append({"id": i, "file_name": name, "width": w, "height": h})
+        for o in objs:
+            rle = mask_utils.encode(np.asfortranarray(o["mask"].astype(np.uint8)))
+            x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+            anns.append({"id": ann_id, "image_id": i, "category_id": o["label"] + 1, "bbox": [x, y, bw, bh],
+                         "area": float(mask_utils.area(rle)), "iscrowd": 0,
+                         "segmentation": {"size": [h, w], "counts": rle["counts"].decode()}})
+            ann_id += 1
+    cats = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]
+    write_json(root / "annotations" / f"instances_{split}.json",
+               {"info": {"description": "visrec"}, "images": images, "annotations": anns, "categories": cats})
+    if captions is not None:
+        caps = [{"id": j, "image_id": i, "caption": c}
+                for j, (i, c) in enumerate(((i, c) for i, cs in enumerate(captions, 1) for c in cs), 1)]
+        write_json(root / "annotations" / f"captions_{split}.json", {"images": images, "annotations": caps})
+
+
+def to_targets(split: CocoSplit, no_object: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(labels, targets) of a split as an ImageSet holds them: the label of each image is the class of its
+    largest object (by box area), `no_object` for an image without one; boxes and their labels padded to the
+    most objects any image has (labels -1 where there is none), the instance maps and the captions."""
+    n, m = len(split.boxes), max([len(b) for b in split.boxes] + [1])
+    boxes = torch.zeros(n, m, 4)
+    box_labels = torch.full((n, m), -1, dtype=torch.long)
+    labels = torch.full((n,), no_object, dtype=torch.long)
+    for i, (b, lab) in enumerate(zip(split.boxes, split.labels, strict=True)):
+        if len(b):
+            boxes[i, : len(b)] = torch.from_numpy(b)
+            box_labels[i, : len(b)] = torch.from_numpy(lab)
+            labels[i] = int(lab[np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))])
+    targets: dict[str, Any] = {"boxes": boxes, "box_labels": box_labels}
+    if split.instances is not None:
+        targets["instances"] = split.instances
+    if split.captions:
+        targets["captions"] = split.captions
+    return labels, targets

@@ -1,0 +1,158 @@
+"""YOLO detection folders: `data.yaml` naming the image folders of each split and the class names, and one
+`labels/.../NAME.txt` per image `images/.../NAME.EXT`, a line per object: `class cx cy w h`, normalized to [0, 1].
+
+    path: .            # optional root of the relative folders below (default: the yaml's folder)
+    train: images/train
+    val: images/val    # optional, as is test
+    names: [cat, dog]  # or {0: cat, 1: dog}
+
+An image without a label file, or with an empty one, is a negative (no object). Every problem names the file,
+the line and what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..errors import VisrecError
+from .coco import CocoProblem, CocoSplit
+from .images import decode, is_image_file, peek
+
+
+def _config(root: Path) -> tuple[Path, dict]:
+    cfg_file = root if root.is_file() else root / "data.yaml"
+    if not cfg_file.is_file():
+        raise VisrecError(f"{root} has no data.yaml: it is not a YOLO folder",
+                          "give the folder that holds data.yaml (train:, val:, names:)")
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise VisrecError(f"{cfg_file} is not valid YAML: {e}") from None
+    if not isinstance(cfg, dict) or "train" not in cfg or "names" not in cfg:
+        raise VisrecError(f"{cfg_file} needs 'train' and 'names'", "e.g. train: images/train, names: [cat, dog]")
+    return cfg_file, cfg
+
+
+def _names(cfg_file: Path, names) -> list[str]:
+    if isinstance(names, dict):
+        keys = sorted(names)
+        if keys != list(range(len(keys))):
+            raise VisrecError(f"{cfg_file}: names has ids {keys}; YOLO class ids run 0..N-1",
+                              "number the classes from 0 without gaps")
+        return [str(names[k]) for k in keys]
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    raise VisrecError(f"{cfg_file}: names must be a list or a mapping of class names")
+
+
+def _images(base: Path, spec) -> list[Path]:
+    out: list[Path] = []
+    for entry in spec if isinstance(spec, list) else [spec]:
+        p = base / str(entry)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.is_file() and p.suffix == ".txt":  # a list of image paths
+            out += [base / line.strip() for line in p.read_text().splitlines() if line.strip()]
+        else:
+            raise VisrecError(f"YOLO split folder {p} does not exist", "fix the path in data.yaml")
+    return out
+
+
+def label_file(image: Path) -> Path:
+    """images/train/a.jpg -> labels/train/a.txt (the last `images` folder of the path becomes `labels`)."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _read_labels(path: Path, n_classes: int) -> tuple[np.ndarray, list[CocoProblem]]:
+    rows, problems = [], []
+    if not path.is_file():
+        return np.zeros((0, 5), np.float32), problems
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"line {i}"
+        if len(fields) != 5:
+            problems.append(CocoProblem("error", str(path), where, f"{len(fields)} fields: {line.strip()!r}",
+                                        "each line is `class cx cy w h` (5 fields)"))
+            continue
+        try:
+            c, *v = float(fields[0]), *map(float, fields[1:])
+        except ValueError:
+            problems.append(CocoProblem("error", str(path), where, f"not numbers: {line.strip()!r}",
+                                        "each line is `class cx cy w h`"))
+            continue
+        if not c.is_integer() or not 0 <= c < n_classes:
+            problems.append(CocoProblem("error", str(path), where, f"class {fields[0]} is not in 0..{n_classes - 1}",
+                                        "use a class id from data.yaml's names"))
+        elif any(not 0 <= x <= 1 for x in v):
+            problems.append(CocoProblem("error", str(path), where, f"values {v} are outside [0, 1]",
+                                        "YOLO coordinates are normalized by the image's width and height"))
+        elif v[2] <= 0 or v[3] <= 0:
+            problems.append(CocoProblem("error", str(path), where, f"box of zero size {v}", "drop the line"))
+        else:
+            rows.append([c, *v])
+    return np.array(rows, np.float32).reshape(-1, 5), problems
+
+
+def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, np.ndarray]]], list[CocoProblem]]:
+    cfg_file, cfg = _config(root)
+    classes = _names(cfg_file, cfg["names"])
+    base = cfg_file.parent / str(cfg.get("path") or ".")
+    splits, problems = {}, []
+    for s in ("train", "val", "test"):
+        if cfg.get(s):
+            items = []
+            for img in _images(base, cfg[s]):
+                if not img.is_file():
+                    problems.append(CocoProblem("error", str(cfg_file), s, f"image {img} not found",
+                                                "fix the list of images"))
+                    continue
+                rows, p = _read_labels(label_file(img), len(classes))
+                problems += p
+                items.append((img, rows))
+            splits[s] = items
+    return classes, splits, problems
+
+
+def validate_yolo(root: str | Path) -> list[CocoProblem]:
+    return _scan(Path(root).expanduser())[2]
+
+
+def read_yolo(root: str | Path, image_size: int | None = None, channels: int | None = None
+              ) -> tuple[list[str], dict[str, CocoSplit]]:
+    root = Path(root).expanduser()
+    classes, splits, problems = _scan(root)
+    if problems:
+        shown = "\n    ".join(map(str, problems[:10]))
+        raise VisrecError(f"YOLO folder {root} has {len(problems)} problem(s):\n    {shown}",
+                          f"see them all with: visrec validate yolo:{root}")
+    if channels is None:
+        channels = 3 if any(peek(p)[0] not in ("L", "1", "I", "I;16", "F", "LA")
+                            for p, _ in splits["train"][:50]) else 1
+    out = {}
+    for s, items in splits.items():
+        images, boxes, labels = [], [], []
+        for path, rows in items:
+            a = decode(path, channels, image_size)
+            h, w = a.shape[:2]
+            cx, cy, bw, bh = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
+            boxes.append(np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
+                                  1).astype(np.float32).reshape(-1, 4))
+            labels.append(rows[:, 0].astype(np.int64))
+            images.append(torch.from_numpy(a).permute(2, 0, 1))
+        sizes = {tuple(t.shape) for t in images}
+        if len(sizes) > 1:
+            raise VisrecError(f"YOLO folder {root}: {s} images come in {len(sizes)} sizes",
+                              "set data.image_size to resize them all to one square size")
+        out[s] = CocoSplit(torch.stack(images), boxes, labels, None)
+    return classes, out

@@ -1,0 +1,49 @@
+"""Tasks, registered by name: what a run learns. The training loop knows them only through
+`visrec.training.task.Task`; a task in a user's file trains the same way (`--task my_task.py:MyTask`).
+
+    visrec tasks                                   # the registered tasks
+    visrec train scenes --task classification      # the default
+"""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..errors import unknown_name
+from ..io import import_from_file
+from ..training.task import EvalSettings, Evaluation, Task
+from .classification import ClassificationTask
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a Task subclass available by its `name`."""
+    TASKS[cls.name] = cls
+    return cls
+
+
+register_task(ClassificationTask)
+
+
+def is_file_task(name: str) -> bool:
+    return ":" in name and name.split(":", 1)[0].endswith(".py")
+
+
+def create_task(name: str, cfg: Config | None = None) -> Task:
+    """A task by registered name, or `path/to/file.py:ClassName` (a Task subclass in the user's file)."""
+    if is_file_task(name):
+        cls = import_from_file(name, "task", "--task path/to/file.py:ClassName")
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            from ..errors import VisrecError
+
+            raise VisrecError(f"{name} is not a subclass of visrec.training.task.Task",
+                              "define `class MyTask(visrec.Task)` with loss, batch_stats and evaluate")
+        task = cls(cfg)
+        task.name = task.name or name  # a file task without a name is known by its spec
+        return task
+    if name not in TASKS:
+        raise unknown_name("task", name, TASKS, "task.name")
+    return TASKS[name](cfg)
+
+
+__all__ = ["TASKS", "ClassificationTask", "EvalSettings", "Evaluation", "Task", "create_task", "register_task"]

@@ -1,0 +1,51 @@
+"""Image classification: one class per image, softmax (or multiclass SVM) loss, accuracy as the primary metric,
+top-5, per-class accuracy and the confusion matrix on evaluation, and flip/crop/scale test-time augmentation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Dataset, ImageSet, Normalizer
+from ..data.augment import MixedTargets
+from ..evaluate import EvalResult, evaluate, resolve_crop_pad, resolve_tta
+from ..training.losses import build_loss
+from ..training.task import EvalSettings, Task
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    target = "class"
+    primary = "acc"
+    maximize = True
+    stats = ("acc",)
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.loss_fn = build_loss(self.cfg.loss)
+        self.tta = resolve_tta(self.cfg.eval.tta, self.cfg.data.augment)
+        self.crop_pad = resolve_crop_pad(self.cfg.eval.crop_pad, self.cfg.data.augment)
+
+    def num_outputs(self, ds: Dataset) -> int:
+        return ds.num_classes
+
+    def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        return self.loss_fn(outputs, targets)
+
+    def batch_stats(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        labels = targets.a if isinstance(targets, MixedTargets) else targets
+        return (outputs.argmax(1) == labels).sum().float().view(1)  # correct predictions
+
+    def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
+                 settings: EvalSettings) -> EvalResult:
+        return evaluate(model, data, normalizer, split=split, batch_size=settings.batch_size,
+                        channels_last=settings.channels_last, amp_dtype=settings.amp_dtype, tta=self.tta,
+                        crop_pad=self.crop_pad)
+
+    def summary_fields(self, test: EvalResult | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"tta": self.tta}
+        if test is not None:
+            out["most_confused"] = [list(t) for t in test.most_confused(5)]
+        return out

@@ -1,0 +1,141 @@
+"""Building what a run trains: config checks, the model (with its data-dependent layers fitted) and the weights it
+starts from. Training and the doctor build their models here, so both see the same network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_checkpoint
+from ..config import Config
+from ..data import Dataset, Normalizer
+from ..errors import VisrecError, unknown_name
+from ..evaluate import resolve_crop_pad, resolve_tta
+from ..io import load_weights
+from ..models import create_model, is_file_model
+from ..models.layers import PatchWhitening
+from ..runs import RunRef
+from .finetune import check_finetune
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse values that no config type can: ranges and combinations of keys."""
+    t = cfg.train
+    for key, value, low in (("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
+                            ("train.log_every", t.log_every, 1), ("eval.batch_size", cfg.eval.batch_size, 1),
+                            ("train.checkpoint_every", t.checkpoint_every, 0)):
+        if value < low:
+            raise VisrecError(f"{key}={value} must be >= {low}")
+    if t.nonfinite not in ("stop", "skip"):
+        raise unknown_name("value of train.nonfinite", t.nonfinite, ["stop", "skip"])
+    if t.select not in ("last", "best"):
+        raise unknown_name("value of train.select", t.select, ["last", "best"])
+    resolve_tta(cfg.eval.tta, cfg.data.augment)
+    resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment)
+    if not 0.0 <= t.ema < 1.0:
+        raise VisrecError(f"train.ema={t.ema} must be in [0, 1) (0 = off; typical 0.999)")
+    if t.select == "best" and cfg.data.val_fraction == 0:
+        raise VisrecError("train.select=best needs a validation split", "set data.val_fraction > 0 or select=last")
+    if not 0.0 <= t.swa < 1.0:
+        raise VisrecError(f"train.swa={t.swa} must be in [0, 1): the final fraction of training that is averaged",
+                          "for example --set train.swa=0.25 (0 = off)")
+    if t.swa_lr < 0 or t.swa_every < 0:
+        raise VisrecError(f"train.swa_lr={t.swa_lr} and train.swa_every={t.swa_every} must be >= 0")
+    if t.swa > 0 and t.select == "best":
+        raise VisrecError("train.swa averages the final part of training; it does not combine with train.select=best",
+                          "use train.select=last with SWA")
+    if cfg.distill.teachers and cfg.loss.name != "cross_entropy":
+        raise VisrecError(f"distillation learns from probabilities: it needs loss.name=cross_entropy, not "
+                          f"{cfg.loss.name!r}")
+    check_finetune(cfg.finetune, bool(cfg.model.weights) or cfg.model.kwargs.get("pretrained") is True)
+    if cfg.finetune.strategy == "two_stage" and cfg.finetune.head_epochs >= t.epochs:
+        raise VisrecError(f"finetune.head_epochs={cfg.finetune.head_epochs} leaves no epoch of the {t.epochs} "
+                          "to train everything", "train more epochs or fewer head epochs")
+    if cfg.distill.teachers and cfg.finetune.strategy == "linear":
+        raise VisrecError("distillation needs the student's images, but finetune.strategy=linear trains on cached "
+                          "features", "use finetune.strategy=last or full with distill.teachers")
+
+
+def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: int, *, seed: int | None = None,
+                load_weights_from_config: bool = True) -> tuple[nn.Module, Normalizer, str | None]:
+    """The network of `cfg` for `ds`, as training builds it: created by name, its data-dependent layers (a
+    whitening first layer) fitted on the normalized training images, then the initial weights of `model.weights`
+    loaded over it. Returns (model on the CPU, the normalizer its inputs need, a note on the loaded weights).
+
+    A run's weights bring that run's preprocessing: the returned normalizer is then the source run's."""
+    if is_file_model(cfg.model.name):
+        # The run must find the file again from any working directory.
+        path, fn = cfg.model.name.rsplit(":", 1)
+        cfg.model.name = f"{Path(path).expanduser().resolve()}:{fn}"
+    model = create_model(cfg.model.name, in_chans=ds.channels, num_classes=num_outputs, image_size=ds.image_size,
+                         **cfg.model.kwargs)
+    fit_data_dependent(model, ds.train.images, normalizer, cfg.train.seed if seed is None else seed)
+    note = None
+    if cfg.model.weights and load_weights_from_config:
+        note, source_norm = load_initial_weights(model, cfg.model.weights, cfg.model.trust_checkpoint,
+                                                 new_head=cfg.finetune.strategy != "none")
+        if source_norm is not None:  # a run's network sees its inputs preprocessed as in its own training
+            normalizer = Normalizer.from_state(source_norm).to(normalizer.mean.device)
+    return model, normalizer, note
+
+
+def fit_data_dependent(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, seed: int,
+                       n: int = 10_000) -> None:
+    """Fit the layers set from the data rather than trained (a whitening first layer) on a seeded sample of the
+    normalized training images. Loaded weights or a resumed checkpoint replace what this sets."""
+    layers = [m for m in model.modules() if isinstance(m, PatchWhitening)]  # each must be the first layer
+    if not layers:
+        return
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    x = normalizer(images[idx].to(normalizer.mean.device))
+    for m in layers:
+        m.fit(x.to(m.weight.device))
+
+
+def load_initial_weights(model: nn.Module, path: str, trust: bool, *, new_head: bool = False
+                         ) -> tuple[str, dict[str, Any] | None]:
+    """Load a weight file, or the weights of a run folder (`RUN`, `RUN:best`, `RUN:last`), into a fresh model by
+    name. A classifier head whose shape differs (another number of classes), or any head with `new_head`, keeps its
+    fresh initialization; any other missing, unexpected or mis-shaped tensor is an error.
+
+    Returns a note for the user and, for a run, its preprocessing state (the network expects inputs prepared so)."""
+    norm = None
+    ref = RunRef.parse(path)
+    if ref.path.is_dir():
+        run = ref.run
+        ckpt = load_checkpoint(run.path / "checkpoints", run.checkpoint_tag(ref.which))
+        weights = dict(ckpt.swa or ckpt.ema or ckpt.weights)
+        norm = ckpt.meta["preprocess"]
+    else:
+        weights = load_weights(path, trust=trust)
+    own = model.state_dict()
+    head = model.head_path + "." if hasattr(model, "head_path") else None
+    skipped = [k for k, v in weights.items() if k in own and head and k.startswith(head)
+               and (new_head or own[k].shape != v.shape)]
+    for k in skipped:
+        del weights[k]
+    bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                 if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in weights and k not in skipped]
+    unexpected = [k for k in weights if k not in own]
+    if bad_shape or missing or unexpected:
+        parts = [f"{name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+                 for name, keys in (("shape differs", bad_shape), ("missing", missing), ("unexpected", unexpected))
+                 if keys]
+        hint = "use a file saved from the same architecture (see visrec summary MODEL)"
+        first = next(iter(own))
+        if first in weights and own[first].dim() == 4 and own[first].shape != weights[first].shape:
+            want, have = tuple(weights[first].shape), tuple(own[first].shape)
+            if want[1] != have[1]:
+                hint = f"the weights take {want[1]}-channel images: add --set data.channels={want[1]}"
+            elif want[2:] != have[2:]:
+                hint = ("the weights have another stem (first layer): for small images visrec uses a 3x3 stem; "
+                        "add --set model.kwargs.stem=imagenet")
+        raise VisrecError(f"weight file {path} does not fit model {type(model).__name__}: {'; '.join(parts)}", hint)
+    model.load_state_dict(weights, strict=False)
+    note = f"loaded {path}" + (f"; classifier head {', '.join(skipped)} re-initialized for this dataset's classes"
+                               if skipped else "")
+    return note, norm

@@ -1,0 +1,93 @@
+"""The task seam: all the training loop knows of a task. Tasks themselves live in `visrec.tasks`.
+
+A task says what one image's target is, how the model's output on a batch becomes a loss and a few running
+statistics (summed on the device, no host syncs), how a split is evaluated and which of its metrics is primary
+(it selects the best checkpoint, is the search's objective, and heads summary.json and `visrec runs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data import Dataset, ImageSet, Normalizer
+
+
+@dataclass
+class EvalSettings:
+    """How the loop runs evaluation: a task may use them or not."""
+
+    batch_size: int = 1024
+    channels_last: bool = False
+    amp_dtype: torch.dtype | None = None
+
+
+@dataclass
+class Evaluation:
+    """A split's metrics (`loss` among them when the task has one), as a task without files of its own reports them."""
+
+    split: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, **self.metrics}
+
+    def save(self, folder: Path) -> None:
+        """Files of the evaluation in the run folder; a task with only numbers writes none."""
+
+
+class Task:
+    """One kind of learning problem, as the loop sees it. Subclass it and register it in `visrec.tasks`.
+
+    `stats` name the per-batch sums `batch_stats` returns; divided by the images seen, they become the fields
+    of the training records next to `loss` (classification: `acc`).
+    """
+
+    name: ClassVar[str] = ""
+    target: ClassVar[str] = "class"  # class | value | boxes | masks | semantic | tokens
+    primary: ClassVar[str] = "acc"  # the metric that selects checkpoints and trials
+    maximize: ClassVar[bool] = True  # whether a higher primary metric is better
+    stats: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Config | None = None):
+        self.cfg = cfg if cfg is not None else Config()
+
+    def check(self, ds: Dataset) -> None:
+        """Refuse, with a clear error, data this task cannot learn from."""
+
+    def num_outputs(self, ds: Dataset) -> int:
+        """The width of the model's head for this data."""
+        return ds.num_classes
+
+    def check_model(self, model: nn.Module, ds: Dataset) -> None:
+        """Refuse a model whose head cannot produce this task's outputs."""
+
+    def targets(self, data: ImageSet) -> Any:
+        """The per-image targets the batches slice alongside the images: a tensor, or a dict of tensors."""
+        return data.labels
+
+    def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch_stats(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        """(len(stats),) sums over the batch, on the device (no host sync)."""
+        return outputs.new_zeros(len(self.stats))
+
+    def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
+                 settings: EvalSettings) -> Evaluation:
+        raise NotImplementedError
+
+    def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
+        """Task-specific entries of summary.json."""
+        return {}
+
+    def better(self, value: float, than: float | None) -> bool:
+        return than is None or (value > than if self.maximize else value < than)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(target={self.target!r}, primary={self.primary!r})"

@@ -1,0 +1,89 @@
+"""Layers point down: a module imports only modules of its own layer or below, even inside a function."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "visrec"
+
+# Lowest first. A package or module of visrec is named by its first component under visrec/.
+LAYERS: list[set[str]] = [
+    {"errors", "io", "config", "device", "plotting", "checkpoint", "version", "presets"},
+    {"data", "models"},
+    {"evaluate", "runs"},
+    {"training"},
+    {"tasks"},
+    {"report", "explain", "transfer", "ensemble", "tune", "doctor", "export", "classic", "fit"},
+    {"cli", "__main__"},
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _component(module: str) -> str | None:
+    """`visrec.training.loop` -> `training`; the package itself (`visrec`) -> its facade `__init__`."""
+    parts = module.split(".")
+    if parts[0] != "visrec":
+        return None
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute visrec module) for every import in the file, function bodies included."""
+    package = list(path.relative_to(SRC.parent).parts[:-1])  # the package the file's relative imports start in
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+                if not node.module:  # `from . import x`: x is a module of that package
+                    out += [(node.lineno, f"{mod}.{a.name}") for a in node.names]
+                    continue
+            else:
+                mod = node.module or ""
+            out.append((node.lineno, mod))
+    return out
+
+
+def _violations() -> list[str]:
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        own = _component(".".join(path.relative_to(SRC.parent).with_suffix("").parts))
+        if own == "__init__":  # the package facade re-exports every layer
+            continue
+        assert own in LAYER, f"{path}: visrec.{own} has no layer in tests/test_layers.py; add it where it belongs"
+        for line, module in _imports(path):
+            other = _component(module)
+            if other is None or other == own:
+                continue
+            if LAYER.get(other, len(LAYERS)) > LAYER[own]:
+                found.append(f"{path.relative_to(SRC)}:{line}: visrec.{own} (layer {LAYER[own]}) imports "
+                             f"{module} (layer {LAYER.get(other, 'facade')})")
+    return found
+
+
+def test_layers_point_down():
+    assert _violations() == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The test itself can fail: a training module that imports the report is caught, inside a function too."""
+    pkg = tmp_path / "visrec" / "training"
+    pkg.mkdir(parents=True)
+    (pkg / "bad.py").write_text("def f():\n    from ..report import build_report\n    from .. import tune\n")
+    monkeypatch.setattr(__import__(__name__), "SRC", tmp_path / "visrec")
+    bad = _violations()
+    assert len(bad) == 2 and "visrec.report" in bad[0] and "visrec.tune" in bad[1]
+
+
+@pytest.mark.parametrize(("file", "expected"), [
+    ("training/loop.py", {"visrec.checkpoint", "visrec.training.averaging", "visrec.data"}),
+    ("tasks/__init__.py", {"visrec.config", "visrec.tasks.classification", "visrec.training.task"}),
+])
+def test_relative_imports_resolve_to_the_modules_they_name(file, expected):
+    assert expected <= {m for _, m in _imports(SRC / file)}

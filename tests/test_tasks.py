@@ -1,0 +1,121 @@
+"""The task seam: a task in a user's file trains through the same loop; observers stop runs through a handle; the
+linear probe's epochs emit the same records; the doctor builds models as training does."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+import visrec
+from visrec.errors import VisrecError
+from visrec.models.layers import PatchWhitening
+from visrec.tasks import TASKS, ClassificationTask, create_task
+from visrec.training import Callback
+from visrec.transfer import finetune
+
+SYN = "synthetic:classes=4,size=12,train=384,test=128"
+FAST = {"train.batch_size": 32, "train.log_every": 4, "train.report": False, "model.kwargs.widths": [8, 16, 16],
+        "data.augment": []}
+
+BRIGHTNESS = textwrap.dedent('''
+    import torch
+    import visrec
+
+
+    class Brightness(visrec.Task):
+        """Regression: predict an image's mean brightness (0..1) from its pixels."""
+        target, primary, maximize, stats = "value", "mae", False, ("mae",)
+
+        def num_outputs(self, ds):
+            return 1
+
+        def targets(self, data):
+            return data.images.float().mean((1, 2, 3)) / 255
+
+        def loss(self, outputs, targets):
+            return torch.nn.functional.mse_loss(outputs[:, 0].float(), targets)
+
+        def batch_stats(self, outputs, targets):
+            return (outputs[:, 0].float() - targets).abs().sum().view(1)
+
+        @torch.no_grad()
+        def evaluate(self, model, data, normalizer, *, split, settings):
+            was = model.training
+            model.eval()
+            device = next(model.parameters()).device
+            pred = torch.cat([model(normalizer(x.to(device)))[:, 0].float().cpu() for x in data.images.split(256)])
+            model.train(was)
+            y = self.targets(data)
+            return visrec.training.Evaluation(split, {"loss": torch.mean((pred - y) ** 2).item(),
+                                                      "mae": (pred - y).abs().mean().item()})
+''')
+
+
+def test_a_regression_task_from_a_users_file_trains_through_the_loop(tmp_path):
+    (tmp_path / "my_task.py").write_text(BRIGHTNESS)
+    run = visrec.train(SYN, model="linear", task="my_task.py:Brightness", epochs=6, out="runs/b",
+                       progress=False,
+                       overrides={**FAST, "model.kwargs": {}, "optim.lr": 0.02, "optim.weight_decay": 0})
+    s = run.summary
+    assert s["task"] == "my_task.py:Brightness" and s["primary_metric"] == "mae" and s["maximize"] is False
+    records = run.metrics()
+    first_val = next(r["mae"] for r in records if r["split"] == "val")
+    assert s["test_mae"] < 0.3 * first_val, (s["test_mae"], first_val)  # it learned: errors fell by 70%+
+    windows = [r for r in records if r["kind"] == "window"]
+    assert windows and all("mae" in r and "acc" not in r for r in windows)
+    vals = [r["mae"] for r in records if r["split"] == "val"]
+    assert s["best_val_mae"] == pytest.approx(min(vals)) and s["best_epoch"] == vals.index(min(vals)) + 1
+
+
+def test_task_names_and_files_are_checked(tmp_path):
+    assert set(TASKS) >= {"classification"} and isinstance(create_task("classification"), ClassificationTask)
+    with pytest.raises(VisrecError, match="did you mean 'classification'"):
+        create_task("clasification")
+    (tmp_path / "t.py").write_text("class NotATask:\n    pass\n")
+    with pytest.raises(VisrecError, match="not a subclass of visrec.training.task.Task"):
+        create_task("t.py:NotATask")
+    with pytest.raises(VisrecError, match="has no class 'Missing'"):
+        create_task("t.py:Missing")
+    with pytest.raises(VisrecError, match="needs a Task"):
+        visrec.training.Trainer(visrec.resolve_config(), None)
+
+
+class StopAtStep(Callback):
+    def on_window(self, state, record):
+        if state.step >= 8:
+            state.request_stop("enough")
+
+
+def test_observers_stop_a_run_through_request_stop():
+    run = visrec.train(SYN, epochs=3, out="runs/stop", progress=False, overrides=FAST, callbacks=[StopAtStep()])
+    s = run.summary
+    assert s["status"] == "interrupted" and s["steps"] == 8 and s["error"] == "stopped by enough"
+    done = visrec.resume("runs/stop", progress=False)
+    # 345 training images in batches of 32: 10 steps an epoch
+    assert done.summary["status"] == "completed" and done.summary["steps"] == 30
+
+
+def test_the_linear_probe_emits_window_records_through_the_same_loop(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISREC_CACHE", str(tmp_path / "vc"))
+    source = visrec.train(SYN, epochs=1, out="runs/src", progress=False, overrides=FAST)
+    probe = finetune(str(source.path), SYN, "linear", overrides={**FAST, "train.epochs": 2},
+                                     out="runs/probe", quiet=True)
+    windows = [r for r in probe.metrics() if r["kind"] == "window"]
+    assert len(windows) == 6 and all(0 <= r["acc"] <= 1 and r["loss"] > 0 for r in windows)  # 12 steps, every 4
+    assert probe.summary["finetune"]["feature_cache_hit"] is False
+
+
+def test_the_doctor_builds_models_as_training_does():
+    from visrec.doctor.exam import Exam, ExamOptions
+
+    cfg = visrec.resolve_config("fmnist-fast", {"data.name": SYN})
+    ds = visrec.load_dataset(SYN)
+    ex = Exam(cfg, ds, None, ExamOptions())
+    model = ex.new_model()
+    whiten = [m for m in model.modules() if isinstance(m, PatchWhitening)]
+    assert whiten and whiten[0].weight.abs().sum() > 0
+    trainer = visrec.Trainer(cfg, dataset=ds, out="runs/w", progress=False, quiet=True)
+    trained_first = [m for m in trainer.model.modules() if isinstance(m, PatchWhitening)][0]
+    assert torch.allclose(whiten[0].weight, trained_first.weight.cpu(), atol=1e-5)
