@@ -90,10 +90,10 @@ def test_models_and_datasets_and_config():
     assert rows["linear"]["params"] == 784 * 10 + 10 and rows["resnet20"]["family"] == "resnet_cifar"
     code, out = invoke("datasets", "--json")
     names = {r["name"] for r in json.loads(out)}
-    assert code == 0 and {"fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic"} == names
+    assert code == 0 and {"fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic", "scenes"} == names
     code, out = invoke("config", "--preset", "quick", "--set", "optim.lr=0.05")
     assert code == 0 and "lr: 0.05" in out and "epochs: 2" in out
     code, out = invoke("config", "--keys")
-    assert "schedule.warmup_epochs" in out.split()
+    assert {"schedule.warmup_epochs", "task.name", "data.scene_size"} <= set(out.split())
     code, out = invoke("presets")
     assert code == 0 and "resnet20" in out

@@ -209,7 +209,8 @@ def test_dataset_status_reports_found_and_missing(tmp_path):
     rows = {r["name"]: r for r in dataset_status(tmp_path / "d")}
     assert rows["mnist"]["found"] and rows["mnist"]["bytes"] > 0
     assert rows["digits"]["found"] and rows["synthetic"]["found"]
-    assert set(rows) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic"}
+    assert rows["scenes"]["where"] == "generated on demand, cached as COCO"
+    assert set(rows) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic", "scenes"}
 
 
 @pytest.fixture

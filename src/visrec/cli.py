@@ -47,6 +47,7 @@ def _human_bytes(n: int) -> str:
 def train(
     dataset: Annotated[str | None, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")] = None,
     model: Annotated[str | None, typer.Option(help="Registered model or path/to/file.py:function.")] = None,
+    task: Annotated[str | None, typer.Option(help="task.name: classification, or path/to/file.py:ClassName.")] = None,
     preset: Annotated[str | None, typer.Option(help="Shipped preset name or YAML file (see `visrec presets`).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
     epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
@@ -112,7 +113,8 @@ def train(
 
     try:
         if resume is not None:
-            given = {"DATASET": dataset, "--model": model, "--preset": preset, "--set": set_, "--epochs": epochs,
+            given = {"DATASET": dataset, "--model": model, "--task": task, "--preset": preset, "--set": set_,
+                     "--epochs": epochs,
                      "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir, "--data-dir": data_dir,
                      "--device": device, "--weights": weights, "--trust-checkpoint": trust_checkpoint,
                      "--skip-bad-images": skip_bad_images, "--checkpoint-every": checkpoint_every}
@@ -124,7 +126,8 @@ def train(
             err.print(f"resuming {resume} at step {trainer.pos.step} (epoch {trainer.pos.epoch + 1})")
         else:
             cfg = resolve_config(preset, set_ or [])
-            for key, value in (("data.name", dataset), ("model.name", model), ("train.epochs", epochs),
+            for key, value in (("data.name", dataset), ("model.name", model), ("task.name", task),
+                               ("train.epochs", epochs),
                                ("train.batch_size", batch_size), ("optim.lr", lr), ("train.seed", seed),
                                ("data.data_dir", str(data_dir) if data_dir else None), ("train.device", device),
                                ("model.weights", str(weights) if weights else None),
@@ -164,7 +167,8 @@ def train(
         out.print(f"TensorBoard: tensorboard --logdir {run.path / 'tb'}")
 
 
-_TRAIN_ARGS = ("dataset", "model", "preset", "set_", "epochs", "batch_size", "lr", "data_dir", "device", "progress",
+_TRAIN_ARGS = ("dataset", "model", "task", "preset", "set_", "epochs", "batch_size", "lr", "data_dir", "device",
+               "progress",
                "as_json", "monitor", "monitor_every", "weights", "trust_checkpoint", "skip_bad_images",
                "checkpoint_every")
 
