@@ -24,7 +24,7 @@ from typing import Any
 from .errors import VisrecError
 from .io import write_text
 from .plotting import figure_png, pyplot
-from .training.callbacks import Callback, log_figures
+from .training.callbacks import Callback, format_metric, log_figures
 
 
 @dataclass
@@ -140,9 +140,7 @@ pre{background:#fff;border:1px solid #d8dce3;padding:10px;overflow:auto;font-siz
 
 
 def _value(x: Any, metric: str) -> str:
-    if metric == "acc":
-        return _pct(x)
-    return f"{x:.4g}" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
+    return format_metric(metric, x, "–")
 
 
 def _cards(s: dict[str, Any]) -> str:

@@ -152,10 +152,8 @@ register_dataset(CatalogEntry(
     "scenes:digits for other objects; data.scene_size, data.max_objects, data.scene_count)",
     [],
     None,
-    lambda _: RawSplits(torch.zeros(0), torch.zeros(0), None, None, []),  # read by read_scene_source
+    lambda _: read_scene_source("scenes")[0],
 ))
-
-SCENE_PREFIXES = ("scenes", "coco:", "yolo:")
 
 
 def dataset_names() -> list[str]:
@@ -265,10 +263,11 @@ def fetch(name: str, dest_root: Path | None = None) -> Path:
 
 
 def read_source(name: str, data_dir=None, download_missing: bool = True, image_size=None, channels=None,
-                skip_bad_images: bool = False, max_pixels: int | None = None):
-    """(RawSplits, where they came from) for any dataset name."""
+                skip_bad_images: bool = False, max_pixels: int | None = None, **scenes: int):
+    """(RawSplits, where they came from) for any dataset name; `scenes` are the generator's options
+    (scene_size, max_objects, scene_count)."""
     if is_scene_source(name):
-        return read_scene_source(name, data_dir, image_size, channels)
+        return read_scene_source(name, data_dir, image_size, channels, **scenes)
     if name.startswith("folder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
         return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images, max_pixels=max_pixels), str(path)
@@ -345,11 +344,8 @@ def load_dataset(
         raise VisrecError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     if not 0 < test_fraction < 1:
         raise VisrecError(f"data.test_fraction={test_fraction} must be in (0, 1)")
-    if is_scene_source(name):
-        raw, source = read_scene_source(name, data_dir, image_size, channels, scene_size=scene_size,
-                                        max_objects=max_objects, scene_count=scene_count)
-    else:
-        raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels)
+    raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels,
+                              scene_size=scene_size, max_objects=max_objects, scene_count=scene_count)
     if not name.startswith("folder:") and not is_scene_source(name):
         raw.train_images = _adapt(raw.train_images, image_size, channels)
         if raw.test_images is not None:

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import VisrecError
 from ..io import write_json
-from .images import decode, peek
+from .images import decode, native_channels, peek
 
 SPLITS = ("train", "val", "test")
 NO_OBJECT = "(no object)"  # visrec's own class for images without objects, when classifying by largest object
@@ -175,41 +175,57 @@ def _mask(seg: Any, h: int, w: int) -> np.ndarray | None:
     return mask_utils.decode(rle).astype(bool)
 
 
-def read_coco(root: str | Path, image_size: int | None = None, channels: int | None = None
-              ) -> tuple[list[str], dict[str, CocoSplit]]:
-    """(class names, {split: CocoSplit}) of a COCO folder; images resized to `image_size` (boxes and masks with
-    them) when given, else all images must share one size."""
-    root = Path(root).expanduser()
+def check_coco_folder(root: Path) -> tuple[dict[str, Path], dict[str, dict], list[CocoProblem],
+                                           dict[str, dict[int, Path]]]:
+    """(annotation file per split, their contents, every problem, where each image's file is per split)."""
     files = annotation_files(root)
     docs = {s: _load_json(p) for s, p in files.items()}
-    train_cats = sorted(docs["train"].get("categories") or [], key=lambda c: c.get("id", 0))
-    classes = [str(c["name"]) for c in train_cats]
+    train_names = {str(c.get("name")) for c in docs["train"].get("categories") or []}
     problems: list[CocoProblem] = []
     located: dict[str, dict[int, Path]] = {}
     for s, d in docs.items():
         p, located[s] = check_split(root, files[s], d)
         problems += p
-        extra = [str(c.get("name")) for c in d.get("categories") or [] if str(c.get("name")) not in classes]
+        extra = {str(c.get("name")) for c in d.get("categories") or []} - train_names
         if extra:
             problems.append(CocoProblem("error", str(files[s]), "categories",
-                                        f"categories {extra} are not in the train annotations",
+                                        f"categories {sorted(extra)} are not in the train annotations",
                                         "train and evaluation files must share category names"))
+        n_empty = len({im.get("id") for im in d["images"]} - {a.get("image_id") for a in d.get("annotations") or []})
+        if n_empty:
+            problems.append(CocoProblem("warning", str(files[s]), f"{n_empty} image(s)", "have no annotations",
+                                        "they are kept as negatives (images with no object)"))
+    return files, docs, problems, located
+
+
+def problems_error(kind: str, root: Path, problems: list[CocoProblem]) -> VisrecError:
+    """The error for annotation problems that stop reading: the first ten, and how to see them all."""
+    shown = "\n    ".join(map(str, problems[:10]))
+    more = f"\n    ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    return VisrecError(f"{kind.upper()} folder {root} has {len(problems)} problem(s):\n    {shown}{more}",
+                       f"see them all with: visrec validate {kind}:{root}")
+
+
+def guess_channels(paths: list[Path]) -> int:
+    """3 if any of the first 50 images has color, else 1 (read from the headers only)."""
+    return 3 if any(native_channels(peek(p)[0]) == 3 for p in paths[:50]) else 1
+
+
+def read_coco(root: str | Path, image_size: int | None = None, channels: int | None = None
+              ) -> tuple[list[str], dict[str, CocoSplit]]:
+    """(class names, {split: CocoSplit}) of a COCO folder; images resized to `image_size` (boxes and masks with
+    them) when given, else all images must share one size."""
+    root = Path(root).expanduser()
+    files, docs, problems, located = check_coco_folder(root)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
-        shown = "\n    ".join(map(str, errors[:10]))
-        more = f"\n    ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise VisrecError(f"COCO folder {root} has {len(errors)} problem(s):\n    {shown}{more}",
-                          f"see them all with: visrec validate coco:{root}")
-    if channels is None:
-        channels = 3 if any(peek(f)[0] not in ("L", "1", "I", "I;16", "F", "LA")
-                            for f in list(located["train"].values())[:50]) else 1
-    out = {}
-    for s, d in docs.items():
-        out[s] = _read_split(root, files[s], d, located[s], classes, image_size, channels)
-    return classes, out
+        raise problems_error("coco", root, errors)
+    classes = [str(c["name"]) for c in sorted(docs["train"].get("categories") or [], key=lambda c: c.get("id", 0))]
+    channels = channels or guess_channels(list(located["train"].values()))
+    return classes, {s: _read_split(files[s], d, located[s], classes, image_size, channels) for s, d in docs.items()}
 
 
-def _read_split(root: Path, path: Path, d: dict, located: dict[int, Path], classes: list[str],
+def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str],
                 image_size: int | None, channels: int) -> CocoSplit:
     by_name = {str(c["name"]): classes.index(str(c["name"])) for c in d.get("categories") or []}
     cat = {c["id"]: by_name[str(c["name"])] for c in d.get("categories") or []}
@@ -262,28 +278,7 @@ def _read_split(root: Path, path: Path, d: dict, located: dict[int, Path], class
 
 def validate_coco(root: str | Path) -> list[CocoProblem]:
     """Every problem of a COCO folder, errors and warnings, without decoding any image."""
-    root = Path(root).expanduser()
-    files = annotation_files(root)
-    problems: list[CocoProblem] = []
-    train_names: set[str] | None = None
-    for s in ("train", "val", "test"):
-        if s not in files:
-            continue
-        d = _load_json(files[s])
-        p, _ = check_split(root, files[s], d)
-        problems += p
-        names = {str(c.get("name")) for c in d.get("categories") or []}
-        if train_names is None:
-            train_names = names
-        elif names - train_names:
-            problems.append(CocoProblem("error", str(files[s]), "categories",
-                                        f"categories {sorted(names - train_names)} are not in the train annotations",
-                                        "train and evaluation files must share category names"))
-        n_empty = len({im.get("id") for im in d["images"]} - {a.get("image_id") for a in d.get("annotations") or []})
-        if n_empty:
-            problems.append(CocoProblem("warning", str(files[s]), f"{n_empty} image(s)", "have no annotations",
-                                        "they are kept as negatives (images with no object)"))
-    return problems
+    return check_coco_folder(Path(root).expanduser())[2]
 
 
 def write_coco(root: Path, split: str, file_names: list[str], sizes: list[tuple[int, int]],

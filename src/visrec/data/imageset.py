@@ -17,6 +17,13 @@ def index_targets(targets: Any, idx: torch.Tensor) -> Any:
     return targets[idx]
 
 
+def move_targets(targets: Any, device: torch.device | str) -> Any:
+    """Targets on `device`: tensors moved, a dict's tensors moved, anything else (captions) as it is."""
+    if isinstance(targets, dict):
+        return {k: move_targets(v, device) for k, v in targets.items()}
+    return targets.to(device) if isinstance(targets, torch.Tensor) else targets
+
+
 @dataclass
 class ImageSet:
     """Images as uint8 (N, C, H, W), labels as int64 (N,), and the class names the labels index.
@@ -64,9 +71,8 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes, self.name, t)
 
     def to(self, device: torch.device | str) -> ImageSet:
-        t = None if self.targets is None else {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                                               for k, v in self.targets.items()}
-        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name, t)
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name,
+                        move_targets(self.targets, device))
 
     def __repr__(self) -> str:
         c, h, w = self.images.shape[1:]

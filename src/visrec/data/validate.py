@@ -145,12 +145,18 @@ def validate_folder(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> R
 def validate_objects(name: str) -> Report:
     """`coco:PATH` or `yolo:PATH`: every annotation problem, each naming the file, the image or annotation id (or
     line) and what to do."""
-    from .coco import validate_coco
-    from .yolo import validate_yolo
+    from .coco import check_coco_folder
+    from .yolo import scan_yolo_folder
 
     kind, _, path = name.partition(":")
-    problems = validate_coco(path) if kind == "coco" else validate_yolo(path)
-    report = Report(path)
+    root = Path(path).expanduser()
+    if kind == "coco":
+        _, _, problems, located = check_coco_folder(root)
+        n = sum(len(files) for files in located.values())
+    else:
+        _, splits, problems = scan_yolo_folder(root)
+        n = sum(len(items) for items in splits.values())
+    report = Report(path, files=n)
     for p in problems:
         report.add(p.severity, p.where, p.file, f"{p.detail}: {p.fix}")
     return report

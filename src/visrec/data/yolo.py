@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from ..errors import VisrecError
-from .coco import CocoProblem, CocoSplit
-from .images import decode, is_image_file, peek
+from .coco import CocoProblem, CocoSplit, guess_channels, problems_error
+from .images import decode, is_image_file
 
 
 def _config(root: Path) -> tuple[Path, dict]:
@@ -104,7 +104,7 @@ def _read_labels(path: Path, n_classes: int) -> tuple[np.ndarray, list[CocoProbl
     return np.array(rows, np.float32).reshape(-1, 5), problems
 
 
-def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, np.ndarray]]], list[CocoProblem]]:
+def scan_yolo_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, np.ndarray]]], list[CocoProblem]]:
     cfg_file, cfg = _config(root)
     classes = _names(cfg_file, cfg["names"])
     base = cfg_file.parent / str(cfg.get("path") or ".")
@@ -125,20 +125,16 @@ def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, np.ndarray]
 
 
 def validate_yolo(root: str | Path) -> list[CocoProblem]:
-    return _scan(Path(root).expanduser())[2]
+    return scan_yolo_folder(Path(root).expanduser())[2]
 
 
 def read_yolo(root: str | Path, image_size: int | None = None, channels: int | None = None
               ) -> tuple[list[str], dict[str, CocoSplit]]:
     root = Path(root).expanduser()
-    classes, splits, problems = _scan(root)
+    classes, splits, problems = scan_yolo_folder(root)
     if problems:
-        shown = "\n    ".join(map(str, problems[:10]))
-        raise VisrecError(f"YOLO folder {root} has {len(problems)} problem(s):\n    {shown}",
-                          f"see them all with: visrec validate yolo:{root}")
-    if channels is None:
-        channels = 3 if any(peek(p)[0] not in ("L", "1", "I", "I;16", "F", "LA")
-                            for p, _ in splits["train"][:50]) else 1
+        raise problems_error("yolo", root, problems)
+    channels = channels or guess_channels([p for p, _ in splits["train"]])
     out = {}
     for s, items in splits.items():
         images, boxes, labels = [], [], []

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from ..config import Config
-from ..errors import unknown_name
+from ..errors import VisrecError, unknown_name
 from ..io import import_from_file
 from ..training.task import EvalSettings, Evaluation, Task
 from .classification import ClassificationTask
@@ -34,8 +34,6 @@ def create_task(name: str, cfg: Config | None = None) -> Task:
     if is_file_task(name):
         cls = import_from_file(name, "task", "--task path/to/file.py:ClassName")
         if not (isinstance(cls, type) and issubclass(cls, Task)):
-            from ..errors import VisrecError
-
             raise VisrecError(f"{name} is not a subclass of visrec.training.task.Task",
                               "define `class MyTask(visrec.Task)` with loss, batch_stats and evaluate")
         task = cls(cfg)

@@ -36,7 +36,7 @@ class ClassificationTask(Task):
 
     def batch_stats(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         labels = targets.a if isinstance(targets, MixedTargets) else targets
-        return (outputs.argmax(1) == labels).sum().float().view(1)  # correct predictions
+        return (outputs.argmax(1) == labels).sum().view(1)  # correct predictions
 
     def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
                  settings: EvalSettings) -> EvalResult:

@@ -181,12 +181,15 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def format_metric(name: str, value: Any, missing: str = "-") -> str:
+    """`93.10%` for accuracies, `0.0123` for any other metric, `missing` for none or a non-finite value."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return missing
+    return f"{value:.2%}" if name in ("acc", "top5") else f"{value:.4g}"
+
+
 def _metric(record: dict[str, Any], name: str) -> str:
-    """`acc 93.10%` for accuracies, `mae 0.0123` for any other metric."""
-    v = record.get(name)
-    if not isinstance(v, int | float):
-        return f"{name} -"
-    return f"{name} {v:.2%}" if name in ("acc", "top5") else f"{name} {v:.4g}"
+    return f"{name} {format_metric(name, record.get(name))}"
 
 
 class ProgressPrinter(Callback):

@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
 from ..data import Dataset, DeviceBatches, Normalizer, Pipeline
+from ..data.imageset import move_targets
 from ..device import (
     Runtime,
     autocast,
@@ -120,7 +121,7 @@ class Trainer:
                          if cfg.finetune.strategy != "none" else None)
         self.optimizer = build_optimizer(self.model, cfg.optim,
                                          lr_factors=self.finetune.lr_factors() if self.finetune else None)
-        self.batches = DeviceBatches(ds.train.images.to(device), _to(task.targets(ds.train), device),
+        self.batches = DeviceBatches(ds.train.images.to(device), move_targets(task.targets(ds.train), device),
                                      cfg.train.batch_size, seed=cfg.train.seed)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
@@ -136,6 +137,7 @@ class Trainer:
         self.eval_settings = EvalSettings(cfg.eval.batch_size, self.channels_last, self.runtime.amp_dtype)
         self.pos = Position()
         self.writer = RunWriter(self.run_dir)
+        self.probe_features: dict[str, Any] = {}  # the linear probe's feature extraction: cache hit, seconds
 
     def _lr_factor(self):
         """The schedule's factor per step: restarted when a two-stage fine-tune unfreezes the network, and held
@@ -334,10 +336,11 @@ class Trainer:
         cfg, pos, opt, device = self.cfg, self.pos, self.optimizer, self.runtime.device
         log_every, clip, skip_bad = cfg.train.log_every, cfg.optim.grad_clip, cfg.train.nonfinite == "skip"
         params = list(self.model.parameters())  # frozen ones have no gradient and are skipped
-        zero = torch.zeros(len(self.task.stats), device=device)
-        ep_loss, ep_stats, ep_steps = torch.zeros((), device=device), zero.clone(), 0
+        ep_loss, ep_steps = torch.zeros((), device=device), 0
+        ep_stats = torch.zeros(len(self.task.stats), device=device)
         win_losses: list[torch.Tensor] = []
-        win_stats, win_start = zero.clone(), pos.step
+        win_stats: list[torch.Tensor] = []  # the task's per-batch sums, reduced once per window as the losses are
+        win_start = pos.step
         t_epoch = t_win = time.perf_counter()
         seconds_before = pos.train_seconds
         for xb, yb in batches:
@@ -361,10 +364,8 @@ class Trainer:
                 k = sorted(self.snapshots).index(pos.step) + 1  # the weights at the end of a learning-rate cycle
                 save_checkpoint(self.run_dir / "checkpoints", f"snapshot{k}", self.model, self._meta())
                 t_epoch += time.perf_counter() - t0  # saving is not training time
-            stats = self.task.batch_stats(out.detach(), target)
             win_losses.append(loss.detach())
-            win_stats += stats
-            ep_stats += stats
+            win_stats.append(self.task.batch_stats(out.detach(), target))
             ep_steps += 1
             # ---- end of hot path ----
             last_in_epoch = pos.batch == self.steps_per_epoch
@@ -379,13 +380,15 @@ class Trainer:
                 pos.train_seconds = seconds_before + (t - t_epoch)
                 n_img = len(win_losses) * bs
                 ep_loss += losses[finite].sum()
+                sums = torch.stack(win_stats).sum(0)
+                ep_stats += sums
                 rec = {"epoch": pos.epoch + 1, "step": pos.step, "split": "train", "kind": "window",
                        "loss": losses[finite].mean().item() if bool(finite.any()) else float("nan"),
-                       **self._stat_fields(win_stats, n_img), "lr": self.schedule.lr,
+                       **self._stat_fields(sums, n_img), "lr": self.schedule.lr,
                        "seconds": round(pos.train_seconds, 3), "images_per_s": n_img / max(t - t_win, 1e-9)}
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
-                win_losses, win_stats, win_start, t_win = [], zero.clone(), pos.step, time.perf_counter()
+                win_losses, win_stats, win_start, t_win = [], [], pos.step, time.perf_counter()
                 stop = stop or self._stop_reason is not None  # a signal that came while logging
             if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0 and not last_in_epoch:
                 t0 = time.perf_counter()
@@ -475,7 +478,7 @@ class Trainer:
             summary["snapshots"] = [f"snapshot{k + 1}" for k in range(len(self.snapshots))]
         if self.finetune is not None:
             summary["finetune"] = {"strategy": cfg.finetune.strategy, "plan": self.finetune.describe(),
-                                   "source": cfg.model.weights or cfg.model.name, **getattr(self, "probe_features", {})}
+                                   "source": cfg.model.weights or cfg.model.name, **self.probe_features}
         if self.loss_step.teachers is not None:
             summary["distill"] = {"teachers": cfg.distill.teachers, "temperature": cfg.distill.temperature,
                                   "alpha": cfg.distill.alpha}
@@ -484,9 +487,3 @@ class Trainer:
         if error:
             summary["error"] = error
         return summary
-
-
-def _to(targets: Any, device: torch.device) -> Any:
-    if isinstance(targets, dict):
-        return {k: v.to(device) for k, v in targets.items()}
-    return targets.to(device)

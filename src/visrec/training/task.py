@@ -75,7 +75,7 @@ class Task:
         raise NotImplementedError
 
     def batch_stats(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
-        """(len(stats),) sums over the batch, on the device (no host sync)."""
+        """(len(stats),) sums over the batch, on the device (no host sync), of one dtype for every batch."""
         return outputs.new_zeros(len(self.stats))
 
     def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
