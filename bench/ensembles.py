@@ -66,8 +66,8 @@ def main() -> None:
     doc = {"ensemble": rep.to_json(), "member_wall_seconds": seconds}
     if "averaging" in parts:
         run = visrec.train("fashion-mnist", out=str(root / "averaging"), progress=False,
-                           overrides={"train.seed": 1, "train.ema": 0.998, "train.swa": 0.25, "train.swa_every": 21,
-                                      "train.swa_lr": args.swa_lr})
+                           overrides={"train.seed": 1, "average.ema": 0.998, "average.swa": 0.25,
+                                      "average.swa_every": 21, "average.swa_lr": args.swa_lr})
         cmp = run.summary["weights_compared"]
         for name, v in cmp.items():
             print(f"weights {name:4s} val {v['val_acc']:.2%} test {v['test_acc']:.2%}  "

@@ -28,8 +28,8 @@ def group(name: str) -> str:
 
 
 def profile_preset(preset: str, images: int) -> dict:
-    cfg = resolve_config(preset, ["train.epochs=1", f"data.subset={images}", "train.report=false",
-                                  "train.histograms=0", "eval.tta=none"])
+    cfg = resolve_config(preset, ["train.epochs=1", f"data.subset={images}", "log.report=false",
+                                  "log.histograms=0", "eval.tta=none"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = visrec.Trainer(cfg, out=Path(tmp) / "run", progress=False)
         with profile() as prof:

@@ -46,7 +46,7 @@ class TestCurve(visrec.Callback):
 def visrec_preset(preset: str, seed: int) -> dict:
     from visrec.config import resolve_config
 
-    cfg = resolve_config(preset, [f"train.seed={seed}", "train.report=false"])
+    cfg = resolve_config(preset, [f"train.seed={seed}", "log.report=false"])
     curve = TestCurve()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = visrec.Trainer(cfg, out=Path(tmp) / "run", callbacks=[curve], progress=False)

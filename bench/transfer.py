@@ -57,7 +57,7 @@ def main() -> None:
     for per_class, (bs, epochs) in BUDGET.items():
         for seed in range(args.seeds):
             common = {"data.classes": TARGET, "data.subset": per_class * len(TARGET), "data.val_fraction": 0.02,
-                      "train.batch_size": bs, "train.epochs": epochs, "train.seed": seed, "train.log_every": 1000}
+                      "train.batch_size": bs, "train.epochs": epochs, "train.seed": seed, "log.every": 1000}
             for method in METHODS:
                 out = root / f"{method}-{per_class}-s{seed}"
                 if method == "scratch":

@@ -22,7 +22,7 @@ from visrec.training.averaging import SWA
 from visrec.training.schedules import schedule_factor, snapshot_steps
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
-FAST = {"data.name": SYN, "train.batch_size": 32, "train.log_every": 4, "model.kwargs.widths": [8, 16, 16]}
+FAST = {"data.name": SYN, "train.batch_size": 32, "log.every": 4, "model.kwargs.widths": [8, 16, 16]}
 
 
 def fit(out, epochs=4, stop_after_steps=None, **overrides):
@@ -59,7 +59,7 @@ def test_cyclic_cosine_restarts_and_places_one_snapshot_per_cycle():
 
 
 def test_swa_and_ema_are_compared_with_the_raw_weights_and_survive_a_resume():
-    opts = {"train.swa": 0.5, "train.swa_every": 3, "train.ema": 0.9, "train.swa_lr": 0.05}
+    opts = {"average.swa": 0.5, "average.swa_every": 3, "average.ema": 0.9, "average.swa_lr": 0.05}
     straight = fit("runs/straight", **opts)
     s = straight.summary
     assert s["eval_weights"] == "last+swa"
@@ -83,10 +83,10 @@ def test_swa_and_ema_are_compared_with_the_raw_weights_and_survive_a_resume():
 
 
 def test_swa_config_errors_name_the_key():
-    with pytest.raises(VisrecError, match="train.swa=1.5"):
-        fit("runs/x", **{"train.swa": 1.5})
+    with pytest.raises(VisrecError, match="average.swa=1.5"):
+        fit("runs/x", **{"average.swa": 1.5})
     with pytest.raises(VisrecError, match="train.select=best"):
-        fit("runs/x", **{"train.swa": 0.25, "train.select": "best"})
+        fit("runs/x", **{"average.swa": 0.25, "train.select": "best"})
 
 
 def test_snapshot_ensemble_from_one_cyclic_run(tmp_path):

@@ -77,3 +77,77 @@ def test_round_trip_through_dict():
     assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
     keys = Config().keys()
     assert "optim.lr" in keys and "loss.label_smoothing" in keys
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.select=bst", "train.select='bst' is not one of its values: last, best"),
+        ("optim.name=adm", "did you mean 'adam'"),
+        ("model.channels_last=sometimes", "auto, on, off"),
+        ("train.epochs=0", "train.epochs=0 must be >= 1"),
+        ("average.ema=1", "average.ema=1.0 must be >= 0 and < 1"),
+        ("device.name=gpu", "use auto, cpu, cuda, cuda:N or mps"),
+        ("optim.betas=[0.9,1.5]", "must be >= 0 and < 1"),
+        ("data.channels=2", "1, 3"),
+    ],
+)
+def test_choices_and_ranges_fail_where_parsed(override, expected):
+    with pytest.raises(VisrecError) as e:
+        resolve_config(None, [override])
+    assert expected in str(e.value)
+
+
+def test_yaml_on_off_reads_as_a_choice():
+    assert resolve_config(None, ["model.channels_last=off"]).model.channels_last == "off"
+
+
+def test_directly_set_attributes_are_checked_before_training():
+    from visrec.config import validate
+    from visrec.training.setup import check_config
+
+    cfg = Config()
+    validate(cfg)
+    cfg.train.select = "bst"
+    with pytest.raises(VisrecError, match="train.select"):
+        check_config(cfg)
+
+
+def test_old_train_keys_still_load():
+    # Run folders and presets written before the train section was split by concern.
+    old = {"train": {"epochs": 2, "device": "cpu", "precision": "fp32", "threads": 1, "ema": 0.9, "swa": 0.25,
+                     "swa_lr": 0.1, "swa_every": 3, "log_every": 7, "report": False, "histograms": 0},
+           "model": {"kwargs": {"pretrained": True, "drop_rate": 0.1}}}
+    cfg = Config.from_dict(old)
+    assert (cfg.device.name, cfg.device.precision, cfg.device.threads) == ("cpu", "fp32", 1)
+    assert (cfg.average.ema, cfg.average.swa, cfg.average.swa_lr, cfg.average.swa_every) == (0.9, 0.25, 0.1, 3)
+    assert (cfg.log.every, cfg.log.report, cfg.log.histograms) == (7, False, 0)
+    assert cfg.model.pretrained is True and cfg.model.kwargs == {"drop_rate": 0.1}
+    assert resolve_config(None, ["train.ema=0.5", "model.kwargs.pretrained=true"]).average.ema == 0.5
+    every = Config().keys()
+    assert "train.ema" not in every and "average.ema" in every
+
+
+def test_choices_match_the_registries_that_act_on_them():
+    from visrec.config import choices
+    from visrec.device import PRECISIONS
+    from visrec.evaluate import TTA_MODES
+    from visrec.training.finetune import STRATEGIES
+    from visrec.training.losses import LOSSES
+    from visrec.training.optim import OPTIMIZERS
+    from visrec.training.schedules import SCHEDULES
+
+    assert set(choices("optim.name")) == set(OPTIMIZERS)
+    assert set(choices("schedule.name")) == set(SCHEDULES)
+    assert set(choices("loss.name")) == set(LOSSES)
+    assert set(choices("finetune.strategy")) == set(STRATEGIES)
+    assert set(choices("device.precision")) == set(PRECISIONS)
+    assert set(choices("eval.tta")) == {"auto", *TTA_MODES}
+    assert choices("train.precision") == choices("device.precision")
+
+
+def test_pretrained_is_a_key_and_refused_for_built_in_models():
+    from visrec.models import create_model
+
+    with pytest.raises(VisrecError, match="model.pretrained=true: 'convnet' has no published pretrained weights"):
+        create_model("convnet", in_chans=1, num_classes=10, image_size=28, pretrained=True)

@@ -23,7 +23,7 @@ from visrec.errors import VisrecError
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
 LONGER = "synthetic:classes=4,size=12,train=1536,test=128"  # 192 steps: time to kill it mid-run
-FAST = {"train.batch_size": 32, "train.log_every": 4, "model.kwargs.widths": [8, 16, 16], "train.threads": 1}
+FAST = {"train.batch_size": 32, "log.every": 4, "model.kwargs.widths": [8, 16, 16], "device.threads": 1}
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -372,7 +372,7 @@ def test_a_poisoned_model_never_replaces_the_last_good_checkpoint(tmp_path):
     # Windows of 50 steps are where losses are checked; checkpoints every 2 steps fall in between.
     with pytest.raises(NonFiniteLoss):
         visrec.train(SYN, epochs=2, out=str(tmp_path / "runs/p"), progress=False,
-                     overrides={**FAST, "train.log_every": 50, "train.checkpoint_every": 2, "optim.lr": 1e12,
+                     overrides={**FAST, "log.every": 50, "train.checkpoint_every": 2, "optim.lr": 1e12,
                                 "schedule.name": "constant", "data.normalize": "none"})
     folder = tmp_path / "runs/p/checkpoints"
     if (folder / "last.json").is_file():  # whatever was saved is finite
@@ -441,7 +441,7 @@ def test_sigterm_saves_says_how_to_resume_and_exits_nonzero(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     cmd = [sys.executable, "-c", "from visrec.cli import main; main()", "train", LONGER, "--epochs", "4",
            "--out", "runs/term", "--checkpoint-every", "5", "--no-progress", "--set", "model.kwargs.widths=[8,16,16]",
-           "--set", "train.threads=1"]
+           "--set", "device.threads=1"]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "runs/term/checkpoints/last.json"
     t0 = time.time()

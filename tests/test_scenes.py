@@ -192,7 +192,7 @@ def test_flips_and_crops_move_boxes_and_masks_with_the_pixels():
 def test_train_scenes_classifies_the_largest_object(scenes_dir, tmp_path):
     shutil.copytree(scenes_dir, tmp_path / "mine")
     r = CliRunner().invoke(app, ["train", f"coco:{tmp_path / 'mine'}", "--model", "lenet5", "--epochs", "2",
-                                 "--set", "train.batch_size=16", "--set", "train.report=false", "--out", "runs/s",
+                                 "--set", "train.batch_size=16", "--set", "log.report=false", "--out", "runs/s",
                                  "--no-progress", "--json"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.output[r.output.index("{"):])

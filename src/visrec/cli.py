@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import sys
@@ -30,6 +29,35 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
 
+# Options shared by several commands, defined once.
+DatasetArg = Annotated[str | None, typer.Argument(
+    help="data.name: a catalog name (see `visrec datasets`), folder:PATH, coco:PATH, yolo:PATH or "
+         "synthetic[:k=v,...].")]
+ModelOpt = Annotated[str | None, typer.Option(
+    help="model.name: a registered model (see `visrec models`), timm:NAME or path/to/file.py:function.")]
+PresetOpt = Annotated[str | None, typer.Option(help="Shipped preset name or YAML file (see `visrec presets`).")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override: section.key=value, repeatable (see `visrec config --keys`).")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="data.data_dir: folder searched first for dataset files.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="device.name: auto, cpu, cuda, cuda:N or mps.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+ProgressOpt = Annotated[bool | None, typer.Option(
+    "--progress/--no-progress", help="Live progress bar (default: on a terminal).")]
+
+
+def out_option(what: str) -> typer.models.OptionInfo:
+    """The `--out` option; `what` says what it names for this command."""
+    return typer.Option("--out", help=what)
+
+
+def _config(preset: str | None, sets: list[str] | None, base=None, **options):
+    """The config of a command, built in one place: defaults (or `base`), the preset, --set, then the command's
+    dedicated options, given as dotted keys with `_` for the first `.` (`train_epochs=3`); None = not given."""
+    from .config import resolve_config
+
+    return resolve_config(preset, sets or [], base=base,
+                          options={k.replace("_", ".", 1): v for k, v in options.items()})
+
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
@@ -45,25 +73,21 @@ def _human_bytes(n: int) -> str:
 
 @app.command()
 def train(
-    dataset: Annotated[str | None, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")] = None,
-    model: Annotated[str | None, typer.Option(help="Registered model or path/to/file.py:function.")] = None,
+    dataset: DatasetArg = None,
+    model: ModelOpt = None,
     task: Annotated[str | None, typer.Option(help="task.name: classification, or path/to/file.py:ClassName.")] = None,
-    preset: Annotated[str | None, typer.Option(help="Shipped preset name or YAML file (see `visrec presets`).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
     batch_size: Annotated[int | None, typer.Option(help="train.batch_size")] = None,
     lr: Annotated[float | None, typer.Option(help="optim.lr")] = None,
     seed: Annotated[int | None, typer.Option(help="train.seed")] = None,
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Run folder (default runs/<dataset>-<model>-<time>).")
-    ] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
-    device: Annotated[str | None, typer.Option(help="train.device: auto, cpu, cuda, cuda:N, mps.")] = None,
+    out_dir: Annotated[Path | None, out_option("Run folder (default runs/<dataset>-<model>-<time>).")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run; takes no other option.")] = None,
-    progress: Annotated[
-        bool | None, typer.Option("--progress/--no-progress", help="Live progress bar (default: on a terminal).")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary.json at the end.")] = False,
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
     monitor: Annotated[bool, typer.Option(
         "--monitor", help="Watch activations, gradients and update ratios; print the doctor's findings at the end.",
     )] = False,
@@ -85,92 +109,97 @@ def train(
     )] = False,
 ) -> None:
     """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
-    from .config import resolve_config
-    from .fit import Trainer
+    from .fit import Trainer, train_seeds
     from .training import NonFiniteLoss
 
-    if seeds is not None:
-        if resume is not None or seed is not None:
-            raise VisrecError("--seeds trains new runs: it goes with neither --resume nor --seed")
-        try:
-            members = [int(v) for v in seeds.split(",") if v.strip()]
-        except ValueError:
-            raise VisrecError(f"--seeds {seeds!r} is not a list of integers", "for example --seeds 1,2,3") from None
-        base = out_dir or Path("runs") / (f"{(dataset or 'data').split(':')[0]}-{model or 'model'}-"
-                                          f"{_dt.datetime.now():%Y%m%d-%H%M%S}")
-        args = dict(locals())
-        for s_ in members:
-            train(**{**{k: args[k] for k in _TRAIN_ARGS}, "seed": s_, "out_dir": Path(f"{base}-seed{s_}")})
-        folders = " ".join(f"{base}-seed{s_}" for s_ in members)
-        out.print(f"ensemble them with: visrec ensemble {folders}")
-        return
-
-    callbacks = []
-    if monitor:
+    def observers(_seed: int | None = None) -> list:
+        if not monitor:
+            return []
         from .doctor import TrainingMonitor
 
-        callbacks.append(TrainingMonitor(monitor_every, console=err))
+        return [TrainingMonitor(monitor_every, console=err)]
+
+    def announce(trainer: Trainer) -> None:
+        ds, cfg = trainer.ds, trainer.cfg
+        err.print(f"{ds!r} from {ds.source}")
+        if ds.splits.get("skipped_images"):
+            n = ds.splits["skipped_images"]["count"]
+            err.print(f"[yellow]skipped {n} bad image file(s)[/yellow]: see {trainer.run_dir}/skipped_images.txt")
+        err.print(f"model {cfg.model.name}: {trainer.params:,} parameters; {trainer.runtime!r}; "
+                  f"run folder {trainer.run_dir}")
+        if trainer.initial_weights_note:
+            err.print(trainer.initial_weights_note)
 
     try:
         if resume is not None:
             given = {"DATASET": dataset, "--model": model, "--task": task, "--preset": preset, "--set": set_,
-                     "--epochs": epochs,
-                     "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir, "--data-dir": data_dir,
-                     "--device": device, "--weights": weights, "--trust-checkpoint": trust_checkpoint,
-                     "--skip-bad-images": skip_bad_images, "--checkpoint-every": checkpoint_every}
+                     "--epochs": epochs, "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir,
+                     "--data-dir": data_dir, "--device": device, "--weights": weights,
+                     "--trust-checkpoint": trust_checkpoint, "--skip-bad-images": skip_bad_images,
+                     "--checkpoint-every": checkpoint_every, "--seeds": seeds}
             extra = [k for k, v in given.items() if v]
             if extra:
                 raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
                                   "the run folder holds its whole config; start a new run to change it")
-            trainer = Trainer.resume(resume, progress=progress, callbacks=callbacks)
+            trainer = Trainer.resume(resume, progress=progress, callbacks=observers())
             err.print(f"resuming {resume} at step {trainer.pos.step} (epoch {trainer.pos.epoch + 1})")
+            run = trainer.fit()
         else:
-            cfg = resolve_config(preset, set_ or [])
-            for key, value in (("data.name", dataset), ("model.name", model), ("task.name", task),
-                               ("train.epochs", epochs),
-                               ("train.batch_size", batch_size), ("optim.lr", lr), ("train.seed", seed),
-                               ("data.data_dir", str(data_dir) if data_dir else None), ("train.device", device),
-                               ("model.weights", str(weights) if weights else None),
-                               ("model.trust_checkpoint", trust_checkpoint or None),
-                               ("data.skip_bad_images", skip_bad_images or None),
-                               ("train.checkpoint_every", checkpoint_every)):
-                if value is not None:
-                    cfg.set(key, value, source="option")
-            trainer = Trainer(cfg, out=out_dir, progress=progress, callbacks=callbacks)
-            ds = trainer.ds
-            err.print(f"{ds!r} from {ds.source}")
-            if ds.splits.get("skipped_images"):
-                n = ds.splits["skipped_images"]["count"]
-                err.print(f"[yellow]skipped {n} bad image file(s)[/yellow]: see {trainer.run_dir}/skipped_images.txt")
-            err.print(f"model {cfg.model.name}: {trainer.params:,} parameters; {trainer.runtime!r}; "
-                      f"run folder {trainer.run_dir}")
-            if trainer.initial_weights_note:
-                err.print(trainer.initial_weights_note)
-        run = trainer.fit()
+            cfg = _config(preset, set_, data_name=dataset, model_name=model, task_name=task, train_epochs=epochs,
+                          train_batch_size=batch_size, optim_lr=lr, train_seed=seed, data_data_dir=data_dir,
+                          device_name=device, model_weights=weights, model_trust_checkpoint=trust_checkpoint or None,
+                          data_skip_bad_images=skip_bad_images or None, train_checkpoint_every=checkpoint_every)
+            if seeds is not None:
+                if seed is not None:
+                    raise VisrecError("--seeds trains one run per seed: it does not go with --seed")
+                try:
+                    members = [int(v) for v in seeds.split(",") if v.strip()]
+                except ValueError:
+                    raise VisrecError(f"--seeds {seeds!r} is not a list of integers", "for example --seeds 1,2,3"
+                                      ) from None
+                done = train_seeds(cfg, members, out=out_dir, callbacks=observers, progress=progress,
+                                   on_start=announce)
+                for r in done:
+                    _print_run(r, as_json)
+                if len(done) < len(members) or done[-1].summary.get("status") == "interrupted":
+                    raise typer.Exit(EXIT_INTERRUPTED)
+                out.print(f"ensemble them with: visrec ensemble {' '.join(str(r.path) for r in done)}")
+                return
+            trainer = Trainer(cfg, out=out_dir, progress=progress, callbacks=observers())
+            announce(trainer)
+            run = trainer.fit()
     except NonFiniteLoss as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(EXIT_NONFINITE) from None
+    _print_run(run, as_json)
+    if run.summary.get("status") == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _print_run(run, as_json: bool) -> None:
+    """The end of a training command: the summary as JSON, or the task's primary numbers and where to look."""
+    from .training.callbacks import format_metric
+
     s = run.summary
     if as_json:
         print(json.dumps(s, indent=2))
     if s.get("status") == "interrupted":
         err.print(f"stopped at step {s['steps']} ({s.get('error')}); the last checkpoint is saved.")
         err.print(f"continue with: visrec train --resume {run.path}")
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if not as_json:
-        out.print(f"test accuracy {_pct(s['test_acc'])} (top-5 {_pct(s['test_top5'])}), "
-                  f"best val {_pct(s['best_val_acc'])}, training time {s['train_seconds']:.1f} s "
-                  f"({s['images_per_s']:.0f} images/s)")
-        out.print(f"run folder: {run.path}")
-        if (run.path / "report.html").is_file():
-            out.print(f"report: {run.path / 'report.html'}")
-        out.print(f"TensorBoard: tensorboard --logdir {run.path / 'tb'}")
-
-
-_TRAIN_ARGS = ("dataset", "model", "task", "preset", "set_", "epochs", "batch_size", "lr", "data_dir", "device",
-               "progress",
-               "as_json", "monitor", "monitor_every", "weights", "trust_checkpoint", "skip_bad_images",
-               "checkpoint_every")
+        return
+    if as_json:
+        return
+    p = s.get("primary_metric", "acc")
+    if p == "acc":
+        head = f"test accuracy {_pct(s.get('test_acc'))} (top-5 {_pct(s.get('test_top5'))}), best val " \
+               f"{_pct(s.get('best_val_acc'))}"
+    else:
+        head = f"test {p} {format_metric(p, s.get(f'test_{p}'))}, best val {format_metric(p, s.get(f'best_val_{p}'))}"
+    out.print(f"{head}, training time {s['train_seconds']:.1f} s ({s['images_per_s']:.0f} images/s)")
+    out.print(f"run folder: {run.path}")
+    if (run.path / "report.html").is_file():
+        out.print(f"report: {run.path / 'report.html'}")
+    out.print(f"TensorBoard: tensorboard --logdir {run.path / 'tb'}")
 
 
 @app.command("ensemble")
@@ -179,7 +208,7 @@ def ensemble_cmd(
         help="Run folders, each optionally :last, :best or :snapshotK; RUN:snapshots for all of a run's snapshots.")],
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     tta: Annotated[str | None, typer.Option(help="One TTA mode for all members (default: each run's own).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: accuracy of members and combinations.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate members and their probability average, majority vote and (checkpoints of one run) weight average."""
     from .ensemble import ensemble
@@ -205,12 +234,12 @@ def finetune(
     stages: Annotated[int | None, typer.Option(help="finetune.stages: (last) final stages that train.")] = None,
     backbone_lr: Annotated[float | None, typer.Option(help="finetune.backbone_lr: stage lr / head lr.")] = None,
     preset: Annotated[str | None, typer.Option(help="Preset for the rest (default: the default recipe).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    set_: SetOpt = None,
     epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
     lr: Annotated[float | None, typer.Option(help="optim.lr (the head's; stages get less)")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder.")] = None,
-    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary.json at the end.")] = False,
+    out_dir: Annotated[Path | None, out_option("Run folder.")] = None,
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Transfer a trained network to new data: linear classifier on cached features, last stages, or everything."""
     from .fit import Trainer
@@ -240,29 +269,25 @@ def distill(
     temperature: Annotated[float | None, typer.Option(help="distill.temperature (default 4).")] = None,
     alpha: Annotated[float | None, typer.Option(help="distill.alpha: soft-target weight (default 0.5).")] = None,
     preset: Annotated[str | None, typer.Option(help="Recipe of the student (default: the first teacher's).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    set_: SetOpt = None,
     epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
     seed: Annotated[int | None, typer.Option(help="train.seed")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder of the student.")] = None,
-    progress: Annotated[bool | None, typer.Option("--progress/--no-progress")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run's summary.json at the end.")] = False,
+    out_dir: Annotated[Path | None, out_option("Run folder of the student.")] = None,
+    progress: ProgressOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train one student on the soft predictions of an ensemble of teachers (and the labels)."""
-    from .config import parse_override, resolve_config
+    from .config import resolve_config
     from .fit import Trainer
     from .runs import RunRef
 
     first = RunRef.parse(teachers[0]).run.config
-    cfg = resolve_config(preset, None, base=None if preset else first)
-    cfg.data = first.data  # the teachers' data, splits and preprocessing
-    cfg.distill.teachers = list(teachers)
-    cfg.model.weights, cfg.finetune.strategy = "", "none"
-    for key, value in (("model.name", model), ("distill.temperature", temperature), ("distill.alpha", alpha),
-                       ("train.epochs", epochs), ("train.seed", seed)):
-        if value is not None:
-            cfg.set(key, value, source="option")
-    for o in set_ or []:  # explicit overrides win over the teachers' data section too
-        cfg.set(*parse_override(o))
+    base = resolve_config(preset) if preset else first
+    base.data = first.data  # the teachers' data, splits and preprocessing (an explicit --set still wins)
+    base.distill.teachers = list(teachers)
+    base.model.weights, base.finetune.strategy = "", "none"
+    cfg = _config(None, set_, base=base, model_name=model, distill_temperature=temperature, distill_alpha=alpha,
+                  train_epochs=epochs, train_seed=seed)
     trainer = Trainer(cfg, out=out_dir, progress=progress)
     err.print(f"student {cfg.model.name} ({trainer.params:,} parameters) learns from {len(teachers)} teacher(s) at "
               f"T={cfg.distill.temperature:g}, alpha={cfg.distill.alpha:g}; run folder {trainer.run_dir}")
@@ -276,7 +301,7 @@ def distill(
 
 @app.command()
 def tune(
-    dataset: Annotated[str | None, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")] = None,
+    dataset: DatasetArg = None,
     space: Annotated[Path | None, typer.Option(help="Search space YAML (default: lr, weight decay, label "
                                                     "smoothing, batch size).")] = None,
     trials: Annotated[int, typer.Option(help="Number of trials.")] = 20,
@@ -284,13 +309,13 @@ def tune(
     strategy: Annotated[str, typer.Option(help="random, grid, tpe or coarse-to-fine.")] = "random",
     epochs: Annotated[int | None, typer.Option(help="Epochs per trial (coarse-to-fine: a third in the coarse "
                                                     "stage).")] = None,
-    model: Annotated[str | None, typer.Option(help="Registered model or path/to/file.py:function.")] = None,
+    model: ModelOpt = None,
     preset: Annotated[str | None, typer.Option(help="Preset every trial starts from.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    set_: SetOpt = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite file in the study "
                                                      "folder; postgresql+psycopg2://... for many machines).")] = None,
     study: Annotated[str | None, typer.Option(help="Study name (default: DATASET-MODEL).")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Study folder (default runs/tune-STUDY).")] = None,
+    out_dir: Annotated[Path | None, out_option("Study folder (default runs/tune-STUDY).")] = None,
     pruner: Annotated[str, typer.Option(help="median, asha or none (on validation accuracy per epoch).")] = "median",
     seed: Annotated[int, typer.Option(help="Seed of the parameter draws.")] = 0,
     heartbeat: Annotated[int, typer.Option(help="Seconds between worker heartbeats; a silent worker's trial is "
@@ -379,7 +404,7 @@ def explain(
     n: Annotated[int, typer.Option(help="How many test images when none are given.")] = 8,
     layer: Annotated[str | None, typer.Option(help="gradcam: module path (default: the last feature map); "
                                                    "inversion: one stage (default: every stage).")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the PNGs (default RUN/explain).")] = None,
+    out_dir: Annotated[Path | None, out_option("Folder for the PNGs (default RUN/explain).")] = None,
     resize: Annotated[bool, typer.Option("--resize", help="Resize images to the model's input size.")] = False,
     convert: Annotated[bool, typer.Option("--convert", help="Convert color images for a grayscale model.")] = False,
 ) -> None:
@@ -398,7 +423,7 @@ def explain(
 @app.command()
 def report(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    out_file: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN/report.html).")] = None,
+    out_file: Annotated[Path | None, out_option("HTML file (default RUN/report.html).")] = None,
     explain: Annotated[bool, typer.Option("--explain/--no-explain",
                                           help="Include the sections that need the model and the test data.")] = True,
 ) -> None:
@@ -413,35 +438,28 @@ def report(
 
 @app.command()
 def doctor(
-    dataset: Annotated[str | None, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")] = None,
-    model: Annotated[str | None, typer.Option(help="Registered model or path/to/file.py:function.")] = None,
-    preset: Annotated[str | None, typer.Option(help="Shipped preset name or YAML file (see `visrec presets`).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value (repeatable).")] = None,
+    dataset: DatasetArg = None,
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     lr: Annotated[float | None, typer.Option(help="optim.lr")] = None,
     batch_size: Annotated[int | None, typer.Option(help="train.batch_size")] = None,
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Folder for doctor.md, findings.json, plots and the trial run.")
-    ] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
-    device: Annotated[str | None, typer.Option(help="train.device: auto, cpu, cuda, cuda:N, mps.")] = None,
+    out_dir: Annotated[Path | None, out_option("Folder for doctor.md, findings.json, plots and the trial run.")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
     checks: Annotated[str | None, typer.Option(help="Comma-separated subset of the checks (default: all).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="Smaller experiments (about 4x quicker, less precise).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as a JSON list.")] = False,
+    as_json: JsonOpt = False,
     fail_on: Annotated[str, typer.Option(help="Exit 1 when a finding reaches this severity: warn, error, never.")]
     = "never",
 ) -> None:
     """Examine a training setup (the config `visrec train` would use) and say what is wrong and what to change."""
-    from .config import resolve_config
     from .doctor import SEVERITIES, ExamOptions, examine
 
     if fail_on not in ("warn", "error", "never"):
         raise VisrecError(f"--fail-on {fail_on!r} is not valid", "use warn, error or never")
-    cfg = resolve_config(preset, set_ or [])
-    for key, value in (("data.name", dataset), ("model.name", model), ("optim.lr", lr),
-                       ("train.batch_size", batch_size), ("data.data_dir", str(data_dir) if data_dir else None),
-                       ("train.device", device)):
-        if value is not None:
-            cfg.set(key, value, source="option")
+    cfg = _config(preset, set_, data_name=dataset, model_name=model, optim_lr=lr, train_batch_size=batch_size,
+                  data_data_dir=data_dir, device_name=device)
     opts = ExamOptions(checks=tuple(c.strip() for c in checks.split(",") if c.strip()) if checks else None)
     if fast:
         opts.overfit_steps, opts.lr_steps, opts.lr_batch = 120, 60, 128
@@ -479,9 +497,9 @@ def baseline(
     reg: Annotated[str | None, typer.Option(help="Regularization strengths to search, e.g. 1e-4,1e-3.")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of the final training (learned methods).")] = 10,
     subset: Annotated[int | None, typer.Option(help="Use a stratified subset of this many training images.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/baseline-...).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    data_dir: DataDirOpt = None,
+    out_dir: Annotated[Path | None, out_option("Run folder (default runs/baseline-...).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """A classic baseline (kNN, SVM, softmax, two-layer net) with its model selection, into a run folder."""
     from .classic import baseline as run_baseline
@@ -518,9 +536,9 @@ def eval_(
         "none, flip, crops, crops+flip, scales, scales+flip or auto (default: the run's eval.tta); several "
         "separated by commas, or all, compare their accuracy and cost."))] = None,
     checkpoint: Annotated[str, typer.Option(help="auto, last, best or snapshotK.")] = "auto",
-    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first for dataset files.")] = None,
+    data_dir: DataDirOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a run's model on a split of its dataset: accuracy, top-5, per-class, confusion."""
     from .runs import Run
@@ -563,7 +581,7 @@ def predict(
     resize: Annotated[bool, typer.Option(help="Resize images whose size differs from the model's.")] = False,
     convert: Annotated[bool, typer.Option(help="Convert color images to grayscale for grayscale models.")] = False,
     checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Classify image files with a trained run (decoded and normalized exactly as in training)."""
     from .runs import Run
@@ -582,7 +600,7 @@ def models(
     input_shape: Annotated[str, typer.Option("--input", help="CxHxW the models are built for.")] = "3x224x224",
     classes: Annotated[int, typer.Option(help="Number of classes.")] = 1000,
     family: Annotated[str | None, typer.Option(help="Only this family (resnet, vgg, densenet, ...).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List registered models: name, family, parameters and multiply-accumulates at the given input."""
     from .models import list_models, model_entry
@@ -619,7 +637,7 @@ def models(
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     fmt: Annotated[str, typer.Option("--format", help="safetensors, onnx or torchscript.")] = "onnx",
-    out_file: Annotated[Path | None, typer.Option("--out", help="Output file (default RUN/export/model.*).")] = None,
+    out_file: Annotated[Path | None, out_option("Output file (default RUN/export/model.*).")] = None,
     checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
 ) -> None:
     """Export a run's model with its class names and preprocessing (ONNX/TorchScript take 0..255 pixels)."""
@@ -633,7 +651,7 @@ def export(
 def validate(
     data: Annotated[str, typer.Argument(help="Image folder (PATH or folder:PATH), coco:PATH or yolo:PATH to scan.")],
     max_pixels: Annotated[int, typer.Option(help="Pixels above which an image is a decompression bomb.")] = 89_478_485,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Scan a dataset before training: an image folder (bad files, bombs, empty classes, leaks across splits) or
     COCO / YOLO annotations (missing images, bad boxes, unknown categories, duplicate ids, bad masks); exit 1 on
@@ -662,7 +680,7 @@ def summary_cmd(
     input_shape: Annotated[str, typer.Option("--input", help="CxHxW of one image.")] = "3x224x224",
     classes: Annotated[int, typer.Option(help="Number of classes.")] = 1000,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Model option KEY=VALUE.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: layers and totals.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Per layer: output shape, parameters, multiply-accumulates and activation memory, with totals."""
     from .config import parse_override
@@ -683,8 +701,8 @@ def summary_cmd(
 
 @app.command()
 def datasets(
-    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """List the dataset catalog: found or not, where, and size on disk."""
     from .data import dataset_status
@@ -720,7 +738,7 @@ def data_fetch(
 @data_app.command("where")
 def data_where(
     name: Annotated[str, typer.Argument(help="Catalog dataset name.")],
-    data_dir: Annotated[Path | None, typer.Option(help="Folder searched first.")] = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Print where a dataset's files are found; exit 1 if they are not."""
     from .data import locate
@@ -745,17 +763,22 @@ def presets() -> None:
 
 @app.command()
 def config(
-    preset: Annotated[str | None, typer.Option(help="Preset name or YAML file.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
     keys: Annotated[bool, typer.Option("--keys", help="List every valid section.key.")] = False,
 ) -> None:
     """Print the resolved config (defaults, then preset, then --set) as YAML."""
-    from .config import Config, resolve_config
+    from .config import Config, choices
 
     if keys:
-        print("\n".join(Config().keys()))
+        every = Config().keys()
+        for key in every:
+            try:
+                print(f"{key}  ({' | '.join(map(str, choices(key)))})")
+            except KeyError:
+                print(key)
         return
-    print(resolve_config(preset, set_ or []).to_yaml(), end="")
+    print(_config(preset, set_).to_yaml(), end="")
 
 
 @app.command()

@@ -8,44 +8,107 @@ keys are errors that list the valid ones. The resolved config is written into ev
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from .errors import VisrecError, unknown_name
 
 
+@dataclass(frozen=True)
+class Range:
+    """A number's allowed interval, checked where the value is parsed: `Annotated[float, Range(0, 1)]`."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    hint: str = ""
+
+    def ok(self, v: float) -> bool:
+        if self.low is not None and (v < self.low or (self.open_low and v == self.low)):
+            return False
+        return not (self.high is not None and (v > self.high or (self.open_high and v == self.high)))
+
+    def describe(self) -> str:
+        lo = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+        hi = "" if self.high is None else f"{'<' if self.open_high else '<='} {self.high:g}"
+        return " and ".join(p for p in (lo, hi) if p)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string's allowed form, as a regular expression matched whole, with the words that describe it."""
+
+    regex: str
+    describe: str
+
+
+AtLeast1 = Annotated[int, Range(1)]
+NonNegInt = Annotated[int, Range(0)]
+NonNeg = Annotated[float, Range(0)]
+Positive = Annotated[float, Range(0, open_low=True)]
+Fraction = Annotated[float, Range(0, 1)]
+OpenFraction = Annotated[float, Range(0, 1, open_high=True)]  # [0, 1)
+
+# The choices of each key. The registries that act on them (optimizers, schedules, losses, fine-tune strategies,
+# TTA modes, precisions) are checked against these lists by the tests.
+Normalize = Literal["channel", "image", "none"]
+OnOffAuto = Literal["auto", "on", "off"]
+OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
+ScheduleName = Literal["constant", "step", "exponential", "inverse_time", "linear", "cosine", "cyclic_cosine",
+                       "one_cycle"]
+LossName = Literal["cross_entropy", "hinge"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Select = Literal["last", "best"]
+NonFinitePolicy = Literal["stop", "skip"]
+TTA = Literal["auto", "none", "flip", "crops", "crops+flip", "scales", "scales+flip"]
+Strategy = Literal["none", "linear", "last", "full", "two_stage"]
+DeviceName = Annotated[str, Pattern(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", "auto, cpu, cuda, cuda:N or mps")]
+
+# Keys that moved when the train section was split by concern: old config files, presets and --set still work.
+RENAMED = {
+    "train.device": "device.name", "train.precision": "device.precision", "train.threads": "device.threads",
+    "train.ema": "average.ema", "train.swa": "average.swa", "train.swa_lr": "average.swa_lr",
+    "train.swa_every": "average.swa_every",
+    "train.log_every": "log.every", "train.report": "log.report", "train.histograms": "log.histograms",
+}
+
+
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # catalog name, `folder:PATH` or `synthetic[:k=v,...]`
+    name: str = "fashion-mnist"  # catalog name, `folder:PATH`, `coco:PATH`, `yolo:PATH` or `synthetic[:k=v,...]`
     data_dir: str | None = None  # searched first for the dataset's files (also $VISREC_DATA)
-    normalize: str = "channel"  # channel (per-channel mean/std) | image (mean image) | none (raw 0..255)
+    normalize: Normalize = "channel"  # channel (per-channel mean/std) | image (mean image) | none (raw 0..255)
     augment: list[str] = field(default_factory=lambda: ["hflip"])  # names, `name:arg` (see visrec.data.augment)
-    val_fraction: float = 0.1  # of the training split, held out (stratified) for validation
-    test_fraction: float = 0.2  # only for datasets without an official test split
+    val_fraction: OpenFraction = 0.1  # of the training split, held out (stratified) for validation
+    test_fraction: Annotated[float, Range(0, 1, open_low=True, open_high=True)] = 0.2  # datasets without a test split
     split_seed: int = 0  # seed of the val/test splits, independent of the training seed
-    subset: int | None = None  # train on a stratified subset of this many training images
-    image_size: int | None = None  # folder datasets: resize every image to this square size
-    channels: int | None = None  # folder datasets: 1 or 3; None = 3 if any image has color
+    subset: AtLeast1 | None = None  # train on a stratified subset of this many training images
+    image_size: AtLeast1 | None = None  # folder datasets: resize every image to this square size
+    channels: Literal[1, 3] | None = None  # folder datasets: 1 or 3; None = 3 if any image has color
     download: bool = True  # fetch from the official source when no local copy is found
     skip_bad_images: bool = False  # folder datasets: leave bad files out (listed in the run) instead of failing
-    max_pixels: int = 89_478_485  # folder datasets: larger images are refused from their header (decompression bombs)
+    max_pixels: AtLeast1 = 89_478_485  # folder datasets: larger images are refused from their header (bombs)
     classes: list[str] = field(default_factory=list)  # keep only these classes (by name); empty = all
-    scene_size: int = 64  # scenes: canvas side in pixels
-    max_objects: int = 4  # scenes: objects per canvas, 1 to this many
-    scene_count: int = 10_000  # scenes: training canvases (validation gets a tenth, test a fifth)
+    scene_size: Annotated[int, Range(32)] = 64  # scenes: canvas side in pixels
+    max_objects: Annotated[int, Range(1, 16)] = 4  # scenes: objects per canvas, 1 to this many
+    scene_count: AtLeast1 = 10_000  # scenes: training canvases (validation gets a tenth, test a fifth)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "convnet"  # a registered model or `path/to/file.py:function`
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model
-    channels_last: str = "auto"  # auto | on | off (auto: on for conv nets, where it measures faster)
+    name: str = "convnet"  # a registered model, `timm:NAME` or `path/to/file.py:function`
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the model (see `visrec models`)
+    pretrained: bool = False  # timm:NAME models: start from timm's pretrained weights (downloaded once, then cached)
+    channels_last: OnOffAuto = "auto"  # auto | on | off (auto: on for conv nets, where it measures faster)
     compile: bool = False  # torch.compile the model (slow first steps, faster later)
     weights: str = ""  # start from this weight file (.safetensors, or a .pt state_dict read without pickle code)
     trust_checkpoint: bool = False  # allow a .pt file that needs full unpickling (runs code from the file)
@@ -53,79 +116,99 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "nesterov"  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw
-    lr: float = 0.2  # peak learning rate (the schedule multiplies it)
-    momentum: float = 0.9  # momentum / nesterov / rmsprop
-    weight_decay: float = 5e-4  # L2 penalty (decoupled for adamw)
+    name: OptimizerName = "nesterov"  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw
+    lr: Positive = 0.2  # peak learning rate (the schedule multiplies it)
+    momentum: Fraction = 0.9  # momentum / nesterov / rmsprop
+    weight_decay: NonNeg = 5e-4  # L2 penalty (decoupled for adamw)
     decay_all: bool = False  # also decay biases and normalization parameters (off by default)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw
-    eps: float = 1e-8  # adagrad / rmsprop / adam / adamw
-    alpha: float = 0.99  # rmsprop: decay rate of the squared-gradient average
-    grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 = off
+    betas: list[Annotated[float, Range(0, 1, open_high=True)]] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    eps: Positive = 1e-8  # adagrad / rmsprop / adam / adamw
+    alpha: Fraction = 0.99  # rmsprop: decay rate of the squared-gradient average
+    grad_clip: NonNeg = 0.0  # clip the global gradient norm to this value; 0 = off
 
 
 @dataclass
 class ScheduleConfig:
     # constant | step | exponential | inverse_time | linear | cosine | cyclic_cosine | one_cycle
-    name: str = "one_cycle"
-    warmup_epochs: float = 0.0  # linear warmup from start_factor*lr, before any schedule
-    start_factor: float = 0.1  # one_cycle and warmup start at this fraction of lr
-    end_factor: float = 0.001  # linear / cosine / one_cycle end at this fraction of lr
-    pct_start: float = 0.25  # one_cycle: fraction of the steps spent rising
-    step_epochs: float = 10.0  # step: epochs between decays
-    gamma: float = 0.1  # step: factor per decay; exponential: factor per epoch
-    decay: float = 0.5  # inverse_time: lr / (1 + decay * epoch)
-    cycles: int = 4  # cyclic_cosine: cosine cycles with warm restarts; each ends with a snapshot checkpoint
+    name: ScheduleName = "one_cycle"
+    warmup_epochs: NonNeg = 0.0  # linear warmup from start_factor*lr, before any schedule
+    start_factor: Fraction = 0.1  # one_cycle and warmup start at this * lr
+    end_factor: Fraction = 0.001  # linear / cosine / one_cycle end at this fraction of lr
+    pct_start: Annotated[float, Range(0, 1, open_low=True, open_high=True)] = 0.25  # one_cycle: share spent rising
+    step_epochs: Positive = 10.0  # step: epochs between decays
+    gamma: Annotated[float, Range(0, 1, open_low=True)] = 0.1  # step: factor per decay; exponential: per epoch
+    decay: NonNeg = 0.5  # inverse_time: lr / (1 + decay * epoch)
+    cycles: AtLeast1 = 4  # cyclic_cosine: cosine cycles with warm restarts; each ends with a snapshot checkpoint
 
 
 @dataclass
 class LossConfig:
-    name: str = "cross_entropy"  # cross_entropy (softmax) | hinge (multiclass SVM)
-    label_smoothing: float = 0.1  # cross_entropy only
-    margin: float = 1.0  # hinge only: the margin delta
+    name: LossName = "cross_entropy"  # cross_entropy (softmax) | hinge (multiclass SVM)
+    label_smoothing: OpenFraction = 0.1  # cross_entropy only
+    margin: Positive = 1.0  # hinge only: the margin delta
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
-    batch_size: int = 256
+    """What the loop does: how long, in what batches, from which seed, and what it keeps."""
+
+    epochs: AtLeast1 = 8
+    batch_size: AtLeast1 = 256
     seed: int = 0  # weights, batch order and augmentation
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
-    ema: float = 0.0  # decay of an exponential moving average of the weights per step; 0 = off
-    swa: float = 0.0  # stochastic weight averaging over this final fraction of training (e.g. 0.25); 0 = off
-    swa_lr: float = 0.0  # during SWA, hold the lr at this fraction of optim.lr; 0 = keep the schedule
-    swa_every: int = 0  # SWA: add the weights to the average every N steps; 0 = at the end of each epoch
-    log_every: int = 50  # steps per logged window (metrics.jsonl, TensorBoard, progress)
-    checkpoint_every: int = 0  # also checkpoint every N steps; 0 = at the end of each epoch only
-    select: str = "last"  # weights evaluated on test at the end: last | best (by val accuracy)
-    nonfinite: str = "stop"  # what a NaN/inf loss does: stop (with a diagnosis) | skip (drop the step)
-    threads: int = 0  # CPU threads; 0 = PyTorch's default (one per core)
+    select: Select = "last"  # weights evaluated on test at the end: last | best (by the task's validation metric)
+    nonfinite: NonFinitePolicy = "stop"  # what a NaN/inf loss does: stop (with a diagnosis) | skip (drop the step)
+    checkpoint_every: NonNegInt = 0  # also checkpoint every N steps; 0 = at the end of each epoch only
+
+
+@dataclass
+class DeviceConfig:
+    """Where the loop runs and in what number format."""
+
+    name: DeviceName = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Precision = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
+    threads: NonNegInt = 0  # CPU threads; 0 = PyTorch's default (one per core)
+
+
+@dataclass
+class AverageConfig:
+    """Weight averages evaluated beside the raw weights: EMA and SWA (with batch-norm recompute)."""
+
+    ema: OpenFraction = 0.0  # decay of an exponential moving average of the weights per step; 0 = off
+    swa: Annotated[float, Range(0, 1, open_high=True, hint="the final fraction of training averaged, e.g. 0.25")] = 0.0
+    swa_lr: NonNeg = 0.0  # during SWA, hold the lr at this fraction of optim.lr; 0 = keep the schedule
+    swa_every: NonNegInt = 0  # SWA: add the weights to the average every N steps; 0 = at the end of each epoch
+
+
+@dataclass
+class LogConfig:
+    """What the run folder records besides checkpoints."""
+
+    every: AtLeast1 = 50  # steps per logged window (metrics.jsonl, TensorBoard, progress)
     report: bool = True  # write report.html (curves, confusion, explanations) when training completes
-    histograms: int = 1  # TensorBoard weight/activation histograms every N epochs; 0 = none
+    histograms: NonNegInt = 1  # TensorBoard weight/activation histograms every N epochs; 0 = none
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 1024
-    tta: str = "auto"  # none | flip | crops | crops+flip | scales | scales+flip | auto (flip if trained with hflip)
-    crop_pad: int = 0  # crops: shift by this many pixels; 0 = the pad of a crop/translate augmentation, else 2
+    batch_size: AtLeast1 = 1024
+    tta: TTA = "auto"  # none | flip | crops | crops+flip | scales | scales+flip | auto (flip if trained with hflip)
+    crop_pad: NonNegInt = 0  # crops: shift by this many pixels; 0 = the pad of a crop/translate augmentation, else 2
 
 
 @dataclass
 class DistillConfig:
     teachers: list[str] = field(default_factory=list)  # runs (RUN, RUN:last, RUN:best) whose mean soft output teaches
-    temperature: float = 4.0  # softens teacher and student probabilities in the soft-target loss
-    alpha: float = 0.5  # weight of the soft-target loss; the true labels get 1 - alpha
+    temperature: Positive = 4.0  # softens teacher and student probabilities in the soft-target loss
+    alpha: Fraction = 0.5  # weight of the soft-target loss; the true labels get 1 - alpha
 
 
 @dataclass
 class FinetuneConfig:
-    strategy: str = "none"  # none | linear | last | full | two_stage (with model.weights: what trains, at what lr)
-    stages: int = 1  # last: how many of the final stages train (the earlier ones stay frozen)
-    backbone_lr: float = 0.1  # lr of the stage next to the head, as a fraction of optim.lr (the head gets optim.lr)
-    stage_decay: float = 0.5  # each stage further from the head gets this factor more (per-stage learning rates)
-    head_epochs: int = 1  # two_stage: epochs that train only the head before everything trains
+    strategy: Strategy = "none"  # none | linear | last | full | two_stage (with model.weights: what trains, at what lr)
+    stages: AtLeast1 = 1  # last: how many of the final stages train (the earlier ones stay frozen)
+    backbone_lr: Annotated[float, Range(0, 10)] = 0.1  # lr of the stage next to the head, as a fraction of optim.lr
+    stage_decay: Annotated[float, Range(0, 10)] = 0.5  # each stage further from the head gets this factor more
+    head_epochs: AtLeast1 = 1  # two_stage: epochs that train only the head before everything trains
     cache_dir: str = ""  # linear: feature cache folder (default $VISREC_CACHE or ~/.cache/visrec/features)
 
 
@@ -143,6 +226,9 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    average: AverageConfig = field(default_factory=AverageConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -170,13 +256,30 @@ class Config:
 
 
 def _field_types(obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj))
+    return typing.get_type_hints(type(obj), include_extras=True)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check and convert a value for a field of type `tp`; the error names the key and the source."""
+    """Check and convert a value for a field of type `tp`; the error names the key, the source and what is valid."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:
+        value = _coerce(value, args[0], key, source)
+        for rule in tp.__metadata__:
+            if isinstance(rule, Range) and value is not None and not rule.ok(value):
+                raise VisrecError(f"{source}: {key}={value!r} must be {rule.describe()}",
+                                  rule.hint or f"for example: --set {key}={_example(tp)}")
+            if isinstance(rule, Pattern) and not re.fullmatch(rule.regex, value):
+                raise VisrecError(f"{source}: {key}={value!r} is not valid", f"use {rule.describe}")
+        return value
+    if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:
+            value = "on" if value else "off"  # YAML reads on/off as booleans
+        if isinstance(value, str) and value not in args and value.isdigit() and int(value) in args:
+            value = int(value)
+        if value in args and not isinstance(value, bool):
+            return value
+        return _bad_choice(key, value, args, source)
     if origin in (typing.Union, types.UnionType):
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_none and type(None) in args:
@@ -233,8 +336,30 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")  # a bug in the config definition
 
 
+def _bad_choice(key: str, value: Any, choices: tuple, source: str) -> typing.NoReturn:
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    raise VisrecError(f"{source}: {key}={value!r} is not one of its values: {', '.join(names)}",
+                      f"did you mean {close[0]!r}?" if close else f"for example: --set {key}={names[0]}")
+
+
+def choices(key: str) -> tuple:
+    """The valid values of a key with a fixed set of them (`choices("train.select")` -> ("last", "best"))."""
+    section, name = _canonical(key).split(".")
+    tp = _field_types(getattr(Config(), section))[name]
+    while typing.get_origin(tp) in (Annotated, typing.Union, types.UnionType):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if typing.get_origin(tp) is not Literal:
+        raise KeyError(f"{key} has no fixed choices")
+    return typing.get_args(tp)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
@@ -248,6 +373,15 @@ def _type_name(tp: Any) -> str:
 
 def _example(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *rules = typing.get_args(tp)
+        for r in rules:
+            if isinstance(r, Range) and r.low is not None:
+                v = r.low + (0.1 if base is float and (r.open_low or r.low == 0) else 1 if r.open_low else 0)
+                return f"{v:g}" if base is float else str(int(v))
+        return _example(base)
+    if origin is Literal:
+        return str(typing.get_args(tp)[0])
     if origin in (typing.Union, types.UnionType):
         return _example([a for a in typing.get_args(tp) if a is not type(None)][0])
     if origin is list:
@@ -257,7 +391,16 @@ def _example(tp: Any) -> str:
     return {bool: "true", int: "10", float: "0.1", str: "name"}.get(tp, "...")
 
 
+def _canonical(key: str) -> str:
+    """A key's current name: keys of the old single train section map to their new sections."""
+    head = ".".join(key.split(".")[:2])
+    return RENAMED[head] + key[len(head):] if head in RENAMED else key
+
+
 def _set_key(cfg: Config, key: str, value: Any, source: str) -> None:
+    key = _canonical(key)
+    if key == "model.kwargs.pretrained":  # before it was a key of its own
+        key = "model.pretrained"
     parts = key.split(".")
     sections = {f.name for f in dataclasses.fields(cfg)}
     if parts[0] not in sections:
@@ -279,7 +422,20 @@ def _set_key(cfg: Config, key: str, value: Any, source: str) -> None:
             d = d.setdefault(p, {})
         d[parts[-1]] = value
         return
-    setattr(section, parts[1], _coerce(value, tp, key, source))
+    value = _coerce(value, tp, key, source)
+    if key == "model.kwargs" and "pretrained" in value:
+        value = dict(value)
+        section.pretrained = _coerce(value.pop("pretrained"), bool, "model.pretrained", source)
+    setattr(section, parts[1], value)
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Check every value against its type, choices and range; for configs whose attributes were set directly
+    (`cfg.train.select = "bst"`) rather than through `Config.set`, where values are checked as they are parsed."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for name, tp in _field_types(section).items():
+            _coerce(getattr(section, name), tp, f"{sec.name}.{name}", source)
 
 
 def _keys_of(section: Any, name: str) -> list[str]:
@@ -343,8 +499,10 @@ def resolve_config(
     preset: str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
     base: Config | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults (or `base`), then the preset, then overrides (`["optim.lr=0.1"]` or `{"optim.lr": 0.1}`)."""
+    """Defaults (or `base`), then the preset, then overrides (`["optim.lr=0.1"]` or `{"optim.lr": 0.1}`), then
+    `options`: dotted keys of dedicated options or arguments (`{"train.epochs": 3}`), None meaning "not given"."""
     cfg = Config.from_dict(base.to_dict()) if base is not None else Config()
     if preset:
         apply_dict(cfg, load_preset(preset), f"preset {preset}")
@@ -354,4 +512,7 @@ def resolve_config(
         items = [parse_override(o) for o in overrides or []]
     for key, value in items:
         cfg.set(key, value)
+    for key, value in (options or {}).items():
+        if value is not None:
+            cfg.set(key, str(value) if isinstance(value, Path) else value, source="option")
     return cfg

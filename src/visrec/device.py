@@ -23,11 +23,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise VisrecError(f"train.device {name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps") from None
+        raise VisrecError(f"device.name {name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VisrecError(f"train.device {name!r}: CUDA is not available on this machine", "use --set train.device=cpu")
+        raise VisrecError(f"device.name {name!r}: CUDA is not available on this machine", "use --set device.name=cpu")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise VisrecError(f"train.device {name!r}: MPS is not available on this machine", "use --set train.device=cpu")
+        raise VisrecError(f"device.name {name!r}: MPS is not available on this machine", "use --set device.name=cpu")
     return dev
 
 
@@ -41,7 +41,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     slower than fp32, so it is never chosen for them.
     """
     if name not in PRECISIONS:
-        raise VisrecError(f"train.precision {name!r} is not valid", f"use one of {', '.join(PRECISIONS)}")
+        raise VisrecError(f"device.precision {name!r} is not valid", f"use one of {', '.join(PRECISIONS)}")
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

@@ -7,14 +7,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .data import Dataset
+from .errors import VisrecError
 from .report import ReportWriter
-from .runs import Run, setup_config
+from .runs import Run, default_run_name, setup_config
 from .tasks import create_task
 from .training import loop
 from .training.callbacks import Callback
@@ -23,12 +25,12 @@ from .training.task import Task
 
 class Trainer(loop.Trainer):
     """`visrec.training.Trainer` with the config's task (`task.name`) unless one is given, and report.html
-    written at the end when `train.report` is on (after every other observer, so the doctor's findings are in)."""
+    written at the end when `log.report` is on (after every other observer, so the doctor's findings are in)."""
 
     def __init__(self, cfg: Config, task: Task | None = None, *, out: str | Path | None = None,
                  dataset: Dataset | None = None, callbacks: Sequence[Callback] = (), progress: bool | None = None,
                  quiet: bool = False, _resume_dir: Path | None = None):
-        observers = [*callbacks, *([ReportWriter()] if cfg.train.report else [])]
+        observers = [*callbacks, *([ReportWriter()] if cfg.log.report else [])]
         super().__init__(cfg, task or create_task(cfg.task.name, cfg), out=out, dataset=dataset, callbacks=observers,
                          progress=progress, quiet=quiet, _resume_dir=_resume_dir)
 
@@ -61,6 +63,34 @@ def train(
                                 train_batch_size=batch_size, optim_lr=lr, train_seed=seed)
     given = task if isinstance(task, Task) else None
     return Trainer(cfg, given, out=out, dataset=dataset, callbacks=callbacks, progress=progress).fit()
+
+
+def train_seeds(config: Config, seeds: Sequence[int], *, out: str | Path | None = None, dataset: Dataset | None = None,
+                callbacks: Callable[[int], Sequence[Callback]] | None = None, progress: bool | None = None,
+                on_start: Callable[[Trainer], None] | None = None) -> list[Run]:
+    """Train one run of `config` per seed, into `OUT-seedN` folders, as members of an ensemble
+    (`visrec ensemble OUT-seed1 OUT-seed2 ...`). Only `train.seed` differs between them: the data, its splits
+    (`data.split_seed`) and the recipe are the same, and the dataset is loaded once.
+
+    `callbacks(seed)` makes each run's observers (stateful ones must not be shared); `on_start(trainer)` is
+    called before each run trains."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise VisrecError(f"seeds {seeds} must be one or more distinct integers", "for example --seeds 1,2,3")
+    base = Path(out) if out is not None else Path("runs") / default_run_name(config.data.name, config.model.name)
+    runs = []
+    for seed in seeds:
+        cfg = copy.deepcopy(config)
+        cfg.train.seed = seed
+        trainer = Trainer(cfg, out=f"{base}-seed{seed}", dataset=dataset, progress=progress,
+                          callbacks=callbacks(seed) if callbacks else ())
+        dataset = trainer.ds
+        if on_start:
+            on_start(trainer)
+        runs.append(trainer.fit())
+        if runs[-1].summary.get("status") == "interrupted":
+            break  # a stopped member stops the rest: resume it, then train the others
+    return runs
 
 
 def resume(run_dir: str | Path, *, callbacks: Sequence[Callback] = (), progress: bool | None = None) -> Run:

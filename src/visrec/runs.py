@@ -70,16 +70,10 @@ def setup_config(
     """
     from .config import resolve_config
 
-    cfg = resolve_config(preset, overrides, base=config)
-    dataset = None
-    if isinstance(data, Dataset):
-        dataset, cfg.data.name = data, data.name
-    elif data is not None:
-        cfg.data.name = data
-    for key, value in keys.items():
-        if value is not None:
-            cfg.set(key.replace("_", ".", 1), value, source="argument")
-    return cfg, dataset
+    dataset = data if isinstance(data, Dataset) else None
+    options = {"data.name": data.name if dataset is not None else data,
+               **{key.replace("_", ".", 1): value for key, value in keys.items()}}
+    return resolve_config(preset, overrides, base=config, options=options), dataset
 
 
 def _slug(text: str) -> str:
@@ -220,7 +214,7 @@ class Run:
             t0 = time.perf_counter()
             res = evaluate(lm.model, data, lm.normalizer, split=split, batch_size=cfg.eval.batch_size,
                            channels_last=use_channels_last(cfg.model.channels_last, lm.model),
-                           amp_dtype=resolve_precision(cfg.train.precision, dev), tta=mode, crop_pad=pad)
+                           amp_dtype=resolve_precision(cfg.device.precision, dev), tta=mode, crop_pad=pad)
             rows.append(({"tta": mode, "views": len(tta_views(mode, data.images[:1].float())), "acc": res.acc,
                           "loss": res.loss, "seconds": round(time.perf_counter() - t0, 3)}, res))
         return rows

@@ -38,7 +38,7 @@ def finetune_config(source: str, data: str, strategy: str, *, model: str | None 
     path = ref.path
     if source.startswith("timm:"):
         cfg.model.name = source
-        cfg.model.kwargs = {**cfg.model.kwargs, "pretrained": True}
+        cfg.model.pretrained = True
     elif ref.is_run:
         src = ref.run.config
         cfg.model.name, cfg.model.kwargs = src.model.name, dict(src.model.kwargs)

@@ -377,7 +377,7 @@ def load_spec(storage: str, name: str) -> StudySpec:
     doc = study.user_attrs.get("visrec")
     if not doc:
         raise VisrecError(f"study {name!r} in {storage} was not created by visrec tune")
-    return StudySpec(**doc)
+    return StudySpec(**{**doc, "base": Config.from_dict(copy.deepcopy(doc["base"]), "study config").to_dict()})
 
 
 def _state_counts(study) -> dict[str, int]:
@@ -420,6 +420,8 @@ def create_study(data: str, *, space: dict[str, Any] | str | Path | None = None,
                      strategy, trials, cfg.train.epochs, pruner, seed, heartbeat, stages)
     main = open_stage(spec, name)
     old = main.user_attrs.get("visrec")
+    if old:  # a study stored before keys moved between sections compares by its current layout
+        old = {**old, "base": Config.from_dict(copy.deepcopy(old["base"]), "study config").to_dict()}
     if old and (old["space"] != spec.space or old["strategy"] != strategy or old["base"] != spec.base):
         raise VisrecError(f"study {name!r} already exists in {url} with another space, strategy or config",
                           "choose another --study name (or --out folder) for a new search")
@@ -501,7 +503,7 @@ class TrialWatch:
 def trial_config(spec: StudySpec, values: dict[str, Any], epochs: int) -> Config:
     cfg = Config.from_dict(copy.deepcopy(spec.base), "study config")
     cfg.train.epochs = epochs
-    cfg.train.log_every = min(cfg.train.log_every, 10)  # the blow-up rule looks at every window
+    cfg.log.every = min(cfg.log.every, 10)  # the blow-up rule looks at every window
     for key, value in values.items():
         cfg.set(key, value, source="trial")
     return cfg
@@ -675,7 +677,7 @@ def write_results(spec: StudySpec) -> dict[str, Any]:
     if best is not None:
         values = {p.key: best[p.key] for p in params if p.key in best}
         cfg = trial_config(spec, values, best["epochs"] or spec.epochs)
-        cfg.train.log_every = spec.base["train"]["log_every"]
+        cfg.log.every = Config.from_dict(copy.deepcopy(spec.base), "study config").log.every
         write_yaml(folder / "best.yaml", cfg.to_dict())
         result["best"] = {"number": best["number"], "stage": best["stage"], "val_acc": best["val_acc"],
                           "params": values, "run": best["run"]}

@@ -615,8 +615,8 @@ def check_trial(ex: Exam) -> None:
     spe = max(1, len(tds.train) // bs)
     cfg.train.epochs = max(o.trial_epochs, min(50, math.ceil(o.trial_min_steps / spe)))
     total = spe * cfg.train.epochs
-    cfg.train.log_every = max(1, total // 30)
-    cfg.train.checkpoint_every, cfg.train.select, cfg.train.ema = 0, "last", 0.0
+    cfg.log.every = max(1, total // 30)
+    cfg.train.checkpoint_every, cfg.train.select, cfg.average.ema = 0, "last", 0.0
     cfg.eval.tta, cfg.data.subset = "none", None
     monitor = TrainingMonitor(every=max(1, total // 15), gap=False, title="doctor trial run")
     trial_dir = ex.out / "trial"
@@ -749,8 +749,8 @@ def examine(
     unknown = [c for c in (opts.checks or ()) if c not in CHECKS]
     if unknown:
         raise VisrecError(f"unknown doctor check(s) {', '.join(unknown)}", f"valid: {', '.join(CHECKS)}")
-    set_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    set_threads(cfg.device.threads)
+    device = resolve_device(cfg.device.name)
     if ds is None:
         ds = dataset_from_config(cfg)
     if out is None:

@@ -68,6 +68,7 @@ def create_model(
     in_chans: int = 3,
     num_classes: int = 10,
     image_size: int | tuple[int, int] = 32,
+    pretrained: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model (or a user file's model) for the data's channels, classes and size.
@@ -78,7 +79,10 @@ def create_model(
     """
     size = _size2(image_size)
     if name.startswith("timm:"):
-        return _timm_model(name[5:], in_chans, num_classes, size, kwargs)
+        return _timm_model(name[5:], in_chans, num_classes, size, kwargs, pretrained)
+    if pretrained:
+        raise VisrecError(f"model.pretrained=true: {name!r} has no published pretrained weights",
+                          "start from a trained run with model.weights=RUN, or use timm:NAME with model.pretrained")
     if is_file_model(name):
         return _model_from_file(name, in_chans, num_classes, size, kwargs)
     entry = model_entry(name)
@@ -127,9 +131,12 @@ def _check_input_size(name: str, model: nn.Module, in_chans: int, size: tuple[in
                       f"use images of at least {hi}x{hi} (image folders: --set data.image_size={hi}){fix}")
 
 
-def _timm_model(name: str, in_chans: int, num_classes: int, size: tuple[int, int], kwargs: dict) -> nn.Module:
+def _timm_model(name: str, in_chans: int, num_classes: int, size: tuple[int, int], kwargs: dict,
+                pretrained: bool = False) -> nn.Module:
     """Any timm model, when timm is installed: it has the same surface (forward_features, forward_head,
-    reset_classifier; stage feature maps through `visrec.models.feature_maps`)."""
+    reset_classifier; stage feature maps through `visrec.models.feature_maps`). With `pretrained`, timm's
+    published weights (fetched once into its cache); the head is new when the classes differ, and the first
+    convolution is adapted to the channels."""
     try:
         import timm
     except ImportError:
@@ -139,7 +146,15 @@ def _timm_model(name: str, in_chans: int, num_classes: int, size: tuple[int, int
         close = timm.list_models(f"*{name}*")[:10]
         raise VisrecError(f"timm has no model {name!r}", f"similar names: {', '.join(close)}" if close else
                           "list them with python -c 'import timm; print(timm.list_models())'")
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        if not pretrained:
+            raise
+        raise VisrecError(f"timm:{name}: its pretrained weights could not be loaded ({type(e).__name__}: {e})",
+                          "they are downloaded once and cached: connect once, or copy them into the Hugging Face "
+                          "cache; or set model.pretrained=false") from None
     check_output(model, f"timm:{name}", in_chans, num_classes, size)
     return model
 

@@ -1,6 +1,6 @@
 """Observers of training: they receive events with read-only records and never steer the loop.
 
-Events: `on_train_start(state)`, `on_window(state, record)` every `train.log_every` steps,
+Events: `on_train_start(state)`, `on_window(state, record)` every `log.every` steps,
 `on_epoch_end(state, records)` after validation, `on_train_end(state, summary)`.
 """
 

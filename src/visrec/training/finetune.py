@@ -15,25 +15,17 @@ from torch import nn
 
 from ..config import FinetuneConfig
 from ..data import Normalizer
-from ..errors import VisrecError, unknown_name
+from ..errors import VisrecError
 from ..io import atomic_path
 
 STRATEGIES = ("none", "linear", "last", "full", "two_stage")
 
 
 def check_finetune(cfg: FinetuneConfig, has_weights: bool) -> None:
-    if cfg.strategy not in STRATEGIES:
-        raise unknown_name("value of finetune.strategy", cfg.strategy, STRATEGIES)
     if cfg.strategy != "none" and not has_weights:
         raise VisrecError(f"finetune.strategy={cfg.strategy} needs weights to start from",
-                          "give model.weights (a run folder or weight file), or use a timm model with pretrained "
-                          "weights, e.g. visrec finetune timm:resnet18 DATA")
-    for key, value, low in (("finetune.stages", cfg.stages, 1), ("finetune.head_epochs", cfg.head_epochs, 1)):
-        if value < low:
-            raise VisrecError(f"{key}={value} must be >= {low}")
-    for key, value in (("finetune.backbone_lr", cfg.backbone_lr), ("finetune.stage_decay", cfg.stage_decay)):
-        if not 0 <= value <= 10:
-            raise VisrecError(f"{key}={value} must be a factor between 0 and 10 (of the learning rate)")
+                          "give model.weights (a run folder or weight file), or set model.pretrained=true "
+                          "with a timm model, e.g. visrec finetune timm:resnet18 DATA")
 
 
 def _head(model: nn.Module) -> nn.Module:

@@ -103,9 +103,9 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, ds, task = self.cfg, self.ds, self.task
-        set_threads(cfg.train.threads)
-        device = resolve_device(cfg.train.device)
-        self.runtime = Runtime(device, resolve_precision(cfg.train.precision, device))
+        set_threads(cfg.device.threads)
+        device = resolve_device(cfg.device.name)
+        self.runtime = Runtime(device, resolve_precision(cfg.device.precision, device))
         seed_everything(cfg.train.seed)
         normalizer = Normalizer.fit(ds.train.images, cfg.data.normalize).to(device)
         # a resumed run's checkpoint holds its weights and preprocessing
@@ -125,8 +125,8 @@ class Trainer:
                                      cfg.train.batch_size, seed=cfg.train.seed)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        t = cfg.train
-        self.averages = WeightAverages(self.model, ema=t.ema, swa=t.swa, swa_every=t.swa_every,
+        a = cfg.average
+        self.averages = WeightAverages(self.model, ema=a.ema, swa=a.swa, swa_every=a.swa_every,
                                        total_steps=self.total_steps)
         self.schedule = LRSchedule(self.optimizer, self._lr_factor())
         self.pipeline = Pipeline(cfg.data.augment, device, seed=cfg.train.seed + 1)
@@ -141,7 +141,7 @@ class Trainer:
 
     def _lr_factor(self):
         """The schedule's factor per step: restarted when a two-stage fine-tune unfreezes the network, and held
-        at train.swa_lr during SWA when that is set."""
+        at average.swa_lr during SWA when that is set."""
         cfg, total, spe = self.cfg, self.total_steps, self.steps_per_epoch
         if self.finetune is not None and cfg.finetune.strategy == "two_stage":
             t1 = cfg.finetune.head_epochs * spe
@@ -152,8 +152,8 @@ class Trainer:
         else:
             base = schedule_factor(cfg.schedule, total, spe)
         start = self.averages.swa_start
-        if start is not None and cfg.train.swa_lr > 0:
-            hold = cfg.train.swa_lr
+        if start is not None and cfg.average.swa_lr > 0:
+            hold = cfg.average.swa_lr
             return lambda t: hold if t >= start else base(t)
         return base
 
@@ -240,7 +240,7 @@ class Trainer:
         callbacks: list[Callback] = [
             self.writer,
             TensorBoardLogger(self.run_dir / "tb", purge_step=self.pos.step if self.resuming else None,
-                              config=self.cfg.to_dict(), histograms=self.cfg.train.histograms,
+                              config=self.cfg.to_dict(), histograms=self.cfg.log.histograms,
                               activations=not self.cfg.model.compile),
             *([] if self.quiet else [ProgressPrinter(live=self.progress)]),
             *self.extra_callbacks,
@@ -334,7 +334,7 @@ class Trainer:
                callbacks: list[Callback], stop_after_steps: int | None) -> bool:
         """One epoch from the current position: the loop's core. False when stopped before its end."""
         cfg, pos, opt, device = self.cfg, self.pos, self.optimizer, self.runtime.device
-        log_every, clip, skip_bad = cfg.train.log_every, cfg.optim.grad_clip, cfg.train.nonfinite == "skip"
+        log_every, clip, skip_bad = cfg.log.every, cfg.optim.grad_clip, cfg.train.nonfinite == "skip"
         params = list(self.model.parameters())  # frozen ones have no gradient and are skipped
         ep_loss, ep_steps = torch.zeros((), device=device), 0
         ep_stats = torch.zeros(len(self.task.stats), device=device)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_checkpoint
-from ..config import Config
+from ..config import Config, validate
 from ..data import Dataset, Normalizer
-from ..errors import VisrecError, unknown_name
-from ..evaluate import resolve_crop_pad, resolve_tta
+from ..errors import VisrecError
+from ..evaluate import resolve_crop_pad
 from ..io import load_weights
 from ..models import create_model, is_file_model
 from ..models.layers import PatchWhitening
@@ -22,35 +22,19 @@ from .finetune import check_finetune
 
 
 def check_config(cfg: Config) -> None:
-    """Refuse values that no config type can: ranges and combinations of keys."""
+    """Every value against its type, choices and range (see `visrec.config`), then the combinations of keys."""
+    validate(cfg)
     t = cfg.train
-    for key, value, low in (("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
-                            ("train.log_every", t.log_every, 1), ("eval.batch_size", cfg.eval.batch_size, 1),
-                            ("train.checkpoint_every", t.checkpoint_every, 0)):
-        if value < low:
-            raise VisrecError(f"{key}={value} must be >= {low}")
-    if t.nonfinite not in ("stop", "skip"):
-        raise unknown_name("value of train.nonfinite", t.nonfinite, ["stop", "skip"])
-    if t.select not in ("last", "best"):
-        raise unknown_name("value of train.select", t.select, ["last", "best"])
-    resolve_tta(cfg.eval.tta, cfg.data.augment)
     resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment)
-    if not 0.0 <= t.ema < 1.0:
-        raise VisrecError(f"train.ema={t.ema} must be in [0, 1) (0 = off; typical 0.999)")
     if t.select == "best" and cfg.data.val_fraction == 0:
         raise VisrecError("train.select=best needs a validation split", "set data.val_fraction > 0 or select=last")
-    if not 0.0 <= t.swa < 1.0:
-        raise VisrecError(f"train.swa={t.swa} must be in [0, 1): the final fraction of training that is averaged",
-                          "for example --set train.swa=0.25 (0 = off)")
-    if t.swa_lr < 0 or t.swa_every < 0:
-        raise VisrecError(f"train.swa_lr={t.swa_lr} and train.swa_every={t.swa_every} must be >= 0")
-    if t.swa > 0 and t.select == "best":
-        raise VisrecError("train.swa averages the final part of training; it does not combine with train.select=best",
-                          "use train.select=last with SWA")
+    if cfg.average.swa > 0 and t.select == "best":
+        raise VisrecError("average.swa averages the final part of training; it does not combine with "
+                          "train.select=best", "use train.select=last with SWA")
     if cfg.distill.teachers and cfg.loss.name != "cross_entropy":
         raise VisrecError(f"distillation learns from probabilities: it needs loss.name=cross_entropy, not "
                           f"{cfg.loss.name!r}")
-    check_finetune(cfg.finetune, bool(cfg.model.weights) or cfg.model.kwargs.get("pretrained") is True)
+    check_finetune(cfg.finetune, bool(cfg.model.weights) or cfg.model.pretrained)
     if cfg.finetune.strategy == "two_stage" and cfg.finetune.head_epochs >= t.epochs:
         raise VisrecError(f"finetune.head_epochs={cfg.finetune.head_epochs} leaves no epoch of the {t.epochs} "
                           "to train everything", "train more epochs or fewer head epochs")
@@ -71,7 +55,7 @@ def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: i
         path, fn = cfg.model.name.rsplit(":", 1)
         cfg.model.name = f"{Path(path).expanduser().resolve()}:{fn}"
     model = create_model(cfg.model.name, in_chans=ds.channels, num_classes=num_outputs, image_size=ds.image_size,
-                         **cfg.model.kwargs)
+                         pretrained=cfg.model.pretrained, **cfg.model.kwargs)
     fit_data_dependent(model, ds.train.images, normalizer, cfg.train.seed if seed is None else seed)
     note = None
     if cfg.model.weights and load_weights_from_config:
