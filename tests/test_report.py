@@ -101,3 +101,17 @@ def test_tensorboard_has_histograms_figures_and_hparams(run):
     hp = ea.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hp)
     assert b"optim.lr" in hp["_hparams_/session_start_info"] and b"hparam/test_acc" in hp["_hparams_/experiment"]
+
+
+def test_histogram_stats_bin_the_finite_values_where_they_are():
+    import torch
+
+    from visrec.training.callbacks import histogram_stats
+
+    v = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, float("nan"), float("inf"), -float("inf")])
+    lo, hi, n, total, squares, *counts = histogram_stats(v, bins=4).tolist()
+    assert (lo, hi, n, total, squares) == (0.0, 4.0, 5.0, 10.0, 30.0)
+    assert counts == [1.0, 1.0, 1.0, 2.0]  # the maximum falls in the last bin
+    assert histogram_stats(torch.full((3,), float("nan")), bins=4)[2].item() == 0  # nothing finite: skipped
+    same = histogram_stats(torch.zeros(5), bins=4).tolist()
+    assert same[:3] == [0.0, 0.0, 5.0] and sum(same[5:]) == 5

@@ -16,8 +16,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+HISTOGRAM_BINS = 64
+
+
+def histogram_stats(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
+    """A histogram of the finite values, computed on their device without a host sync: one tensor of
+    (min, max, count, sum, sum of squares, `bins` counts over [min, max]) to read when convenient."""
+    v = values.detach().flatten().float()
+    finite = torch.isfinite(v)
+    weight = finite.float()
+    vz = torch.where(finite, v, torch.zeros((), device=v.device))
+    lo = torch.where(finite, v, torch.full((), math.inf, device=v.device)).amin()
+    hi = torch.where(finite, v, torch.full((), -math.inf, device=v.device)).amax()
+    width = (hi - lo).clamp_min(1e-12)
+    idx = torch.nan_to_num((vz - lo) / width * bins, nan=0.0, posinf=bins - 1, neginf=0.0).long().clamp(0, bins - 1)
+    counts = torch.zeros(bins, device=v.device).scatter_add_(0, idx, weight)
+    return torch.cat([torch.stack([lo, hi, weight.sum(), vz.sum(), (vz * vz).sum()]), counts])
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,7 @@ class TensorBoardLogger(Callback):
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         self.config, self.histograms, self.activations = config, histograms, activations
         self._hooks: dict[str, Any] = {}  # stage path -> forward hook waiting for its next forward pass
+        self._pending: list[tuple[str, int, Any]] = []  # (tag, step, histogram_stats) not yet written
         self._step = 0
 
     def on_train_start(self, state):
@@ -97,23 +116,32 @@ class TensorBoardLogger(Callback):
 
     def _activation(self, path: str, output: Any) -> None:
         self._hooks.pop(path).remove()
-        if not hasattr(output, "detach"):
+        if not hasattr(output, "detach") or not output.numel():
             return
         flat = output.detach().flatten()
         stride = max(1, flat.numel() // 65536)  # a strided sample: no random numbers are drawn
-        self._histogram(f"activations/{path}", flat[::stride], self._step)
+        # Binned where the values are, read at the epoch's end: no host sync in the training step.
+        self._pending.append((f"activations/{path}", self._step, histogram_stats(flat[::stride])))
 
-    def _histogram(self, tag: str, values: Any, step: int) -> None:
-        values = values.float().cpu()
-        values = values[values.isfinite()]  # a run that skips non-finite steps may hold inf/NaN
-        # values too far apart to bin (a diverged run) raise ValueError: the run matters more than this histogram
-        if values.numel():
+    def _flush_histograms(self) -> None:
+        if not self._pending:
+            return
+        rows = torch.stack([s for _, _, s in self._pending]).cpu().tolist()  # one transfer for all
+        for (tag, step, _), row in zip(self._pending, rows, strict=True):
+            lo, hi, n, total, squares, *counts = row
+            if n <= 0:  # nothing finite to show (a diverged run)
+                continue
+            width = (hi - lo) / len(counts)
+            limits = [lo + width * (i + 1) for i in range(len(counts))]
             with contextlib.suppress(ValueError):
-                self.writer.add_histogram(tag, values, step)
+                self.writer.add_histogram_raw(tag, lo, hi, n, total, squares, limits, counts, step)
+        self._pending = []
 
     def _weights(self, model: Any, step: int) -> None:
         for name, p in model.named_parameters():
-            self._histogram(f"weights/{name}", p.detach(), step)
+            if p.numel():
+                self._pending.append((f"weights/{name}", step, histogram_stats(p)))
+        self._flush_histograms()
 
     def _metrics(self, record: dict[str, Any], suffix: str) -> None:
         """Every metric of a record (loss, acc, top5, a task's own) as `metric/split` scalars."""
@@ -130,6 +158,7 @@ class TensorBoardLogger(Callback):
     def on_epoch_end(self, state, records):
         for r in records:
             self._metrics(r, "val" if r["split"] == "val" else "train_epoch")
+        self._flush_histograms()
         self._step = state.step
         if self.histograms and state.model is not None and state.epoch % self.histograms == 0:
             self._weights(state.model, state.step)
@@ -141,6 +170,7 @@ class TensorBoardLogger(Callback):
         for h in self._hooks.values():
             h.remove()
         self._hooks = {}
+        self._flush_histograms()
         p = state.primary
         if summary.get("test"):
             self.writer.add_scalar(f"{p}/test", summary["test"][p], state.step)
