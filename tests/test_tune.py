@@ -3,6 +3,7 @@ killed worker, on SQLite and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -37,7 +38,7 @@ from visrec.tune import (
 )
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
-FAST = ["model.kwargs.widths=[8,16,16]", "train.batch_size=32"]
+FAST = ["model.kwargs.widths=[8,16,16]", "train.batch_size=32", "train.min_epoch_steps=0"]
 SPACE = {"optim.lr": {"loguniform": [0.02, 0.5]}, "optim.weight_decay": {"loguniform": [1e-5, 1e-3]}}
 
 
@@ -234,3 +235,39 @@ def test_tpe_fills_its_queued_tickets_within_the_space(tmp_path):
     rows = trial_rows(spec)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 5 and {r["stage"] for r in rows} == {"tpe"}
     assert all(0.02 <= r["optim.lr"] <= 0.5 and 1e-5 <= r["optim.weight_decay"] <= 1e-3 for r in rows)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_claiming_at_the_same_moment_get_different_trials(tmp_path, monkeypatch, request, backend):
+    # Both claims read the queued trial before either writes: a barrier holds each claim between its read and its
+    # write until the other has read too (or 3 s have passed, when the storage makes the second claim wait).
+    import threading
+
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    url = f"sqlite:///{tmp_path / 'race.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    spec = create_study(SYN, space=SPACE, trials=4, epochs=1, out=tmp_path / "race", overrides=FAST, storage=url,
+                        study=f"race-{os.getpid()}-{time.monotonic_ns()}")
+    barrier = threading.Barrier(2)
+    real = models.TrialModel.find_or_raise_by_id.__func__
+
+    def find(cls, trial_id, session, for_update=False):
+        trial = real(cls, trial_id, session, for_update)
+        if for_update and trial.state == TrialState.WAITING:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=3)
+        return trial
+
+    monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id", classmethod(find))
+    claimed: list[int] = []
+
+    def claim():
+        claimed.append(open_stage(spec, spec.name).ask().number)
+
+    threads = [threading.Thread(target=claim) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(claimed) == 2 and len(set(claimed)) == 2, claimed

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import Config, resolve_config
+from .config import Config, bounds, resolve_config
 from .errors import VisrecError, unknown_name
 from .io import write_bytes, write_json, write_text, write_yaml
 
@@ -271,6 +271,13 @@ def edge_warnings(params: list[Param], best: dict[str, Any], margin: float = 0.1
             continue
         if pos <= margin or pos >= 1 - margin:
             side = "bottom" if pos <= margin else "top"
+            try:
+                lo, hi = bounds(p.key)
+            except (KeyError, ValueError, AttributeError):
+                lo = hi = None
+            if (side == "bottom" and lo is not None and p.low <= lo) or (side == "top" and hi is not None
+                                                                        and p.high >= hi):
+                continue  # the range already reaches the key's natural limit (smoothing cannot go below 0)
             out.append(f"{p.key} = {best[p.key]:.4g} is at the {side} of its range [{p.low:g}, {p.high:g}]: the best "
                        f"value may lie beyond it; widen the range {'down' if side == 'bottom' else 'up'} and search "
                        "again")
@@ -296,6 +303,7 @@ class StudySpec:
     seed: int
     heartbeat: int
     stages: list[str]  # Optuna study names, in order (coarse-to-fine has two)
+    previous_trials: int = 0  # trials the study already held when this search added its own
 
     def params(self) -> list[Param]:
         return parse_space(self.space)
@@ -330,14 +338,36 @@ def _open_storage(url: str, heartbeat: int):
         kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
     else:  # Optuna < 5
         kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    sqlite = url.startswith("sqlite")
+    # SQLite: no implicit transactions from the driver (isolation_level=None); every transaction is opened below
+    # with BEGIN IMMEDIATE instead.
+    engine = {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine, **kwargs)
+        storage = RDBStorage(url, engine_kwargs=engine, **kwargs)
     except Exception as e:  # noqa: BLE001 - any driver or connection error: report the URL and the fix
         raise VisrecError(f"cannot open the study storage {url}: {type(e).__name__}: {str(e).splitlines()[0]}",
                           "check the URL (sqlite:///PATH or postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DB), that "
                           "the server is up and reachable, and that its driver is installed (pip install "
                           "psycopg2-binary for PostgreSQL)") from None
+    if sqlite:
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine) -> None:
+    """Make each SQLite transaction take the write lock when it begins.
+
+    Optuna claims a queued trial by reading that it is WAITING and then writing RUNNING, inside one transaction
+    that asks for a row lock (SELECT ... FOR UPDATE). SQLite has no row locks, and Python's sqlite3 starts a
+    transaction only at the first write, so two workers could both read WAITING and both claim the same trial:
+    one then failed on the other's run folder and the other's finished result was refused. With BEGIN
+    IMMEDIATE the second claim waits for the first to commit, then reads RUNNING and takes the next trial.
+    (PostgreSQL honours FOR UPDATE and needs nothing.)"""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sampler(spec: StudySpec, worker: int):
@@ -419,6 +449,7 @@ def create_study(data: str, *, space: dict[str, Any] | str | Path | None = None,
     spec = StudySpec(name, url, str(folder.resolve()), data, cfg.to_dict(), {p.key: p.to_spec() for p in params},
                      strategy, trials, cfg.train.epochs, pruner, seed, heartbeat, stages)
     main = open_stage(spec, name)
+    spec.previous_trials = sum(len(open_stage(spec, s).trials) for s in stages)
     old = main.user_attrs.get("visrec")
     if old:  # a study stored before keys moved between sections compares by its current layout
         old = {**old, "base": Config.from_dict(copy.deepcopy(old["base"]), "study config").to_dict()}
@@ -427,14 +458,17 @@ def create_study(data: str, *, space: dict[str, Any] | str | Path | None = None,
                           "choose another --study name (or --out folder) for a new search")
     main.set_user_attr("visrec", spec.to_json())
     write_json(folder / "study.json", spec.to_json())
+    # A study searched again gets new points, not the first search's draws once more.
+    draw_seed = seed + 7919 * spec.previous_trials
     if strategy == "coarse-to-fine":
         n1 = max(1, math.ceil(trials / 2))
-        _enqueue(open_stage(spec, stages[0]), random_params(params, n1, seed), "coarse", max(1, spec.epochs // 3))
+        _enqueue(open_stage(spec, stages[0]), random_params(params, n1, draw_seed), "coarse",
+                 max(1, spec.epochs // 3))
     elif strategy == "tpe":
         _enqueue(main, [{} for _ in range(trials)], "tpe", spec.epochs)
     else:
         draw = random_params if strategy == "random" else grid_params
-        _enqueue(main, draw(params, trials, seed), strategy, spec.epochs)
+        _enqueue(main, draw(params, trials, draw_seed), strategy, spec.epochs)
     return spec
 
 
@@ -513,8 +547,9 @@ class Worker:
     """Takes queued trials of a study until none is left, training each as a run folder."""
 
     def __init__(self, spec: StudySpec, index: int = 0, out: str | Path | None = None,
-                 objective: Callable[[Any, dict[str, Any], int], float] | None = None):
+                 objective: Callable[[Any, dict[str, Any], int], float] | None = None, announce: bool = False):
         self.spec, self.index = spec, index
+        self.announce = announce
         self.folder = Path(out or spec.folder)
         self.objective = objective or self._train
         self._datasets: dict[str, Any] = {}
@@ -549,6 +584,17 @@ class Worker:
         trial.set_user_attr("train_seconds", run.summary["train_seconds"])
         return float(run.summary[f"val_{run.summary['primary_metric']}"])
 
+    def _announce(self, study, trial) -> None:
+        """One line per finished trial, as it finishes (stderr)."""
+        if trial.user_attrs.get("unqueued"):
+            return
+        how = trial.user_attrs.get("stopped") or (f"val {trial.value:.4g}" if trial.value is not None else "")
+        secs = trial.user_attrs.get("train_seconds")
+        params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                           for k, v in trial.params.items())
+        print(f"trial {trial.number} ({trial.user_attrs.get('stage', '-')}) {trial.state.name.lower()}: {how}"
+              + (f" in {secs:.0f} s" if secs else "") + f"  {params}", file=sys.stderr, flush=True)
+
     def _run_one(self, trial) -> float:
         if "stage" not in trial.user_attrs:  # not from the queue: it emptied between our look and Optuna's ask
             trial.set_user_attr("unqueued", True)
@@ -573,7 +619,8 @@ class Worker:
                 optuna.storages.fail_stale_trials(study)  # a dead worker's trial goes back into the queue
                 c = _state_counts(study)
                 if c.get("WAITING", 0):
-                    study.optimize(self._run_one, n_trials=1, catch=(VisrecError, _Unqueued))
+                    study.optimize(self._run_one, n_trials=1, catch=(VisrecError, _Unqueued),
+                                   callbacks=[self._announce] if self.announce else None)
                     ran, ran_one = ran + 1, True
                     break
                 running = running or bool(c.get("RUNNING", 0))
@@ -594,22 +641,24 @@ def worker_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--study", required=True)
     ap.add_argument("--index", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--announce", action="store_true", help="print a line per finished trial")
     a = ap.parse_args(argv)
     spec = load_spec(a.storage, a.study)
-    Worker(spec, a.index, a.out).run()
+    Worker(spec, a.index, a.out, announce=a.announce).run()
 
 
-def run_workers(spec: StudySpec, workers: int, poll: float = 1.0) -> None:
+def run_workers(spec: StudySpec, workers: int, poll: float = 1.0, announce: bool = False) -> None:
     """W worker processes on this machine; this process coordinates the stages and waits for them."""
     if workers < 1:
         raise VisrecError(f"--workers {workers} must be at least 1")
     if workers == 1:
-        Worker(spec).run(poll, coordinate=True)
+        Worker(spec, announce=announce).run(poll, coordinate=True)
         return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                                                                       // workers)))}
     procs = [subprocess.Popen([sys.executable, "-m", "visrec.tune", "--storage", spec.storage, "--study", spec.name,
-                               "--index", str(i)], env=env) for i in range(workers)]
+                               "--index", str(i), *(["--announce"] if announce else [])], env=env)
+             for i in range(workers)]
     try:
         while any(p.poll() is None for p in procs):
             _advance(spec)
