@@ -98,6 +98,15 @@ class MyLinear(nn.Module):
         return _WrongLinear.apply(x, self.w, self.b)
 
 
+class ToGray8(nn.Module):  # casts its input, as real code often does; autograd differentiates it
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x.float().mean(1, keepdim=True), 8)
+
+
+def casts(in_chans, num_classes, image_size):
+    return nn.Sequential(ToGray8(), _mlp(1, num_classes, (8, 8)))
+
+
 def bad_backward(in_chans, num_classes, image_size):
     d = in_chans * image_size[0] * image_size[1]
     return nn.Sequential(nn.Flatten(), MyLinear(d, 64), nn.ReLU(), nn.Linear(64, num_classes))
@@ -192,8 +201,8 @@ def test_softmax_before_cross_entropy(patients):
 def test_custom_layer_with_a_wrong_backward(patients):
     diag = _examine(patients("bad_backward"))
     _assert_top(diag, "gradient-check-failed")
-    assert "MyLinear" in diag.get("gradient-check-failed").evidence["module"] or \
-        "1" in diag.get("gradient-check-failed").evidence["module"]
+    ev = diag.get("gradient-check-failed").evidence
+    assert ev["module"] == "1" and ev["backward"] == "_WrongLinear" and ev["precision"] == "float64"
 
 
 def test_randomly_permuted_labels(patients):
@@ -203,6 +212,17 @@ def test_randomly_permuted_labels(patients):
     ds.val.labels = ds.val.labels[torch.randperm(len(ds.val), generator=g)]
     diag = examine(ds, model=patients("healthy"), overrides=BASE, options=FAST, out="doc")
     _assert_top(diag, "labels-not-learnable")
+
+
+def test_a_layer_that_casts_is_no_gradient_finding_and_hides_nothing(patients):
+    # autograd differentiates it: nothing to check, so shuffled labels are still found as the cause
+    ds = _dataset()
+    g = torch.Generator().manual_seed(0)
+    ds.train.labels = ds.train.labels[torch.randperm(len(ds.train), generator=g)]
+    ds.val.labels = ds.val.labels[torch.randperm(len(ds.val), generator=g)]
+    diag = examine(ds, model=patients("casts"), overrides=BASE, options=FAST, out="doc")
+    _assert_top(diag, "labels-not-learnable")
+    assert diag.get("gradient-check-failed").severity == "ok"
 
 
 def test_test_images_copied_into_train(patients):
@@ -252,8 +272,8 @@ def test_overlap_is_exact_and_finds_every_copy():
     assert overlap(train, test) == [3, 17, 40]
 
 
-def test_gradient_check_passes_stock_and_correct_custom_layers():
-    class Scale(torch.nn.Module):  # a correct user layer, differentiated by autograd
+def test_gradient_check_covers_hand_written_backwards_only():
+    class Scale(torch.nn.Module):  # a user layer that autograd differentiates: nothing to check
         def __init__(self):
             super().__init__()
             self.s = torch.nn.Parameter(torch.tensor([1.5, -0.5]))
@@ -261,9 +281,31 @@ def test_gradient_check_passes_stock_and_correct_custom_layers():
         def forward(self, x):
             return torch.tanh(x * self.s)
 
-    model = torch.nn.Sequential(torch.nn.Linear(3, 2), Scale(), torch.nn.Linear(2, 2))
-    results = gradient_check(model, torch.randn(4, 3))
-    assert len(results) == 1 and results[0].max_rel_error < 1e-7
+    class Square(torch.autograd.Function):  # a correct hand-written backward
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    class SquareLayer(torch.nn.Module):
+        def forward(self, x):
+            return Square.apply(x)
+
+    class CastSquare(torch.nn.Module):  # the same backward on a layer that computes in float32 whatever it gets
+        def forward(self, x):
+            return Square.apply(x.float())
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), Scale(), SquareLayer(), CastSquare(), torch.nn.Linear(2, 2))
+    results = {r.module: r for r in gradient_check(model, torch.randn(4, 3))}
+    assert set(results) == {"2", "3"}  # Scale (module "1") is autograd's
+    assert results["2"].precision == "float64" and results["2"].max_rel_error < 1e-7
+    assert results["2"].backward == "Square"
+    assert results["3"].precision == "float32" and results["3"].max_rel_error < results["3"].tolerance[0]
 
 
 def test_monitor_during_training_writes_findings(tmp_path):
@@ -309,3 +351,23 @@ def test_readme_documents_every_finding_id():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [fid for fid in FINDINGS if f"| `{fid}` |" not in readme]
     assert not missing, f"README's findings table lacks {missing}"
+
+
+def test_rate_advice_improves_a_bad_rate_and_leaves_a_working_schedule_alone(patients):
+    import re
+
+    # the default recipe's shape: one-cycle Nesterov at a high peak, label smoothing. It trains; no rate fix.
+    recipe = {"optim.name": "nesterov", "optim.lr": 0.2, "schedule.name": "one_cycle", "loss.label_smoothing": 0.1}
+    ok = _examine(patients("healthy"), out="doc-ok", **recipe).get("lr-too-high")
+    assert ok is None or (ok.severity in ("ok", "info") and not ok.fix), ok
+    # a truly bad constant rate: the doctor says lower it, and its number trains better
+    bad = _examine(patients("healthy"), out="doc-bad", **{"optim.lr": 5.0}).get("lr-too-high")
+    assert bad.severity in ("warn", "error") and "--lr" in bad.fix, bad
+    fixed_lr = float(re.search(r"--lr ([0-9.e+-]+)", bad.fix).group(1))
+    model = patients("healthy")
+
+    def acc(lr):
+        return visrec.train(DATA, model=model, epochs=4, out=f"runs/lr{lr}", progress=False,
+                            overrides={**BASE, "optim.lr": lr, "log.report": False}).summary["test_acc"]
+
+    assert acc(fixed_lr) > acc(5.0) + 0.1

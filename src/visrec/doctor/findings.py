@@ -75,13 +75,20 @@ class Finding:
         return asdict(self)
 
 
+SHOWN = 16  # items of a list or mapping written out in doctor.md; findings.json holds them all
+
+
+def _more(n: int) -> str:
+    return f", ... {n - SHOWN} more in findings.json" if n > SHOWN else ""
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v[:8]) + (", ..." if len(v) > 8 else "") + "]"
+        return "[" + ", ".join(_fmt(x) for x in v[:SHOWN]) + _more(len(v)) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in list(v.items())[:8]) + "}"
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in list(v.items())[:SHOWN]) + _more(len(v)) + "}"
     return str(v)
 
 
