@@ -3,15 +3,28 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+# A machine without a GPU can take PyTorch's CPU-only build (far smaller than the CUDA build PyPI serves on
+# Linux): make demo TORCH_INDEX_URL=<PyTorch's CPU wheel index, from its install selector>
+TORCH_INDEX_URL ?=
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup setup-dev data demo test lint bench clean
 
+# the runtime only: what `make demo` needs
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --index-url $(TORCH_INDEX_URL) torch torchvision)
+	$(BIN)/python -m pip install -e .
 	touch $(STAMP)
+
+# plus the test and lint tools and the optional exporters: what `make test` needs
+setup-dev: $(DEVSTAMP)
+
+$(DEVSTAMP): $(STAMP)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(DEVSTAMP)
 
 data: setup
 	@VISREC=$(BIN)/visrec sh scripts/get-data.sh
@@ -20,11 +33,11 @@ demo: data
 	$(BIN)/visrec train fashion-mnist
 	@echo "(from this checkout, TensorBoard is $(BIN)/tensorboard --logdir runs)"
 
-test: data
+test: setup-dev data
 	@sh scripts/get-test-services.sh
 	$(BIN)/python -m pytest -q
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check src tests bench
 
 bench: data

@@ -22,7 +22,8 @@ from visrec.training.averaging import SWA
 from visrec.training.schedules import schedule_factor, snapshot_steps
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
-FAST = {"data.name": SYN, "train.batch_size": 32, "log.every": 4, "model.kwargs.widths": [8, 16, 16]}
+FAST = {"data.name": SYN, "train.batch_size": 32, "train.min_epoch_steps": 0, "log.every": 4,
+        "model.kwargs.widths": [8, 16, 16]}
 
 
 def fit(out, epochs=4, stop_after_steps=None, **overrides):

@@ -10,7 +10,8 @@ from visrec.cli import app
 
 runner = CliRunner()
 SYN = "synthetic:classes=3,size=10,train=150,test=60"
-FAST = ["--set", "train.batch_size=32", "--set", "model.kwargs.widths=[8,8,8]", "--no-progress"]
+FAST = ["--set", "train.batch_size=32", "--set", "train.min_epoch_steps=0",
+        "--set", "model.kwargs.widths=[8,8,8]", "--no-progress"]
 
 
 def invoke(*args):
@@ -48,10 +49,11 @@ def test_train_eval_predict_round_trip(tmp_path):
 
 
 def test_train_json_summary(tmp_path):
-    code, out = invoke("train", SYN, "--epochs", "1", "--out", "runs/j", "--json", *FAST)
+    code, out = invoke("train", SYN, "--epochs", "4", "--out", "runs/j", "--json", *FAST)
     assert code == 0
     s = json.loads(out)
-    assert s["status"] == "completed" and 0 <= s["test_acc"] <= 1
+    # 4 epochs of 4 steps: measured 58-70% over seeds 0-2 (chance 33%)
+    assert s["status"] == "completed" and s["steps"] == 16 and s["test_acc"] >= 0.5
 
 
 def test_resume_refuses_other_options(tmp_path):
@@ -97,3 +99,71 @@ def test_models_and_datasets_and_config():
     assert {"schedule.warmup_epochs", "task.name", "data.scene_size"} <= set(out.split())
     code, out = invoke("presets")
     assert code == 0 and "resnet20" in out
+
+
+def test_help_and_completion_load_no_heavy_module():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom visrec.cli import app\n"
+            "for args in (['--help'], ['train', '--help'], ['doctor', '--help'], ['--version']):\n"
+            "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'matplotlib', 'visrec.doctor', 'visrec.models') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    env = {"_VISREC_COMPLETE": "complete_bash", "COMP_WORDS": "visrec tr", "COMP_CWORD": "1", "PATH": ""}
+    done = subprocess.run([sys.executable, "-c", "from visrec.cli import app; app(prog_name='visrec')"],
+                          capture_output=True,
+                          text=True, env=env)
+    assert "train" in done.stdout.split()
+
+
+def test_version_and_a_dataset_is_required():
+    from visrec import __version__
+
+    code, out = invoke("--version")
+    assert code == 0 and out.strip() == f"visrec {__version__}"
+    code, out = invoke("train")
+    assert code == 2 and "visrec train needs a DATASET" in out
+
+
+def test_errors_point_at_the_fix(tmp_path):
+    for args, expected in [
+        (("config", "--set", "lr=0.1"), "did you mean optim.lr?"),
+        (("config", "--set", "optim.lrr=0.1"), "Valid keys of section 'optim': alpha"),
+        (("train", SYN, "--model", str(tmp_path / "missing.py")), "there is no file"),
+        (("train", SYN, "--model", "resnet"), "resnet is a family"),
+        (("train", str(tmp_path)), f"give it as folder:{tmp_path}"),
+        (("train", SYN, "--set", "data.augment=flip", *FAST), "did you mean 'hflip'?"),
+    ]:
+        code, out = invoke(*args)
+        assert code == 2 and expected in out, (args, out)
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    import os
+
+    from visrec.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "summary.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_model_listing_is_kept_in_the_user_cache(monkeypatch):
+    import importlib
+
+    S = importlib.import_module("visrec.models.summary")  # the module, not the function of that name
+
+    rows = S.model_table(["convnet", "lenet5"], (1, 28, 28), 10)
+    assert [r["name"] for r in rows] == ["convnet", "lenet5"] and all(r["params"] > 0 for r in rows)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("summarized again")
+
+    monkeypatch.setattr(S, "model_summary", recomputed)
+    assert S.model_table(["convnet", "lenet5"], (1, 28, 28), 10) == rows

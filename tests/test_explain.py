@@ -22,7 +22,8 @@ SYN = "synthetic:classes=4,size=16,train=512,test=128"
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("explain") / "run"
     return visrec.train(SYN, epochs=6, out=str(out), progress=False,
-                        overrides={"train.batch_size": 32, "model.kwargs.widths": [8, 16, 16]})
+                        overrides={"train.batch_size": 32, "train.min_epoch_steps": 0,
+                                   "model.kwargs.widths": [8, 16, 16]})
 
 
 @pytest.mark.parametrize("name", ["convnet", "resnet18", "vgg11_bn", "mobilenet_v1", "densenet_bc100"])

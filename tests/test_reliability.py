@@ -23,7 +23,8 @@ from visrec.errors import VisrecError
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
 LONGER = "synthetic:classes=4,size=12,train=1536,test=128"  # 192 steps: time to kill it mid-run
-FAST = {"train.batch_size": 32, "log.every": 4, "model.kwargs.widths": [8, 16, 16], "device.threads": 1}
+FAST = {"train.batch_size": 32, "train.min_epoch_steps": 0, "log.every": 4,
+        "model.kwargs.widths": [8, 16, 16], "device.threads": 1}
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 

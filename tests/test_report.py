@@ -76,6 +76,8 @@ def test_visrec_report_regenerates_and_reports_bad_input(run, tmp_path):
     assert r.exit_code == 0, r.output
     page = out.read_text()
     assert "<h2>Training curves</h2>" in page and "What the model looks at" not in page
+    assert f"{run.summary['test_acc']:.2%}" in page and run.path.name in page  # this run's own numbers
+    assert "<th>measure</th><th>value</th>" in page  # the timing table has its header
     before = (run.path / "report.html").stat().st_mtime_ns
     assert CliRunner().invoke(app, ["report", str(run.path)]).exit_code == 0
     assert (run.path / "report.html").stat().st_mtime_ns > before

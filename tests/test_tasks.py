@@ -16,7 +16,8 @@ from visrec.training import Callback
 from visrec.transfer import finetune
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
-FAST = {"train.batch_size": 32, "log.every": 4, "log.report": False, "model.kwargs.widths": [8, 16, 16],
+FAST = {"train.batch_size": 32, "train.min_epoch_steps": 0, "log.every": 4, "log.report": False,
+        "model.kwargs.widths": [8, 16, 16],
         "data.augment": []}
 
 BRIGHTNESS = textwrap.dedent('''

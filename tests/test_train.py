@@ -18,7 +18,7 @@ from visrec.runs import Run
 from visrec.training import NonFiniteLoss
 
 SYN = "synthetic:classes=4,size=12,train=384,test=128"
-FAST = {"train.batch_size": 32, "log.every": 4, "model.kwargs.widths": [8, 16, 16]}
+FAST = {"train.batch_size": 32, "train.min_epoch_steps": 0, "log.every": 4, "model.kwargs.widths": [8, 16, 16]}
 
 
 def quick(out="runs/t", epochs=5, **overrides):
@@ -80,13 +80,25 @@ def test_run_evaluate_and_predict_match_training():
     assert tensor_preds[0].label == preds[0].label
     big = run.path.parent / "big.png"
     Image.fromarray(np.zeros((20, 30), np.uint8), "L").save(big)
-    with pytest.raises(VisrecError, match="big.png is 30x20.*takes 12x12"):
+    with pytest.raises(VisrecError, match="big.png: it is 30x20.*takes 12x12"):
         run.predict([str(big)])
     assert len(run.predict([str(big)], resize=True)) == 1
     color = run.path.parent / "color.png"
     Image.fromarray(np.zeros((12, 12, 3), np.uint8), "RGB").save(color)
-    with pytest.raises(VisrecError, match="color.png is a color image"):
+    with pytest.raises(VisrecError, match="color.png: it is a color image"):
         run.predict([str(color)])
+    # a large color photo on a small grayscale run: one error names both fixes
+    photo = run.path.parent / "photo.jpg"
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8), "RGB").save(photo)
+    with pytest.raises(VisrecError) as e:
+        run.predict([str(photo)])
+    assert "pass --convert --resize" in str(e.value)
+    # one bad file among good ones: the good ones are predicted, the bad one reported
+    broken = run.path.parent / "broken.png"
+    broken.write_bytes(b"not an image")
+    mixed = run.predict([files[0], str(broken), files[1]], errors="collect")
+    assert [p.error is None for p in mixed] == [True, False, True] and "cannot read image" in mixed[1].error
+    assert [p.label for p in (mixed[0], mixed[2])] == [preds[0].label, preds[1].label]
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
@@ -144,7 +156,8 @@ def test_ema_and_best_selection_and_hinge_loss():
 @pytest.mark.parametrize("preset", ["linear", "svm", "mlp", "lenet5", "resnet20", "fmnist-fast", "fmnist-best"])
 def test_presets_train_a_few_steps(preset):
     run = visrec.train(SYN, preset=preset, epochs=1, out=f"runs/{preset}",
-                       overrides={"train.batch_size": 64, "data.subset": 128}, progress=False)
+                       overrides={"train.batch_size": 64, "data.subset": 128, "train.min_epoch_steps": 0},
+                       progress=False)
     assert run.summary["status"] == "completed" and run.summary["steps"] == 2
 
 
@@ -222,3 +235,41 @@ def test_whitening_stem_is_fitted_on_the_training_images_and_saved():
     assert not torch.equal(w[:4].reshape(4, 9), torch.eye(9)[:4])  # fitted, not the unfitted pixel-picking filters
     assert run.summary["test_acc"] > 0.9  # measured 99.2% (the conv stem: 98.4%)
     assert run.evaluate().acc == pytest.approx(run.summary["test_acc"])  # the reloaded network is the trained one
+
+
+def test_small_datasets_get_smaller_batches_and_tiny_schedules_warn():
+    from visrec.training.setup import epoch_batch_size, schedule_warnings
+
+    assert epoch_batch_size(256, 1295, 20) == 64  # digits: 5 steps an epoch -> 20
+    assert epoch_batch_size(256, 54000, 20) == 256  # Fashion-MNIST keeps the recipe's batch
+    assert epoch_batch_size(256, 100, 20) == 16  # never below 16
+    assert epoch_batch_size(256, 1295, 0) == 256  # 0 = keep the batch
+    assert schedule_warnings(200, 10, 20, 64, 1295) == []
+    (w,) = schedule_warnings(10, 2, 5, 256, 1295)
+    assert "10 optimizer step(s)" in w and "--batch-size 32" in w
+
+
+def test_a_run_that_learns_nothing_says_so():
+    # Labels that no image predicts: the loss stays where it began and the test accuracy at chance.
+    run = quick(out="runs/nothing", **{"optim.lr": 1e-6, "train.min_epoch_steps": 0})
+    ws = run.summary["warnings"]
+    assert any("stayed near its first value" in w and "visrec doctor" in w for w in ws)
+    assert any("at chance" in w for w in ws)
+    if run.config.log.report:
+        assert "learned almost nothing" in (run.path / "report.html").read_text()
+
+
+def test_predict_applies_the_runs_own_input_pipeline(tmp_path):
+    # A folder run resized every image to data.image_size: predict does the same, and converts channels as training did.
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (14, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    run = visrec.train(f"folder:{tmp_path / 'imgs'}", epochs=1, out="runs/folder", progress=False,
+                       overrides={**FAST, "data.image_size": 8, "data.channels": 1, "data.val_fraction": 0,
+                                  "log.report": False})
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 255, (116, 138, 3), dtype=np.uint8)).save(photo)
+    (p,) = run.predict([str(photo)])
+    assert p.error is None and p.label in ("a", "b")

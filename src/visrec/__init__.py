@@ -5,23 +5,59 @@
     model = visrec.create_model("convnet", in_chans=1, num_classes=10, image_size=28)
     run = visrec.train("fashion-mnist", epochs=8)
     run.evaluate("test"), run.predict(["shoe.png"])
+
+The names below are imported when first used, so `import visrec` (and the command line's `--help`) does not
+pay for PyTorch and the model zoo until something needs them.
 """
 
-from . import doctor  # noqa: E402
-from .config import Config, resolve_config  # noqa: E402
-from .data import Dataset, ImageSet, load_dataset  # noqa: E402
-from .errors import VisrecError  # noqa: E402
-from .fit import Trainer, resume, train, train_seeds  # noqa: E402
-from .models import create_model, list_models, register_model  # noqa: E402
-from .report import write_report  # noqa: E402
-from .runs import Run, list_runs  # noqa: E402
-from .tasks import Task, create_task, register_task  # noqa: E402
-from .training import Callback  # noqa: E402
-from .version import __version__  # noqa: E402, F401
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+_EXPORTS = {
+    "Callback": ".training", "Config": ".config", "Dataset": ".data", "ImageSet": ".data", "Run": ".runs",
+    "Task": ".tasks", "Trainer": ".fit", "VisrecError": ".errors", "create_model": ".models",
+    "create_task": ".tasks", "list_models": ".models", "list_runs": ".runs", "load_dataset": ".data",
+    "register_model": ".models", "register_task": ".tasks", "resolve_config": ".config", "resume": ".fit",
+    "train": ".fit", "train_seeds": ".fit", "write_report": ".report",
+}
+_SUBPACKAGES = {"doctor", "data", "models", "training", "tasks", "explain", "classic", "config", "runs", "fit",
+                "report", "transfer", "ensemble", "tune", "export", "evaluate", "device", "io", "checkpoint", "errors",
+                "plotting", "cli"}
 
 __all__ = [
     "Callback", "Config", "Dataset", "ImageSet", "Run", "Task", "Trainer", "VisrecError", "__version__", "create_model",
     "create_task", "doctor", "list_models", "list_runs", "load_dataset", "register_model", "register_task",
-    "resolve_config", "resume", "train", "train_seeds",
-    "write_report",
+    "resolve_config", "resume", "train", "train_seeds", "write_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'visrec' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBPACKAGES})
+
+
+if TYPE_CHECKING:
+    from . import doctor
+    from .config import Config, resolve_config
+    from .data import Dataset, ImageSet, load_dataset
+    from .errors import VisrecError
+    from .fit import Trainer, resume, train, train_seeds
+    from .models import create_model, list_models, register_model
+    from .report import write_report
+    from .runs import Run, list_runs
+    from .tasks import Task, create_task, register_task
+    from .training import Callback

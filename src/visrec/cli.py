@@ -18,10 +18,10 @@ app = typer.Typer(
     name="visrec",
     help="Train, diagnose and inspect visual-recognition models (the CS231n curriculum, on PyTorch).",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help that wraps long names (paths, run folders) instead of cutting them
 )
-data_app = typer.Typer(help="Get datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Get datasets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 out = Console(highlight=False, soft_wrap=True)
@@ -57,6 +57,22 @@ def _config(preset: str | None, sets: list[str] | None, base=None, **options):
 
     return resolve_config(preset, sets or [], base=base,
                           options={k.replace("_", ".", 1): v for k, v in options.items()})
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .version import __version__
+
+        print(f"visrec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print visrec's version and exit.")] = False,
+) -> None:
+    """Train, diagnose and inspect visual-recognition models (the CS231n curriculum, on PyTorch)."""
 
 
 def _pct(x: float | None) -> str:
@@ -112,6 +128,10 @@ def train(
     from .fit import Trainer, train_seeds
     from .training import NonFiniteLoss
 
+    if dataset is None and resume is None and not preset and not any(o.startswith("data.name=") for o in set_ or []):
+        raise VisrecError("visrec train needs a DATASET", "for example: visrec train fashion-mnist (the catalog: "
+                          "visrec datasets; your images: visrec train folder:PATH); visrec train --help lists options")
+
     def observers(_seed: int | None = None) -> list:
         if not monitor:
             return []
@@ -129,6 +149,10 @@ def train(
                   f"run folder {trainer.run_dir}")
         if trainer.initial_weights_note:
             err.print(trainer.initial_weights_note)
+        for note in trainer.notes:
+            err.print(f"note: {note}")
+        for w in trainer.warnings:
+            err.print(f"[yellow]warning:[/yellow] {w}")
 
     try:
         if resume is not None:
@@ -191,11 +215,13 @@ def _print_run(run, as_json: bool) -> None:
         return
     p = s.get("primary_metric", "acc")
     if p == "acc":
-        head = f"test accuracy {_pct(s.get('test_acc'))} (top-5 {_pct(s.get('test_top5'))}), best val " \
-               f"{_pct(s.get('best_val_acc'))}"
+        top5 = f" (top-5 {_pct(s.get('test_top5'))})" if (s.get("num_classes") or 0) > 5 else ""
+        head = f"test accuracy {_pct(s.get('test_acc'))}{top5}, best val {_pct(s.get('best_val_acc'))}"
     else:
         head = f"test {p} {format_metric(p, s.get(f'test_{p}'))}, best val {format_metric(p, s.get(f'best_val_{p}'))}"
     out.print(f"{head}, training time {s['train_seconds']:.1f} s ({s['images_per_s']:.0f} images/s)")
+    for w in s.get("warnings", []):
+        err.print(f"[yellow]warning:[/yellow] {w}")
     out.print(f"run folder: {run.path}")
     if (run.path / "report.html").is_file():
         out.print(f"report: {run.path / 'report.html'}")
@@ -333,7 +359,7 @@ def tune(
     if show is not None or join:
         spec = _find_study(show, storage, study)
         if join:
-            n = T.Worker(spec, index=os.getpid(), out=out_dir).run()
+            n = T.Worker(spec, index=os.getpid(), out=out_dir, announce=True).run()
             err.print(f"this worker ran {n} trial(s) of study {spec.name}")
         _print_leaderboard(spec)
         return
@@ -342,9 +368,12 @@ def tune(
     spec = T.create_study(dataset, space=space, trials=trials, strategy=strategy, epochs=epochs, model=model,
                           preset=preset, overrides=set_ or [], storage=storage, study=study, out=out_dir,
                           pruner=pruner, seed=seed, heartbeat=heartbeat)
+    if spec.previous_trials:
+        err.print(f"study {spec.name} already holds {spec.previous_trials} trial(s): adding {trials} with new "
+                  "draws; the leaderboard covers them all (choose another --study for a fresh search)")
     err.print(f"study {spec.name}: {trials} trial(s), {strategy}, {workers} worker(s); folder {spec.folder}; "
               f"storage {spec.storage}")
-    T.run_workers(spec, workers)
+    T.run_workers(spec, workers, announce=True)
     result = T.write_results(spec)
     _print_leaderboard(spec)
     for w in result["warnings"]:
@@ -379,10 +408,13 @@ def _print_leaderboard(spec) -> None:
 
     rows = T.leaderboard(spec)
     keys = list(spec.space)
-    t = Table("#", "stage", "val acc", "epochs", *keys, "seconds", title=f"study {spec.name} ({spec.strategy})")
+    staged = spec.strategy == "coarse-to-fine"
+    t = Table(title=f"study {spec.name} ({spec.strategy})")
+    for col in ("#", *(["stage"] if staged else []), "val", "ep", *(k.split(".")[-1] for k in keys), "s"):
+        t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(str(r["number"]), r["stage"], _pct(r["val_acc"]), str(r["epochs"]),
-                  *[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys],
+        t.add_row(str(r["number"]), *([r["stage"]] if staged else []), _pct(r["val_acc"]), str(r["epochs"]),
+                  *[f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys],
                   str(r["seconds"]))
     out.print(t)
     states = {}
@@ -562,8 +594,8 @@ def eval_(
     if as_json:
         print(json.dumps({**res.to_dict(), "confusion": res.confusion.tolist(), "classes": res.classes}, indent=2))
         return
-    out.print(f"{r.name} on {split} (n={res.n}, tta={res.tta}): accuracy {res.acc:.2%}, top-5 {res.top5:.2%}, "
-              f"loss {res.loss:.4f}")
+    top5 = f", top-5 {res.top5:.2%}" if len(res.classes) > 5 else ""
+    out.print(f"{r.name} on {split} (n={res.n}, tta={res.tta}): accuracy {res.acc:.2%}{top5}, loss {res.loss:.4f}")
     t = Table("class", "accuracy", "n")
     for name, acc, n in zip(res.classes, res.per_class_acc, res.confusion.sum(1).tolist(), strict=True):
         t.add_row(name, f"{acc:.2%}", str(n))
@@ -578,21 +610,37 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
-    resize: Annotated[bool, typer.Option(help="Resize images whose size differs from the model's.")] = False,
-    convert: Annotated[bool, typer.Option(help="Convert color images to grayscale for grayscale models.")] = False,
+    resize: Annotated[bool | None, typer.Option(
+        "--resize/--no-resize", help="Resize images to the model's size (default: as training did).")] = None,
+    convert: Annotated[bool | None, typer.Option(
+        "--convert/--no-convert", help="Convert color images for a grayscale model (default: as training did).")
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
+    max_pixels: Annotated[int | None, typer.Option(
+        help="Images with more pixels are refused as decompression bombs (default: the run's data.max_pixels).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Classify image files with a trained run (decoded and normalized exactly as in training)."""
+    """Classify image files with a trained run, through its own input pipeline (decoding, channels, size and
+    normalization as in training). Files that cannot be predicted are reported and the exit code is 1."""
     from .runs import Run
 
-    preds = Run(run).predict([str(p) for p in images], top_k=top_k, resize=resize, convert=convert, which=checkpoint)
+    preds = Run(run).predict([str(p) for p in images], top_k=top_k, resize=resize, convert=convert, which=checkpoint,
+                             errors="collect", max_pixels=max_pixels)
+    bad = [p for p in preds if p.error]
     if as_json:
-        print(json.dumps([{"image": p.source, "top": [{"class": c, "prob": v} for c, v in p.top]} for p in preds],
-                         indent=2))
-        return
-    for p in preds:
-        out.print(f"{p.source}: " + ", ".join(f"{c} {v:.1%}" for c, v in p.top))
+        print(json.dumps([{"image": p.source, "top": [{"class": c, "prob": v} for c, v in p.top],
+                           **({"error": p.error} if p.error else {})} for p in preds], indent=2))
+    else:
+        for p in preds:
+            if p.error:
+                err.print(f"[red]error:[/red] {p.error}")
+            else:
+                out.print(f"{p.source}: " + ", ".join(f"{c} {v:.1%}" for c, v in p.top))
+    if bad:
+        if not as_json:
+            err.print(f"{len(bad)} of {len(preds)} image(s) could not be predicted")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -604,23 +652,14 @@ def models(
 ) -> None:
     """List registered models: name, family, parameters and multiply-accumulates at the given input."""
     from .models import list_models, model_entry
-    from .models.summary import human, model_summary, parse_shape
+    from .models.summary import human, model_table, parse_shape
 
     shape = parse_shape(input_shape)
     names = list_models(family)
     if not names:
         families = sorted({model_entry(n).family for n in list_models()})
         raise VisrecError(f"--family {family!r} has no models", f"families: {', '.join(families)}")
-    rows = []
-    for name in names:
-        e = model_entry(name)
-        row = {"name": name, "family": e.family, "params": None, "macs": None, "description": e.description}
-        try:
-            s = model_summary(name, shape, classes)
-            row.update(params=s.params, macs=s.macs)
-        except VisrecError as err:  # too small an input for this one: say so in its row
-            row["error"] = err.message
-        rows.append(row)
+    rows = model_table(names, shape, classes)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -755,7 +794,9 @@ def presets() -> None:
     """List the shipped presets (use with --preset NAME)."""
     from .config import list_presets
 
-    t = Table("preset", "what it is")
+    t = Table()
+    t.add_column("preset", overflow="fold", no_wrap=True)
+    t.add_column("what it is", overflow="fold")
     for name, desc in list_presets().items():
         t.add_row(name, desc)
     out.print(t)
@@ -786,7 +827,10 @@ def runs(root: Annotated[Path, typer.Argument(help="Folder of runs.")] = Path("r
     """List run folders with their status, test accuracy and training time."""
     from .runs import list_runs
 
-    t = Table("run", "status", "model", "epochs", "test acc", "train s")
+    t = Table(title=None)
+    t.add_column("run", overflow="fold")  # names to copy: wrapped, never cut
+    for name in ("status", "model", "epochs", "test acc", "train s"):
+        t.add_column(name, overflow="fold")
     for r in list_runs(root):
         s = r.summary
         t.add_row(r.name, r.status, s.get("model", "-"), str(s.get("epochs", "-")), _pct(s.get("test_acc")),

@@ -8,7 +8,6 @@ keys are errors that list the valid ones. The resolved config is written into ev
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -19,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from .errors import VisrecError, unknown_name
+from .errors import VisrecError, closest, unknown_name
 
 
 @dataclass(frozen=True)
@@ -158,6 +157,7 @@ class TrainConfig:
     select: Select = "last"  # weights evaluated on test at the end: last | best (by the task's validation metric)
     nonfinite: NonFinitePolicy = "stop"  # what a NaN/inf loss does: stop (with a diagnosis) | skip (drop the step)
     checkpoint_every: NonNegInt = 0  # also checkpoint every N steps; 0 = at the end of each epoch only
+    min_epoch_steps: NonNegInt = 20  # small datasets: halve the batch (not below 16) until an epoch has this many
 
 
 @dataclass
@@ -338,9 +338,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
 
 def _bad_choice(key: str, value: Any, choices: tuple, source: str) -> typing.NoReturn:
     names = [str(c) for c in choices]
-    close = difflib.get_close_matches(str(value), names, n=1)
+    close = closest(str(value), names)
     raise VisrecError(f"{source}: {key}={value!r} is not one of its values: {', '.join(names)}",
-                      f"did you mean {close[0]!r}?" if close else f"for example: --set {key}={names[0]}")
+                      f"did you mean {close!r}?" if close else f"for example: --set {key}={names[0]}")
 
 
 def choices(key: str) -> tuple:
@@ -352,6 +352,24 @@ def choices(key: str) -> tuple:
     if typing.get_origin(tp) is not Literal:
         raise KeyError(f"{key} has no fixed choices")
     return typing.get_args(tp)
+
+
+def bounds(key: str) -> tuple[float | None, float | None]:
+    """The natural (low, high) limits of a numeric key, from its declared range; None where it has none."""
+    section, name = _canonical(key).split(".")
+    tp = _field_types(getattr(Config(), section))[name]
+    lo = hi = None
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            for rule in tp.__metadata__:
+                if isinstance(rule, Range):
+                    lo, hi = rule.low, rule.high
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType, list):
+            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        else:
+            return lo, hi
 
 
 def _type_name(tp: Any) -> str:
@@ -403,6 +421,12 @@ def _set_key(cfg: Config, key: str, value: Any, source: str) -> None:
         key = "model.pretrained"
     parts = key.split(".")
     sections = {f.name for f in dataclasses.fields(cfg)}
+    if parts[0] not in sections and len(parts) == 1:
+        owners = [f"{sec.name}.{parts[-1]}" for sec in dataclasses.fields(cfg)
+                  if parts[-1] in {f.name for f in dataclasses.fields(getattr(cfg, sec.name))}]
+        if owners:  # `lr=0.1`: a key given without its section
+            raise VisrecError(f"{source}: {key!r} names no config section", f"did you mean {' or '.join(owners)}? "
+                              "Keys are section.key (`visrec config --keys` lists them)")
     if parts[0] not in sections:
         raise unknown_name("config section", parts[0], sections, source)
     section = getattr(cfg, parts[0])
@@ -468,12 +492,18 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def list_presets() -> dict[str, str]:
-    """Shipped preset names -> their first comment line (what the preset is for)."""
+    """Shipped preset names -> the first sentence of their leading comment (what the preset is for)."""
     out = {}
     for entry in sorted(resources.files("visrec.presets").iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".yaml"):
-            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
-            out[entry.name[:-5]] = first.lstrip("# ").strip()
+            lines = []
+            for line in entry.read_text().splitlines():
+                if not line.startswith("#"):
+                    break
+                lines.append(line.lstrip("# ").strip())
+            text = " ".join(x for x in lines if x)
+            end = text.find(". ")
+            out[entry.name[:-5]] = text[: end + 1] if end >= 0 else text
     return out
 
 

@@ -25,9 +25,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise VisrecError(f"device.name {name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VisrecError(f"device.name {name!r}: CUDA is not available on this machine", "use --set device.name=cpu")
+        raise VisrecError(f"device.name {name!r}: CUDA is not available on this machine",
+                          "use --device cpu (or --set device.name=cpu)")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise VisrecError(f"device.name {name!r}: MPS is not available on this machine", "use --set device.name=cpu")
+        raise VisrecError(f"device.name {name!r}: MPS is not available on this machine",
+                          "use --device cpu (or --set device.name=cpu)")
     return dev
 
 

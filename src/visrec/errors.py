@@ -24,8 +24,24 @@ class VisrecError(Exception):
 def unknown_name(kind: str, name: str, valid: Iterable[str], option: str | None = None) -> VisrecError:
     """The error for a name that is not in a registry: lists the valid names and the closest match."""
     valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
+    close = closest(name, valid)
     where = f" (from {option})" if option else ""
-    msg = f"unknown {kind} {name!r}{where}. Valid {kind}s: {', '.join(valid)}"
-    hint = f"did you mean {close[0]!r}?" if close else None
+    head, sep, tail = kind.partition(" of ")  # "key of section 'optim'" -> "keys of section 'optim'"
+    msg = f"unknown {kind} {name!r}{where}. Valid {head}s{sep}{tail}: {', '.join(valid)}"
+    hint = f"did you mean {close!r}?" if close else None
     return VisrecError(msg, hint)
+
+
+def closest(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name closest to `name`, or None. A valid name that contains `name` comes first (the first in
+    order: `flip` -> `hflip`, not the equally similar `vflip`), then the most similar by difflib."""
+    valid = sorted(valid)
+    low = name.lower()
+    for v in valid:
+        if v.lower() == low:
+            return v
+    contained = [v for v in valid if low in v.lower()]
+    if contained:
+        return contained[0]
+    close = difflib.get_close_matches(name, valid, n=1)
+    return close[0] if close else None

@@ -154,6 +154,24 @@ def _cards(s: dict[str, Any]) -> str:
                                            for k, v in items) + "</div>"
 
 
+def _train_above_val(cfg, records: list[dict[str, Any]]) -> str | None:
+    """Why the training loss can sit above the validation loss, when it does: what training adds that
+    evaluation does not."""
+    train = [r for r in records if r.get("split") == "train" and r.get("kind") == "epoch"]
+    val = [r for r in records if r.get("split") == "val"]
+    if not train or not val or not train[-1].get("loss", 0) > val[-1].get("loss", float("inf")):
+        return None
+    causes = []
+    if cfg.loss.name == "cross_entropy" and cfg.loss.label_smoothing > 0:
+        causes.append(f"label smoothing ({cfg.loss.label_smoothing:g}) keeps the training loss above zero even for "
+                      "perfect predictions, and validation is scored without it")
+    if cfg.data.augment:
+        causes.append(f"training images are augmented ({', '.join(cfg.data.augment)}), validation images are not")
+    causes.append("the training loss of an epoch averages over weights that were still improving, and dropout or "
+                  "batch statistics differ between training and evaluation")
+    return "The training loss sits above the validation loss: " + "; ".join(causes) + ". This is expected, not a bug."
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -173,7 +191,7 @@ def _timing(s: dict[str, Any]) -> str:
         for name, v in s["weights_compared"].items():
             val, test = _value(v.get(f"val_{p}"), p), _value(v.get(f"test_{p}"), p)
             rows.append([f"{name} weights", f"val {val}, test {test}"])
-    return _table(["", ""], rows)
+    return _table(["measure", "value"], rows)
 
 
 def _findings(run_dir: Path) -> str | None:
@@ -229,6 +247,9 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
                  f"{_esc(s.get('dataset', run.config.data.name))} — status: <b>{_esc(status)}</b>"
                  + (f" — {_esc(s['error'])}" if s.get("error") else "") + "</p>")
     parts.append(_cards(s))
+    if s.get("warnings"):
+        parts.append("<h2>Warnings</h2>" + "".join(f"<div class='finding warn'>{_esc(w)}</div>"
+                                                   for w in s["warnings"]))
 
     curves = curves_png(read_metrics(d / "metrics.jsonl"), f"{d.name}: training curves",
                         s.get("primary_metric", "acc"))
@@ -236,6 +257,9 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
     if curves:
         rep.figures["curves"] = curves
         parts.append(_img(curves, "training curves"))
+        why = _train_above_val(run.config, read_metrics(d / "metrics.jsonl"))
+        if why:
+            parts.append(f"<p class='muted'>{_esc(why)}</p>")
     else:
         parts.append('<p class="muted">No training windows were logged.</p>')
 

@@ -95,7 +95,8 @@ def default_run_name(data_name: str, model_name: str) -> str:
 @dataclass
 class Prediction:
     source: str
-    top: list[tuple[str, float]]  # (class name, probability), most likely first
+    top: list[tuple[str, float]]  # (class name, probability), most likely first; empty when `error`
+    error: str | None = None  # why this input could not be predicted (with errors="collect")
 
     @property
     def label(self) -> str:
@@ -224,49 +225,72 @@ class Run:
         images: list[Any] | Any,
         *,
         top_k: int = 5,
-        resize: bool = False,
-        convert: bool = False,
+        resize: bool | None = None,
+        convert: bool | None = None,
         tta: str | None = None,
         which: str = "auto",
         device: str = "cpu",
+        errors: str = "raise",
+        max_pixels: int | None = None,
     ) -> list[Prediction]:
-        """Top-k classes for image files (decoded as in training), PIL images, arrays or uint8 tensors.
+        """Top-k classes for image files, PIL images, arrays or uint8 tensors, through the run's own input pipeline.
 
-        An image of another size than the run's is an error unless `resize`; a color image for a
-        grayscale model is an error unless `convert`.
+        Files are decoded as training decoded them. A run trained on an image folder converts every file to its
+        channels and (with `data.image_size`) resizes it, so `resize` and `convert` default to what training did;
+        for other runs an image of another size or a color image for a grayscale model is an error that names
+        both fixes, unless `resize` / `convert`. `errors="collect"` predicts the good inputs and returns the bad
+        ones with their `error` instead of raising at the first.
         """
+        if errors not in ("raise", "collect"):
+            raise VisrecError(f"errors={errors!r} is not valid", "use raise or collect")
+        cfg = self.config
+        folder = cfg.data.name.startswith("folder:")
+        resize = (folder and cfg.data.image_size is not None) if resize is None else resize
+        convert = folder if convert is None else convert
         lm = self.load_model(which, device)
         items = images if isinstance(images, list | tuple) else [images]
-        batch, names = [], []
+        batch, names, failed = [], [], {}
         for i, item in enumerate(items):
-            batch.append(self._to_tensor(item, lm, resize, convert))
-            names.append(str(item) if isinstance(item, str | Path) else f"<input {i}>")
-        x = torch.stack(batch)
-        cl = use_channels_last(self.config.model.channels_last, lm.model)
-        cfg = self.config
-        tta = resolve_tta(tta or cfg.eval.tta, cfg.data.augment)
-        logits = predict_logits(lm.model, x, lm.normalizer, channels_last=cl, tta=tta,
-                                crop_pad=resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment))
-        probs = logits.float().softmax(1).cpu()
-        k = min(top_k, len(lm.classes))
-        p, idx = probs.topk(k, 1)
-        return [Prediction(n, [(lm.classes[j], float(v)) for v, j in zip(pr.tolist(), ix.tolist(), strict=True)])
-                for n, pr, ix in zip(names, p, idx, strict=True)]
+            name = str(item) if isinstance(item, str | Path) else f"<input {i}>"
+            try:
+                batch.append(self._to_tensor(item, lm, resize, convert, max_pixels or cfg.data.max_pixels))
+                names.append(name)
+            except VisrecError as e:
+                if errors == "raise":
+                    raise
+                failed[i] = Prediction(name, [], error=str(e))
+        good: list[Prediction] = []
+        if batch:
+            x = torch.stack(batch)
+            cl = use_channels_last(cfg.model.channels_last, lm.model)
+            tta = resolve_tta(tta or cfg.eval.tta, cfg.data.augment)
+            logits = predict_logits(lm.model, x, lm.normalizer, channels_last=cl, tta=tta,
+                                    crop_pad=resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment))
+            probs = logits.float().softmax(1).cpu()
+            k = min(top_k, len(lm.classes))
+            p, idx = probs.topk(k, 1)
+            good = [Prediction(n, [(lm.classes[j], float(v)) for v, j in zip(pr.tolist(), ix.tolist(), strict=True)])
+                    for n, pr, ix in zip(names, p, idx, strict=True)]
+        it = iter(good)
+        return [failed[i] if i in failed else next(it) for i in range(len(items))]
 
     @staticmethod
-    def _to_tensor(item: Any, lm: LoadedModel, resize: bool, convert: bool) -> torch.Tensor:
+    def _to_tensor(item: Any, lm: LoadedModel, resize: bool, convert: bool, max_pixels: int) -> torch.Tensor:
         h, w = lm.image_size
         if isinstance(item, str | Path):
             path = Path(item)
             if not path.is_file():
                 raise VisrecError(f"image file {path} does not exist")
-            mode, (iw, ih) = peek(path)
+            mode, (iw, ih) = peek(path, max_pixels, limit_option="--max-pixels N")
+            fixes = []
             if lm.in_chans == 1 and native_channels(mode) == 3 and not convert:
-                raise VisrecError(f"{path} is a color image ({mode}) but the model takes grayscale (1 channel)",
-                                  "pass --convert (convert=True) to convert it to grayscale")
+                fixes.append(("--convert", f"it is a color image ({mode}) but the model takes grayscale"))
             if (ih, iw) != (h, w) and not resize:
-                raise VisrecError(f"{path} is {iw}x{ih} (width x height) but the model takes {w}x{h}",
-                                  "pass --resize (resize=True) to resize it, or give images of that size")
+                fixes.append(("--resize", f"it is {iw}x{ih} (width x height) but the model takes {w}x{h}"))
+            if fixes:
+                raise VisrecError(f"{path}: " + "; ".join(why for _, why in fixes),
+                                  f"pass {' '.join(opt for opt, _ in fixes)} (library: "
+                                  f"{', '.join(opt[2:] + '=True' for opt, _ in fixes)})")
             if h != w and resize:
                 raise VisrecError(f"the model takes non-square {w}x{h} images; resize {path} yourself")
             a = decode(path, lm.in_chans, h if resize else None)

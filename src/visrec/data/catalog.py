@@ -233,6 +233,12 @@ def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
 def _entry(name: str) -> CatalogEntry:
     base = _base_name(name)
     if base not in CATALOG:
+        path = Path(name).expanduser()
+        if path.is_dir():  # a folder given as a name
+            kind = ("coco" if (path / "annotations").is_dir() else "yolo" if (path / "data.yaml").is_file()
+                    else "folder")
+            raise VisrecError(f"dataset {name!r} is a folder, not a catalog name",
+                              f"give it as {kind}:{name} (image folders: one subfolder per class)")
         raise unknown_name("dataset", name, dataset_names())
     return CATALOG[base]
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from ..errors import VisrecError
-from ..io import atomic_path
+from ..io import atomic_path, user_cache_dir
 
 
 def cache_dir() -> Path:
     """The user cache for datasets: $XDG_CACHE_HOME/visrec or ~/.cache/visrec."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "visrec"
+    return user_cache_dir()
 
 
 def md5_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -9,6 +9,7 @@ grayscale only when asked for explicitly.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,22 +31,25 @@ def is_image_file(path: Path) -> bool:
 MAX_PIXELS = 89_478_485  # Pillow's default: larger headers are treated as decompression bombs
 
 
-def peek(path: Path, max_pixels: int | None = None) -> tuple[str, tuple[int, int]]:
+def peek(path: Path, max_pixels: int | None = None, limit_option: str = "--set data.max_pixels=N"
+         ) -> tuple[str, tuple[int, int]]:
     """(mode, (width, height)) from the header, without decoding the pixels; refuses decompression bombs
-    (more than `max_pixels`, default MAX_PIXELS)."""
+    (more than `max_pixels`, default MAX_PIXELS). `limit_option` is how the caller's user raises the limit."""
     limit = max_pixels or MAX_PIXELS
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limit  # Pillow's own guard must not be stricter than the one asked for
     try:
-        with Image.open(path) as im:
-            mode, (w, h) = im.mode, im.size
+        with warnings.catch_warnings():  # the limit is ours to report, once, below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                mode, (w, h) = im.mode, im.size
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise VisrecError(f"cannot read image {path}: {e}", "remove or replace the file (visrec validate DATA "
                           "lists every bad file at once)") from None
     if w * h > limit:
         raise VisrecError(f"image {path} claims {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
                           "(a decompression bomb, or a genuinely huge image)",
-                          "remove it, downscale it, or raise the limit with --set data.max_pixels=N")
+                          f"remove it, downscale it, or raise the limit with {limit_option}")
     return mode, (w, h)
 
 

@@ -103,12 +103,18 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
 
 
 def test_probabilities(run, lm):
-    """The run's test split (in the model's class order) and the model's probabilities for it."""
-    from ..evaluate import predict_logits
+    """The run's test split (in the model's class order) and the model's probabilities for it, with the run's own
+    test-time augmentation: the same predictions as its test evaluation, so every figure agrees with the confusion
+    matrix."""
+    from ..evaluate import predict_logits, resolve_crop_pad, resolve_tta
     from ..runs import dataset_from_config, remap_classes
 
-    test = remap_classes(dataset_from_config(run.config).test, lm.classes)
-    return test, predict_logits(lm.model, test.images, lm.normalizer).softmax(1)
+    cfg = run.config
+    test = remap_classes(dataset_from_config(cfg).test, lm.classes)
+    tta = run.summary.get("tta") or resolve_tta(cfg.eval.tta, cfg.data.augment)
+    logits = predict_logits(lm.model, test.images, lm.normalizer, tta=tta,
+                            crop_pad=resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment))
+    return test, logits.float().softmax(1)
 
 
 def _errors(run, lm, folder: Path, n: int, test=None, probs=None) -> Explanation:

@@ -10,6 +10,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,17 @@ def list_models(family: str | None = None) -> list[str]:
 
 def model_entry(name: str) -> ModelEntry:
     if name not in _MODELS:
+        if name.endswith(".py") or "/" in name or "\\" in name:
+            path = Path(name.rsplit(":", 1)[0]).expanduser()
+            if not path.is_file():
+                raise VisrecError(f"--model {name}: there is no file {path}",
+                                  "give path/to/file.py:function, the function that builds the network")
+            raise VisrecError(f"--model {name}: name the function in {path} that builds the network",
+                              f"for example --model {path}:build")
+        family = sorted(n for n, e in _MODELS.items() if e.family == name or n.startswith(name))
+        if family and name not in family:
+            raise VisrecError(f"unknown model {name!r} (from --model): {name} is a family",
+                              f"its models: {', '.join(family)}")
         raise unknown_name("model", name, _MODELS, "--model")
     return _MODELS[name]
 
@@ -69,9 +81,13 @@ def create_model(
     num_classes: int = 10,
     image_size: int | tuple[int, int] = 32,
     pretrained: bool = False,
+    check_size: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model (or a user file's model) for the data's channels, classes and size.
+
+    The input size is checked first with a forward pass on the meta device (`check_size=False` skips it, for
+    callers that run such a pass themselves and report its errors).
 
     >>> m = create_model("convnet", in_chans=1, num_classes=10, image_size=28)
     >>> m(torch.zeros(2, 1, 28, 28)).shape
@@ -95,7 +111,8 @@ def create_model(
     # Shapes first, on the meta device (instant): an input too small for the network gets a clear error.
     if torch.empty(0).device.type == "meta":
         model = build()
-        _check_input_size(name, model, in_chans, size, kwargs)
+        if check_size:
+            _check_input_size(name, model, in_chans, size, kwargs)
         return model
     with torch.device("meta"):
         _check_input_size(name, build(), in_chans, size, kwargs)

@@ -16,6 +16,7 @@ it computes only shapes, so summarizing even the largest network takes milliseco
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -150,9 +151,53 @@ def _macs(module: nn.Module, inputs: tuple, out: torch.Tensor) -> int:
 
 def model_summary(name: str, input_shape: tuple[int, int, int], num_classes: int = 1000, **options) -> Summary:
     """Summary of a registered model built on the meta device (shapes only: instant, no memory)."""
-    from ._registry import create_model
+    from ._registry import _check_input_size, create_model
 
     c, h, w = input_shape
     with torch.device("meta"):
-        model = create_model(name, in_chans=c, num_classes=num_classes, image_size=(h, w), **options)
-    return summary(model, input_shape)
+        model = create_model(name, in_chans=c, num_classes=num_classes, image_size=(h, w), check_size=False,
+                             **options)
+        try:
+            return summary(model, input_shape)
+        except (RuntimeError, ValueError, IndexError):
+            _check_input_size(name, model, c, (h, w), options)  # says which size the model needs
+            raise
+
+
+def model_table(names: list[str], input_shape: tuple[int, int, int], num_classes: int) -> list[dict]:
+    """Name, family, parameters and MACs of registered models at one input: the rows of `visrec models`.
+
+    Summarizing fifty networks takes seconds even on the meta device, so the rows are kept in the user cache,
+    keyed by the input, the classes, the versions and the model code itself: later listings are instant."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from ..io import user_cache_dir, write_json
+    from ..version import __version__
+    from ._registry import model_entry
+
+    code = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(f.read_bytes())
+    key = hashlib.sha256(json.dumps([names, list(input_shape), num_classes, __version__, torch.__version__,
+                                     code.hexdigest()]).encode()).hexdigest()[:20]
+    cache = user_cache_dir() / "models" / f"{key}.json"
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged cache file: compute again
+    rows = []
+    for name in names:
+        e = model_entry(name)
+        row = {"name": name, "family": e.family, "params": None, "macs": None, "description": e.description}
+        try:
+            s = model_summary(name, input_shape, num_classes)
+            row.update(params=s.params, macs=s.macs)
+        except VisrecError as err:  # too small an input for this one: say so in its row
+            row["error"] = err.message
+        rows.append(row)
+    with contextlib.suppress(OSError):  # a read-only home: the listing still works, only slower next time
+        write_json(cache, rows)
+    return rows

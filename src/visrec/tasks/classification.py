@@ -44,6 +44,14 @@ class ClassificationTask(Task):
                         channels_last=settings.channels_last, amp_dtype=settings.amp_dtype, tta=self.tta,
                         crop_pad=self.crop_pad)
 
+    def at_chance(self, test: EvalResult, ds: Dataset) -> str | None:
+        counts = torch.bincount(ds.test.labels, minlength=ds.num_classes)
+        guess = counts.max().item() / max(1, counts.sum().item())  # always the most frequent class
+        if test.acc <= guess + 0.02:
+            return (f"test accuracy {test.acc:.2%} is at chance: always answering the most frequent class scores "
+                    f"{guess:.2%}")
+        return None
+
     def summary_fields(self, test: EvalResult | None) -> dict[str, Any]:
         out: dict[str, Any] = {"tta": self.tta}
         if test is not None:

@@ -11,6 +11,7 @@ augmentation draws and schedule as if it had never stopped.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +44,7 @@ from .finetune import Finetune, cache_dir, cached_features
 from .optim import build_optimizer
 from .rundir import RunWriter
 from .schedules import LRSchedule, schedule_factor, snapshot_steps
-from .setup import build_model, check_config
+from .setup import build_model, check_config, epoch_batch_size, schedule_warnings
 from .state import Position, all_finite, capture_rng, now, restore_rng, stop_signals
 from .step import LossStep, NonFiniteLoss, nonfinite_error
 from .task import EvalSettings, Evaluation, Task
@@ -121,10 +122,19 @@ class Trainer:
                          if cfg.finetune.strategy != "none" else None)
         self.optimizer = build_optimizer(self.model, cfg.optim,
                                          lr_factors=self.finetune.lr_factors() if self.finetune else None)
-        self.batches = DeviceBatches(ds.train.images.to(device), move_targets(task.targets(ds.train), device),
-                                     cfg.train.batch_size, seed=cfg.train.seed)
+        bs = epoch_batch_size(cfg.train.batch_size, len(ds.train), cfg.train.min_epoch_steps)
+        self.notes: list[str] = []  # what the user should know before training starts
+        if bs < min(cfg.train.batch_size, len(ds.train)):
+            self.notes.append(f"batch {cfg.train.batch_size} -> {bs}, so that an epoch of {len(ds.train):,} images "
+                              f"has {len(ds.train) // bs} steps (train.min_epoch_steps={cfg.train.min_epoch_steps}; "
+                              "0 keeps the batch)")
+        self.batches = DeviceBatches(ds.train.images.to(device), move_targets(task.targets(ds.train), device), bs,
+                                     seed=cfg.train.seed)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
+        self.first_loss: float | None = None  # of the first logged window: the end compares against it
+        self.last_loss: float | None = None  # of the last training epoch
         a = cfg.average
         self.averages = WeightAverages(self.model, ema=a.ema, swa=a.swa, swa_every=a.swa_every,
                                        total_steps=self.total_steps)
@@ -321,7 +331,7 @@ class Trainer:
                                      self.channels_last)
         self.probe_features = {"feature_cache_hit": hit, "feature_seconds": round(time.perf_counter() - t0, 3)}
         device, head = self.runtime.device, self.model.get_classifier()
-        batches = DeviceBatches(feats.to(device), self.batches.targets, self.cfg.train.batch_size,
+        batches = DeviceBatches(feats.to(device), self.batches.targets, self.batches.batch_size,
                                 seed=self.cfg.train.seed)
 
         def forward(fb: torch.Tensor, yb: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -386,6 +396,8 @@ class Trainer:
                        "loss": losses[finite].mean().item() if bool(finite.any()) else float("nan"),
                        **self._stat_fields(sums, n_img), "lr": self.schedule.lr,
                        "seconds": round(pos.train_seconds, 3), "images_per_s": n_img / max(t - t_win, 1e-9)}
+                if self.first_loss is None:
+                    self.first_loss = rec["loss"]
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
                 win_losses, win_stats, win_start, t_win = [], [], pos.step, time.perf_counter()
@@ -411,8 +423,9 @@ class Trainer:
         pos, records = self.pos, []
         if ep_steps:
             n = ep_steps * bs
+            self.last_loss = ep_loss.item() / ep_steps
             records.append({"epoch": pos.epoch + 1, "step": pos.step, "split": "train", "kind": "epoch",
-                            "loss": ep_loss.item() / ep_steps, **self._stat_fields(ep_stats, n),
+                            "loss": self.last_loss, **self._stat_fields(ep_stats, n),
                             "lr": self.schedule.lr, "seconds": round(pos.train_seconds, 3),
                             "images_per_s": n / max(ep_seconds, 1e-9)})
         self.averages.end_epoch(self.model, pos.step, self._final(), self.ds.train.images, self.normalizer,
@@ -435,6 +448,18 @@ class Trainer:
             cb.on_epoch_end(state, records)
 
     # ------------------------------------------------------------------ summary
+
+    def _learned_nothing(self, test: Evaluation | None) -> list[str]:
+        """Plain warnings for a run that ended where it began: its loss near the first value, or (the task's
+        judgement) its test metric at chance."""
+        out = []
+        first, last = self.first_loss, self.last_loss
+        if first is not None and last is not None and math.isfinite(first) and last >= 0.98 * first:
+            out.append(f"the training loss stayed near its first value ({first:.4g} -> {last:.4g}): the model "
+                       "learned almost nothing. Run `visrec doctor` on the same settings for the cause and the fix")
+        if test is not None and (chance := self.task.at_chance(test, self.ds)):
+            out.append(f"{chance}. Run `visrec doctor` on the same settings for the cause and the fix")
+        return out
 
     def _summary(self, status: str, test: Evaluation | None, error: str | None = None,
                  compared: dict[str, dict[str, float | None]] | None = None) -> dict[str, Any]:
@@ -472,6 +497,12 @@ class Trainer:
             "finished": now(),
         }
         summary.update(self.task.summary_fields(test))
+        summary["batch_size"] = self.batches.batch_size
+        warnings = [*self.warnings]
+        if status == "completed":
+            warnings += self._learned_nothing(test)
+        if warnings:
+            summary["warnings"] = warnings
         if compared:
             summary["weights_compared"] = compared
         if self.snapshots:

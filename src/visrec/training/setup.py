@@ -3,6 +3,7 @@ starts from. Training and the doctor build their models here, so both see the sa
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,30 @@ def check_config(cfg: Config) -> None:
     if cfg.distill.teachers and cfg.finetune.strategy == "linear":
         raise VisrecError("distillation needs the student's images, but finetune.strategy=linear trains on cached "
                           "features", "use finetune.strategy=last or full with distill.teachers")
+
+
+MIN_BATCH = 16
+
+
+def epoch_batch_size(batch_size: int, n_train: int, min_epoch_steps: int) -> int:
+    """The batch a run trains with: `train.batch_size`, halved (not below 16) while an epoch of `n_train` images
+    would have fewer than `min_epoch_steps` optimizer steps. A whole schedule of a handful of steps learns
+    nothing (256-image batches on 1,300 digits are 5 steps an epoch); smaller batches give it steps."""
+    bs = max(1, min(batch_size, n_train))
+    while min_epoch_steps and bs > MIN_BATCH and n_train // bs < min_epoch_steps:
+        bs = max(MIN_BATCH, bs // 2)
+    return bs
+
+
+def schedule_warnings(total_steps: int, epochs: int, steps_per_epoch: int, batch_size: int, n_train: int) -> list[str]:
+    """What to tell the user before training when the schedule is too short to learn from."""
+    if total_steps >= 50:
+        return []
+    want = max(MIN_BATCH, n_train // 25)
+    fix = (f"train longer (--epochs {math.ceil(100 / max(steps_per_epoch, 1))} gives about 100 steps)"
+           if batch_size <= want else f"use --batch-size {2 ** int(math.log2(want))} or more epochs")
+    return [f"the whole schedule is {total_steps} optimizer step(s) ({epochs} epoch(s) of {steps_per_epoch} "
+            f"batch(es) of {batch_size} on {n_train} images): too few to learn much. {fix[0].upper()}{fix[1:]}."]
 
 
 def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: int, *, seed: int | None = None,

@@ -86,6 +86,10 @@ class Task:
         """Task-specific entries of summary.json."""
         return {}
 
+    def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
+        """A sentence when the test result is no better than guessing (the end of training warns with it)."""
+        return None
+
     def better(self, value: float, than: float | None) -> bool:
         return than is None or (value > than if self.maximize else value < than)
 
