@@ -38,7 +38,8 @@ class TestCurve(visrec.Callback):
     def on_epoch_end(self, state, records):
         t = self.trainer
         r = evaluate(state.model, t.ds.test, t.normalizer, batch_size=t.cfg.eval.batch_size,
-                     channels_last=t.channels_last, amp_dtype=t.runtime.amp_dtype, tta=t.tta, crop_pad=t.crop_pad)
+                     channels_last=t.channels_last, amp_dtype=t.runtime.amp_dtype, tta=t.task.tta,
+                     crop_pad=t.task.crop_pad)
         self.curve.append({"epoch": state.epoch, "train_seconds": round(state.train_seconds, 2),
                            "test_acc": r.acc})
 
