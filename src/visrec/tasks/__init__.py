@@ -12,6 +12,7 @@ from ..errors import VisrecError, unknown_name
 from ..io import import_from_file
 from ..training.task import EvalSettings, Evaluation, Task
 from .classification import ClassificationTask
+from .localization import LocalizationTask
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -23,6 +24,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 register_task(ClassificationTask)
+register_task(LocalizationTask)
 
 
 def is_file_task(name: str) -> bool:
@@ -44,4 +46,5 @@ def create_task(name: str, cfg: Config | None = None) -> Task:
     return TASKS[name](cfg)
 
 
-__all__ = ["TASKS", "ClassificationTask", "EvalSettings", "Evaluation", "Task", "create_task", "register_task"]
+__all__ = ["TASKS", "ClassificationTask", "EvalSettings", "Evaluation", "LocalizationTask", "Task", "create_task",
+           "register_task"]

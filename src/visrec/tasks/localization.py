@@ -1,0 +1,159 @@
+"""Classification + localization: one object per image, its class and its box, from one network.
+
+Any zoo classifier becomes a localizer by widening its head: C class scores, then 4 box numbers (or 4 per class
+with `task.per_class_boxes`). The box is predicted as (center x, center y, width, height), each squashed into
+[0, 1] of the image by a sigmoid, so it always lies on the image. The loss is the classification loss plus
+`task.box_weight` times the box loss (`task.box_loss`: l1, smooth_l1 or giou, on boxes in image fractions).
+
+Metrics: `acc` (the class), `iou` (mean intersection over union of the predicted and true box) and `loc_acc`,
+the share of images with the class right and IoU >= 0.5 (the ImageNet localization criterion), the primary
+metric. An image whose object a random crop cut away (its label -1) counts in no term of the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_iou, generalized_box_iou_loss
+
+from ..data import Dataset, ImageSet, Normalizer
+from ..device import autocast
+from ..errors import VisrecError
+from ..training.task import EvalSettings, Evaluation, Task
+
+
+def pair_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of box a[i] with box b[i] (xyxy), for each i: the diagonal of torchvision's pairwise IoU."""
+    if len(a) == 0:
+        return a.new_zeros(0)
+    return torch.cat([box_iou(x, y).diagonal() for x, y in zip(a.split(512), b.split(512), strict=True)])
+
+
+class LocalizationTask(Task):
+    name = "localization"
+    target = "boxes"
+    primary = "loc_acc"
+    maximize = True
+    stats = ("acc", "iou", "loc_acc")
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        t = self.cfg.task
+        self.box_loss_name, self.box_weight, self.per_class = t.box_loss, t.box_weight, t.per_class_boxes
+        self.num_classes = 0
+
+    # ---------------------------------------------------------------- data and model
+
+    def check(self, ds: Dataset) -> None:
+        for split, data in (("train", ds.train), ("val", ds.val), ("test", ds.test)):
+            if data is None:
+                continue
+            t = data.targets or {}
+            if "boxes" not in t:
+                raise VisrecError(f"task localization needs boxes, and {ds.name} has none",
+                                  "use a dataset with boxes: scenes (data.max_objects=1), coco:PATH or yolo:PATH")
+            n = (t["box_labels"] >= 0).sum(1)
+            if not bool((n == 1).all()):
+                bad = int((n != 1).nonzero()[0])
+                raise VisrecError(f"task localization takes exactly one object per image, and {split} image {bad} "
+                                  f"of {ds.name} has {int(n[bad])}",
+                                  "for scenes, --set data.max_objects=1; several objects per image are detection")
+        self.num_classes = ds.num_classes
+
+    def num_outputs(self, ds: Dataset) -> int:
+        self.num_classes = ds.num_classes
+        return ds.num_classes * (5 if self.per_class else 1) + (0 if self.per_class else 4)
+
+    def targets(self, data: ImageSet) -> dict[str, torch.Tensor]:
+        t = data.targets
+        first = (t["box_labels"] >= 0).float().argmax(1)  # the one object's slot
+        rows = torch.arange(len(first))
+        size = torch.tensor([data.images.shape[-1], data.images.shape[-2]] * 2, dtype=torch.float32)
+        # one box per image, as the geometric augmentations expect: (N, 1, 4) pixels and (N, 1) labels
+        return {"boxes": t["boxes"][rows, first][:, None].float(), "box_labels": t["box_labels"][rows, first][:, None],
+                "size": size.expand(len(first), 4).clone()}
+
+    # ---------------------------------------------------------------- outputs
+
+    def split_outputs(self, outputs: torch.Tensor, labels: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits (B, C), boxes (B, 4) xyxy in image fractions). Per-class boxes: the box of `labels`
+        (the true class in training), else of the predicted class."""
+        c = self.num_classes
+        logits = outputs[:, :c].float()
+        raw = outputs[:, c:].float()
+        if self.per_class:
+            pick = logits.argmax(1) if labels is None else labels.clamp_min(0)
+            raw = raw.view(len(raw), c, 4)[torch.arange(len(raw), device=raw.device), pick]
+        cx, cy, w, h = raw.sigmoid().unbind(1)
+        return logits, torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+    @staticmethod
+    def _truth(targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = targets["box_labels"][:, 0]
+        return labels, targets["boxes"][:, 0] / targets["size"]
+
+    def _box_loss(self, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        if self.box_loss_name == "l1":
+            return F.l1_loss(pred, true, reduction="none").sum(1)
+        if self.box_loss_name == "smooth_l1":
+            return F.smooth_l1_loss(pred, true, reduction="none", beta=0.05).sum(1)
+        return generalized_box_iou_loss(pred, true, reduction="none")
+
+    def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        labels, true = self._truth(targets)
+        logits, boxes = self.split_outputs(outputs, labels)
+        keep = (labels >= 0).float()
+        cls = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+        per_image = cls + self.box_weight * self._box_loss(boxes, true)
+        return (per_image * keep).sum() / keep.sum().clamp_min(1)
+
+    def batch_stats(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        labels, true = self._truth(targets)
+        logits, boxes = self.split_outputs(outputs)
+        right = logits.argmax(1) == labels
+        iou = pair_iou(boxes, true)
+        return torch.stack([right.float().sum(), iou.sum(), (right & (iou >= 0.5)).float().sum()])
+
+    # ---------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
+                 settings: EvalSettings) -> Evaluation:
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        targets = self.targets(data)
+        fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+        outs = []
+        try:
+            for x in data.images.split(settings.batch_size):
+                x = normalizer(x.to(device)).contiguous(memory_format=fmt)
+                with autocast(device, settings.amp_dtype):
+                    outs.append(model(x).float().cpu())
+        finally:
+            model.train(was)
+        out = torch.cat(outs) if outs else torch.zeros(0, self.num_outputs_for(data))
+        labels, true = self._truth(targets)
+        logits, boxes = self.split_outputs(out)
+        right = logits.argmax(1) == labels
+        iou = pair_iou(boxes, true)
+        n = max(len(labels), 1)
+        return Evaluation(split, {"loss": float(self.loss(out, targets)) if len(out) else float("nan"),
+                                  "acc": right.float().sum().item() / n, "iou": iou.sum().item() / n,
+                                  "loc_acc": (right & (iou >= 0.5)).float().sum().item() / n})
+
+    def num_outputs_for(self, data: ImageSet) -> int:
+        return self.num_classes * (5 if self.per_class else 1) + (0 if self.per_class else 4)
+
+    def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
+        if test.metrics.get("loc_acc", 1.0) <= 0.02:
+            return (f"no test image was localized (class right and IoU >= 0.5: {test.metrics['loc_acc']:.1%}; mean "
+                    f"IoU {test.metrics.get('iou', 0):.2f})")
+        return None
+
+    def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
+        return {"box_loss": self.box_loss_name, "box_weight": self.box_weight, "per_class_boxes": self.per_class}
