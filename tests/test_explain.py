@@ -111,6 +111,18 @@ def test_explain_writes_figures_and_reports_bad_input(trained, tmp_path):
         explain(trained, "saliency", target=9)
     with pytest.raises(VisrecError, match="xray"):
         explain(trained, "xray")
+    with pytest.raises(VisrecError) as e:
+        explain(trained, "gradcm")
+    assert "did you mean 'gradcam'?" in e.value.hint
+    with pytest.raises(VisrecError) as e:
+        explain(trained, "saliency", target="clas2")
+    assert "did you mean 'class2'?" in e.value.hint
+    # image files go through the run's own decoding
+    from PIL import Image
+
+    f = tmp_path / "one.png"
+    Image.fromarray(visrec.load_dataset(SYN).test.images[0, 0].numpy(), "L").save(f)
+    assert explain(trained, "gradcam", images=[str(f)]).maps.shape == (1, 16, 16)
     with pytest.raises(VisrecError, match="has no layer 'stages.9'"):
         explain(trained, "gradcam", layer="stages.9", n=2)
     flat = create_model("mlp", in_chans=1, num_classes=3, image_size=(8, 8)).eval()

@@ -576,6 +576,19 @@ def eval_(
     from .runs import Run
 
     r = Run(run)
+    if r.config.task.name != "classification":  # the run's own task evaluates it
+        from .fit import evaluate_run
+        from .training.callbacks import format_metric
+
+        if data_dir:
+            raise VisrecError("--data-dir is for classification runs", "the run's config names its data")
+        res = evaluate_run(run, split, which=checkpoint, device=device)
+        if as_json:
+            print(json.dumps(res.to_dict(), indent=2))
+        else:
+            out.print(f"{r.name} on {split} ({r.config.task.name}): "
+                      + ", ".join(f"{k} {format_metric(k, v)}" for k, v in res.metrics.items()))
+        return
     kw = {"which": checkpoint, "device": device, "data_dir": str(data_dir) if data_dir else None}
     if tta is not None and ("," in tta or tta == "all"):
         rows = r.compare_tta(None if tta == "all" else [m.strip() for m in tta.split(",") if m.strip()], split, **kw)

@@ -214,7 +214,10 @@ class FinetuneConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "classification"  # a registered task (see `visrec tasks`) or `path/to/file.py:ClassName`
+    name: str = "classification"  # a registered task (classification, localization) or `path/to/file.py:ClassName`
+    box_loss: Literal["l1", "smooth_l1", "giou"] = "smooth_l1"  # localization: the box term of the loss
+    box_weight: NonNeg = 1.0  # localization: weight of the box term next to the class term
+    per_class_boxes: bool = False  # localization: one box per class (else one class-agnostic box)
 
 
 @dataclass

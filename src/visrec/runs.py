@@ -275,7 +275,8 @@ class Run:
         return [failed[i] if i in failed else next(it) for i in range(len(items))]
 
     @staticmethod
-    def _to_tensor(item: Any, lm: LoadedModel, resize: bool, convert: bool, max_pixels: int) -> torch.Tensor:
+    def _to_tensor(item: Any, lm: LoadedModel, resize: bool, convert: bool, max_pixels: int | None = None
+                   ) -> torch.Tensor:
         h, w = lm.image_size
         if isinstance(item, str | Path):
             path = Path(item)

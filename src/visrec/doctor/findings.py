@@ -28,7 +28,7 @@ FINDINGS: dict[str, str] = {
     "no-gradient": "parameters that never receive a gradient (detached, frozen or unused)",
     "initial-loss-off": "the loss at initialization is far from its chance value (ln C, or C-1 for the SVM)",
     "regularization-no-effect": "weight decay is configured but does not reach the weights",
-    "gradient-check-failed": "a custom layer's gradient disagrees with finite differences",
+    "gradient-check-failed": "a hand-written backward disagrees with finite differences",
     # optimization
     "cannot-overfit": "the model cannot drive the loss to ~0 on a few dozen examples",
     "lr-too-high": "the learning rate is above the range where the loss falls",

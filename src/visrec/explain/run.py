@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import VisrecError
+from ..errors import VisrecError, closest
 from ..io import write_bytes
 from ..plotting import figure_png, pyplot
 from .methods import METHODS, attribute
@@ -38,7 +38,9 @@ def _target_index(value: str | int, classes: list[str]) -> int:
                               f"{len(classes) - 1})", f"classes: {', '.join(classes)}")
         return i
     if value not in classes:
-        raise VisrecError(f"the run has no class {value!r}", f"its classes are: {', '.join(classes)}")
+        close = closest(str(value), classes)
+        raise VisrecError(f"the run has no class {value!r}", (f"did you mean {close!r}? " if close else "")
+                          + f"its classes are: {', '.join(classes)}")
     return classes.index(value)
 
 
@@ -62,8 +64,9 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
 
     run = run if isinstance(run, Run) else Run(run)
     if method not in METHODS and method not in FIGURES:
-        raise VisrecError(f"explain method {method!r} is not known",
-                          f"choose one of: {', '.join([*FIGURES, *METHODS])}")
+        close = closest(method, [*FIGURES, *METHODS])
+        raise VisrecError(f"explain method {method!r} is not known", (f"did you mean {close!r}? " if close else "")
+                          + f"choose one of: {', '.join([*FIGURES, *METHODS])}")
     lm = run.load_model(which, "cpu")
     model = lm.model
     folder = Path(out) if out else run.path / "explain"

@@ -211,11 +211,14 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+PERCENT_METRICS = ("acc", "top5", "loc_acc")  # shares of images, written as percentages
+
+
 def format_metric(name: str, value: Any, missing: str = "-") -> str:
     """`93.10%` for accuracies, `0.0123` for any other metric, `missing` for none or a non-finite value."""
     if not isinstance(value, int | float) or not math.isfinite(value):
         return missing
-    return f"{value:.2%}" if name in ("acc", "top5") else f"{value:.4g}"
+    return f"{value:.2%}" if name in PERCENT_METRICS else f"{value:.4g}"
 
 
 def _metric(record: dict[str, Any], name: str) -> str:
