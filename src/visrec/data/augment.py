@@ -78,11 +78,12 @@ class _Flip(Augmentation):
         if isinstance(y, dict):
             y = dict(y)
             size = x.shape[self.dim]
-            b = y["boxes"]
-            lo, hi = (0, 2) if self.dim == 3 else (1, 3)  # the coordinates along the mirrored axis
-            mirrored = b.clone()
-            mirrored[..., lo], mirrored[..., hi] = size - b[..., hi], size - b[..., lo]
-            y["boxes"] = torch.where(flip.view(-1, 1, 1), mirrored, b)
+            if "boxes" in y:
+                b = y["boxes"]
+                lo, hi = (0, 2) if self.dim == 3 else (1, 3)  # the coordinates along the mirrored axis
+                mirrored = b.clone()
+                mirrored[..., lo], mirrored[..., hi] = size - b[..., hi], size - b[..., lo]
+                y["boxes"] = torch.where(flip.view(-1, 1, 1), mirrored, b)
             for k in _MASKS:
                 if k in y:
                     y[k] = torch.where(flip.view(-1, 1, 1), y[k].flip(self.dim - 1), y[k])
@@ -125,12 +126,13 @@ def _shift_targets(y: dict, sx: torch.Tensor, sy: torch.Tensor, h: int, w: int, 
     """Targets of images translated by (sx, sy) pixels: boxes shifted and clipped to the image, those left with
     no area dropped (label -1); masks shifted by the same gather as the pixels, zero where the pad came in."""
     y = dict(y)
-    b = y["boxes"] + torch.stack([sx, sy, sx, sy], 1)[:, None, :]  # (N, M, 4)
-    b[..., 0::2] = b[..., 0::2].clamp(0, w)
-    b[..., 1::2] = b[..., 1::2].clamp(0, h)
-    gone = (b[..., 2] - b[..., 0] <= 0) | (b[..., 3] - b[..., 1] <= 0)
-    y["boxes"] = torch.where(gone[..., None], torch.zeros_like(b), b)
-    y["box_labels"] = torch.where(gone, torch.full_like(y["box_labels"], -1), y["box_labels"])
+    if "boxes" in y:
+        b = y["boxes"] + torch.stack([sx, sy, sx, sy], 1)[:, None, :]  # (N, M, 4)
+        b[..., 0::2] = b[..., 0::2].clamp(0, w)
+        b[..., 1::2] = b[..., 1::2].clamp(0, h)
+        gone = (b[..., 2] - b[..., 0] <= 0) | (b[..., 3] - b[..., 1] <= 0)
+        y["boxes"] = torch.where(gone[..., None], torch.zeros_like(b), b)
+        y["box_labels"] = torch.where(gone, torch.full_like(y["box_labels"], -1), y["box_labels"])
     for k in _MASKS:
         if k in y:
             mp = torch.nn.functional.pad(y[k], (pad, pad, pad, pad))  # (N, H+2p, W+2p), zero = no object

@@ -13,6 +13,7 @@ from ..io import import_from_file
 from ..training.task import EvalSettings, Evaluation, Task
 from .classification import ClassificationTask
 from .localization import LocalizationTask
+from .segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -25,6 +26,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 register_task(ClassificationTask)
 register_task(LocalizationTask)
+register_task(SegmentationTask)
 
 
 def is_file_task(name: str) -> bool:
@@ -46,5 +48,5 @@ def create_task(name: str, cfg: Config | None = None) -> Task:
     return TASKS[name](cfg)
 
 
-__all__ = ["TASKS", "ClassificationTask", "EvalSettings", "Evaluation", "LocalizationTask", "Task", "create_task",
-           "register_task"]
+__all__ = ["TASKS", "ClassificationTask", "EvalSettings", "Evaluation", "LocalizationTask", "SegmentationTask", "Task",
+           "create_task", "register_task"]

@@ -211,7 +211,7 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-PERCENT_METRICS = ("acc", "top5", "loc_acc")  # shares of images, written as percentages
+PERCENT_METRICS = ("acc", "top5", "loc_acc", "pix_acc")  # shares of images, written as percentages
 
 
 def format_metric(name: str, value: Any, missing: str = "-") -> str:
@@ -222,6 +222,11 @@ def format_metric(name: str, value: Any, missing: str = "-") -> str:
 
 
 def _metric(record: dict[str, Any], name: str) -> str:
+    """`name value` of a record; a training record without the primary metric (segmentation tracks pixel
+    accuracy per batch, not mIoU) shows the first metric it has."""
+    if name not in record:
+        name = next((k for k, v in record.items() if k not in _NOT_METRICS and k != "loss"
+                     and isinstance(v, int | float) and not isinstance(v, bool)), name)
     return f"{name} {format_metric(name, record.get(name))}"
 
 

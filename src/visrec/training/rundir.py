@@ -72,7 +72,7 @@ class RunWriter(Callback):
         """summary.json: `summary` with the last validation and training-epoch values of the primary metric."""
         val, train = self.last("val"), self.last("train")
         out = dict(summary)
-        out[f"val_{primary}"] = val[primary] if val else None
-        out[f"train_{primary}"] = train[primary] if train else None
+        out[f"val_{primary}"] = val.get(primary) if val else None
+        out[f"train_{primary}"] = train.get(primary) if train else None  # a task may not track it per batch
         write_json(self.run_dir / "summary.json", out)
         return out

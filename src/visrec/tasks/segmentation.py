@@ -1,0 +1,166 @@
+"""Semantic segmentation: a class for every pixel (index 0 is visrec's own background, the dataset's classes
+follow from 1), from a dense network (`unet`, `fcn`) that outputs (batch, classes + 1, H, W).
+
+The per-pixel target comes from the data: a `semantic` mask when the data has one, else the instance masks and
+box labels of scenes and COCO folders (pixel of instance k -> that object's class + 1). Flips and crops move
+the masks with the pixels; a crop's padding is background.
+
+Loss: pixel cross-entropy (`task.seg_loss=ce`), or its sum with the soft Dice loss (`ce+dice`). Pixels labelled
+`task.ignore_index` (default 255) count in no loss and no metric.
+
+Metrics: `pix_acc` and `miou` from one confusion matrix over the whole split (every pixel of every image), the
+mean of the per-class IoUs over the classes present in the truth or the predictions: averaging per-image scores
+gives other numbers. `miou` is the primary metric; per-class IoUs are written to `per_class_iou.csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Dataset, ImageSet, Normalizer
+from ..device import autocast
+from ..errors import VisrecError
+from ..io import atomic_path
+from ..training.task import EvalSettings, Evaluation, Task
+
+BACKGROUND = "(background)"
+
+
+def semantic_targets(data: ImageSet) -> torch.Tensor:
+    """(N, H, W) uint8 class map: 0 background, k + 1 for class k."""
+    t = data.targets or {}
+    if "semantic" in t:
+        return t["semantic"]
+    inst, labels = t["instances"].long(), t["box_labels"]
+    cls = torch.cat([torch.full((len(labels), 1), -1, dtype=labels.dtype), labels], 1)  # slot 0: no object
+    return (cls.gather(1, inst.flatten(1)).view_as(inst) + 1).clamp_min(0).to(torch.uint8)
+
+
+def confusion(pred: torch.Tensor, true: torch.Tensor, k: int, ignore: int) -> torch.Tensor:
+    """(k, k) pixel counts, rows the truth, columns the prediction; `ignore` pixels left out."""
+    keep = true != ignore
+    idx = true[keep].long() * k + pred[keep].long()
+    return torch.bincount(idx, minlength=k * k).view(k, k)
+
+
+def iou_from_confusion(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class IoU and whether the class occurs at all (in the truth or the predictions)."""
+    cm = cm.double()
+    inter = cm.diagonal()
+    union = cm.sum(0) + cm.sum(1) - inter
+    return inter / union.clamp_min(1), union > 0
+
+
+@dataclass
+class SegmentationEvaluation(Evaluation):
+    classes: list[str] = field(default_factory=list)
+    per_class_iou: list[float | None] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, **self.metrics,
+                "per_class_iou": dict(zip(self.classes, self.per_class_iou, strict=True))}
+
+    def save(self, folder: Path) -> None:
+        with atomic_path(Path(folder) / "per_class_iou.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["class", "iou", "pixels"])
+            for name, iou, row in zip(self.classes, self.per_class_iou, self.confusion, strict=True):
+                w.writerow([name, "" if iou is None else f"{iou:.6f}", sum(row)])
+
+
+class SegmentationTask(Task):
+    name = "segmentation"
+    target = "semantic"
+    primary = "miou"
+    maximize = True
+    stats = ("pix_acc",)
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        t = self.cfg.task
+        self.ignore, self.seg_loss = t.ignore_index, t.seg_loss
+        self.classes: list[str] = []
+
+    def check(self, ds: Dataset) -> None:
+        t = ds.train.targets or {}
+        if "semantic" not in t and "instances" not in t:
+            raise VisrecError(f"task segmentation needs per-pixel labels, and {ds.name} has none",
+                              "use scenes, or a coco:PATH folder with segmentation polygons or RLE masks")
+        if ds.num_classes + 1 > 255:
+            raise VisrecError(f"{ds.name} has {ds.num_classes} classes; segmentation masks hold at most 254")
+        self.classes = [BACKGROUND, *ds.classes]
+
+    def num_outputs(self, ds: Dataset) -> int:
+        self.classes = [BACKGROUND, *ds.classes]
+        return ds.num_classes + 1
+
+    def check_model(self, model: nn.Module, ds: Dataset) -> None:
+        if not getattr(model, "dense_output", False):
+            raise VisrecError(f"task segmentation needs a network that scores every pixel; {type(model).__name__} "
+                              "outputs one score per class", "use --model unet (or fcn)")
+
+    def targets(self, data: ImageSet) -> dict[str, torch.Tensor]:
+        return {"semantic": semantic_targets(data)}
+
+    def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        y = targets["semantic"].long()
+        logits = outputs.float()
+        loss = F.cross_entropy(logits, y, ignore_index=self.ignore)
+        if self.seg_loss == "ce+dice":
+            keep = (y != self.ignore).unsqueeze(1).float()
+            prob = logits.softmax(1) * keep
+            onehot = F.one_hot(torch.where(y == self.ignore, 0, y), logits.shape[1]).permute(0, 3, 1, 2) * keep
+            inter, total = (prob * onehot).sum((0, 2, 3)), (prob + onehot).sum((0, 2, 3))
+            loss = loss + (1 - (2 * inter + 1) / (total + 1)).mean()
+        return loss
+
+    def batch_stats(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        y = targets["semantic"].long()
+        keep = y != self.ignore
+        right = ((outputs.argmax(1) == y) & keep).flatten(1).sum(1).float()
+        return (right / keep.flatten(1).sum(1).clamp_min(1)).sum().view(1)  # per image, summed
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
+                 settings: EvalSettings) -> SegmentationEvaluation:
+        device = next(model.parameters()).device
+        k = len(self.classes) or len(data.classes) + 1
+        y_all = semantic_targets(data)
+        cm = torch.zeros(k, k, dtype=torch.long)
+        loss_sum, n = 0.0, 0
+        fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+        was = model.training
+        model.eval()
+        try:
+            for x, y in zip(data.images.split(settings.batch_size), y_all.split(settings.batch_size), strict=True):
+                x = normalizer(x.to(device)).contiguous(memory_format=fmt)
+                with autocast(device, settings.amp_dtype):
+                    out = model(x)
+                out, y = out.float(), y.to(device)
+                loss_sum += float(self.loss(out, {"semantic": y})) * len(x)
+                n += len(x)
+                cm += confusion(out.argmax(1), y.long(), k, self.ignore).cpu()
+        finally:
+            model.train(was)
+        iou, present = iou_from_confusion(cm)
+        total = cm.sum().item()
+        metrics = {"loss": loss_sum / n if n else float("nan"),
+                   "pix_acc": cm.diagonal().sum().item() / total if total else 0.0,
+                   "miou": iou[present].mean().item() if bool(present.any()) else 0.0}
+        return SegmentationEvaluation(split, metrics, classes=list(self.classes),
+                                      per_class_iou=[float(v) if p else None for v, p in zip(iou, present,
+                                                                                             strict=True)],
+                                      confusion=cm.tolist())
+
+    def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
+        if test.metrics.get("miou", 1.0) <= 1.0 / max(len(self.classes), 1):
+            return f"test mIoU {test.metrics['miou']:.3f} is no better than labelling every pixel background"
+        return None
