@@ -88,3 +88,6 @@ def test_a_unet_trains_end_to_end_and_evaluates(scenes):
 
 def test_the_task_is_registered_with_its_metric():
     assert SegmentationTask.primary == "miou" and create_task("segmentation").target == "semantic"
+    r = CliRunner().invoke(app, ["tasks", "--json"])
+    listed = {row["task"]: row["primary_metric"] for row in json.loads(r.stdout)}
+    assert listed == {"classification": "acc", "localization": "loc_acc", "segmentation": "miou"}

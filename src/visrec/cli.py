@@ -91,7 +91,9 @@ def _human_bytes(n: int) -> str:
 def train(
     dataset: DatasetArg = None,
     model: ModelOpt = None,
-    task: Annotated[str | None, typer.Option(help="task.name: classification, or path/to/file.py:ClassName.")] = None,
+    task: Annotated[str | None, typer.Option(
+        help="task.name: classification, localization, segmentation (see `visrec tasks`), or file.py:ClassName.")
+    ] = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
     epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
@@ -800,6 +802,31 @@ def data_where(
         err.print(f"{name}: not found")
         raise typer.Exit(1)
     out.print(str(found))
+
+
+@app.command()
+def tasks(as_json: JsonOpt = False) -> None:
+    """List the registered tasks: what each learns, its target and its primary metric."""
+    import importlib
+
+    from .tasks import TASKS
+
+    def first_sentence(cls) -> str:
+        text = " ".join((importlib.import_module(cls.__module__).__doc__ or cls.__doc__ or "").split())
+        end = text.find(". ")
+        return text[: end + 1] if end >= 0 else text
+
+    rows = [{"task": name, "target": cls.target, "primary_metric": cls.primary, "description": first_sentence(cls)}
+            for name, cls in TASKS.items()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table()
+    for col in ("task", "target", "primary metric", "what it learns"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(r["task"], r["target"], r["primary_metric"], r["description"])
+    out.print(t)
 
 
 @app.command()
