@@ -205,22 +205,22 @@ def test_custom_layer_with_a_wrong_backward(patients):
     assert ev["module"] == "1" and ev["backward"] == "_WrongLinear" and ev["precision"] == "float64"
 
 
-def test_randomly_permuted_labels(patients):
+def _shuffled_labels():
     ds = _dataset()
     g = torch.Generator().manual_seed(0)
     ds.train.labels = ds.train.labels[torch.randperm(len(ds.train), generator=g)]
     ds.val.labels = ds.val.labels[torch.randperm(len(ds.val), generator=g)]
-    diag = examine(ds, model=patients("healthy"), overrides=BASE, options=FAST, out="doc")
+    return ds
+
+
+def test_randomly_permuted_labels(patients):
+    diag = examine(_shuffled_labels(), model=patients("healthy"), overrides=BASE, options=FAST, out="doc")
     _assert_top(diag, "labels-not-learnable")
 
 
 def test_a_layer_that_casts_is_no_gradient_finding_and_hides_nothing(patients):
     # autograd differentiates it: nothing to check, so shuffled labels are still found as the cause
-    ds = _dataset()
-    g = torch.Generator().manual_seed(0)
-    ds.train.labels = ds.train.labels[torch.randperm(len(ds.train), generator=g)]
-    ds.val.labels = ds.val.labels[torch.randperm(len(ds.val), generator=g)]
-    diag = examine(ds, model=patients("casts"), overrides=BASE, options=FAST, out="doc")
+    diag = examine(_shuffled_labels(), model=patients("casts"), overrides=BASE, options=FAST, out="doc")
     _assert_top(diag, "labels-not-learnable")
     assert diag.get("gradient-check-failed").severity == "ok"
 

@@ -215,7 +215,7 @@ class FinetuneConfig:
 @dataclass
 class TaskConfig:
     name: str = "classification"  # classification, localization, segmentation, or `path/to/file.py:ClassName`
-    box_loss: Literal["l1", "smooth_l1", "giou"] = "smooth_l1"  # localization: the box term of the loss
+    box_loss: Literal["l1", "smooth_l1", "giou", "l1+giou"] = "smooth_l1"  # localization: the box term of the loss
     box_weight: NonNeg = 1.0  # localization: weight of the box term next to the class term
     per_class_boxes: bool = False  # localization: one box per class (else one class-agnostic box)
     seg_loss: Literal["ce", "ce+dice"] = "ce"  # segmentation: pixel cross-entropy, optionally plus soft Dice

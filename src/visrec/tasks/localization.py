@@ -3,7 +3,8 @@
 Any zoo classifier becomes a localizer by widening its head: C class scores, then 4 box numbers (or 4 per class
 with `task.per_class_boxes`). The box is predicted as (center x, center y, width, height), each squashed into
 [0, 1] of the image by a sigmoid, so it always lies on the image. The loss is the classification loss plus
-`task.box_weight` times the box loss (`task.box_loss`: l1, smooth_l1 or giou, on boxes in image fractions).
+`task.box_weight` times the box loss (`task.box_loss`: l1, smooth_l1, giou or l1+giou, on boxes in image
+fractions).
 
 Metrics: `acc` (the class), `iou` (mean intersection over union of the predicted and true box) and `loc_acc`,
 the share of images with the class right and IoU >= 0.5 (the ImageNet localization criterion), the primary
@@ -101,7 +102,10 @@ class LocalizationTask(Task):
             return F.l1_loss(pred, true, reduction="none").sum(1)
         if self.box_loss_name == "smooth_l1":
             return F.smooth_l1_loss(pred, true, reduction="none", beta=0.05).sum(1)
-        return generalized_box_iou_loss(pred, true, reduction="none")
+        giou = generalized_box_iou_loss(pred, true, reduction="none")
+        if self.box_loss_name == "l1+giou":  # DETR's pair: L1 pulls the coordinates, GIoU the overlap
+            return giou + F.l1_loss(pred, true, reduction="none").sum(1)
+        return giou
 
     def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         labels, true = self._truth(targets)
