@@ -257,6 +257,9 @@ def test_a_run_that_learns_nothing_says_so():
     assert any("at chance" in w for w in ws)
     if run.config.log.report:
         assert "learned almost nothing" in (run.path / "report.html").read_text()
+    # one logged window is no evidence: its first and last loss are the same number
+    one = quick(out="runs/one-window", epochs=1, **{"log.every": 1000, "train.min_epoch_steps": 0})
+    assert not any("stayed near" in w for w in one.summary.get("warnings", []))
 
 
 def test_predict_applies_the_runs_own_input_pipeline(tmp_path):

@@ -133,8 +133,7 @@ class Trainer:
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
-        self.first_loss: float | None = None  # of the first logged window: the end compares against it
-        self.last_loss: float | None = None  # of the last training epoch
+        self.window_losses: list[float] = []  # of every logged window: the end compares the last with the first
         a = cfg.average
         self.averages = WeightAverages(self.model, ema=a.ema, swa=a.swa, swa_every=a.swa_every,
                                        total_steps=self.total_steps)
@@ -396,8 +395,7 @@ class Trainer:
                        "loss": losses[finite].mean().item() if bool(finite.any()) else float("nan"),
                        **self._stat_fields(sums, n_img), "lr": self.schedule.lr,
                        "seconds": round(pos.train_seconds, 3), "images_per_s": n_img / max(t - t_win, 1e-9)}
-                if self.first_loss is None:
-                    self.first_loss = rec["loss"]
+                self.window_losses.append(rec["loss"])
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
                 win_losses, win_stats, win_start, t_win = [], [], pos.step, time.perf_counter()
@@ -423,9 +421,8 @@ class Trainer:
         pos, records = self.pos, []
         if ep_steps:
             n = ep_steps * bs
-            self.last_loss = ep_loss.item() / ep_steps
             records.append({"epoch": pos.epoch + 1, "step": pos.step, "split": "train", "kind": "epoch",
-                            "loss": self.last_loss, **self._stat_fields(ep_stats, n),
+                            "loss": ep_loss.item() / ep_steps, **self._stat_fields(ep_stats, n),
                             "lr": self.schedule.lr, "seconds": round(pos.train_seconds, 3),
                             "images_per_s": n / max(ep_seconds, 1e-9)})
         self.averages.end_epoch(self.model, pos.step, self._final(), self.ds.train.images, self.normalizer,
@@ -453,8 +450,9 @@ class Trainer:
         """Plain warnings for a run that ended where it began: its loss near the first value, or (the task's
         judgement) its test metric at chance."""
         out = []
-        first, last = self.first_loss, self.last_loss
-        if first is not None and last is not None and math.isfinite(first) and last >= 0.98 * first:
+        w = self.window_losses  # three windows at least: the first and the last must not be the same stretch
+        first, last = (w[0], w[-1]) if len(w) >= 3 else (None, None)
+        if first is not None and math.isfinite(first) and math.isfinite(last) and last >= 0.98 * first:
             out.append(f"the training loss stayed near its first value ({first:.4g} -> {last:.4g}): the model "
                        "learned almost nothing. Run `visrec doctor` on the same settings for the cause and the fix")
         if test is not None and (chance := self.task.at_chance(test, self.ds)):
