@@ -3,10 +3,12 @@ flips, bad input named, and a localizer trained end to end on one-object scenes 
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 import visrec
@@ -77,6 +79,13 @@ def test_a_localizer_trains_end_to_end_and_evaluates(one_object):
     r = CliRunner().invoke(app, ["eval", str(run.path), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["loc_acc"] == pytest.approx(s["test_loc_acc"], abs=1e-6)
+    # the task draws its own report section: test images with the true and the predicted box
+    from visrec.report import build_report
+
+    rep = build_report(run.path)
+    page = rep.path.read_text()
+    assert "<h2>Test images</h2>" in page and "predicted box" in page
+    assert Image.open(io.BytesIO(rep.figures["task0"])).size[0] > 300
 
 
 def test_flips_keep_the_box_on_its_object():

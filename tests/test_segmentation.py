@@ -84,6 +84,10 @@ def test_a_unet_trains_end_to_end_and_evaluates(scenes):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["miou"] == pytest.approx(s["test_miou"], abs=1e-6) and "(background)" in res["per_class_iou"]
+    from visrec.report import build_report
+
+    rep = build_report(run.path)  # the task's section: images, true and predicted class maps
+    assert "<h2>Test images</h2>" in rep.path.read_text() and len(rep.figures["task0"]) > 2000
 
 
 def test_the_task_is_registered_with_its_metric():

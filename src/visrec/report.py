@@ -283,6 +283,7 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
                                                  if isinstance(v, (int, float))]))
 
     if explain and not classification:
+        parts += _task_sections(run, rep)
         rep.skipped.append(f"explanations (Grad-CAM, saliency, filters): written for classification runs, and this "
                            f"run's task is {s.get('task')}")
     elif explain:
@@ -308,6 +309,29 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
     write_text(rep.path, page)
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def _task_sections(run, rep: Report) -> list[str]:
+    """A task's own figures (boxes, class maps), drawn by the task on the run's test images."""
+    from .runs import dataset_from_config, remap_classes
+    from .tasks import create_task
+
+    try:
+        cfg = run.config
+        task = create_task(cfg.task.name, cfg)
+        ds = dataset_from_config(cfg)
+        task.check(ds)
+        task.num_outputs(ds)
+        lm = run.load_model()
+        figures = task.figures(lm.model, remap_classes(ds.test, lm.classes), lm.normalizer)
+    except (VisrecError, OSError) as e:
+        rep.skipped.append(f"the {run.config.task.name} figures: {getattr(e, 'message', e)}")
+        return []
+    parts = []
+    for i, (title, png) in enumerate(figures.items()):
+        rep.figures[f"task{i}"] = png
+        parts.append(f"<h2>{_esc(title.split(':')[0])}</h2><p class='muted'>{_esc(title)}</p>" + _img(png, title))
+    return parts
 
 
 def _explain_sections(run, rep: Report, per_class: int) -> list[str]:

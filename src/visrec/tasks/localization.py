@@ -161,3 +161,44 @@ class LocalizationTask(Task):
 
     def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
         return {"box_loss": self.box_loss_name, "box_weight": self.box_weight, "per_class_boxes": self.per_class}
+
+    @torch.no_grad()
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8) -> dict[str, bytes]:
+        from matplotlib.patches import Rectangle
+
+        from ..plotting import figure_png, pyplot
+
+        n = min(n, len(data))
+        if n == 0:
+            return {}
+        x8 = data.images[:n]
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        try:
+            out = model(normalizer(x8.to(device))).float().cpu()
+        finally:
+            model.train(was)
+        targets = {k: v[:n] for k, v in self.targets(data).items()}
+        labels, true = self._truth(targets)
+        logits, boxes = self.split_outputs(out)
+        pred, iou = logits.argmax(1), pair_iou(boxes, true)
+        h, w = x8.shape[-2:]
+        plt = pyplot()
+        cols = min(n, 4)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(n):
+            ax = axes.flat[i]
+            img = x8[i].permute(1, 2, 0).numpy()
+            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None)
+            for box, color, style in ((true[i], "#27ae60", "-"), (boxes[i], "#c0392b", "--")):
+                x0, y0, x1, y1 = (box * torch.tensor([w, h, w, h])).tolist()
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=color, lw=1.5, ls=style))
+            names = data.classes
+            ax.set_title(f"{names[int(labels[i])]} / {names[int(pred[i])]}\nIoU {iou[i]:.2f}", fontsize=8,
+                         color="black" if pred[i] == labels[i] and iou[i] >= 0.5 else "#c0392b")
+        return {"Test images: true box (green) and predicted box (red, dashed); titles: true / predicted class":
+                figure_png(fig, dpi=100)}

@@ -160,6 +160,40 @@ class SegmentationTask(Task):
                                                                                              strict=True)],
                                       confusion=cm.tolist())
 
+    @torch.no_grad()
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 6) -> dict[str, bytes]:
+        from ..plotting import figure_png, pyplot
+
+        n = min(n, len(data))
+        if n == 0:
+            return {}
+        x8 = data.images[:n]
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        try:
+            pred = model(normalizer(x8.to(device))).float().argmax(1).cpu()
+        finally:
+            model.train(was)
+        truth = semantic_targets(data)[:n].long()
+        k = max(len(self.classes), int(truth.max()) + 1, int(pred.max()) + 1)
+        plt = pyplot()
+        fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n), squeeze=False)
+        for i in range(n):
+            img = x8[i].permute(1, 2, 0).numpy()
+            gray = img.shape[2] == 1
+            panels = ((axes[i, 0], img[..., 0] if gray else img, "image"), (axes[i, 1], truth[i].numpy(), "truth"),
+                      (axes[i, 2], pred[i].numpy(), "prediction"))
+            for ax, shown, title in panels:
+                if title == "image":
+                    ax.imshow(shown, cmap="gray" if gray else None)
+                else:
+                    ax.imshow(shown, cmap="tab20", vmin=0, vmax=max(k - 1, 1), interpolation="nearest")
+                ax.set_title(title, fontsize=8)
+                ax.axis("off")
+        return {"Test images: the image, its true class map and the predicted one (one color per class, background "
+                "first)": figure_png(fig, dpi=90)}
+
     def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
         if test.metrics.get("miou", 1.0) <= 1.0 / max(len(self.classes), 1):
             return f"test mIoU {test.metrics['miou']:.3f} is no better than labelling every pixel background"

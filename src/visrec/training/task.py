@@ -86,6 +86,10 @@ class Task:
         """Task-specific entries of summary.json."""
         return {}
 
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8) -> dict[str, bytes]:
+        """The task's sections of report.html: title -> PNG, drawn from the first `n` images of `data`."""
+        return {}
+
     def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
         """A sentence when the test result is no better than guessing (the end of training warns with it)."""
         return None
