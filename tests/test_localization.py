@@ -82,6 +82,12 @@ def test_a_localizer_trains_end_to_end_and_evaluates(one_object):
     # the task draws its own report section: test images with the true and the predicted box
     from visrec.report import build_report
 
+    with pytest.raises(VisrecError, match="is a localization run: the explanations are written for classification"):
+        visrec.explain.explain(run.path, "gradcam")
+    with pytest.raises(VisrecError, match="ensembles average the class probabilities of classification runs"):
+        visrec.ensemble.ensemble([str(run.path), str(run.path)])
+    with pytest.raises(VisrecError, match="is a localization run: predict gives the classes"):
+        run.predict([str(one_object / "images" / sorted(p.name for p in (one_object / "images").iterdir())[0])])
     rep = build_report(run.path)
     page = rep.path.read_text()
     assert "<h2>Test images</h2>" in page and "predicted box" in page

@@ -69,6 +69,10 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
     if len(refs) < 2:
         raise VisrecError("an ensemble needs at least two members", "give two or more run folders, or RUN:snapshots")
     loaded = [(r.run, r.which) for r in refs]
+    other = [run for run, _ in loaded if run.config.task.name != "classification"]
+    if other:
+        raise VisrecError(f"{other[0].path} is a {other[0].config.task.name} run: ensembles average the class "
+                          "probabilities of classification runs", "give classification runs")
     first = loaded[0][0].config
     for run, _ in loaded[1:]:
         a, b = first.data, run.config.data

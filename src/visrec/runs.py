@@ -244,6 +244,10 @@ class Run:
         if errors not in ("raise", "collect"):
             raise VisrecError(f"errors={errors!r} is not valid", "use raise or collect")
         cfg = self.config
+        if cfg.task.name != "classification":
+            raise VisrecError(f"{self.path} is a {cfg.task.name} run: predict gives the classes of classification runs",
+                              f"see its test images in {self.path / 'report.html'}, or score it with visrec eval "
+                              f"{self.path}")
         folder = cfg.data.name.startswith("folder:")
         resize = (folder and cfg.data.image_size is not None) if resize is None else resize
         convert = folder if convert is None else convert

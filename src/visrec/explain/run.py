@@ -63,6 +63,9 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
     from ..runs import Run
 
     run = run if isinstance(run, Run) else Run(run)
+    if run.config.task.name != "classification":
+        raise VisrecError(f"{run.path} is a {run.config.task.name} run: the explanations are written for "
+                          "classification runs", f"its report shows its own figures: {run.path / 'report.html'}")
     if method not in METHODS and method not in FIGURES:
         close = closest(method, [*FIGURES, *METHODS])
         raise VisrecError(f"explain method {method!r} is not known", (f"did you mean {close!r}? " if close else "")
