@@ -97,19 +97,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, which: str = "auto
     """A run's split evaluated by its own task (`visrec eval` of a run whose task is not classification, which
     `Run.evaluate` covers with test-time augmentation and the confusion matrix)."""
     from .device import resolve_precision, use_channels_last
-    from .runs import dataset_from_config
+    from .tasks import task_of_run
     from .training.task import EvalSettings
 
     run = Run(run_dir)
     cfg = run.config
     if split not in ("test", "val", "train"):
         raise VisrecError(f"split {split!r} is not valid", "use test, val or train")
-    task = create_task(cfg.task.name, cfg)
-    ds = dataset_from_config(cfg)
+    task, ds = task_of_run(run)
     if split == "val" and ds.val is None:
         raise VisrecError(f"{run.path} was trained without a validation split (data.val_fraction=0)")
-    task.check(ds)
-    task.num_outputs(ds)
     lm = run.load_model(which, device)
     dev = next(lm.model.parameters()).device
     settings = EvalSettings(cfg.eval.batch_size, use_channels_last(cfg.model.channels_last, lm.model),

@@ -313,15 +313,11 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
 
 def _task_sections(run, rep: Report) -> list[str]:
     """A task's own figures (boxes, class maps), drawn by the task on the run's test images."""
-    from .runs import dataset_from_config, remap_classes
-    from .tasks import create_task
+    from .runs import remap_classes
+    from .tasks import task_of_run
 
     try:
-        cfg = run.config
-        task = create_task(cfg.task.name, cfg)
-        ds = dataset_from_config(cfg)
-        task.check(ds)
-        task.num_outputs(ds)
+        task, ds = task_of_run(run)
         lm = run.load_model()
         figures = task.figures(lm.model, remap_classes(ds.test, lm.classes), lm.normalizer)
     except (VisrecError, OSError) as e:

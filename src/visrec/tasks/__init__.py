@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from ..config import Config
+from ..data import Dataset
 from ..errors import VisrecError, unknown_name
 from ..io import import_from_file
 from ..training.task import EvalSettings, Evaluation, Task
@@ -48,5 +49,17 @@ def create_task(name: str, cfg: Config | None = None) -> Task:
     return TASKS[name](cfg)
 
 
+def task_of_run(run) -> tuple[Task, Dataset]:
+    """A run's task, ready for its data (checked, head width known), and that data rebuilt from the run's config:
+    what evaluation and the report need to look at a run of any task again."""
+    from ..runs import dataset_from_config
+
+    task = create_task(run.config.task.name, run.config)
+    ds = dataset_from_config(run.config)
+    task.check(ds)
+    task.num_outputs(ds)
+    return task, ds
+
+
 __all__ = ["TASKS", "ClassificationTask", "EvalSettings", "Evaluation", "LocalizationTask", "SegmentationTask", "Task",
-           "create_task", "register_task"]
+           "create_task", "register_task", "task_of_run"]

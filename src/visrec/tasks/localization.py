@@ -21,8 +21,8 @@ from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from ..data import Dataset, ImageSet, Normalizer
-from ..device import autocast
 from ..errors import VisrecError
+from ..evaluate import predict_logits
 from ..training.task import EvalSettings, Evaluation, Task
 
 
@@ -66,7 +66,11 @@ class LocalizationTask(Task):
 
     def num_outputs(self, ds: Dataset) -> int:
         self.num_classes = ds.num_classes
-        return ds.num_classes * (5 if self.per_class else 1) + (0 if self.per_class else 4)
+        return self._width()
+
+    def _width(self) -> int:
+        """C class scores, then a box: 4 numbers, or 4 per class."""
+        return self.num_classes * (5 if self.per_class else 1) + (0 if self.per_class else 4)
 
     def targets(self, data: ImageSet) -> dict[str, torch.Tensor]:
         t = data.targets
@@ -124,23 +128,13 @@ class LocalizationTask(Task):
 
     # ---------------------------------------------------------------- evaluation
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
                  settings: EvalSettings) -> Evaluation:
-        device = next(model.parameters()).device
-        was = model.training
-        model.eval()
         targets = self.targets(data)
-        fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
-        outs = []
-        try:
-            for x in data.images.split(settings.batch_size):
-                x = normalizer(x.to(device)).contiguous(memory_format=fmt)
-                with autocast(device, settings.amp_dtype):
-                    outs.append(model(x).float().cpu())
-        finally:
-            model.train(was)
-        out = torch.cat(outs) if outs else torch.zeros(0, self.num_outputs_for(data))
+        out = predict_logits(model, data.images, normalizer, batch_size=settings.batch_size,
+                             channels_last=settings.channels_last, amp_dtype=settings.amp_dtype).cpu()
+        if not len(out):
+            out = torch.zeros(0, self._width())
         labels, true = self._truth(targets)
         logits, boxes = self.split_outputs(out)
         right = logits.argmax(1) == labels
@@ -149,9 +143,6 @@ class LocalizationTask(Task):
         return Evaluation(split, {"loss": float(self.loss(out, targets)) if len(out) else float("nan"),
                                   "acc": right.float().sum().item() / n, "iou": iou.sum().item() / n,
                                   "loc_acc": (right & (iou >= 0.5)).float().sum().item() / n})
-
-    def num_outputs_for(self, data: ImageSet) -> int:
-        return self.num_classes * (5 if self.per_class else 1) + (0 if self.per_class else 4)
 
     def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
         if test.metrics.get("loc_acc", 1.0) <= 0.02:
@@ -162,7 +153,6 @@ class LocalizationTask(Task):
     def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
         return {"box_loss": self.box_loss_name, "box_weight": self.box_weight, "per_class_boxes": self.per_class}
 
-    @torch.no_grad()
     def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8) -> dict[str, bytes]:
         from matplotlib.patches import Rectangle
 
@@ -172,13 +162,7 @@ class LocalizationTask(Task):
         if n == 0:
             return {}
         x8 = data.images[:n]
-        device = next(model.parameters()).device
-        was = model.training
-        model.eval()
-        try:
-            out = model(normalizer(x8.to(device))).float().cpu()
-        finally:
-            model.train(was)
+        out = predict_logits(model, x8, normalizer).cpu()
         targets = {k: v[:n] for k, v in self.targets(data).items()}
         labels, true = self._truth(targets)
         logits, boxes = self.split_outputs(out)

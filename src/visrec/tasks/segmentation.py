@@ -27,6 +27,7 @@ from torch import nn
 from ..data import Dataset, ImageSet, Normalizer
 from ..device import autocast
 from ..errors import VisrecError
+from ..evaluate import predict_logits
 from ..io import atomic_path
 from ..training.task import EvalSettings, Evaluation, Task
 
@@ -160,7 +161,6 @@ class SegmentationTask(Task):
                                                                                              strict=True)],
                                       confusion=cm.tolist())
 
-    @torch.no_grad()
     def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 6) -> dict[str, bytes]:
         from ..plotting import figure_png, pyplot
 
@@ -168,13 +168,7 @@ class SegmentationTask(Task):
         if n == 0:
             return {}
         x8 = data.images[:n]
-        device = next(model.parameters()).device
-        was = model.training
-        model.eval()
-        try:
-            pred = model(normalizer(x8.to(device))).float().argmax(1).cpu()
-        finally:
-            model.train(was)
+        pred = predict_logits(model, x8, normalizer).argmax(1).cpu()
         truth = semantic_targets(data)[:n].long()
         k = max(len(self.classes), int(truth.max()) + 1, int(pred.max()) + 1)
         plt = pyplot()
