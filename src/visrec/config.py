@@ -214,7 +214,7 @@ class FinetuneConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "classification"  # classification, localization, segmentation, or `path/to/file.py:ClassName`
+    name: str = "classification"  # classification, localization, segmentation, detection, instance, or file.py:Class
     box_loss: Literal["l1", "smooth_l1", "giou", "l1+giou"] = "smooth_l1"  # localization: the box term of the loss
     box_weight: NonNeg = 1.0  # localization: weight of the box term next to the class term
     per_class_boxes: bool = False  # localization: one box per class (else one class-agnostic box)
@@ -530,21 +530,49 @@ def load_preset(name: str) -> dict[str, Any]:
         raise VisrecError(f"{source} is not valid YAML: {e}") from None
 
 
+# Tasks whose models train under another recipe than classification's: these values sit between the built-in
+# defaults and the preset (a preset, --set and options override them). torchvision's reference recipe for its
+# detectors: momentum SGD at 0.02 for batches of 16, weight decay 1e-4, a short warmup; gradients clipped, since
+# a detector's early box losses can spike.
+_DETECTOR_RECIPE: dict[str, Any] = {
+    "optim.name": "momentum", "optim.lr": 0.02, "optim.weight_decay": 1e-4, "optim.grad_clip": 10.0,
+    "schedule.name": "cosine", "schedule.warmup_epochs": 0.3, "schedule.start_factor": 0.01,
+    "train.batch_size": 16, "train.epochs": 12, "eval.tta": "none",
+}
+TASK_RECIPES: dict[str, dict[str, Any]] = {"detection": _DETECTOR_RECIPE, "instance": _DETECTOR_RECIPE}
+
+
+def _task_name(preset: dict[str, Any], items: list[tuple[str, Any]], options: dict[str, Any] | None) -> str | None:
+    name = (preset.get("task") or {}).get("name") if isinstance(preset.get("task"), dict) else None
+    for key, value in items:
+        if key == "task.name":
+            name = value
+    if (options or {}).get("task.name") is not None:
+        name = options["task.name"]
+    return name
+
+
 def resolve_config(
     preset: str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
     base: Config | None = None,
     options: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults (or `base`), then the preset, then overrides (`["optim.lr=0.1"]` or `{"optim.lr": 0.1}`), then
+    """Defaults (or `base`), then the task's recipe (`TASK_RECIPES`, not over a `base`), then the preset, then
+    overrides (`["optim.lr=0.1"]` or `{"optim.lr": 0.1}`), then
     `options`: dotted keys of dedicated options or arguments (`{"train.epochs": 3}`), None meaning "not given"."""
     cfg = Config.from_dict(base.to_dict()) if base is not None else Config()
-    if preset:
-        apply_dict(cfg, load_preset(preset), f"preset {preset}")
+    preset_dict = load_preset(preset) if preset else {}
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
         items = [parse_override(o) for o in overrides or []]
+    task = _task_name(preset_dict, items, options)
+    if base is None and task in TASK_RECIPES:
+        for key, value in TASK_RECIPES[task].items():
+            cfg.set(key, value)
+    if preset:
+        apply_dict(cfg, preset_dict, f"preset {preset}")
     for key, value in items:
         cfg.set(key, value)
     for key, value in (options or {}).items():

@@ -319,7 +319,7 @@ def _task_sections(run, rep: Report) -> list[str]:
     try:
         task, ds = task_of_run(run)
         lm = run.load_model()
-        figures = task.figures(lm.model, remap_classes(ds.test, lm.classes), lm.normalizer)
+        figures = task.figures(lm.model, remap_classes(ds.test, lm.classes), lm.normalizer, folder=run.path)
     except (VisrecError, OSError) as e:
         rep.skipped.append(f"the {run.config.task.name} figures: {getattr(e, 'message', e)}")
         return []

@@ -13,6 +13,7 @@ metric. An image whose object a random crop cut away (its label -1) counts in no
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,7 +154,8 @@ class LocalizationTask(Task):
     def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
         return {"box_loss": self.box_loss_name, "box_weight": self.box_weight, "per_class_boxes": self.per_class}
 
-    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8) -> dict[str, bytes]:
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8,
+                folder: Path | None = None) -> dict[str, bytes]:
         from matplotlib.patches import Rectangle
 
         from ..plotting import figure_png, pyplot

@@ -226,7 +226,9 @@ def _metric(record: dict[str, Any], name: str) -> str:
     accuracy per batch, not mIoU) shows the first metric it has."""
     if name not in record:
         name = next((k for k, v in record.items() if k not in _NOT_METRICS and k != "loss"
-                     and isinstance(v, int | float) and not isinstance(v, bool)), name)
+                     and isinstance(v, int | float) and not isinstance(v, bool)), "")
+        if not name:  # a detector's training records hold its loss alone
+            return ""
     return f"{name} {format_metric(name, record.get(name))}"
 
 
@@ -269,7 +271,8 @@ class ProgressPrinter(Callback):
         if tr:
             parts.append(f"train loss {tr['loss']:.4f} {_metric(tr, state.primary)}")
         if va:
-            parts.append(f"val loss {va['loss']:.4f} {_metric(va, state.primary)}")
+            loss = f"loss {va['loss']:.4f} " if "loss" in va else ""  # a detector has no validation loss
+            parts.append(f"val {loss}{_metric(va, state.primary)}")
         if tr:
             parts.append(f"lr {tr['lr']:.3g}  {tr.get('images_per_s', 0):.0f} img/s")
         done = state.step / max(state.total_steps, 1)

@@ -53,6 +53,13 @@ from .task import EvalSettings, Evaluation, Task
 Forward = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor, Any]]
 
 
+def detached(out: Any) -> Any:
+    """A model's output off the graph: a tensor, or each tensor of a dict (a detector's losses)."""
+    if isinstance(out, dict):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return out.detach() if isinstance(out, torch.Tensor) else out
+
+
 class Trainer:
     """Trains one run of one task, described by a resolved Config, into one run folder."""
 
@@ -109,6 +116,7 @@ class Trainer:
         self.runtime = Runtime(device, resolve_precision(cfg.device.precision, device))
         seed_everything(cfg.train.seed)
         normalizer = Normalizer.fit(ds.train.images, cfg.data.normalize).to(device)
+        cfg.model.kwargs = {**task.model_kwargs(ds, cfg.model.name), **cfg.model.kwargs}
         # a resumed run's checkpoint holds its weights and preprocessing
         self.model, self.normalizer, self.initial_weights_note = build_model(
             cfg, ds, normalizer, task.num_outputs(ds), load_weights_from_config=not self.resuming)
@@ -316,7 +324,7 @@ class Trainer:
             x = self.normalizer(xb).contiguous(memory_format=mf)
             x, target = self.pipeline(x, yb) if self.pipeline else (x, yb)
             with autocast(device, amp):
-                out = model(x)
+                out = self.task.forward(model, x, target)
             return out, self.loss_step(out, target, x), target
 
         return forward
@@ -374,7 +382,7 @@ class Trainer:
                 save_checkpoint(self.run_dir / "checkpoints", f"snapshot{k}", self.model, self._meta())
                 t_epoch += time.perf_counter() - t0  # saving is not training time
             win_losses.append(loss.detach())
-            win_stats.append(self.task.batch_stats(out.detach(), target))
+            win_stats.append(self.task.batch_stats(detached(out), target))
             ep_steps += 1
             # ---- end of hot path ----
             last_in_epoch = pos.batch == self.steps_per_epoch

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import Config
 from ..data import Dataset, ImageSet, Normalizer
+from ..errors import VisrecError
 
 
 @dataclass
@@ -65,11 +66,27 @@ class Task:
         return ds.num_classes
 
     def check_model(self, model: nn.Module, ds: Dataset) -> None:
-        """Refuse a model whose head cannot produce this task's outputs."""
+        """Refuse a model whose head cannot produce this task's outputs (here: a detector, for a task that is
+        not detection)."""
+        if getattr(model, "detector", False):
+            kind = "instance" if getattr(model, "masks", False) else "detection"
+            raise VisrecError(f"{self.cfg.model.name} is a {kind} model: it outputs boxes, not what task "
+                              f"{self.name} learns from", f"train it with --task {kind} on data with boxes (scenes, "
+                              "coco:PATH, yolo:PATH), or pick a classifier for this task (visrec models)")
+
+    def model_kwargs(self, ds: Dataset, model_name: str) -> dict[str, Any]:
+        """Model options fitted to the data (a detector's anchor sizes); the user's `model.kwargs` override them,
+        and the run's config records them, so the run's model is rebuilt the same way."""
+        return {}
 
     def targets(self, data: ImageSet) -> Any:
         """The per-image targets the batches slice alongside the images: a tensor, or a dict of tensors."""
         return data.labels
+
+    def forward(self, model: nn.Module, x: torch.Tensor, targets: Any) -> Any:
+        """The model's output for a training batch; a model that computes its own losses (torchvision's
+        detectors) takes the targets here."""
+        return model(x)
 
     def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -86,8 +103,10 @@ class Task:
         """Task-specific entries of summary.json."""
         return {}
 
-    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8) -> dict[str, bytes]:
-        """The task's sections of report.html: title -> PNG, drawn from the first `n` images of `data`."""
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8,
+                folder: Path | None = None) -> dict[str, bytes]:
+        """The task's sections of report.html: title -> PNG, drawn from the first `n` images of `data` (and from
+        the files the test evaluation saved in the run `folder`)."""
         return {}
 
     def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
