@@ -50,6 +50,11 @@ def out_option(what: str) -> typer.models.OptionInfo:
     return typer.Option("--out", help=what)
 
 
+TaskOpt = Annotated[str | None, typer.Option(
+    help="task.name: classification, localization, segmentation, detection, instance (see `visrec tasks`), or "
+         "file.py:ClassName.")]
+
+
 def _config(preset: str | None, sets: list[str] | None, base=None, **options):
     """The config of a command, built in one place: defaults (or `base`), the preset, --set, then the command's
     dedicated options, given as dotted keys with `_` for the first `.` (`train_epochs=3`); None = not given."""
@@ -91,9 +96,7 @@ def _human_bytes(n: int) -> str:
 def train(
     dataset: DatasetArg = None,
     model: ModelOpt = None,
-    task: Annotated[str | None, typer.Option(
-        help="task.name: classification, localization, segmentation (see `visrec tasks`), or file.py:ClassName.")
-    ] = None,
+    task: TaskOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
     epochs: Annotated[int | None, typer.Option(help="train.epochs")] = None,
@@ -474,6 +477,7 @@ def report(
 def doctor(
     dataset: DatasetArg = None,
     model: ModelOpt = None,
+    task: TaskOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
     lr: Annotated[float | None, typer.Option(help="optim.lr")] = None,
@@ -492,8 +496,8 @@ def doctor(
 
     if fail_on not in ("warn", "error", "never"):
         raise VisrecError(f"--fail-on {fail_on!r} is not valid", "use warn, error or never")
-    cfg = _config(preset, set_, data_name=dataset, model_name=model, optim_lr=lr, train_batch_size=batch_size,
-                  data_data_dir=data_dir, device_name=device)
+    cfg = _config(preset, set_, data_name=dataset, model_name=model, task_name=task, optim_lr=lr,
+                  train_batch_size=batch_size, data_data_dir=data_dir, device_name=device)
     opts = ExamOptions(checks=tuple(c.strip() for c in checks.split(",") if c.strip()) if checks else None)
     if fast:
         opts.overfit_steps, opts.lr_steps, opts.lr_batch = 120, 60, 128
@@ -585,6 +589,8 @@ def eval_(
         if data_dir:
             raise VisrecError("--data-dir is for classification runs", "the run's config names its data")
         res = evaluate_run(run, split, which=checkpoint, device=device)
+        if split == "test":  # the files training wrote of its test split, from these weights (COCO results, ...)
+            res.save(r.path)
         if as_json:
             print(json.dumps(res.to_dict(), indent=2))
         else:
@@ -634,13 +640,30 @@ def predict(
     max_pixels: Annotated[int | None, typer.Option(
         help="Images with more pixels are refused as decompression bombs (default: the run's data.max_pixels).")
     ] = None,
+    output_format: Annotated[str | None, typer.Option(
+        "--format", help="text, json, or coco (a COCO results file; detection and instance runs).")] = None,
+    min_score: Annotated[float, typer.Option(help="Detection runs: the lowest score of an object shown.")] = 0.5,
+    draw: Annotated[Path | None, typer.Option(
+        help="Detection runs: write each image with its boxes (and masks) as DIR/<name>.png.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify image files with a trained run, through its own input pipeline (decoding, channels, size and
-    normalization as in training). Files that cannot be predicted are reported and the exit code is 1."""
+    normalization as in training); a detection or instance run finds their objects. Files that cannot be
+    predicted are reported and the exit code is 1."""
     from .runs import Run
 
-    preds = Run(run).predict([str(p) for p in images], top_k=top_k, resize=resize, convert=convert, which=checkpoint,
+    fmt = output_format or ("json" if as_json else "text")
+    if fmt not in ("text", "json", "coco"):
+        raise VisrecError(f"--format {fmt} is not valid", "use text, json or coco")
+    r = Run(run)
+    if r.config.task.name in ("detection", "instance"):
+        _predict_objects(r, images, fmt, min_score, convert, checkpoint, max_pixels, draw)
+        return
+    if fmt == "coco" or draw is not None:
+        raise VisrecError(f"{'--format coco' if fmt == 'coco' else '--draw'} is for detection and instance runs, "
+                          f"and {run} is a {r.config.task.name} run", "use --format text or json")
+    as_json = fmt == "json"
+    preds = r.predict([str(p) for p in images], top_k=top_k, resize=resize, convert=convert, which=checkpoint,
                              errors="collect", max_pixels=max_pixels)
     bad = [p for p in preds if p.error]
     if as_json:
@@ -655,6 +678,33 @@ def predict(
     if bad:
         if not as_json:
             err.print(f"{len(bad)} of {len(preds)} image(s) could not be predicted")
+        raise typer.Exit(1)
+
+
+def _predict_objects(run, images: list[Path], fmt: str, min_score: float, convert: bool | None, checkpoint: str,
+                     max_pixels: int | None, draw: Path | None) -> None:
+    from .tasks.detection import coco_results_of, object_classes, predict_objects
+
+    preds = predict_objects(run, [str(p) for p in images], which=checkpoint, min_score=min_score, convert=convert,
+                            errors="collect", max_pixels=max_pixels, draw_to=draw)
+    bad = [p for p in preds if p.error]
+    if fmt == "coco":
+        print(json.dumps(coco_results_of([p for p in preds], object_classes(run.load_model(checkpoint).classes))))
+        for p in bad:
+            err.print(f"[red]error:[/red] {p.error}")
+    elif fmt == "json":
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+    else:
+        for p in preds:
+            if p.error:
+                err.print(f"[red]error:[/red] {p.error}")
+                continue
+            found = ", ".join(f"{o['class']} {o['score']:.2f} at {[round(v) for v in o['box']]}" for o in p.objects)
+            out.print(f"{p.source}: {found or 'no object scores ' + str(min_score) + ' or more'}")
+    if draw is not None and not bad:
+        err.print(f"drawn to {draw}/")
+    if bad:
+        err.print(f"{len(bad)} of {len(preds)} image(s) could not be predicted")
         raise typer.Exit(1)
 
 
@@ -683,7 +733,8 @@ def models(
         if "error" in r:
             t.add_row(r["name"], r["family"], "-", "-", r["error"])
         else:
-            t.add_row(r["name"], r["family"], human(r["params"]), human(r["macs"]), r["description"])
+            macs = "-" if r["macs"] is None else human(r["macs"])  # detectors: the proposals depend on the image
+            t.add_row(r["name"], r["family"], human(r["params"]), macs, r["description"])
     out.print(t)
 
 

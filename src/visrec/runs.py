@@ -279,9 +279,12 @@ class Run:
         return [failed[i] if i in failed else next(it) for i in range(len(items))]
 
     @staticmethod
-    def _to_tensor(item: Any, lm: LoadedModel, resize: bool, convert: bool, max_pixels: int | None = None
-                   ) -> torch.Tensor:
+    def _to_tensor(item: Any, lm: LoadedModel, resize: bool, convert: bool, max_pixels: int | None = None,
+                   any_size: bool = False) -> torch.Tensor:
+        """An input as the model's uint8 (C, H, W); `any_size` for models that resize it themselves (detectors)."""
         h, w = lm.image_size
+        if any_size:
+            resize, h, w = False, -1, -1
         if isinstance(item, str | Path):
             path = Path(item)
             if not path.is_file():
@@ -290,7 +293,7 @@ class Run:
             fixes = []
             if lm.in_chans == 1 and native_channels(mode) == 3 and not convert:
                 fixes.append(("--convert", f"it is a color image ({mode}) but the model takes grayscale"))
-            if (ih, iw) != (h, w) and not resize:
+            if (ih, iw) != (h, w) and not resize and not any_size:
                 fixes.append(("--resize", f"it is {iw}x{ih} (width x height) but the model takes {w}x{h}"))
             if fixes:
                 raise VisrecError(f"{path}: " + "; ".join(why for _, why in fixes),
@@ -312,7 +315,7 @@ class Run:
                               "give (H, W), (H, W, C) or (C, H, W) uint8 arrays, or image files")
         if t.shape[0] != lm.in_chans:
             raise VisrecError(f"input has {t.shape[0]} channels but the model takes {lm.in_chans}")
-        if tuple(t.shape[1:]) != (h, w):
+        if tuple(t.shape[1:]) != (h, w) and not any_size:
             raise VisrecError(f"input is {t.shape[2]}x{t.shape[1]} but the model takes {w}x{h}")
         return t
 

@@ -4,6 +4,7 @@ from . import (  # noqa: F401 - importing registers the models
     classic,
     convnet,
     densenet,
+    detect,
     inception,
     lenet,
     mobile,

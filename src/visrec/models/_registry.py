@@ -130,6 +130,8 @@ def _runs_at(model: nn.Module, in_chans: int, size: tuple[int, int]) -> bool:
 
 def _check_input_size(name: str, model: nn.Module, in_chans: int, size: tuple[int, int], kwargs: dict) -> None:
     """Raise a VisrecError naming the smallest input the (meta-device) model accepts when `size` is too small."""
+    if getattr(model, "detector", False):
+        return  # torchvision's detectors resize their inputs themselves
     model.eval()
     if _runs_at(model, in_chans, size):
         return

@@ -175,7 +175,7 @@ def model_table(names: list[str], input_shape: tuple[int, int, int], num_classes
 
     from ..io import user_cache_dir, write_json
     from ..version import __version__
-    from ._registry import model_entry
+    from ._registry import create_model, model_entry
 
     code = hashlib.sha256()
     for f in sorted(Path(__file__).parent.glob("*.py")):
@@ -193,8 +193,14 @@ def model_table(names: list[str], input_shape: tuple[int, int, int], num_classes
         e = model_entry(name)
         row = {"name": name, "family": e.family, "params": None, "macs": None, "description": e.description}
         try:
-            s = model_summary(name, input_shape, num_classes)
-            row.update(params=s.params, macs=s.macs)
+            if e.family in ("detection", "instance"):  # proposals depend on the data: parameters only
+                with torch.device("meta"):
+                    m = create_model(name, in_chans=input_shape[0], num_classes=num_classes,
+                                     image_size=input_shape[1:], check_size=False)
+                row.update(params=sum(p.numel() for p in m.parameters()))
+            else:
+                s = model_summary(name, input_shape, num_classes)
+                row.update(params=s.params, macs=s.macs)
         except VisrecError as err:  # too small an input for this one: say so in its row
             row["error"] = err.message
         rows.append(row)

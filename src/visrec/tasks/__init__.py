@@ -13,6 +13,7 @@ from ..errors import VisrecError, unknown_name
 from ..io import import_from_file
 from ..training.task import EvalSettings, Evaluation, Task
 from .classification import ClassificationTask
+from .detection import DetectionTask, InstanceTask
 from .localization import LocalizationTask
 from .segmentation import SegmentationTask
 
@@ -28,6 +29,8 @@ def register_task(cls: type[Task]) -> type[Task]:
 register_task(ClassificationTask)
 register_task(LocalizationTask)
 register_task(SegmentationTask)
+register_task(DetectionTask)
+register_task(InstanceTask)
 
 
 def is_file_task(name: str) -> bool:
@@ -61,5 +64,6 @@ def task_of_run(run) -> tuple[Task, Dataset]:
     return task, ds
 
 
-__all__ = ["TASKS", "ClassificationTask", "EvalSettings", "Evaluation", "LocalizationTask", "SegmentationTask", "Task",
+__all__ = ["TASKS", "ClassificationTask", "DetectionTask", "EvalSettings", "Evaluation", "InstanceTask",
+           "LocalizationTask", "SegmentationTask", "Task",
            "create_task", "register_task", "task_of_run"]

@@ -1,0 +1,487 @@
+"""Object detection and instance segmentation: every object of an image, its class and box (and its pixels), from
+torchvision's detection models on visrec's backbones (`visrec.models.detect`).
+
+Targets are the data's boxes (xyxy pixels, padded with label -1) and, for instances, its instance maps; flips
+and crops move them with the pixels. Objects a crop cut away, and boxes under a pixel wide, are left out of
+the loss; images without objects train as negatives. The loss is the sum of the model's own terms (R-CNN:
+objectness, proposal box, classifier, box, mask; RetinaNet/FCOS: focal classification, box regression, ...).
+
+Evaluation is the official COCO evaluator's (pycocotools), on a COCO ground truth made from the split as the
+run sees it: `map` (AP averaged over IoU 0.50:0.95), `map50`, `map75`, `map_small/medium/large`, `ar100`,
+and for instances the same of the masks (`mask_map`, ...). Per-class AP and precision-recall curves come from
+the same evaluation. The test split's detections are written, at the end of training and by `visrec eval`,
+as a COCO results file (`predictions_test.json`) next to the ground truth it was scored against
+(`ground_truth_test.json`): `COCOeval` on the two files gives the same numbers.
+
+Sizes are fitted to the training boxes unless given in `model.kwargs`: the side images are resized to, so that
+the smallest objects (5th percentile) span 4 strides of the finest pyramid level the model reads, the range of
+object sizes the anchors are kept in, and the anchors' aspect ratios, from the boxes' shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import Dataset, ImageSet, Normalizer
+from ..data.coco import NO_OBJECT
+from ..device import autocast
+from ..errors import VisrecError
+from ..io import write_json
+from ..training.task import EvalSettings, Evaluation, Task
+
+
+def object_classes(classes: list[str]) -> list[str]:
+    """The dataset's object classes: visrec's `(no object)` image class is not one."""
+    return [c for c in classes if c != NO_OBJECT]
+
+
+def to_torchvision(targets: dict[str, torch.Tensor], masks: bool) -> list[dict[str, torch.Tensor]]:
+    """Padded batch targets -> torchvision's list of {boxes, labels(, masks)}; cut-away and sub-pixel boxes left
+    out (torchvision refuses boxes without area)."""
+    boxes, labels = targets["boxes"].float(), targets["box_labels"]
+    wh = boxes[..., 2:] - boxes[..., :2]
+    keep = (labels >= 0) & (wh >= 1).all(-1)
+    out = []
+    for i in range(len(boxes)):
+        k = keep[i]
+        t = {"boxes": boxes[i][k], "labels": labels[i][k]}
+        if masks:
+            slots = k.nonzero()[:, 0] + 1  # instance map value of each kept box
+            t["masks"] = (targets["instances"][i][None] == slots[:, None, None].to(targets["instances"].dtype)
+                          ).to(torch.uint8)
+        out.append(t)
+    return out
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    from pycocotools import mask as mask_utils
+
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(r["size"]), "counts": r["counts"].decode()}
+
+
+def coco_ground_truth(data: ImageSet, classes: list[str], masks: bool) -> dict[str, Any]:
+    """The split as a COCO instances document: image i is id i + 1, class k is category k + 1; the area of an
+    object is its mask's when it has one (COCO's small/medium/large split by it), else its box's."""
+    t = data.targets or {}
+    h, w = data.images.shape[-2:]
+    images, anns = [], []
+    inst = t.get("instances")
+    for i in range(len(data)):
+        images.append({"id": i + 1, "width": int(w), "height": int(h)})
+        for slot in (t["box_labels"][i] >= 0).nonzero()[:, 0].tolist():
+            x0, y0, x1, y1 = t["boxes"][i, slot].tolist()
+            a = {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(t["box_labels"][i, slot]) + 1,
+                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+            if inst is not None:
+                m = (inst[i] == slot + 1).numpy()
+                if m.any():
+                    a["area"] = float(m.sum())
+                if masks:
+                    a["segmentation"] = _rle(m)
+            anns.append(a)
+    cats = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]
+    return {"info": {"description": "visrec evaluation ground truth"}, "images": images, "annotations": anns,
+            "categories": cats}
+
+
+def coco_results(detections: list[dict[str, torch.Tensor]], image_ids: list[int] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Detections (one dict per image, visrec class indices) -> the COCO results format: xywh boxes, category
+    k + 1, and for masks an RLE of the mask thresholded at 0.5."""
+    out = []
+    for i, d in enumerate(detections):
+        image_id = image_ids[i] if image_ids else i + 1
+        boxes = d["boxes"].tolist()
+        masks = d.get("masks")
+        for j, ((x0, y0, x1, y1), lab, s) in enumerate(zip(boxes, d["labels"].tolist(), d["scores"].tolist(),
+                                                         strict=True)):
+            r = {"image_id": image_id, "category_id": int(lab) + 1,
+                 "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(s, 5)}
+            if masks is not None:
+                r["segmentation"] = _rle((masks[j, 0] > 0.5).numpy())
+            out.append(r)
+    return out
+
+
+STATS = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "ar1", "ar10", "ar100", "ar_small",
+         "ar_medium", "ar_large")  # the order of COCOeval.stats
+
+
+def coco_evaluate(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str = "bbox"
+                  ) -> tuple[dict[str, float], np.ndarray | None]:
+    """pycocotools' COCOeval: ({map, map50, ..., ar100}, precision array (T, R, K, A, M) or None).
+    No detections at all scores 0 (the evaluator itself cannot load an empty results list); a metric without
+    ground truth (no small objects, say) is NaN, where pycocotools prints -1."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        if not results:
+            return {k: (0.0 if gt["annotations"] else math.nan) for k in STATS}, None
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {k: (float(v) if v >= 0 else math.nan) for k, v in zip(STATS, ev.stats, strict=True)}, ev.eval["precision"]
+
+
+def per_class_ap(precision: np.ndarray | None, k: int, iou_index: int | None = None) -> float | None:
+    """AP of category index k from COCOeval's precision array (all areas, 100 detections): averaged over the IoU
+    thresholds, or at one of them; None when the class has no ground truth."""
+    if precision is None:
+        return None
+    p = precision[:, :, k, 0, -1] if iou_index is None else precision[iou_index, :, k, 0, -1]
+    p = p[p > -1]
+    return float(p.mean()) if p.size else None
+
+
+@torch.no_grad()
+def detect(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, *, batch_size: int = 64,
+           amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The model's detections for uint8 images, on the CPU: {boxes xyxy pixels, labels, scores(, masks)}."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    out = []
+    try:
+        for chunk in images.split(max(1, batch_size)):
+            x = normalizer(chunk.to(device)).contiguous(memory_format=mf)
+            with autocast(device, amp_dtype):
+                dets = model(x)
+            out += [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in d.items()} for d in dets]
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class DetectionEvaluation(Evaluation):
+    classes: list[str] = field(default_factory=list)
+    per_class_ap: list[float | None] = field(default_factory=list)
+    per_class_ap50: list[float | None] = field(default_factory=list)
+    pr_curves: list[list[float]] = field(default_factory=list)  # precision at IoU 0.5, 101 recall points
+    results: list[dict[str, Any]] = field(default_factory=list)
+    ground_truth: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, **self.metrics,
+                "per_class_ap": dict(zip(self.classes, self.per_class_ap, strict=True)),
+                "per_class_ap50": dict(zip(self.classes, self.per_class_ap50, strict=True)),
+                "detections": len(self.results), "seconds": self.seconds}
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        write_json(folder / f"ground_truth_{self.split}.json", self.ground_truth)
+        write_json(folder / f"predictions_{self.split}.json", self.results)
+        write_json(folder / f"pr_curves_{self.split}.json",
+                   {"recall": [round(r, 2) for r in np.linspace(0, 1, 101)], "iou": 0.5,
+                    "precision": dict(zip(self.classes, self.pr_curves, strict=True))})
+        from ..io import atomic_path
+
+        with atomic_path(folder / "per_class_ap.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["class", "ap", "ap50"])
+            for name, ap, ap50 in zip(self.classes, self.per_class_ap, self.per_class_ap50, strict=True):
+                w.writerow([name, "" if ap is None else f"{ap:.6f}", "" if ap50 is None else f"{ap50:.6f}"])
+
+
+class DetectionTask(Task):
+    """Every object of an image, its class and box: torchvision's Faster R-CNN, RetinaNet or FCOS on a zoo backbone,
+    scored by pycocotools (COCO mAP)."""
+
+    name = "detection"
+    target = "boxes"
+    primary = "map"
+    overfit_metric = "map50"  # the doctor's memorization check: every object found, boxes roughly right
+    maximize = True
+    stats = ()
+    masks = False
+    families = ("detection", "instance")
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.classes: list[str] = []
+
+    # ---------------------------------------------------------------- data and model
+
+    def check(self, ds: Dataset) -> None:
+        for split, data in (("train", ds.train), ("val", ds.val), ("test", ds.test)):
+            if data is None:
+                continue
+            t = data.targets or {}
+            if "boxes" not in t:
+                raise VisrecError(f"task {self.name} needs boxes, and {ds.name} has none",
+                                  "use a dataset with boxes: scenes, coco:PATH or yolo:PATH; "
+                                  "a classification dataset trains with --task classification")
+            if self.masks and "instances" not in t:
+                raise VisrecError(f"task instance needs object masks, and the {split} split of {ds.name} has none",
+                                  "use scenes or a coco:PATH folder with segmentation polygons or RLE masks; "
+                                  "for boxes alone, --task detection")
+        self.classes = object_classes(ds.classes)
+        if not self.classes:
+            raise VisrecError(f"{ds.name} has no object classes")
+
+    def num_outputs(self, ds: Dataset) -> int:
+        self.classes = object_classes(ds.classes)
+        return len(self.classes)
+
+    def check_model(self, model: nn.Module, ds: Dataset) -> None:
+        if not getattr(model, "detector", False):
+            raise VisrecError(f"task {self.name} needs a detection model; {type(model).__name__} outputs class scores",
+                              "use --model maskrcnn_resnet18" if self.masks else
+                              "use --model fasterrcnn_resnet18 (two-stage) or retinanet_resnet18 (single-stage); "
+                              "`visrec models --family detection` lists them")
+        if self.masks and not getattr(model, "masks", False):
+            raise VisrecError(f"task instance needs a model with a mask head; {self.cfg.model.name} has none",
+                              "use --model maskrcnn_resnet18 (or --task detection for boxes alone)")
+
+    def model_kwargs(self, ds: Dataset, model_name: str) -> dict[str, Any]:
+        """Sizes fitted to the training boxes (see the module's docstring) for a registered detector."""
+        from ..models import model_entry
+        from ..models.detect import HEADS
+
+        try:
+            entry = model_entry(model_name)
+        except VisrecError:
+            return {}
+        if entry.family not in self.families:
+            return {}
+        head = model_name.split("_", 1)[0]
+        return fit_sizes(ds.train, head if head in HEADS else "fasterrcnn", self.cfg.model.kwargs.get("min_size"))
+
+    def targets(self, data: ImageSet) -> dict[str, torch.Tensor]:
+        t = data.targets
+        out = {"boxes": t["boxes"].float(), "box_labels": t["box_labels"]}
+        if self.masks:
+            out["instances"] = t["instances"]
+        return out
+
+    # ---------------------------------------------------------------- training
+
+    def forward(self, model: nn.Module, x: torch.Tensor, targets: Any) -> Any:
+        return model(x, to_torchvision(targets, self.masks)) if model.training else model(x)
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
+        return sum(v.float() for v in outputs.values())
+
+    def batch_stats(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
+        return targets["boxes"].new_zeros(0)
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
+                 settings: EvalSettings) -> DetectionEvaluation:
+        t0 = time.perf_counter()
+        dets = detect(model, data.images, normalizer, batch_size=min(settings.batch_size, 128),
+                      amp_dtype=settings.amp_dtype, channels_last=settings.channels_last)
+        t1 = time.perf_counter()
+        return self.score(dets, data, split, {"model": t1 - t0})
+
+    def score(self, dets: list[dict[str, torch.Tensor]], data: ImageSet, split: str,
+              seconds: dict[str, float] | None = None) -> DetectionEvaluation:
+        """COCO metrics of detections on `data` (one dict per image, in order)."""
+        t1 = time.perf_counter()
+        classes = self.classes or object_classes(data.classes)
+        gt = coco_ground_truth(data, classes, self.masks)
+        results = coco_results(dets)
+        metrics, precision = coco_evaluate(gt, results, "bbox")
+        per_ap = [per_class_ap(precision, k) for k in range(len(classes))]
+        per_ap50 = [per_class_ap(precision, k, 0) for k in range(len(classes))]
+        pr = [(precision[0, :, k, 0, -1].clip(min=0).round(4).tolist() if precision is not None else [0.0] * 101)
+              for k in range(len(classes))]
+        if self.masks:
+            mm, mprec = coco_evaluate(gt, results, "segm")
+            metrics.update({f"mask_{k}": v for k, v in mm.items()})
+            per_ap = [per_class_ap(mprec, k) for k in range(len(classes))]
+            per_ap50 = [per_class_ap(mprec, k, 0) for k in range(len(classes))]
+        n = max(len(data), 1)
+        secs = dict(seconds or {})
+        secs["coco_eval"] = time.perf_counter() - t1
+        metrics["ms_per_image"] = 1000 * secs.get("model", 0.0) / n
+        return DetectionEvaluation(split, metrics, classes, per_ap, per_ap50, pr, results, gt,
+                                   {k: round(v, 3) for k, v in secs.items()})
+
+    def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
+        v = test.metrics.get(self.primary, 0.0)
+        if not math.isnan(v) and v <= 0.01:
+            return f"the detector found almost no test object ({self.primary} {v:.3f})"
+        return None
+
+    def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
+        kw = self.cfg.model.kwargs
+        out = {k: kw[k] for k in ("min_size", "object_sizes", "anchor_sizes", "aspect_ratios") if k in kw}
+        if isinstance(test, DetectionEvaluation):  # the detector's and the COCO evaluator's time on the test split
+            out["test_seconds"] = test.seconds
+        return out
+
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8,
+                folder: Path | None = None) -> dict[str, bytes]:
+        from .draw import detection_grid, pr_curve_figure
+
+        out: dict[str, bytes] = {}
+        n = min(n, len(data))
+        if n:
+            dets = detect(model, data.images[:n], normalizer)
+            kind = "boxes and masks" if self.masks else "boxes"
+            out[f"Test images: true {kind} (green, left) and predicted (red, right; score >= 0.5)"] = detection_grid(
+                data.images[:n], {k: v[:n] for k, v in self.targets(data).items()}, dets,
+                self.classes or object_classes(data.classes), masks=self.masks)
+        if folder is not None and (folder / "pr_curves_test.json").is_file():
+            out["Precision-recall curves of the test split at IoU 0.5, per class (legend: AP@0.5)"] = (
+                pr_curve_figure(folder / "pr_curves_test.json", folder / "per_class_ap.csv"))
+        return out
+
+
+class InstanceTask(DetectionTask):
+    """Every object's class, box and pixels: torchvision's Mask R-CNN on a zoo backbone, scored by pycocotools
+    (mask and box AP)."""
+
+    name = "instance"
+    target = "masks"
+    primary = "mask_map"
+    overfit_metric = "mask_map50"
+    masks = True
+    families = ("instance",)
+
+
+def fit_sizes(train: ImageSet, head: str, min_size: int | None = None) -> dict[str, Any]:
+    """min_size/max_size, object_sizes and aspect_ratios for the training boxes (see the module's docstring); with
+    a given `min_size`, the object sizes at that scale."""
+    t = train.targets or {}
+    if "boxes" not in t:
+        return {}  # nothing to fit to: the task's data check says what is missing
+    h, w = train.images.shape[-2:]
+    boxes = t["boxes"][t["box_labels"] >= 0].float()
+    short = min(h, w)
+    if len(boxes) == 0:
+        return {}
+    bw, bh = (boxes[:, 2] - boxes[:, 0]).clamp_min(1), (boxes[:, 3] - boxes[:, 1]).clamp_min(1)
+    side = (bw * bh).sqrt()
+    q = torch.quantile(side, torch.tensor([0.02, 0.05, 0.98]))
+    if min_size is None:
+        # the smallest objects should span 4 strides of the finest level the head reads (R-CNN: P2, stride 4;
+        # single-stage: P3, stride 8, with the strided stem a resized image of 96 pixels or more gets)
+        scale = (4 * (4 if head in ("fasterrcnn", "maskrcnn") else 8)) / float(q[1])
+        scale = 1.0 if scale <= 1.25 else min(scale, 4.0)
+        min_size = short if scale == 1.0 else int(math.ceil(short * scale / 16) * 16)
+    scale = min_size / short
+    ar = (bh / bw).log()
+    qs = torch.quantile(ar, torch.tensor([0.1, 0.5, 0.9])).exp().tolist()
+    return {"min_size": int(min_size), "max_size": int(math.ceil(max(h, w) * scale)),
+            "object_sizes": [round(float(q[0]) * scale * 0.9, 1), round(float(q[2]) * scale * 1.1, 1)],
+            "aspect_ratios": sorted({round(r, 2) for r in qs})}
+
+
+# -------------------------------------------------------------------- predicting image files
+
+
+@dataclass
+class ObjectPrediction:
+    """The objects found in one input: [{class, box (x0, y0, x1, y1 pixels of the input), score(, mask RLE)}]."""
+
+    source: str
+    width: int = 0
+    height: int = 0
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"image": self.source, "width": self.width, "height": self.height,
+                               "objects": self.objects}
+        return {**out, "error": self.error} if self.error else out
+
+
+def predict_objects(run, images: list[Any], *, which: str = "auto", device: str = "cpu", min_score: float = 0.5,
+                    convert: bool | None = None, errors: str = "raise", max_pixels: int | None = None,
+                    draw_to: str | Path | None = None) -> list[ObjectPrediction]:
+    """Objects in image files (or uint8 arrays) of any size, by a detection or instance run: decoded as training
+    decoded its images, resized by the model itself, boxes returned in each input's own pixels. `draw_to` also
+    writes each input with its boxes (and masks) as `<name>.png` in that folder."""
+    if errors not in ("raise", "collect"):
+        raise VisrecError(f"errors={errors!r} is not valid", "use raise or collect")
+    if not 0 <= min_score <= 1:
+        raise VisrecError(f"--min-score {min_score} is not a probability", "give a score in 0..1, e.g. 0.5")
+    cfg = run.config
+    lm = run.load_model(which, device)
+    convert = cfg.data.name.startswith("folder:") if convert is None else convert
+    classes = object_classes(lm.classes)
+    masks = getattr(lm.model, "masks", False)
+    out: list[ObjectPrediction] = []
+    for i, item in enumerate(images):
+        name = str(item) if isinstance(item, str | Path) else f"<input {i}>"
+        try:
+            x = run._to_tensor(item, lm, False, convert, max_pixels or cfg.data.max_pixels, any_size=True)
+        except VisrecError as e:
+            if errors == "raise":
+                raise
+            out.append(ObjectPrediction(name, error=str(e)))
+            continue
+        d = detect(lm.model, x[None], lm.normalizer)[0]
+        keep = d["scores"] >= min_score
+        objs = []
+        for j in keep.nonzero()[:, 0].tolist():
+            o = {"class": classes[int(d["labels"][j])], "box": [round(v, 2) for v in d["boxes"][j].tolist()],
+                 "score": round(float(d["scores"][j]), 4)}
+            if masks and "masks" in d:
+                o["mask"] = _rle((d["masks"][j, 0] > 0.5).numpy())
+            objs.append(o)
+        out.append(ObjectPrediction(name, int(x.shape[-1]), int(x.shape[-2]), objs))
+        if draw_to is not None:
+            _draw_prediction(x, {k: v[keep] for k, v in d.items()}, classes, Path(draw_to), name, i)
+    return out
+
+
+def _draw_prediction(x: torch.Tensor, d: dict[str, torch.Tensor], classes: list[str], folder: Path, name: str,
+                     i: int) -> Path:
+    from ..io import atomic_path
+    from ..plotting import pyplot
+    from .draw import _rgb, draw_boxes, overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(name).stem if not name.startswith("<") else f"input{i}"
+    plt = pyplot()
+    h, w = x.shape[-2:]
+    fig, ax = plt.subplots(figsize=(max(3, w / 40), max(3, h / 40) * h / max(w, 1)))
+    ax.axis("off")
+    img = _rgb(x)
+    if "masks" in d:
+        img = overlay(img, [(m[0] > 0.5).numpy() for m in d["masks"]], d["labels"].tolist())
+    ax.imshow(img)
+    draw_boxes(ax, d["boxes"], d["labels"].tolist(), classes, "#c0392b", d["scores"].tolist())
+    path = folder / f"{stem}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def coco_results_of(preds: list[ObjectPrediction], classes: list[str]) -> list[dict[str, Any]]:
+    """Predictions as a COCO results file: image i of the inputs is image_id i + 1, class k is category k + 1."""
+    out = []
+    for i, p in enumerate(preds):
+        for o in p.objects:
+            x0, y0, x1, y1 = o["box"]
+            r = {"image_id": i + 1, "category_id": classes.index(o["class"]) + 1,
+                 "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "score": o["score"]}
+            if "mask" in o:
+                r["segmentation"] = o["mask"]
+            out.append(r)
+    return out

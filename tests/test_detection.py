@@ -1,0 +1,247 @@
+"""Object detection and instance segmentation: COCO metrics from pycocotools (perfect, shifted, empty, negatives),
+torchvision's detectors on zoo backbones with sizes fitted to the data, every detector trained end to end through
+the common loop, the results file scored again by pycocotools, predict with boxes, masks and COCO output, and
+bad input named."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import visrec
+from visrec.cli import app
+from visrec.config import resolve_config
+from visrec.data import ImageSet
+from visrec.data.scenes import generate_scenes
+from visrec.errors import VisrecError
+from visrec.models import create_model
+from visrec.models.detect import anchors_for_strides
+from visrec.runs import Run
+from visrec.tasks import create_task
+from visrec.tasks.detection import coco_evaluate, coco_ground_truth, coco_results, fit_sizes, to_torchvision
+
+TINY = {"fpn_channels": 32, "head_size": 32, "stem": "imagenet"}
+SMALL_INPUT = {**TINY, "min_size": 48}  # trained end to end: the fitted 4x upscaling of 32-pixel scenes is slow
+FAST = {"train.batch_size": 8, "train.min_epoch_steps": 0, "log.every": 4, "log.report": False}
+
+
+def _images(boxes: list[list[list[float]]], labels: list[list[int]], size: int = 32) -> ImageSet:
+    m = max(max(len(b) for b in boxes), 1)
+    tb = torch.zeros(len(boxes), m, 4)
+    tl = torch.full((len(boxes), m), -1)
+    for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
+        if b:
+            tb[i, : len(b)] = torch.tensor(b)
+            tl[i, : len(lab)] = torch.tensor(lab)
+    x = torch.zeros(len(boxes), 1, size, size, dtype=torch.uint8)
+    return ImageSet(x, torch.zeros(len(boxes), dtype=torch.long), ["a", "b"], targets={"boxes": tb, "box_labels": tl})
+
+
+def _dets(boxes, labels, scores=None):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).view(-1, 4), "labels": torch.tensor(labels).long(),
+            "scores": torch.tensor(scores or [0.9] * len(labels), dtype=torch.float32)}
+
+
+def test_a_perfect_detection_scores_one_a_shifted_one_less_and_none_zero():
+    data = _images([[[2, 2, 14, 14], [16, 10, 30, 28]], [[4, 4, 20, 12]], []], [[0, 1], [1], []])
+    gt = coco_ground_truth(data, ["a", "b"], masks=False)
+    assert [a["bbox"] for a in gt["annotations"]][0] == [2, 2, 12, 12]  # COCO boxes are xywh
+    perfect = [_dets([[2, 2, 14, 14], [16, 10, 30, 28]], [0, 1]), _dets([[4, 4, 20, 12]], [1]), _dets([], [])]
+    m, _ = coco_evaluate(gt, coco_results(perfect))
+    assert m["map"] == pytest.approx(1.0) and m["map50"] == pytest.approx(1.0)
+    shifted = [_dets([[4, 4, 16, 16], [16, 10, 30, 28]], [0, 1]), _dets([[4, 4, 20, 12]], [1]), _dets([], [])]
+    m2, _ = coco_evaluate(gt, coco_results(shifted))
+    assert m2["map"] < 1.0 and m2["map50"] == pytest.approx(1.0)  # IoU 0.53: right at 0.5, wrong above
+    wrong_class = [_dets([[2, 2, 14, 14]], [1]), _dets([], []), _dets([], [])]
+    assert coco_evaluate(gt, coco_results(wrong_class))[0]["map"] == 0.0
+    none, precision = coco_evaluate(gt, [])
+    assert none["map"] == 0.0 and precision is None
+    # a false positive on the negative image costs precision
+    extra = [*perfect[:2], _dets([[0, 0, 10, 10]], [0], [0.99])]
+    assert coco_evaluate(gt, coco_results(extra))[0]["map"] < 1.0
+
+
+def test_targets_drop_cut_away_and_sub_pixel_boxes():
+    t = {"boxes": torch.tensor([[[1.0, 1, 9, 9], [5, 5, 5.5, 9], [0, 0, 0, 0]]]),
+         "box_labels": torch.tensor([[2, 1, -1]]),
+         "instances": torch.tensor([[[1, 1, 0], [0, 2, 2], [0, 0, 0]]], dtype=torch.uint8)}
+    out = to_torchvision(t, masks=True)[0]
+    assert out["labels"].tolist() == [2] and out["boxes"].shape == (1, 4)
+    assert out["masks"].tolist() == [[[1, 1, 0], [0, 0, 0], [0, 0, 0]]]
+
+
+def test_sizes_are_fitted_to_the_training_boxes():
+    small = _images([[[0, 0, 8, 8]], [[10, 10, 22, 22]], [[0, 0, 6, 10]]] * 10, [[0], [1], [0]] * 10, size=64)
+    fit = fit_sizes(small, "fasterrcnn")
+    assert fit["min_size"] > 64  # 6-8 pixel objects are upscaled, not to torchvision's 800
+    scale = fit["min_size"] / 64
+    lo, hi = fit["object_sizes"]
+    assert lo <= 7 * scale and hi >= 11 * scale
+    assert 1.0 in fit["aspect_ratios"] and max(fit["aspect_ratios"]) > 1.5  # a third of the boxes are tall
+    assert fit_sizes(small, "retinanet")["min_size"] > fit["min_size"]  # its finest level has twice the stride
+    native = fit_sizes(small, "fasterrcnn", min_size=64)  # a size the user gave: object sizes at that scale
+    assert native["min_size"] == 64 and native["object_sizes"][1] < hi
+    big = _images([[[0, 0, 40, 40]]] * 4, [[0]] * 4, size=64)
+    assert fit_sizes(big, "fasterrcnn")["min_size"] == 64
+    # anchors: 4-8 strides wide per level, kept inside the objects' sizes
+    sizes = anchors_for_strides([4, 8, 16, 32], [20, 60])
+    assert sizes[0] == [20, 20.2, 25.4] and sizes[1][0] == 32 and sizes[3] == [60, 60, 60]
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v1", "retinanet_resnet18", "fcos_resnet18",
+                                  "maskrcnn_resnet18"])
+def test_detectors_train_and_detect_on_zoo_backbones(name):
+    torch.manual_seed(0)
+    m = create_model(name, in_chans=3, num_classes=3, image_size=48, **{**TINY, "stem": "small"})
+    x = torch.rand(2, 3, 48, 48)
+    masks = torch.zeros(1, 48, 48, dtype=torch.uint8)
+    masks[0, 10:30, 5:25] = 1
+    targets = [{"boxes": torch.tensor([[5.0, 10, 25, 30]]), "labels": torch.tensor([0]), "masks": masks},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                "masks": torch.zeros(0, 48, 48, dtype=torch.uint8)}]  # a negative image
+    m.train()
+    losses = m(x, targets)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+    assert len(out) == 2 and all(set(o) >= {"boxes", "labels", "scores"} for o in out)
+    assert all(((o["labels"] >= 0) & (o["labels"] < 3)).all() for o in out)  # visrec's class indices
+    assert ("masks" in out[0]) == name.startswith("maskrcnn")
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return generate_scenes("scenes:digits", count=40, size=32, max_objects=2, seed=0,
+                           out=tmp_path_factory.mktemp("det") / "coco")
+
+
+@pytest.fixture(scope="module")
+def instance_run(scenes, tmp_path_factory):
+    """A Mask R-CNN trained a few steps: detection and instance outputs come from the same run."""
+    out = tmp_path_factory.mktemp("runs") / "inst"
+    return visrec.train(f"coco:{scenes}", model="maskrcnn_resnet18", task="instance", epochs=2, out=str(out),
+                        progress=False, overrides={**FAST, "model.kwargs": SMALL_INPUT, "log.report": True})
+
+
+def test_an_instance_run_trains_evaluates_and_writes_coco_files(instance_run):
+    s = instance_run.summary
+    assert s["status"] == "completed" and s["task"] == "instance" and s["primary_metric"] == "mask_map"
+    for k in ("test_map", "test_map50", "test_ar100", "test_mask_map"):
+        assert k in s and (math.isnan(s[k]) or 0 <= s[k] <= 1)
+    kw = instance_run.config.model.kwargs
+    assert {"object_sizes", "aspect_ratios"} <= set(kw) and kw["min_size"] == 48  # fitted, and given
+    # pycocotools on the two files the run wrote gives the run's own numbers
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    path = instance_run.path
+    results = json.loads((path / "predictions_test.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(path / "ground_truth_test.json"))
+        for iou_type, key in (("bbox", "test_map"), ("segm", "test_mask_map")):
+            ev = COCOeval(gt, gt.loadRes(str(path / "predictions_test.json")), iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            assert ev.stats[0] == pytest.approx(s[key], abs=1e-9)
+    assert (path / "per_class_ap.csv").read_text().startswith("class,ap,ap50")
+    html = (path / "report.html").read_text()
+    assert "Test images: true boxes and masks" in html and "Precision-recall curves" in html
+    # visrec eval gives the same numbers again
+    res = CliRunner().invoke(app, ["eval", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["mask_map"] == pytest.approx(s["test_mask_map"], abs=1e-9)
+
+
+def test_predict_draws_boxes_and_writes_coco_results(instance_run, tmp_path):
+    img = tmp_path / "scene.png"
+    x = instance_run.load_model().model  # any image size: the detector resizes it itself
+    assert x is not None
+    Image.fromarray((torch.rand(50, 70) * 255).byte().numpy(), "L").save(img)
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(instance_run.path), str(img), "--format", "coco", "--min-score", "0",
+                              "--draw", str(tmp_path / "drawn")])
+    assert res.exit_code == 0, res.output
+    coco = json.loads(res.stdout)
+    assert all(r["image_id"] == 1 and len(r["bbox"]) == 4 and "segmentation" in r for r in coco)
+    assert (tmp_path / "drawn" / "scene.png").is_file()
+    res = runner.invoke(app, ["predict", str(instance_run.path), str(img), str(tmp_path / "missing.png"), "--json",
+                              "--min-score", "0"])
+    assert res.exit_code == 1
+    doc = json.loads(res.stdout)
+    assert doc[0]["width"] == 70 and doc[0]["height"] == 50 and "does not exist" in doc[1]["error"]
+    for o in doc[0]["objects"]:
+        x0, y0, x1, y1 = o["box"]
+        assert 0 <= x0 <= x1 <= 70 and 0 <= y0 <= y1 <= 50  # boxes in the input's own pixels
+
+
+def test_detection_runs_single_stage_models_and_resumes(scenes, tmp_path):
+    cfg = resolve_config(None, {**FAST, "data.name": f"coco:{scenes}", "model.name": "retinanet_resnet18",
+                                "task.name": "detection", "train.epochs": 2, "model.kwargs": SMALL_INPUT})
+    run = visrec.Trainer(cfg, out="runs/ret", progress=False).fit(stop_after_steps=3)
+    assert run.status == "interrupted"
+    run = visrec.resume(run.path, progress=False)
+    s = run.summary
+    assert s["status"] == "completed" and s["primary_metric"] == "map" and s["steps"] == 2 * (s["n_train"] // 8)
+    assert "test_mask_map" not in s and len(s["object_sizes"]) == 2
+    res = CliRunner().invoke(app, ["runs", "runs"])
+    assert res.exit_code == 0 and "ret" in res.output
+
+
+def test_bad_input_is_named(scenes, tmp_path):
+    det = create_task("detection", resolve_config(None, ["task.name=detection"]))
+    with pytest.raises(VisrecError, match="needs boxes"):
+        det.check(visrec.load_dataset("synthetic:classes=3,size=8,train=30,test=9"))
+    ds = visrec.load_dataset(f"coco:{scenes}")
+    det.check(ds)
+    with pytest.raises(VisrecError, match="needs a detection model"):
+        det.check_model(create_model("convnet", 1, 10, 32), ds)
+    inst = create_task("instance", resolve_config(None, ["task.name=instance"]))
+    inst.check(ds)
+    with pytest.raises(VisrecError, match="mask head"):
+        inst.check_model(create_model("fasterrcnn_resnet18", 1, 10, 32, **TINY), ds)
+    cls = create_task("classification")
+    with pytest.raises(VisrecError, match="is a detection model"):
+        cls.check_model(create_model("fasterrcnn_resnet18", 1, 10, 32, **TINY), ds)
+    # the detector's recipe is the task's default, and anything given overrides it
+    cfg = resolve_config(None, ["task.name=detection", "optim.lr=0.005"])
+    assert cfg.optim.name == "momentum" and cfg.optim.lr == 0.005 and cfg.train.batch_size == 16
+    assert resolve_config(None, [], options={"task.name": "classification"}).optim.lr == 0.2
+
+
+def test_format_coco_is_for_detection_runs(tmp_path):
+    run = visrec.train("synthetic:classes=3,size=8,train=30,test=9", model="linear", epochs=1, out="runs/cls",
+                       progress=False, overrides={**FAST, "model.kwargs": {}})
+    img = tmp_path / "x.png"
+    Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy(), "RGB").save(img)
+    res = CliRunner().invoke(app, ["predict", str(run.path), str(img), "--format", "coco"])
+    assert res.exit_code != 0 and "--format coco is for detection and instance runs" in str(res.exception)
+    assert Run(run.path).summary["task"] == "classification"
+
+
+def test_the_doctor_examines_detection_through_the_task(scenes, tmp_path):
+    from visrec.doctor import ExamOptions, examine
+
+    diag = examine(f"coco:{scenes}", model="fasterrcnn_resnet18", overrides={"task.name": "detection",
+                                                                            "model.kwargs": SMALL_INPUT},
+                   out=tmp_path / "doc", options=ExamOptions(overfit_steps=20, lr_steps=40))
+    ids = {(f.check, f.id) for f in diag.findings}
+    assert {("data", "input-not-normalized"), ("initial-loss", "initial-loss-off"),
+            ("overfit", "cannot-overfit")} <= ids
+    assert diag.results["overfit"]["steps"] == 10 and "map50" in diag.results["overfit"]
+    assert math.isfinite(diag.results["initial_loss"]) and diag.results["lr_range"].lrs
+    assert (tmp_path / "doc" / "doctor.md").is_file()
+    with pytest.raises(VisrecError, match="needs boxes"):
+        examine("synthetic:classes=3,size=8,train=30,test=9", model="fasterrcnn_resnet18",
+                overrides={"task.name": "detection"}, out=tmp_path / "doc2")
