@@ -33,6 +33,24 @@ def test_dense_networks_keep_any_input_size(name, up):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+@pytest.mark.parametrize("name,kw", [("fullres", {"width": 8, "depth": 3}), ("sliding_window", {"window": 7,
+                                                                                             "width": 4})])
+def test_the_lectures_first_two_ideas_score_every_pixel(name, kw):
+    torch.manual_seed(0)
+    m = create_model(name, in_chans=3, num_classes=4, image_size=(13, 11), **kw)
+    out = m(torch.randn(2, 3, 13, 11))
+    assert out.shape == (2, 4, 13, 11) and getattr(m, "dense_output", False)
+    out.logsumexp(1).mean().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    if name == "sliding_window":  # each pixel's score depends only on its window
+        x = torch.randn(1, 3, 13, 11)
+        y = x.clone()
+        y[..., 0, 0] += 5
+        with torch.no_grad():
+            a, b = m(x), m(y)
+        assert torch.equal(a[..., 6:, 6:], b[..., 6:, 6:]) and not torch.equal(a[..., 0, 0], b[..., 0, 0])
+
+
 def test_split_metrics_come_from_one_confusion_matrix():
     true = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 255]]])  # 255: ignored
     cm = confusion(true.clone(), true, 3, 255)
@@ -88,10 +106,13 @@ def test_a_unet_trains_end_to_end_and_evaluates(scenes):
 
     rep = build_report(run.path)  # the task's section: images, true and predicted class maps
     assert "<h2>Test images</h2>" in rep.path.read_text() and len(rep.figures["task0"]) > 2000
+    cm = json.loads((run.path / "pixel_confusion.json").read_text())  # rows: true class, columns: predicted
+    assert sum(map(sum, cm["pixels"])) == s["n_test"] * 32 * 32 and "Pixel confusion matrix" in rep.path.read_text()
 
 
 def test_the_task_is_registered_with_its_metric():
     assert SegmentationTask.primary == "miou" and create_task("segmentation").target == "semantic"
     r = CliRunner().invoke(app, ["tasks", "--json"])
     listed = {row["task"]: row["primary_metric"] for row in json.loads(r.stdout)}
-    assert listed == {"classification": "acc", "localization": "loc_acc", "segmentation": "miou"}
+    assert listed == {"classification": "acc", "localization": "loc_acc", "segmentation": "miou", "detection": "map",
+                      "instance": "mask_map"}

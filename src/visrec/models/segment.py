@@ -119,3 +119,64 @@ def fcn(in_chans: int, num_classes: int, image_size: tuple[int, int], *, widths:
         up: str = "transpose") -> nn.Module:
     """Fully convolutional encoder-decoder without skips (the lecture's downsample-then-upsample network)."""
     return EncoderDecoder(in_chans, num_classes, list(widths or [16, 32, 64]), up, skips=False)
+
+
+class FullResolution(nn.Module):
+    """The lecture's second idea: a stack of 3x3 convolutions that never downsamples, so every layer works at the
+    input's full resolution (expensive, and with a small receptive field: 2 * depth + 1 pixels)."""
+
+    dense_output = True
+
+    def __init__(self, in_chans: int, num_classes: int, width: int, depth: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for _ in range(depth):
+            layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            cin = width
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class SlidingWindow(nn.Module):
+    """The lecture's first idea: crop a `window` x `window` patch around every pixel and classify the center pixel
+    with a small CNN, one patch at a time (here in chunks of `chunk` patches). The patches overlap almost entirely,
+    so the same features are computed window^2 times over: the cost the fully convolutional network removes."""
+
+    dense_output = True
+
+    def __init__(self, in_chans: int, num_classes: int, window: int, width: int, chunk: int = 8192):
+        super().__init__()
+        if window < 3 or window % 2 == 0:
+            raise VisrecError(f"window={window} must be odd and at least 3", "for example window=15")
+        self.window, self.chunk = window, chunk
+        self.net = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        r = self.window // 2
+        patches = F.unfold(F.pad(x, (r, r, r, r), mode="replicate" if min(h, w) <= r else "reflect"),
+                           self.window)  # (B, C * k * k, H * W)
+        patches = patches.transpose(1, 2).reshape(-1, c, self.window, self.window)
+        scores = torch.cat([self.net(p) for p in patches.split(self.chunk)])
+        return scores.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+@register_model(family="segmentation")
+def fullres(in_chans: int, num_classes: int, image_size: tuple[int, int], *, width: int = 32,
+            depth: int = 6) -> nn.Module:
+    """Convolutions at full resolution, no downsampling: per-pixel class scores (the lecture's second idea)."""
+    return FullResolution(in_chans, num_classes, width, depth)
+
+
+@register_model(family="segmentation")
+def sliding_window(in_chans: int, num_classes: int, image_size: tuple[int, int], *, window: int = 15,
+                   width: int = 16) -> nn.Module:
+    """A CNN classifying the center pixel of a window around every pixel (the lecture's first idea)."""
+    return SlidingWindow(in_chans, num_classes, window, width)

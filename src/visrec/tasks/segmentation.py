@@ -28,7 +28,7 @@ from ..data import Dataset, ImageSet, Normalizer
 from ..device import autocast
 from ..errors import VisrecError
 from ..evaluate import predict_logits
-from ..io import atomic_path
+from ..io import atomic_path, write_json
 from ..training.task import EvalSettings, Evaluation, Task
 
 BACKGROUND = "(background)"
@@ -70,6 +70,8 @@ class SegmentationEvaluation(Evaluation):
                 "per_class_iou": dict(zip(self.classes, self.per_class_iou, strict=True))}
 
     def save(self, folder: Path) -> None:
+        write_json(Path(folder) / "pixel_confusion.json", {"classes": self.classes, "rows": "true class",
+                                                           "columns": "predicted class", "pixels": self.confusion})
         with atomic_path(Path(folder) / "per_class_iou.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["class", "iou", "pixels"])
@@ -104,6 +106,7 @@ class SegmentationTask(Task):
         return ds.num_classes + 1
 
     def check_model(self, model: nn.Module, ds: Dataset) -> None:
+        super().check_model(model, ds)
         if not getattr(model, "dense_output", False):
             raise VisrecError(f"task segmentation needs a network that scores every pixel; {type(model).__name__} "
                               "outputs one score per class", "use --model unet (or fcn)")
@@ -161,12 +164,14 @@ class SegmentationTask(Task):
                                                                                              strict=True)],
                                       confusion=cm.tolist())
 
-    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 6) -> dict[str, bytes]:
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 6,
+                folder: Path | None = None) -> dict[str, bytes]:
         from ..plotting import figure_png, pyplot
 
         n = min(n, len(data))
         if n == 0:
             return {}
+        out = {}
         x8 = data.images[:n]
         pred = predict_logits(model, x8, normalizer).argmax(1).cpu()
         truth = semantic_targets(data)[:n].long()
@@ -185,10 +190,42 @@ class SegmentationTask(Task):
                     ax.imshow(shown, cmap="tab20", vmin=0, vmax=max(k - 1, 1), interpolation="nearest")
                 ax.set_title(title, fontsize=8)
                 ax.axis("off")
-        return {"Test images: the image, its true class map and the predicted one (one color per class, background "
-                "first)": figure_png(fig, dpi=90)}
+        out["Test images: the image, its true class map and the predicted one (one color per class, background "
+            "first)"] = figure_png(fig, dpi=90)
+        if folder is not None and (Path(folder) / "pixel_confusion.json").is_file():
+            out["Pixel confusion matrix of the test split: each true class's pixels by predicted class (row fractions)"
+                ] = pixel_confusion_png(Path(folder) / "pixel_confusion.json")
+        return out
 
     def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
         if test.metrics.get("miou", 1.0) <= 1.0 / max(len(self.classes), 1):
             return f"test mIoU {test.metrics['miou']:.3f} is no better than labelling every pixel background"
         return None
+
+
+def pixel_confusion_png(path: Path) -> bytes:
+    """The pixel confusion matrix a test evaluation saved, normalized by row (each true class's pixels)."""
+    import json
+
+    from ..plotting import figure_png, pyplot
+
+    doc = json.loads(Path(path).read_text())
+    classes, cm = doc["classes"], torch.tensor(doc["pixels"], dtype=torch.float64)
+    norm = cm / cm.sum(1, keepdim=True).clamp_min(1)
+    k = len(classes)
+    plt = pyplot()
+    size = max(4.0, min(0.55 * k + 2, 16))
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+        for i in range(k):
+            for j in range(k):
+                if norm[i, j] >= 0.005:
+                    ax.text(j, i, f"{norm[i, j]:.0%}", ha="center", va="center", fontsize=6,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class's pixels")
+    return figure_png(fig, dpi=100)
