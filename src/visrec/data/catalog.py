@@ -149,7 +149,8 @@ register_dataset(CatalogEntry(
 register_dataset(CatalogEntry(
     "scenes",
     "generated 64x64 scenes of 1-4 Fashion-MNIST objects with boxes, masks and captions (scenes:mnist, "
-    "scenes:digits for other objects; data.scene_size, data.max_objects, data.scene_count)",
+    "scenes:digits for other objects, scenes:shapes for colored circles, squares and triangles; data.scene_size, "
+    "data.max_objects, data.scene_count)",
     [],
     None,
     lambda _: read_scene_source("scenes")[0],

@@ -8,6 +8,9 @@ caption from a small grammar that names the objects, their sizes and their spati
 ("a large sneaker left of a small bag"). Training and validation scenes use only training-split objects, test
 scenes only test-split objects.
 
+`scenes:shapes` draws its own objects instead, as the Mask R-CNN "shapes" demo does: circles, squares and
+triangles in random colors on a noisy color background (RGB).
+
 Scenes are written once, seeded, as a COCO folder in the cache (images/, annotations/instances_*.json with RLE
 masks, annotations/captions_*.json) and read back through the COCO reader, like any user's COCO folder.
 """
@@ -27,7 +30,8 @@ from ..errors import VisrecError, unknown_name
 from .coco import write_coco
 from .download import cache_dir
 
-SOURCES = ("fashion-mnist", "mnist", "digits")
+SOURCES = ("fashion-mnist", "mnist", "digits", "shapes")
+SHAPES = ["circle", "square", "triangle"]
 BASE = 28  # an object's size at scale 1 on a 64-pixel canvas (Fashion-MNIST's own size)
 MAX_IOU = 0.3
 
@@ -67,6 +71,46 @@ def _objects(source: str, data_dir=None) -> tuple[dict[str, tuple[torch.Tensor, 
         x = F.interpolate(x, size=(BASE, BASE), mode="bilinear", antialias=True) if x.shape[-1] != BASE else x
         out[s] = (x[:, 0].round().clamp(0, 255).to(torch.uint8), y)
     return out, raw.classes
+
+
+def _shape_mask(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
+    """A filled circle, square or triangle (apex up, or rotated by a random multiple of 90 degrees) in side x side."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
+    c = side / 2
+    if kind == "circle":
+        return (xx - c) ** 2 + (yy - c) ** 2 <= c ** 2
+    if kind == "square":
+        return np.ones((side, side), bool)
+    tri = (yy >= 0) & (np.abs(xx - c) <= yy / 2)  # apex at the top middle, base along the bottom
+    return np.rot90(tri, int(rng.integers(4))).copy()
+
+
+def _shapes_scene(rng: np.random.Generator, size: int, max_objects: int):
+    """(canvas uint8 H x W x 3, visible objects) of the shapes source: colored shapes on colored noise."""
+    canvas = (rng.integers(0, 256, 3) * 0.5 + rng.normal(0, 20, (size, size, 3))).clip(0, 255).astype(np.float32)
+    placed: list[dict] = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        for _try in range(20):
+            side = max(6, round(BASE * float(rng.uniform(0.5, 1.5)) * size / 64))
+            if side >= size:
+                continue
+            x0, y0 = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(_iou(box, p["box"]) <= MAX_IOU for p in placed):
+                break
+        else:
+            continue
+        label = int(rng.integers(len(SHAPES)))
+        shape = _shape_mask(SHAPES[label], side, rng)
+        full = np.zeros((size, size), bool)
+        full[y0:y0 + side, x0:x0 + side] = shape
+        color = rng.integers(0, 256, 3).astype(np.float32)
+        canvas[full] = color
+        for p in placed:
+            p["mask"] &= ~full
+        placed.append({"label": label, "mask": full, "scale": side / (BASE * size / 64), "box": box})
+    visible = [p for p in placed if p["mask"].sum() >= 4]
+    return canvas.round().clip(0, 255).astype(np.uint8), visible
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -163,7 +207,8 @@ def generate_scenes(name: str = "scenes", *, count: int = 10_000, size: int = 64
     dest = out or scene_folder(name, count, size, max_objects, seed)
     if (dest / "annotations" / "instances_test.json").is_file():
         return dest
-    objects, classes = _objects(source_of(name), data_dir)
+    source = source_of(name)
+    objects, classes = ({}, SHAPES) if source == "shapes" else _objects(source, data_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".scenes-", dir=dest.parent))
     try:
@@ -171,12 +216,15 @@ def generate_scenes(name: str = "scenes", *, count: int = 10_000, size: int = 64
         for k, (split, n, src) in enumerate((("train", count, "train"), ("val", max(count // 10, 2), "train"),
                                              ("test", max(count // 5, 2), "test"))):
             rng = np.random.default_rng([seed, k])
-            images, labels = objects[src]
             names, objs, caps = [], [], []
             for i in range(n):
-                canvas, visible = _scene(rng, images, labels, size, max_objects)
+                if source == "shapes":
+                    canvas, visible = _shapes_scene(rng, size, max_objects)
+                else:
+                    canvas, visible = _scene(rng, *objects[src], size, max_objects)
                 fname = f"{split}_{i:06d}.png"
-                Image.fromarray(canvas, mode="L").save(tmp / "images" / fname, optimize=False, compress_level=1)
+                Image.fromarray(canvas, mode="RGB" if canvas.ndim == 3 else "L").save(
+                    tmp / "images" / fname, optimize=False, compress_level=1)
                 names.append(fname)
                 objs.append(visible)
                 caps.append([caption(visible, classes)] if visible else ["an empty scene"])
