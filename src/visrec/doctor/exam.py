@@ -869,7 +869,12 @@ def examine(
     write_yaml(out / "config.yaml", cfg.to_dict())
     ex = Exam(cfg, ds, out, opts, device=device)
     timings: dict[str, dict[str, Any]] = {}
-    for name, fn in CHECKS.items():
+    if cfg.task.name != "classification":  # the checks that carry over, through the task's own loss and metric
+        from ..tasks import create_task
+        from .task_exam import run_task_checks
+
+        timings = run_task_checks(ex, create_task(cfg.task.name, cfg), console)
+    for name, fn in (CHECKS.items() if cfg.task.name == "classification" else ()):
         if opts.checks is not None and name not in opts.checks:
             continue
         if ex.abort:
@@ -883,7 +888,8 @@ def examine(
         new = ex.findings[n_before:]
         worst = max((f.rank for f in new), default=0)
         timings[name] = {"status": SEVERITIES[worst], "seconds": time.perf_counter() - t0}
-    reconcile(ex)
+    if cfg.task.name == "classification":
+        reconcile(ex)
     stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     diag = Diagnosis(ex.findings, checks=timings, results=ex.results, out=out,
                      title=f"visrec doctor: {ds.name}, model {cfg.model.name} ({stamp})")

@@ -1,0 +1,226 @@
+"""The playbook's checks that carry over to tasks other than classification, run through the task seam (the task's
+own targets, forward pass, loss and evaluation), so they work for localization, segmentation, detection and
+instance segmentation alike:
+
+- `data`: the task accepts the data (boxes, masks, one object per image, ...), the inputs are normalized;
+- `initial-loss`: finite, and near chance where the task knows chance (segmentation: ln(classes + 1));
+- `overfit`: a few training images, regularization off, until the task's own metric on those same images is near
+  its best (mAP, mIoU, localization accuracy near 1);
+- `lr-range`: the range test on the task's loss, the configured rate judged against it.
+
+Classification keeps its own, longer examination (`visrec.doctor.exam`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import ImageSet
+from ..device import seed_everything
+from ..training.optim import build_optimizer
+from ..training.setup import build_model
+from ..training.task import EvalSettings, Task
+from .findings import Finding
+from .lr_finder import default_range, lr_range_test
+
+OVERFIT_TARGET = 0.8  # the task's primary metric on the memorized images that counts as "overfit"
+
+
+class _TaskForward(nn.Module):
+    """A model and its task as one module whose input is (images, targets): the LR range test drives it."""
+
+    def __init__(self, model: nn.Module, task: Task):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, xy: tuple[torch.Tensor, Any]) -> Any:
+        return self.task.forward(self.model, *xy)
+
+
+def _subset(data: ImageSet, idx: torch.Tensor) -> ImageSet:
+    t = data.targets
+    targets = None if t is None else {k: (v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()])
+                                      for k, v in t.items()}
+    return ImageSet(data.images[idx], data.labels[idx], data.classes, targets=targets)
+
+
+def _move(t: Any, device: torch.device) -> Any:
+    if isinstance(t, dict):
+        return {k: _move(v, device) for k, v in t.items()}
+    return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+class TaskExam:
+    """The checks above, on an `Exam` (config, data, options, findings) and the run's task."""
+
+    def __init__(self, ex, task: Task):
+        self.ex, self.task = ex, task
+        task.check(ex.ds)  # a task that cannot learn from the data says why, with the fix, before anything runs
+        self.outputs = task.num_outputs(ex.ds)
+        ex.cfg.model.kwargs = {**task.model_kwargs(ex.ds, ex.cfg.model.name), **ex.cfg.model.kwargs}
+
+    def new_model(self, seed: int | None = None) -> nn.Module:
+        ex = self.ex
+        seed_everything(ex.opts.seed if seed is None else seed)
+        m, _, _ = build_model(ex.cfg, ex.ds, ex.normalizer, self.outputs, seed=seed, load_weights_from_config=False)
+        self.task.check_model(m, ex.ds)
+        return m.to(ex.device)
+
+    def batch(self, n: int, seed: int) -> tuple[torch.Tensor, Any, ImageSet]:
+        train = self.ex.ds.train
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+        part = _subset(train, idx)
+        x = self.ex.normalizer(part.images.to(self.ex.device))
+        return x, _move(self.task.targets(part), self.ex.device), part
+
+    # ---------------------------------------------------------------- checks
+
+    def check_data(self) -> None:
+        ex = self.ex
+        x, _, _ = self.batch(min(256, len(ex.ds.train)), 1)
+        mean, std = float(x.mean()), float(x.std())
+        ev = {"mean": round(mean, 3), "std": round(std, 3), "task": self.task.name}
+        if abs(mean) > 3 or std > 10 or std < 0.05:
+            ex.add("data", Finding("input-not-normalized", "warn", f"inputs reach the model with mean {mean:.3g} and "
+                                   f"std {std:.3g}", ev, "use --set data.normalize=channel"))
+        else:
+            ex.add("data", Finding("input-not-normalized", "ok", f"the {self.task.name} task accepts the data; inputs "
+                                   f"are normalized (mean {mean:.2f}, std {std:.2f})", ev))
+
+    def check_initial_loss(self) -> None:
+        ex = self.ex
+        model = self.new_model()
+        model.train()
+        x, y, _ = self.batch(min(16, len(ex.ds.train)), 2)
+        with torch.no_grad():
+            loss = float(self.task.loss(self.task.forward(model, x, y), y))
+        chance = self.chance_loss()
+        ev = {"observed": round(loss, 4), "expected": None if chance is None else round(chance, 4)}
+        ex.results["initial_loss"] = loss
+        if not math.isfinite(loss):
+            ex.add("initial-loss", Finding("non-finite-loss", "error", f"the {self.task.name} loss of a fresh model "
+                                           f"is {loss} before any step", ev,
+                                           "check the targets (boxes with area, masks of the image's size) and "
+                                           "normalize the input"))
+            ex.abort = True
+            return
+        if chance is not None and not 0.5 < loss / chance < 2:
+            ex.add("initial-loss", Finding("initial-loss-off", "warn", f"the initial loss is {loss:.4g}, but a "
+                                           f"network that knows nothing should score about {chance:.3f}", ev,
+                                           "scale the last layer's initialization down"))
+            return
+        near = f", near chance ({chance:.3f})" if chance is not None else ""
+        ex.add("initial-loss", Finding("initial-loss-off", "ok", f"the initial loss {loss:.3f} is finite{near}", ev))
+
+    def chance_loss(self) -> float | None:
+        if self.task.name == "segmentation":
+            return math.log(self.outputs)
+        return None
+
+    def check_overfit(self) -> None:
+        ex, task, o = self.ex, self.task, self.ex.opts
+        n = min(8, len(ex.ds.train))
+        steps = max(10, o.overfit_steps // 2)
+        x, y, part = self.batch(n, 5)
+        model = self.new_model()
+        cfg_opt = copy.deepcopy(ex.cfg.optim)
+        cfg_opt.weight_decay = 0.0
+        opt = build_optimizer(model, cfg_opt)
+        model.train()
+        first = last = math.nan
+        for i in range(steps):
+            loss = task.loss(task.forward(model, x, y), y)
+            if i == 0:
+                first = float(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if ex.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), ex.cfg.optim.grad_clip)
+            opt.step()
+            last = float(loss.detach())
+            if not math.isfinite(last):
+                break
+        r = task.evaluate(model, part, ex.normalizer, split="train", settings=EvalSettings(batch_size=64))
+        metric = getattr(task, "overfit_metric", task.primary)
+        value = r.metrics.get(metric, math.nan)
+        ev = {"examples": n, "steps": steps, "first_loss": round(first, 4), "last_loss": round(last, 4),
+              metric: round(value, 4) if math.isfinite(value) else None, "lr": cfg_opt.lr}
+        ex.results["overfit"] = {"success": bool(value >= OVERFIT_TARGET), **ev}
+        if math.isfinite(value) and value >= OVERFIT_TARGET:
+            ex.add("overfit", Finding("cannot-overfit", "ok", f"the model memorizes {n} training images: "
+                                      f"{metric} {value:.3f} on them after {steps} steps", ev))
+            return
+        ex.add("overfit", Finding(
+            "cannot-overfit", "warn",
+            f"after {steps} steps on {n} training images the model reaches only {metric} "
+            f"{value:.3f} on those same images (loss {first:.3g} -> {last:.3g}); a working setup memorizes them",
+            ev, "check the learning rate (the range test below), the targets, and that the model's head fits the "
+                "task; then train longer on the few images"))
+
+    def check_lr_range(self) -> None:
+        ex, task, c = self.ex, self.task, self.ex.cfg.optim
+        model = self.new_model()
+        wrapped = _TaskForward(model, task)
+        opt = build_optimizer(model, c)
+        bs = min(ex.cfg.train.batch_size, 16, len(ex.ds.train))
+        steps = max(20, ex.opts.lr_steps // 2)
+
+        def batch(i: int):
+            x, y, _ = self.batch(bs, 100 + i)
+            return (x, y), y
+
+        lo, hi = default_range(c.name, c.lr)
+        res = lr_range_test(wrapped, opt, batch, task.loss, lr_min=lo, lr_max=hi, steps=steps)
+        ex.results["lr_range"] = res
+        from .plots import plot_lr_finder
+
+        ex.plots.append(plot_lr_finder(res.lrs, res.smoothed, res.suggested, c.lr, ex.out / "plots" / "lr_finder.png"))
+        ev = {"configured_lr": c.lr, **res.to_dict()}
+        if not res.conclusive:
+            ex.add("lr-range", Finding("lr-range-inconclusive", "info", f"the range test is inconclusive: the loss "
+                                       f"fell only {res.drop:.0%} at any rate between {lo:.0e} and {hi:.0e}", ev))
+        elif res.lr_diverged is not None and c.lr >= res.lr_diverged:
+            ex.add("lr-range", Finding("lr-too-high", "warn", f"the learning rate {c.lr:g} is past the point where "
+                                       f"the {task.name} loss blows up ({res.lr_diverged:.2g})", ev,
+                                       f"lower it: --lr {res.suggested:.2g}"))
+        elif c.lr < res.lr_at_min / 100:
+            ex.add("lr-range", Finding("lr-too-low", "warn", f"the learning rate {c.lr:g} is "
+                                       f"{res.lr_at_min / c.lr:.0f}x below the best range (lowest loss near "
+                                       f"{res.lr_at_min:.2g})", ev, f"raise it: --lr {res.suggested:.2g}"))
+        else:
+            ex.add("lr-range", Finding("lr-too-high", "ok", f"the learning rate {c.lr:g} is inside the useful range "
+                                       f"(the {task.name} loss falls fastest up to about {res.lr_at_min:.2g})", ev))
+
+
+TASK_CHECKS = ("data", "initial-loss", "overfit", "lr-range")
+
+
+def run_task_checks(ex, task: Task, console=None) -> dict[str, dict[str, Any]]:
+    """Run TASK_CHECKS (or the subset in ex.opts.checks); returns each check's status and seconds."""
+    import time
+
+    from .findings import SEVERITIES
+
+    te = TaskExam(ex, task)
+    fns = {"data": te.check_data, "initial-loss": te.check_initial_loss, "overfit": te.check_overfit,
+           "lr-range": te.check_lr_range}
+    timings: dict[str, dict[str, Any]] = {}
+    for name in TASK_CHECKS:
+        if ex.opts.checks is not None and name not in ex.opts.checks:
+            continue
+        if ex.abort:
+            timings[name] = {"status": "skipped (an earlier check found a blocking problem)", "seconds": 0.0}
+            continue
+        if console is not None:
+            console.print(f"[dim]doctor: {name}...[/dim]")
+        t0 = time.perf_counter()
+        n_before = len(ex.findings)
+        fns[name]()
+        worst = max((f.rank for f in ex.findings[n_before:]), default=0)
+        timings[name] = {"status": SEVERITIES[worst], "seconds": time.perf_counter() - t0}
+    return timings
