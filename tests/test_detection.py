@@ -217,6 +217,9 @@ def test_bad_input_is_named(scenes, tmp_path):
     # the detector's recipe is the task's default, and anything given overrides it
     cfg = resolve_config(None, ["task.name=detection", "optim.lr=0.005"])
     assert cfg.optim.name == "momentum" and cfg.optim.lr == 0.005 and cfg.train.batch_size == 16
+    assert cfg.model.name == "fasterrcnn_resnet18"  # `--task detection` alone gets a detector
+    assert resolve_config(None, ["task.name=instance"], options={"model.name": "maskrcnn_resnet50"}
+                          ).model.name == "maskrcnn_resnet50"
     assert resolve_config(None, [], options={"task.name": "classification"}).optim.lr == 0.2
 
 
@@ -245,3 +248,44 @@ def test_the_doctor_examines_detection_through_the_task(scenes, tmp_path):
     with pytest.raises(VisrecError, match="needs boxes"):
         examine("synthetic:classes=3,size=8,train=30,test=9", model="fasterrcnn_resnet18",
                 overrides={"task.name": "detection"}, out=tmp_path / "doc2")
+
+
+def test_a_users_coco_folder_with_category_zero_and_negatives_trains_a_detector(tmp_path):
+    import numpy as np
+
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        images, anns = [], []
+        for i in range(1, n + 1):
+            w, h = (40, 32) if i % 2 else (48, 36)  # two sizes: data.image_size resizes them, boxes with them
+            a = rng.integers(0, 40, (h, w), dtype=np.uint8)
+            if i % 4:  # every fourth image is a negative
+                a[4:20, 6:22] = 220
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 0 if i % 3 else 7,
+                             "bbox": [6, 4, 16, 16], "area": 256, "iscrowd": 0})
+            Image.fromarray(a).save(root / "images" / f"{split}{i}.png")
+            images.append({"id": i, "file_name": f"{split}{i}.png", "width": w, "height": h})
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": anns,
+             "categories": [{"id": 0, "name": "zero"}, {"id": 7, "name": "seven"}]}))
+    run = visrec.train(f"coco:{root}", model="fasterrcnn_resnet18", task="detection", epochs=1, out="runs/mine",
+                       progress=False, overrides={**FAST, "model.kwargs": SMALL_INPUT, "data.image_size": 32})
+    assert run.summary["status"] == "completed"
+    gt = json.loads((run.path / "ground_truth_test.json").read_text())
+    assert [c["name"] for c in gt["categories"]] == ["zero", "seven"]  # visrec's "(no object)" is not a category
+    assert len(gt["images"]) == 4 and len(gt["annotations"]) == 3  # the val file is the test split; one negative
+    assert all(a["bbox"][2] == pytest.approx(16 * 32 / 40, abs=0.01) or a["bbox"][2] == pytest.approx(16 * 32 / 48,
+                                                                                                       abs=0.01)
+               for a in gt["annotations"])  # boxes resized with their images, written as xywh
+
+
+def test_a_search_tunes_a_detector_by_its_map(scenes, tmp_path):
+    sets = [f"{k}={v}" for k, v in {**FAST, **{f"model.kwargs.{k}": v for k, v in SMALL_INPUT.items()}}.items()]
+    res = CliRunner().invoke(app, ["tune", f"coco:{scenes}", "--task", "detection", "--model", "fasterrcnn_resnet18",
+                                   "--trials", "2", "--epochs", "1", "--out", str(tmp_path / "s"),
+                                   *[a for s in sets for a in ("--set", s)]])
+    assert res.exit_code == 0, res.output
+    assert "val map" in res.output and "batch_size" in res.output  # ranked by mAP, in the detector space

@@ -341,6 +341,7 @@ def tune(
     epochs: Annotated[int | None, typer.Option(help="Epochs per trial (coarse-to-fine: a third in the coarse "
                                                     "stage).")] = None,
     model: ModelOpt = None,
+    task: TaskOpt = None,
     preset: Annotated[str | None, typer.Option(help="Preset every trial starts from.")] = None,
     set_: SetOpt = None,
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite file in the study "
@@ -371,7 +372,8 @@ def tune(
     if dataset is None:
         raise VisrecError("give the DATASET to search on", "for example: visrec tune fashion-mnist --trials 20")
     spec = T.create_study(dataset, space=space, trials=trials, strategy=strategy, epochs=epochs, model=model,
-                          preset=preset, overrides=set_ or [], storage=storage, study=study, out=out_dir,
+                          preset=preset, overrides=[*(set_ or []), *([f"task.name={task}"] if task else [])],
+                          storage=storage, study=study, out=out_dir,
                           pruner=pruner, seed=seed, heartbeat=heartbeat)
     if spec.previous_trials:
         err.print(f"study {spec.name} already holds {spec.previous_trials} trial(s): adding {trials} with new "
@@ -415,10 +417,16 @@ def _print_leaderboard(spec) -> None:
     keys = list(spec.space)
     staged = spec.strategy == "coarse-to-fine"
     t = Table(title=f"study {spec.name} ({spec.strategy})")
-    for col in ("#", *(["stage"] if staged else []), "val", "ep", *(k.split(".")[-1] for k in keys), "s"):
+    from .tasks import TASKS
+    from .training.callbacks import format_metric
+
+    task = (spec.base.get("task") or {}).get("name", "classification")
+    metric = TASKS[task].primary if task in TASKS else "value"
+    for col in ("#", *(["stage"] if staged else []), f"val {metric}", "ep", *(k.split(".")[-1] for k in keys), "s"):
         t.add_column(col, overflow="fold")
-    for r in rows:
-        t.add_row(str(r["number"]), *([r["stage"]] if staged else []), _pct(r["val_acc"]), str(r["epochs"]),
+    for r in rows:  # `val_acc` holds each trial's value of the task's primary metric
+        t.add_row(str(r["number"]), *([r["stage"]] if staged else []), format_metric(metric, r["val_acc"]),
+                  str(r["epochs"]),
                   *[f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys],
                   str(r["seconds"]))
     out.print(t)

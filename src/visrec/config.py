@@ -539,7 +539,13 @@ _DETECTOR_RECIPE: dict[str, Any] = {
     "schedule.name": "cosine", "schedule.warmup_epochs": 0.3, "schedule.start_factor": 0.01,
     "train.batch_size": 16, "train.epochs": 12, "eval.tta": "none",
 }
-TASK_RECIPES: dict[str, dict[str, Any]] = {"detection": _DETECTOR_RECIPE, "instance": _DETECTOR_RECIPE}
+TASK_RECIPES: dict[str, dict[str, Any]] = {  # with a model of the task's kind, so `--task` alone trains
+    "detection": {"model.name": "fasterrcnn_resnet18", **_DETECTOR_RECIPE},
+    "instance": {"model.name": "maskrcnn_resnet18", **_DETECTOR_RECIPE},
+    # every image holds thousands of pixel examples: small batches (more steps for the same pixels) train a U-Net
+    # far faster than classification's 256 (3 epochs of 3,000 scenes: mIoU 0.11 at 256, 0.37 at 16 with lr 0.1)
+    "segmentation": {"model.name": "unet", "train.batch_size": 16, "optim.lr": 0.1},
+}
 
 
 def _task_name(preset: dict[str, Any], items: list[tuple[str, Any]], options: dict[str, Any] | None) -> str | None:

@@ -59,6 +59,14 @@ DEFAULT_SPACE = {
     "loss.label_smoothing": {"uniform": [0.0, 0.2]},
     "train.batch_size": {"categorical": [64, 128, 256]},
 }
+# Tasks whose recipe lives elsewhere search around it: a detector trains at learning rates near 0.02 in batches
+# of 16 (label smoothing does not reach its losses).
+_DETECTOR_SPACE = {
+    "optim.lr": {"loguniform": [0.002, 0.08]},
+    "optim.weight_decay": {"loguniform": [1.0e-5, 1.0e-3]},
+    "train.batch_size": {"categorical": [8, 16, 32]},
+}
+TASK_SPACES = {"detection": _DETECTOR_SPACE, "instance": _DETECTOR_SPACE}
 
 
 # ---------------------------------------------------------------- search spaces
@@ -431,8 +439,8 @@ def create_study(data: str, *, space: dict[str, Any] | str | Path | None = None,
         raise VisrecError(f"--trials {trials} must be at least 1")
     if heartbeat < 1:
         raise VisrecError(f"--heartbeat {heartbeat} must be at least 1 second")
-    params = parse_space(space)
     cfg = resolve_config(preset, overrides)
+    params = parse_space(space if space is not None else TASK_SPACES.get(cfg.task.name))
     cfg.data.name = data
     if model:
         cfg.model.name = model
@@ -508,14 +516,17 @@ class TrialWatch:
     """Observer of one trial's training: reports the task's primary validation metric per epoch for pruning, and
     stops a trial whose loss blows up (the course's rule: more than 3x the initial loss, or not finite)."""
 
-    def __init__(self, trial, initial_loss: float):
-        self.trial, self.initial_loss = trial, initial_loss
-        self.reason: str | None = None
+    def __init__(self, trial, initial_loss: float | None):
+        self.trial, self.initial_loss = trial, initial_loss  # None: the first logged window's loss (a task whose
+        self.reason: str | None = None  # chance loss is not known, e.g. a detector's sum of terms)
 
     def on_train_start(self, state) -> None: ...
 
     def on_window(self, state, record) -> None:
         loss = record["loss"]
+        if self.initial_loss is None and math.isfinite(loss):
+            self.initial_loss = loss
+            return
         if not math.isfinite(loss) or loss > 3 * self.initial_loss:
             self.reason = (f"loss {loss:.4g} at step {record['step']} exceeds 3x the initial loss "
                            f"({self.initial_loss:.3g}): the learning rate is too high")
@@ -566,8 +577,12 @@ class Worker:
         if key not in self._datasets:
             self._datasets[key] = dataset_from_config(cfg)
         ds = self._datasets[key]
-        initial = math.log(ds.num_classes) if cfg.loss.name == "cross_entropy" else (ds.num_classes - 1) * \
-            cfg.loss.margin
+        if cfg.task.name != "classification":
+            initial = None
+        elif cfg.loss.name == "cross_entropy":
+            initial = math.log(ds.num_classes)
+        else:
+            initial = (ds.num_classes - 1) * cfg.loss.margin
         watch = TrialWatch(trial, initial)
         stage = trial.user_attrs.get("stage", "trial")
         out = self.folder / f"{stage}-{trial.number:04d}"
