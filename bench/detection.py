@@ -36,11 +36,12 @@ def main() -> None:
                                                           *args.set])
             s = run.summary
             ev = json.loads((run.path / "summary.json").read_text())
+            per_class = (run.path / "per_class_ap.csv").read_text()
         row = {"model": name, "epochs": int(epochs), "scenes": args.scenes, "test_map": s["test_map"],
                "test_map50": s["test_map50"], "test_map75": s["test_map75"], "test_ar100": s["test_ar100"],
                "ms_per_image": s["test_ms_per_image"], "train_seconds": s["train_seconds"],
                "n_test": s["n_test"], "eval_seconds": s.get("test_seconds"), "min_size": ev.get("min_size"),
-               "object_sizes": ev.get("object_sizes")}
+               "object_sizes": ev.get("object_sizes"), "per_class_ap": per_class}
         rows.append(row)
         print(f"  {name:22s} {epochs:>2s} ep: mAP {s['test_map']:.3f}  mAP@.5 {s['test_map50']:.3f}  "
               f"mAP@.75 {s['test_map75']:.3f}  AR@100 {s['test_ar100']:.3f}  {s['test_ms_per_image']:.1f} ms/image  "
