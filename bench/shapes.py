@@ -4,10 +4,13 @@ shapes demo (which reports 0.95 mAP@.5): box and mask mAP on the test split, 2 C
     python bench/shapes.py
 """
 
-import json, tempfile
+import json
+import tempfile
 from pathlib import Path
+
 import visrec
 from baseline import machine
+
 print(f"machine: {machine()}", flush=True)
 with tempfile.TemporaryDirectory() as tmp:
     run = visrec.train("scenes:shapes", task="instance", epochs=3, out=Path(tmp) / "run", progress=False,
