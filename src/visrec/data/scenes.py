@@ -73,6 +73,22 @@ def _objects(source: str, data_dir=None) -> tuple[dict[str, tuple[torch.Tensor, 
     return out, raw.classes
 
 
+def _place(rng: np.random.Generator, placed: list[dict], size: int, min_side: int
+           ) -> tuple[float, tuple[int, int, int, int]] | None:
+    """(scale, square box) for a new object, 0.5-1.5x the base size, overlapping no placed one by IoU > MAX_IOU;
+    None after 20 tries."""
+    for _try in range(20):
+        scale = float(rng.uniform(0.5, 1.5))
+        side = max(min_side, round(BASE * scale * size / 64))
+        if side >= size:
+            continue
+        x0, y0 = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+        box = (x0, y0, x0 + side, y0 + side)
+        if all(_iou(box, p["box"]) <= MAX_IOU for p in placed):
+            return scale, box
+    return None
+
+
 def _shape_mask(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
     """A filled circle, square or triangle (apex up, or rotated by a random multiple of 90 degrees) in side x side."""
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) + 0.5
@@ -90,16 +106,11 @@ def _shapes_scene(rng: np.random.Generator, size: int, max_objects: int):
     canvas = (rng.integers(0, 256, 3) * 0.5 + rng.normal(0, 20, (size, size, 3))).clip(0, 255).astype(np.float32)
     placed: list[dict] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        for _try in range(20):
-            side = max(6, round(BASE * float(rng.uniform(0.5, 1.5)) * size / 64))
-            if side >= size:
-                continue
-            x0, y0 = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
-            box = (x0, y0, x0 + side, y0 + side)
-            if all(_iou(box, p["box"]) <= MAX_IOU for p in placed):
-                break
-        else:
+        spot = _place(rng, placed, size, 6)
+        if spot is None:
             continue
+        _, box = spot
+        x0, y0, side = box[0], box[1], box[2] - box[0]
         label = int(rng.integers(len(SHAPES)))
         shape = _shape_mask(SHAPES[label], side, rng)
         full = np.zeros((size, size), bool)
@@ -136,17 +147,11 @@ def _scene(rng: np.random.Generator, images: torch.Tensor, labels: torch.Tensor,
     canvas = _background(rng, size)
     placed: list[dict] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        for _try in range(20):
-            scale = float(rng.uniform(0.5, 1.5))
-            side = max(4, round(BASE * scale * size / 64))
-            if side >= size:
-                continue
-            x0, y0 = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
-            box = (x0, y0, x0 + side, y0 + side)
-            if all(_iou(box, p["box"]) <= MAX_IOU for p in placed):
-                break
-        else:
+        spot = _place(rng, placed, size, 4)
+        if spot is None:
             continue
+        scale, box = spot
+        x0, y0, side = box[0], box[1], box[2] - box[0]
         i = int(rng.integers(len(labels)))
         obj = F.interpolate(images[i][None, None].float(), size=(side, side), mode="bilinear",
                             antialias=True)[0, 0].numpy()
