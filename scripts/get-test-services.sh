@@ -1,7 +1,8 @@
 #!/bin/sh
 # What the tests need beyond Python packages: PostgreSQL (Debian's package) for the multi-machine hyperparameter
-# search, whose tests start their own server; Chromium, headless, that opens report.html. Found -> nothing;
-# Debian/Ubuntu as root -> installed; otherwise the tests that need them say they skip.
+# search, whose tests start their own server; Chromium, headless, that Playwright drives to open report.html and
+# the served web page. Found -> nothing; Debian/Ubuntu as root -> installed; otherwise the tests that need them
+# say they skip.
 can_install() {
     [ -f /etc/debian_version ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
 }
@@ -24,9 +25,9 @@ fi
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
     echo "chromium: found"
 elif can_install; then
-    echo "chromium: installing the Debian package (headless, for the report test)"
-    install chromium || echo "chromium: could not be installed; the report's browser test will be skipped"
+    echo "chromium: installing the Debian package (headless, for the browser tests)"
+    install chromium || echo "chromium: could not be installed; the browser tests will be skipped"
 else
-    echo "chromium: not installed and cannot install it here; the report's browser test will be skipped"
+    echo "chromium: not installed and cannot install it here; the browser tests will be skipped"
 fi
 exit 0

@@ -5,6 +5,7 @@ bad input named."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -184,6 +185,25 @@ def test_predict_draws_boxes_and_writes_coco_results(instance_run, tmp_path):
     for o in doc[0]["objects"]:
         x0, y0, x1, y1 = o["box"]
         assert 0 <= x0 <= x1 <= 70 and 0 <= y0 <= y1 <= 50  # boxes in the input's own pixels
+
+
+def test_a_served_instance_run_answers_with_objects_masks_and_no_onnx(instance_run):
+    from visrec.serve.model import ServedModel
+
+    m = ServedModel(instance_run.path, min_score=0.0).load()
+    buf = io.BytesIO()
+    Image.fromarray((torch.rand(50, 70) * 255).byte().numpy(), "L").save(buf, format="PNG")
+    item = m.prepare(buf.getvalue(), "scene.png")
+    assert (item.width, item.height) == (70, 50) and item.x.shape[-2:] == (50, 70)  # kept at its own size
+    r = m.infer([item, item])[0]
+    assert r["objects"] and all(o["class"] in m.classes and "mask" in o for o in r["objects"])
+    for o in r["objects"]:
+        x0, y0, x1, y1 = o["box"]
+        assert 0 <= x0 <= x1 <= 70 and 0 <= y0 <= y1 <= 50
+    overlay = Image.open(io.BytesIO(base64.b64decode(r["mask"].split(",", 1)[1])))
+    assert overlay.size == (70, 50) and overlay.mode == "RGBA"
+    with pytest.raises(VisrecError, match="no ONNX export"):
+        ServedModel(instance_run.path, backend="onnx")
 
 
 def test_detection_runs_single_stage_models_and_resumes(scenes, tmp_path):

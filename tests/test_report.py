@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import visrec
-from browser import Browser, find_chromium
+from browser import find_chromium, launch
 from visrec.cli import app
 from visrec.doctor import TrainingMonitor
 from visrec.errors import VisrecError
@@ -48,26 +48,26 @@ def test_training_writes_a_self_contained_report(run):
 
 @pytest.mark.skipif(find_chromium() is None, reason="needs a chromium binary (Debian: apt-get install chromium)")
 def test_report_loads_in_headless_chromium(run, tmp_path):
-    browser = Browser(find_chromium())
-    try:
-        browser.load((run.path / "report.html").resolve().as_uri())
-        assert browser.errors() == []
-        n, decoded = browser.evaluate("[document.images.length, Array.from(document.images).filter("
-                                      "i => i.complete && i.naturalWidth > 0).length]")
+    with launch() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 2000})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((run.path / "report.html").resolve().as_uri())
+        assert errors == []
+        n, decoded = page.evaluate("[document.images.length, Array.from(document.images).filter("
+                                   "i => i.complete && i.naturalWidth > 0).length]")
         assert n >= 6 and decoded == n
-        assert browser.evaluate("document.title").startswith("visrec report")
-        shot = Image.open(browser.screenshot(tmp_path / "report.png"))
+        assert page.title().startswith("visrec report")
+        shot = Image.open(io.BytesIO(page.screenshot(full_page=True)))
         assert shot.size[0] >= 1000 and shot.size[1] > 2000  # the whole page, not an empty viewport
         # the checks can fail: a broken image and a console error are caught
         bad = tmp_path / "bad.html"
         bad.write_text('<html><body><img src="data:image/png;base64,AAAA"><script>console.error("boom")</script>'
                        "</body></html>")
-        browser.events.clear()
-        browser.load(bad.as_uri())
-        assert any("boom" in e for e in browser.errors())
-        assert browser.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 0).length") == 0
-    finally:
-        browser.close()
+        page.goto(bad.as_uri())
+        assert any("boom" in e for e in errors)
+        assert page.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 0).length") == 0
 
 
 def test_visrec_report_regenerates_and_reports_bad_input(run, tmp_path):

@@ -26,7 +26,7 @@ _EXPORTS = {
 }
 _SUBPACKAGES = {"doctor", "data", "models", "training", "tasks", "explain", "classic", "config", "runs", "fit",
                 "report", "transfer", "ensemble", "tune", "export", "evaluate", "device", "io", "checkpoint", "errors",
-                "plotting", "cli"}
+                "plotting", "cli", "serve"}
 
 __all__ = [
     "Callback", "Config", "Dataset", "ImageSet", "Run", "Task", "Trainer", "VisrecError", "__version__", "create_model",

@@ -761,6 +761,41 @@ def export(
 
 
 @app.command()
+def serve(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to serve (the first answers by default).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    token: Annotated[str | None, typer.Option(
+        help="Require `Authorization: Bearer TOKEN` on the API and /metrics (default: $VISREC_TOKEN if set).",
+        envvar="VISREC_TOKEN")] = None,
+    max_batch: Annotated[int, typer.Option(help="Images per forward pass at most (1 turns batching off).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to join its batch.")] = 5.0,
+    backend: Annotated[str, typer.Option(help="torch, or onnx (the run's ONNX export through onnxruntime).")
+                       ] = "torch",
+    max_bytes: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 10 * 1024 * 1024,
+    max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 16,
+    max_pixels: Annotated[int | None, typer.Option(
+        help="Images whose header claims more pixels are refused unread (default: the run's data.max_pixels).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take before it gets 504.")] = 30.0,
+    tta: Annotated[str | None, typer.Option(help="Test-time augmentation (default: the run's own eval.tta).")
+                   ] = None,
+    checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
+    min_score: Annotated[float, typer.Option(help="Detection runs: the lowest score of an object returned.")] = 0.5,
+) -> None:
+    """Serve trained runs: a JSON API (POST /v1/predict, GET /v1/models, /healthz, /readyz, /metrics) and a web
+    page at / where a person drops photos and sees the predictions and why. Listens on 127.0.0.1 unless told
+    otherwise; concurrent requests are batched into one forward pass; SIGTERM lets in-flight requests finish."""
+    from .serve import ServeSettings
+    from .serve import serve as run_server
+
+    run_server([str(r) for r in runs], ServeSettings(
+        host=host, port=port, token=token or None, max_batch=max_batch, max_wait_ms=max_wait_ms, backend=backend,
+        max_bytes=max_bytes, max_images=max_images, max_pixels=max_pixels, timeout_s=timeout, tta=tta,
+        which=checkpoint, min_score=min_score))
+
+
+@app.command()
 def validate(
     data: Annotated[str, typer.Argument(help="Image folder (PATH or folder:PATH), coco:PATH or yolo:PATH to scan.")],
     max_pixels: Annotated[int, typer.Option(help="Pixels above which an image is a decompression bomb.")] = 89_478_485,

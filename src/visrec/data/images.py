@@ -9,10 +9,12 @@ grayscale only when asked for explicitly.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -31,11 +33,13 @@ def is_image_file(path: Path) -> bool:
 MAX_PIXELS = 89_478_485  # Pillow's default: larger headers are treated as decompression bombs
 
 
-def peek(path: Path, max_pixels: int | None = None, limit_option: str = "--set data.max_pixels=N"
-         ) -> tuple[str, tuple[int, int]]:
+def peek(path: Path | BinaryIO, max_pixels: int | None = None, limit_option: str = "--set data.max_pixels=N",
+         name: str | None = None) -> tuple[str, tuple[int, int]]:
     """(mode, (width, height)) from the header, without decoding the pixels; refuses decompression bombs
-    (more than `max_pixels`, default MAX_PIXELS). `limit_option` is how the caller's user raises the limit."""
+    (more than `max_pixels`, default MAX_PIXELS). `limit_option` is how the caller's user raises the limit.
+    `path` may be an open binary file; `name` is what errors call it (default: the path)."""
     limit = max_pixels or MAX_PIXELS
+    name = name or str(path)
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limit  # Pillow's own guard must not be stricter than the one asked for
     try:
@@ -43,11 +47,17 @@ def peek(path: Path, max_pixels: int | None = None, limit_option: str = "--set d
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 mode, (w, h) = im.mode, im.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise VisrecError(f"cannot read image {path}: {e}", "remove or replace the file (visrec validate DATA "
+    except Image.DecompressionBombError as e:  # Pillow refuses twice its own limit before telling the size
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        claims = f"{int(found.group(1)):,}" if found else "far too many"
+        raise VisrecError(f"image {name} claims {claims} pixels, above the {limit:,} limit "
+                          "(a decompression bomb, or a genuinely huge image)",
+                          f"remove it, downscale it, or raise the limit with {limit_option}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise VisrecError(f"cannot read image {name}: {e}", "remove or replace the file (visrec validate DATA "
                           "lists every bad file at once)") from None
     if w * h > limit:
-        raise VisrecError(f"image {path} claims {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
+        raise VisrecError(f"image {name} claims {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
                           "(a decompression bomb, or a genuinely huge image)",
                           f"remove it, downscale it, or raise the limit with {limit_option}")
     return mode, (w, h)
@@ -69,8 +79,9 @@ def _flatten_alpha(im: Image.Image, background: tuple[int, int, int] = (255, 255
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
-def decode(path: Path, channels: int, size: int | None = None) -> np.ndarray:
-    """Decode one file to uint8 (H, W, channels), converting its mode as the module doc says."""
+def decode(path: Path | BinaryIO, channels: int, size: int | None = None, name: str | None = None) -> np.ndarray:
+    """Decode one file (a path or an open binary file, called `name` in errors) to uint8 (H, W, channels),
+    converting its mode as the module doc says."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -85,7 +96,7 @@ def decode(path: Path, channels: int, size: int | None = None) -> np.ndarray:
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             a = np.array(im, dtype=np.uint8)  # a writable copy, detached from the file
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise VisrecError(f"cannot decode image {path}: {e}", "remove or replace the file") from None
+        raise VisrecError(f"cannot decode image {name or path}: {e}", "remove or replace the file") from None
     return a[:, :, None] if a.ndim == 2 else a
 
 
