@@ -304,21 +304,21 @@ def test_every_request_is_logged_in_one_line_without_content(server, client, ima
 
 
 def test_sigterm_lets_the_request_in_flight_finish(run, images, tmp_path):
-    s = ServerProcess([str(run.path), "--max-wait-ms", "3000", "--max-batch", "8"], tmp_path / "server.log")
-    result: dict = {}
-
-    def call():
-        result["r"] = httpx.post(s.url + "/v1/predict", content=png_bytes(images[0]), timeout=60)
-
-    t = threading.Thread(target=call)
-    t.start()
-    deadline = time.monotonic() + 30
-    while "visrec_in_flight 1.0" not in httpx.get(s.url + "/metrics").text:  # the request is inside the server
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    s.proc.send_signal(signal.SIGTERM)
-    t.join(60)
-    assert result["r"].status_code == 200 and result["r"].json()["results"][0]["top"]
+    s = ServerProcess([str(run.path)], tmp_path / "server.log")
+    body = png_bytes(images[0])
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as conn:
+        conn.sendall(head + body[:20])  # half a request: the server is now waiting for the rest of the body
+        deadline = time.monotonic() + 30
+        while "visrec_in_flight 1.0" not in httpx.get(s.url + "/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # shutdown has begun: new connections are refused from here on
+        conn.sendall(body[20:])
+        response = _read_rest(conn, b"")
+    assert response.startswith(b"HTTP/1.1 200") and b'"top"' in response
     assert s.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught once it has shut down
     assert "shut down" in s.log.read_text()
 
@@ -356,6 +356,31 @@ def test_batcher_joins_waiting_requests_and_fails_only_the_bad_one():
     # the first job ran alone; the three small jobs that waited meanwhile joined one batch (4 images) and the big
     # one (5 more would pass max_batch 8) waited for the next; the failed batch was retried job by job
     assert seen == [[1], [2, 1, 1], [2], [1], [1], [5]]
+
+
+def test_a_request_past_its_timeout_gets_timeout_and_its_job_is_skipped():
+    gate = threading.Event()
+    ran: list[list] = []
+
+    def run_batch(jobs):
+        ran.append([j.items for j in jobs])
+        gate.wait(10)
+        return [j.items for j in jobs]
+
+    b = Batcher(run_batch, max_batch=4, max_wait_ms=0)
+
+    async def main():
+        first = asyncio.ensure_future(b.submit(["slow"]))
+        while not ran:
+            await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):
+            await b.submit(["late"], timeout=0.05)  # the worker is busy with "slow"
+        gate.set()
+        return await first, await b.submit(["next"], timeout=5)
+
+    assert asyncio.run(main()) == (["slow"], ["next"])
+    b.stop()
+    assert ran == [[["slow"]], [["next"]]]  # "late" gave up before its turn and never ran
 
 
 def test_onnx_backend_answers_like_torch(run, images):

@@ -8,6 +8,7 @@ keys are errors that list the valid ones. The resolved config is written into ev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -261,7 +262,13 @@ class Config:
 
 
 def _field_types(obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj), include_extras=True)
+    return _class_field_types(type(obj))
+
+
+@functools.cache
+def _class_field_types(cls: type) -> dict[str, Any]:
+    """A config section's field types, resolved once per class (resolving them took 15 ms per config read)."""
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

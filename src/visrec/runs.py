@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import re
@@ -126,6 +127,7 @@ class Run:
             raise VisrecError(f"{self.path} is not a visrec run folder (it has no config.yaml)",
                               "give the folder a `visrec train` run wrote, e.g. runs/<name>")
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
+        self._config: tuple[tuple[int, int], Config] | None = None
 
     @property
     def name(self) -> str:
@@ -133,7 +135,14 @@ class Run:
 
     @property
     def config(self) -> Config:
-        return Config.from_dict(yaml.safe_load((self.path / "config.yaml").read_text()), str(self.path / "config.yaml"))
+        """The run's resolved config (a fresh copy: changing it changes nothing on disk), read again when the file
+        changes."""
+        path = self.path / "config.yaml"
+        st = path.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        if self._config is None or self._config[0] != stamp:
+            self._config = (stamp, Config.from_dict(yaml.safe_load(path.read_text()), str(path)))
+        return copy.deepcopy(self._config[1])
 
     @property
     def summary(self) -> dict[str, Any]:

@@ -8,10 +8,12 @@ grayscale only when asked for explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -33,11 +35,12 @@ def is_image_file(path: Path) -> bool:
 MAX_PIXELS = 89_478_485  # Pillow's default: larger headers are treated as decompression bombs
 
 
-def peek(path: Path | BinaryIO, max_pixels: int | None = None, limit_option: str = "--set data.max_pixels=N",
-         name: str | None = None) -> tuple[str, tuple[int, int]]:
-    """(mode, (width, height)) from the header, without decoding the pixels; refuses decompression bombs
-    (more than `max_pixels`, default MAX_PIXELS). `limit_option` is how the caller's user raises the limit.
-    `path` may be an open binary file; `name` is what errors call it (default: the path)."""
+@contextlib.contextmanager
+def open_checked(path: Path | BinaryIO, max_pixels: int | None = None, limit_option: str = "--set data.max_pixels=N",
+                 name: str | None = None) -> Iterator[Image.Image]:
+    """The image opened, its header read and its pixels not yet decoded; refuses decompression bombs (more than
+    `max_pixels`, default MAX_PIXELS). `limit_option` is how the caller's user raises the limit. `path` may be an
+    open binary file; `name` is what errors call it (default: the path)."""
     limit = max_pixels or MAX_PIXELS
     name = name or str(path)
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
@@ -45,8 +48,7 @@ def peek(path: Path | BinaryIO, max_pixels: int | None = None, limit_option: str
     try:
         with warnings.catch_warnings():  # the limit is ours to report, once, below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                mode, (w, h) = im.mode, im.size
+            im = Image.open(path)
     except Image.DecompressionBombError as e:  # Pillow refuses twice its own limit before telling the size
         found = re.search(r"\((\d+) pixels\)", str(e))
         claims = f"{int(found.group(1)):,}" if found else "far too many"
@@ -56,11 +58,20 @@ def peek(path: Path | BinaryIO, max_pixels: int | None = None, limit_option: str
     except (UnidentifiedImageError, OSError) as e:
         raise VisrecError(f"cannot read image {name}: {e}", "remove or replace the file (visrec validate DATA "
                           "lists every bad file at once)") from None
-    if w * h > limit:
-        raise VisrecError(f"image {name} claims {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
-                          "(a decompression bomb, or a genuinely huge image)",
-                          f"remove it, downscale it, or raise the limit with {limit_option}")
-    return mode, (w, h)
+    with im:
+        w, h = im.size
+        if w * h > limit:
+            raise VisrecError(f"image {name} claims {w}x{h} = {w * h:,} pixels, above the {limit:,} limit "
+                              "(a decompression bomb, or a genuinely huge image)",
+                              f"remove it, downscale it, or raise the limit with {limit_option}")
+        yield im
+
+
+def peek(path: Path | BinaryIO, max_pixels: int | None = None, limit_option: str = "--set data.max_pixels=N",
+         name: str | None = None) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) from the header, without decoding the pixels (see `open_checked`)."""
+    with open_checked(path, max_pixels, limit_option, name) as im:
+        return im.mode, im.size
 
 
 def _to_8bit_gray(im: Image.Image) -> Image.Image:
@@ -79,25 +90,32 @@ def _flatten_alpha(im: Image.Image, background: tuple[int, int, int] = (255, 255
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
+def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """An opened image as uint8 (H, W, channels), converted as the module doc says; `size` resizes it (bilinear) to
+    size x size, or to (width, height)."""
+    im = ImageOps.exif_transpose(im)
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        im = _flatten_alpha(im)
+    if channels == 1:
+        im = _to_8bit_gray(im) if im.mode in GRAY_MODES else im.convert("L")
+    else:
+        im = _to_8bit_gray(im).convert("RGB") if im.mode in GRAY_MODES else im.convert("RGB")
+    wh = (size, size) if isinstance(size, int) else size
+    if wh is not None and im.size != tuple(wh):
+        im = im.resize(tuple(wh), Image.Resampling.BILINEAR)
+    a = np.array(im, dtype=np.uint8)  # a writable copy, detached from the file
+    return a[:, :, None] if a.ndim == 2 else a
+
+
 def decode(path: Path | BinaryIO, channels: int, size: int | None = None, name: str | None = None) -> np.ndarray:
     """Decode one file (a path or an open binary file, called `name` in errors) to uint8 (H, W, channels),
     converting its mode as the module doc says."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-            if has_alpha:
-                im = _flatten_alpha(im)
-            if channels == 1:
-                im = _to_8bit_gray(im) if im.mode in GRAY_MODES else im.convert("L")
-            else:
-                im = _to_8bit_gray(im).convert("RGB") if im.mode in GRAY_MODES else im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            a = np.array(im, dtype=np.uint8)  # a writable copy, detached from the file
+            return to_array(im, channels, size)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise VisrecError(f"cannot decode image {name or path}: {e}", "remove or replace the file") from None
-    return a[:, :, None] if a.ndim == 2 else a
 
 
 def native_channels(mode: str) -> int:

@@ -2,9 +2,10 @@
 
 A request submits its prepared images as one job and awaits an asyncio future. The worker takes the first job
 waiting, then keeps taking jobs until the batch holds `max_batch` images or `max_wait_ms` has passed since that
-first job arrived, runs them through the model together, and hands each job its own answers. A job is never
-split across batches; a job larger than `max_batch` runs alone. The event loop only enqueues and awaits: it never
-runs the model.
+first job arrived, runs them through the model together, and hands each job its own answers. It waits only while
+another request is on its way (announced with `expecting()` when the server starts reading it, not yet submitted):
+a lone request runs at once instead of sitting out the wait. A job is never split across batches; a job larger
+than `max_batch` runs alone. The event loop only enqueues and awaits: it never runs the model.
 
 When a batched forward fails, the worker retries its jobs one by one, so one bad input fails only its own request.
 Jobs whose request gave up (timed out, or the client left) are skipped when they come up.
@@ -33,17 +34,24 @@ class Job:
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
 
-    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        def _set() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Set the outcome, on the event loop's thread (a job whose request gave up is left alone)."""
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
 
+
+def settle(outcomes: list[tuple[Job, Any, BaseException | None]]) -> None:
+    """Hand each job its outcome with one wake-up of each event loop (not one per job)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for job, result, error in outcomes:
+        by_loop.setdefault(job.loop, []).append((job, result, error))
+    for loop, items in by_loop.items():
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self.loop.call_soon_threadsafe(_set)
+            loop.call_soon_threadsafe(lambda items=items: [job.resolve(r, e) for job, r, e in items])
 
 
 class Batcher:
@@ -59,16 +67,44 @@ class Batcher:
         self._carry: Job | None = None
         self._thread = threading.Thread(target=self._work, name=f"visrec-batcher-{name}", daemon=True)
         self._stopping = False
+        self.coming = 0  # requests announced and not yet submitted (changed on the event loop, read by the worker)
         self._thread.start()
 
-    async def submit(self, items: list[Any], **options: Any) -> Any:
-        """Queue `items` as one job and wait for its result (what `run_batch` gave this job)."""
+    @contextlib.contextmanager
+    def expecting(self):
+        """Announce a request that will submit soon (its body is being read and decoded), so that the worker waits
+        for it; the announcement ends when it submits or gives up. Event-loop side only."""
+        self.coming += 1
+        ticket = {"open": True}
+        try:
+            yield ticket
+        finally:
+            if ticket["open"]:
+                self.coming -= 1
+
+    async def submit(self, items: list[Any], ticket: dict | None = None, timeout: float | None = None,
+                     **options: Any) -> Any:
+        """Queue `items` as one job and wait for its result (what `run_batch` gave this job); TimeoutError after
+        `timeout` seconds, and the job is skipped if it has not run yet."""
         if self._stopping:
             raise RuntimeError("the server is shutting down")
         loop = asyncio.get_running_loop()
         job = Job(items, options, loop, loop.create_future())
         self._queue.put(job)
-        return await job.future
+        if ticket is not None and ticket["open"]:
+            ticket["open"] = False
+            self.coming -= 1
+        # a timer on the future, not asyncio.wait_for: that wraps every request in a task of its own
+        timer = loop.call_later(timeout, job.future.cancel) if timeout is not None else None
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            if timer is not None and job.future.cancelled() and loop.time() >= timer.when():
+                raise TimeoutError from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish every queued job, then end the worker."""
@@ -95,6 +131,8 @@ class Batcher:
             jobs, size = [first], len(first.items)
             deadline = first.queued + self.max_wait
             while size < self.max_batch:
+                if self.coming <= 0 and self._carry is None and self._queue.empty():
+                    break  # nobody else is on the way: waiting would only add latency
                 try:
                     job = self._next(deadline - time.perf_counter())
                 except queue.Empty:
@@ -125,7 +163,7 @@ class Batcher:
             results = self.run_batch(jobs)
         except Exception as e:  # noqa: BLE001 - given back to its request, or retried job by job
             if len(jobs) == 1:
-                jobs[0].settle(error=e)
+                settle([(jobs[0], None, e)])
                 return
             log.warning("a batch of %d requests failed (%s); running them one by one", len(jobs), e)
             for job in jobs:
@@ -133,5 +171,4 @@ class Batcher:
             return
         if self.on_batch is not None:
             self.on_batch(size)
-        for job, result in zip(jobs, results, strict=True):
-            job.settle(result)
+        settle([(job, result, None) for job, result in zip(jobs, results, strict=True)])

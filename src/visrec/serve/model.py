@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.images import MAX_PIXELS, decode, peek
+from ..data.images import MAX_PIXELS, open_checked, to_array
 from ..errors import VisrecError
 
 # magic bytes -> format: what Pillow decodes and visrec accepts
@@ -43,6 +43,10 @@ MAGIC: list[tuple[bytes, int, str]] = [
 ]
 NETPBM = (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM/PGM/PBM")
+
+
+class NotSmall(Exception):  # noqa: N818 - a signal, not an error: "decode this one off the event loop"
+    pass
 
 
 class UploadError(VisrecError):
@@ -139,6 +143,8 @@ class OnnxBackend(Backend):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # idle pool threads sleep instead of spinning: the event loop needs those cores between batches
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.path, self.tta = path, tta
 
@@ -266,8 +272,10 @@ class ServedModel:
 
     # ---------------------------------------------------------------- per upload (in the thread pool)
 
-    def prepare(self, data: bytes, name: str) -> Prepared:
-        """Check and decode one upload; raises UploadError (400 unreadable / unsupported, 413 too many pixels)."""
+    def prepare(self, data: bytes, name: str, inline_pixels: int | None = None) -> Prepared:
+        """Check and decode one upload, opened once: magic bytes, then the header (a bomb is refused unread), then the
+        pixels. Raises UploadError (400 unreadable / unsupported, 413 too many pixels), or NotSmall when the header
+        claims more than `inline_pixels` (the caller decodes it elsewhere)."""
         fmt = sniff(data)
         if fmt is None:
             what = "text" if _looks_like_text(data) else "unknown bytes"
@@ -275,30 +283,26 @@ class ServedModel:
                               f"{what}, not {', '.join(FORMATS)} (recognized by their first bytes, whatever the file "
                               "name or Content-Type says)", "send a PNG, JPEG, GIF, BMP, TIFF, WebP or PPM file")
         try:
-            _mode, (w, h) = peek(io.BytesIO(data), self.max_pixels, name=name,
-                                 limit_option="--max-pixels N when starting the server")
+            with open_checked(io.BytesIO(data), self.max_pixels, "--max-pixels N when starting the server",
+                              name) as im:
+                w, h = im.size
+                if inline_pixels is not None and w * h > inline_pixels:
+                    raise NotSmall
+                try:
+                    a = to_array(im, self.channels, None if self.detector else (self.size[1], self.size[0]))
+                except (OSError, ValueError) as e:
+                    raise UploadError("unreadable_image", 400, f"{name}: the {fmt} image cannot be decoded: {e}",
+                                      "the file is truncated or damaged; send it again or re-save it") from None
+        except UploadError:
+            raise
         except VisrecError as e:
             if "claims" in e.message:
                 raise UploadError("too_many_pixels", 413, e.message.split(" (a decompression")[0]
                                   + f": refused before decoding (the server's limit is {self.max_pixels:,} pixels)",
                                   "downscale the image before sending it") from None
-            raise UploadError("unreadable_image", 400, f"{name}: the {fmt} header cannot be read ({e})",
+            raise UploadError("unreadable_image", 400, f"{name}: the {fmt} header cannot be read ({e.message})",
                               "the file is damaged or not what its first bytes say; send it again or re-save it"
                               ) from None
-        try:
-            if self.detector:
-                a = decode(io.BytesIO(data), self.channels, None, name=name)
-            else:
-                hh, ww = self.size
-                a = decode(io.BytesIO(data), self.channels, hh if hh == ww else None, name=name)
-                if a.shape[:2] != (hh, ww):
-                    im = Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
-                    a = np.asarray(im.resize((ww, hh), Image.Resampling.BILINEAR), dtype=np.uint8)
-                    a = a[:, :, None] if a.ndim == 2 else a
-        except VisrecError as e:
-            raise UploadError("unreadable_image", 400, f"{name}: the {fmt} image cannot be decoded: "
-                              f"{e.message.split(': ', 1)[-1]}", "the file is truncated or damaged; send it again "
-                              "or re-save it") from None
         return Prepared(name, torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous(), w, h, fmt)
 
     # ---------------------------------------------------------------- per batch (in the worker that owns the model)
