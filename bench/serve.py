@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 from PIL import Image
 
 import visrec
@@ -115,6 +117,31 @@ def library_loop(run: Path, files: list[Path], seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def forward_alone(run: Path) -> dict[int, float]:
+    """Milliseconds per image of the served model's own batch (decoded inputs, TTA as served), by batch size: how much
+    batching can gain at most when nothing but the model costs anything."""
+    from visrec.serve.model import ServedModel
+
+    m = ServedModel(run).load()
+    item = m.prepare(_png(m), "probe")
+    out = {}
+    for n in (1, 8, 32):
+        items = [item] * n
+        m.infer(items, 5)
+        reps = max(5, 200 // n)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            m.infer(items, 5)
+        out[n] = (time.perf_counter() - t0) / reps / n * 1000
+    return out
+
+
+def _png(m) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((m.size[0], m.size[1]), 128, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path)
@@ -137,6 +164,10 @@ def main() -> None:
         Image.fromarray(ds.test.images[i, 0].numpy()).save(files[-1])
     loop_rps = library_loop(run, files, min(args.seconds, 15))
     print(f"baseline: Run.predict on one image at a time, in one process: {loop_rps:.1f} images/s", flush=True)
+    alone = forward_alone(run)
+    print("the model alone (in-process, no HTTP): " + ", ".join(f"batch {n}: {ms:.3f} ms per image" for n, ms in
+                                                               alone.items())
+          + f"; batch 32 is {alone[1] / alone[32]:.2f}x cheaper per image than batch 1", flush=True)
     clients = [int(c) for c in args.clients.split(",")]
     top = max(clients)
     configs = [("torch", ["--backend", "torch"], clients), ("onnx", ["--backend", "onnx"], clients),
@@ -170,7 +201,8 @@ def main() -> None:
     print(f"batching at {top} clients: {ratio:.2f}x the requests/s of --max-batch 1 over the alternating windows "
           "(target >= 3x)", flush=True)
     args.out.write_text(json.dumps({"machine": machine(), "run": str(run), "test_acc": s.get("test_acc"),
-                                    "library_loop_rps": loop_rps, "rows": rows, "alternating": pairs,
+                                    "library_loop_rps": loop_rps, "model_alone_ms_per_image": alone,
+                                    "rows": rows, "alternating": pairs,
                                     "batching_ratio": ratio}, indent=2) + "\n")
 
 

@@ -92,6 +92,21 @@ def test_a_localizer_trains_end_to_end_and_evaluates(one_object):
     page = rep.path.read_text()
     assert "<h2>Test images</h2>" in page and "predicted box" in page
     assert Image.open(io.BytesIO(rep.figures["task0"])).size[0] > 300
+    # served: the class, and the box in the upload's own pixels, whatever its size; Grad-CAM explains the class
+    from visrec.serve.model import ServedModel
+
+    served = ServedModel(run.path).load()
+    first = one_object / "images" / sorted(p.name for p in (one_object / "images").iterdir())[0]
+    small, big = io.BytesIO(), io.BytesIO()
+    Image.open(first).save(small, format="PNG")
+    Image.open(first).resize((96, 64), Image.Resampling.BILINEAR).save(big, format="PNG")
+    item = served.prepare(big.getvalue(), "b")
+    assert tuple(item.x.shape[-2:]) == (48, 48) and (item.width, item.height) == (96, 64)
+    a, b = served.infer([served.prepare(small.getvalue(), "a"), item], 2)
+    assert len(a["top"]) == 2 and a["top"][0]["class"] in served.classes
+    frac = served._loc.split_outputs(served.backend(item.x[None]).float())[1][0]  # the box, in image fractions
+    assert b["box"] == pytest.approx((frac.clamp(0, 1) * torch.tensor([96, 64, 96, 64])).tolist(), abs=0.01)
+    assert served.explain([served.prepare(small.getvalue(), "a")])[0].startswith("data:image/png;base64,")
 
 
 def test_flips_keep_the_box_on_its_object():
