@@ -394,6 +394,33 @@ def test_onnx_backend_answers_like_torch(run, images):
     assert (run.path / "export").is_dir() and ServedModel(run.path, backend="onnx").load().backend.name == "onnx"
 
 
+def test_uploads_in_many_formats_decode_like_training(run):
+    import numpy as np
+
+    m = ServedModel(run.path).load()
+    rgb = Image.fromarray((np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8))
+    exif = Image.Exif()
+    exif[274] = 6  # "rotate 90": the photo is upright once the orientation is applied
+
+    def encoded(im, fmt, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    uploads = {"JPEG": encoded(rgb.convert("CMYK"), "JPEG"), "PNG": encoded(rgb.convert("RGBA"), "PNG"),
+               "GIF": encoded(rgb.convert("P"), "GIF"), "WEBP": encoded(rgb, "WEBP"), "BMP": encoded(rgb, "BMP"),
+               "TIFF": encoded(rgb, "TIFF"), "PPM/PGM/PBM": encoded(rgb, "PPM")}
+    for fmt, data in uploads.items():
+        p = m.prepare(data, fmt)
+        assert (p.fmt, p.width, p.height) == (fmt, 40, 30) and tuple(p.x.shape) == (m.channels, 16, 16), fmt
+    rotated = m.prepare(encoded(rgb, "JPEG", exif=exif.tobytes()), "rotated.jpg")
+    assert (rotated.width, rotated.height) == (30, 40)
+    sixteen = Image.fromarray((np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16))
+    mean = m.prepare(encoded(sixteen, "PNG"), "16-bit").x.float().mean()
+    assert 90 < mean < 150  # 0..59950 of 65535 scaled to 0..233 (clipping at 255 would give about 254)
+    assert len(m.infer([m.prepare(d, f) for f, d in uploads.items()], 3)) == len(uploads)
+
+
 def test_serve_refuses_bad_settings_and_folders(run, tmp_path):
     with pytest.raises(VisrecError, match="not a visrec run folder"):
         ServedModel(tmp_path)

@@ -90,10 +90,13 @@ def _flatten_alpha(im: Image.Image, background: tuple[int, int, int] = (255, 255
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
-def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | None = None) -> np.ndarray:
+def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | None = None, *,
+             oriented: bool = False) -> np.ndarray:
     """An opened image as uint8 (H, W, channels), converted as the module doc says; `size` resizes it (bilinear) to
-    size x size, or to (width, height)."""
-    im = ImageOps.exif_transpose(im)
+    size x size, or to (width, height). `oriented`: the EXIF orientation was applied already (`ImageOps.
+    exif_transpose`)."""
+    if not oriented:
+        im = ImageOps.exif_transpose(im)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if has_alpha:
         im = _flatten_alpha(im)

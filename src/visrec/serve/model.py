@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..data.images import MAX_PIXELS, open_checked, to_array
 from ..errors import VisrecError
@@ -285,11 +285,13 @@ class ServedModel:
         try:
             with open_checked(io.BytesIO(data), self.max_pixels, "--max-pixels N when starting the server",
                               name) as im:
-                w, h = im.size
-                if inline_pixels is not None and w * h > inline_pixels:
+                if inline_pixels is not None and im.size[0] * im.size[1] > inline_pixels:
                     raise NotSmall
                 try:
-                    a = to_array(im, self.channels, None if self.detector else (self.size[1], self.size[0]))
+                    im = ImageOps.exif_transpose(im)  # a photo taken upright is upright: boxes and masks follow
+                    w, h = im.size
+                    a = to_array(im, self.channels, None if self.detector else (self.size[1], self.size[0]),
+                                 oriented=True)
                 except (OSError, ValueError) as e:
                     raise UploadError("unreadable_image", 400, f"{name}: the {fmt} image cannot be decoded: {e}",
                                       "the file is truncated or damaged; send it again or re-save it") from None

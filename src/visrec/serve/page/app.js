@@ -35,7 +35,8 @@ async function api(path, options = {}) {
 }
 
 function percent(p) {
-  return (100 * p).toFixed(p >= 0.995 || p < 0.001 ? 0 : 1) + "%";
+  if (p > 0 && p < 0.001) return "<0.1%";
+  return (100 * p).toFixed(p >= 0.9995 ? 0 : 1) + "%";
 }
 
 function showCard() {
