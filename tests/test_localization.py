@@ -107,6 +107,14 @@ def test_a_localizer_trains_end_to_end_and_evaluates(one_object):
     frac = served._loc.split_outputs(served.backend(item.x[None]).float())[1][0]  # the box, in image fractions
     assert b["box"] == pytest.approx((frac.clamp(0, 1) * torch.tensor([96, 64, 96, 64])).tolist(), abs=0.01)
     assert served.explain([served.prepare(small.getvalue(), "a")])[0].startswith("data:image/png;base64,")
+    bigfile = one_object / "big.png"
+    bigfile.write_bytes(big.getvalue())
+    r = CliRunner().invoke(app, ["predict", str(run.path), str(bigfile), "--json", "--top-k", "2", "--draw",
+                                 str(one_object / "drawn")])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout[: r.stdout.rindex("]") + 1])[0]
+    assert row["box"] == b["box"] and (row["width"], row["height"]) == (96, 64)
+    assert Image.open(one_object / "drawn" / "big.png").size == (96, 64)
 
 
 def test_flips_keep_the_box_on_its_object():

@@ -448,6 +448,15 @@ def test_a_segmentation_run_answers_with_a_mask(tmp_path):
     assert sum(r["pixels"].values()) == pytest.approx(1.0, abs=1e-4) and "(background)" not in r["legend"]
     with pytest.raises(VisrecError, match="classification and localization"):
         m.explain([m.prepare(big.getvalue(), "scene.png")])
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    (tmp_path / "scene.png").write_bytes(big.getvalue())
+    r = CliRunner().invoke(app, ["predict", str(seg.path), str(tmp_path / "scene.png"), str(tmp_path / "gone.png"),
+                                 "--draw", str(tmp_path / "drawn")])
+    assert r.exit_code == 1 and "of the pixels" in r.stdout and "does not exist" in r.output
+    assert Image.open(tmp_path / "drawn" / "scene.png").size == (48, 40)
 
 
 # ------------------------------------------------------------------------------------------------ the web page

@@ -652,24 +652,33 @@ def predict(
         "--format", help="text, json, or coco (a COCO results file; detection and instance runs).")] = None,
     min_score: Annotated[float, typer.Option(help="Detection runs: the lowest score of an object shown.")] = 0.5,
     draw: Annotated[Path | None, typer.Option(
-        help="Detection runs: write each image with its boxes (and masks) as DIR/<name>.png.")] = None,
+        help="Detection, instance, localization and segmentation runs: write each image with its boxes or masks "
+             "as DIR/<name>.png.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify image files with a trained run, through its own input pipeline (decoding, channels, size and
-    normalization as in training); a detection or instance run finds their objects. Files that cannot be
-    predicted are reported and the exit code is 1."""
+    normalization as in training); a detection or instance run finds their objects, a localization run boxes its
+    object, a segmentation run labels every pixel. Files that cannot be predicted are reported and the exit code
+    is 1."""
     from .runs import Run
 
     fmt = output_format or ("json" if as_json else "text")
     if fmt not in ("text", "json", "coco"):
         raise VisrecError(f"--format {fmt} is not valid", "use text, json or coco")
     r = Run(run)
-    if r.config.task.name in ("detection", "instance"):
+    task = r.config.task.name
+    if task in ("detection", "instance"):
         _predict_objects(r, images, fmt, min_score, convert, checkpoint, max_pixels, draw)
         return
-    if fmt == "coco" or draw is not None:
-        raise VisrecError(f"{'--format coco' if fmt == 'coco' else '--draw'} is for detection and instance runs, "
-                          f"and {run} is a {r.config.task.name} run", "use --format text or json")
+    if fmt == "coco":
+        raise VisrecError(f"--format coco is for detection and instance runs, and {run} is a {task} run",
+                          "use --format text or json")
+    if task in ("localization", "segmentation"):
+        _predict_served(r, images, fmt, top_k, checkpoint, max_pixels, draw)
+        return
+    if draw is not None:
+        raise VisrecError(f"--draw is for detection, instance, localization and segmentation runs, and {run} is a "
+                          f"{task} run", "leave out --draw")
     as_json = fmt == "json"
     preds = r.predict([str(p) for p in images], top_k=top_k, resize=resize, convert=convert, which=checkpoint,
                              errors="collect", max_pixels=max_pixels)
@@ -687,6 +696,65 @@ def predict(
         if not as_json:
             err.print(f"{len(bad)} of {len(preds)} image(s) could not be predicted")
         raise typer.Exit(1)
+
+
+def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: str, max_pixels: int | None,
+                    draw: Path | None) -> None:
+    """Localization and segmentation runs: the answers `visrec serve` gives, for files (images of any size, decoded
+    and resized as the server does)."""
+    from .serve.model import ServedModel
+
+    m = ServedModel(run.path, which=checkpoint, max_pixels=max_pixels).load()
+    rows: list[dict] = []
+    for path in images:
+        try:
+            if not path.is_file():
+                raise VisrecError(f"image file {path} does not exist")
+            data = path.read_bytes()
+            item = m.prepare(data, str(path))
+            rows.append({"image": str(path), "width": item.width, "height": item.height,
+                         **m.infer([item], top_k)[0]})
+            if draw is not None:
+                _draw_served(data, rows[-1], draw / f"{path.stem}.png")
+        except VisrecError as e:
+            rows.append({"image": str(path), "error": e.message})
+    bad = [row for row in rows if "error" in row]
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    for row in rows:
+        if "error" in row:
+            err.print(f"[red]error:[/red] {row['error']}")
+        elif fmt == "text" and "box" in row:
+            best = row["top"][0]
+            out.print(f"{row['image']}: {best['class']} {best['prob']:.1%} at {[round(v) for v in row['box']]}"
+                      + "".join(f", {t['class']} {t['prob']:.1%}" for t in row["top"][1:]))
+        elif fmt == "text":
+            out.print(f"{row['image']}: " + ", ".join(f"{c} {v:.1%}" for c, v in sorted(
+                row["pixels"].items(), key=lambda kv: -kv[1])) + " of the pixels")
+    if draw is not None and len(bad) < len(rows):
+        err.print(f"drawn to {draw}/")
+    if bad:
+        err.print(f"{len(bad)} of {len(rows)} image(s) could not be predicted")
+        raise typer.Exit(1)
+
+
+def _draw_served(data: bytes, row: dict, path: Path) -> None:
+    """The image with its predicted box, or its class map over it, as a PNG (written atomically)."""
+    import base64
+    import io
+
+    from PIL import Image, ImageDraw, ImageOps
+
+    from .io import atomic_path
+
+    im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGBA")
+    if "mask" in row:
+        mask = Image.open(io.BytesIO(base64.b64decode(row["mask"].split(",", 1)[1]))).convert("RGBA")
+        im = Image.alpha_composite(im, mask.resize(im.size))
+    if "box" in row:
+        ImageDraw.Draw(im).rectangle(row["box"], outline=(220, 30, 30, 255), width=max(1, round(im.width / 100)))
+    with atomic_path(path) as tmp:
+        im.convert("RGB").save(tmp, format="PNG")
 
 
 def _predict_objects(run, images: list[Path], fmt: str, min_score: float, convert: bool | None, checkpoint: str,

@@ -255,8 +255,9 @@ class Run:
         cfg = self.config
         if cfg.task.name != "classification":
             raise VisrecError(f"{self.path} is a {cfg.task.name} run: predict gives the classes of classification runs",
-                              f"see its test images in {self.path / 'report.html'}, or score it with visrec eval "
-                              f"{self.path}")
+                              f"`visrec predict {self.path} IMAGE...` answers for every task (in Python: "
+                              "visrec.serve.model.ServedModel); see its test images in "
+                              f"{self.path / 'report.html'}, or score it with visrec eval {self.path}")
         folder = cfg.data.name.startswith("folder:")
         resize = (folder and cfg.data.image_size is not None) if resize is None else resize
         convert = folder if convert is None else convert
