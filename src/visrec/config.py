@@ -110,6 +110,9 @@ class ModelConfig:
     pretrained: bool = False  # timm:NAME models: start from timm's pretrained weights (downloaded once, then cached)
     channels_last: OnOffAuto = "auto"  # auto | on | off (auto: on for conv nets, where it measures faster)
     compile: bool = False  # torch.compile the model (slow first steps, faster later)
+    # default | normal:STD | xavier | xavier_normal | he | he_fan_out | he_uniform | orthogonal | lsuv (conv and linear
+    # weights, biases zeroed; see visrec.models.init)
+    init: str = "default"
     weights: str = ""  # start from this weight file (.safetensors, or a .pt state_dict read without pickle code)
     trust_checkpoint: bool = False  # allow a .pt file that needs full unpickling (runs code from the file)
 

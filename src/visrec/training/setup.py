@@ -17,6 +17,7 @@ from ..errors import VisrecError
 from ..evaluate import resolve_crop_pad
 from ..io import load_weights
 from ..models import create_model, is_file_model
+from ..models.init import init_weights, parse_init
 from ..models.layers import PatchWhitening
 from ..runs import RunRef
 from .finetune import check_finetune
@@ -81,7 +82,18 @@ def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: i
         cfg.model.name = f"{Path(path).expanduser().resolve()}:{fn}"
     model = create_model(cfg.model.name, in_chans=ds.channels, num_classes=num_outputs, image_size=ds.image_size,
                          pretrained=cfg.model.pretrained, **cfg.model.kwargs)
-    fit_data_dependent(model, ds.train.images, normalizer, cfg.train.seed if seed is None else seed)
+    seed = cfg.train.seed if seed is None else seed
+    scheme, _ = parse_init(cfg.model.init)
+    if scheme != "default":
+        if cfg.model.pretrained:
+            raise VisrecError(f"model.init={cfg.model.init} would overwrite the pretrained weights of {cfg.model.name}",
+                              "leave model.init at default, or set model.pretrained=false")
+        sample = None
+        if scheme == "lsuv":  # a seeded batch of normalized training images
+            idx = torch.randperm(len(ds.train.images), generator=torch.Generator().manual_seed(seed))[:256]
+            sample = normalizer(ds.train.images[idx].to(normalizer.mean.device)).cpu()
+        init_weights(model, cfg.model.init, sample)
+    fit_data_dependent(model, ds.train.images, normalizer, seed)
     note = None
     if cfg.model.weights and load_weights_from_config:
         note, source_norm = load_initial_weights(model, cfg.model.weights, cfg.model.trust_checkpoint,
