@@ -99,3 +99,70 @@ def test_device_batches_cover_each_epoch_once():
     assert torch.equal(tail, e0[3:])  # resuming at batch 1 sees exactly the rest
     full = DeviceBatches(images, labels, 3, drop_last=False, shuffle=False)
     assert len(full) == 4 and torch.equal(torch.cat([y for _, y in full.epoch(0)]), labels)
+
+
+def _color_set(n=32, seed=0):
+    from visrec.data import Normalizer
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+    norm = Normalizer.fit(images)
+    return images, norm, norm(images)
+
+
+def test_color_jitter_keeps_pixels_in_range_and_is_seeded():
+    images, norm, x = _color_set()
+    y = torch.zeros(len(x), dtype=torch.long)
+    spec = ["color_jitter:0.8,0.8,0.8,0.5"]
+    a, _ = Pipeline(spec, seed=3, normalizer=norm, images=images)(x, y)
+    b, _ = Pipeline(spec, seed=3, normalizer=norm, images=images)(x, y)
+    c, _ = Pipeline(spec, seed=4, normalizer=norm, images=images)(x, y)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    pixels = a * norm.std + norm.mean
+    assert pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3 and not torch.allclose(a, x)
+    # brightness alone scales each image's pixels by one factor
+    d, _ = Pipeline(["color_jitter:0.3"], seed=0, normalizer=norm, images=images)(x, y)
+    before, after = (x * norm.std + norm.mean)[0], (d * norm.std + norm.mean)[0]
+    keep = (after > 1) & (after < 254)
+    ratio = after[keep] / before[keep].clamp_min(1e-6)
+    assert float(ratio.std()) < 1e-3 and 0.7 - 1e-4 <= float(ratio.mean()) <= 1.3 + 1e-4
+    # a hue turn of zero changes nothing: the YIQ round trip is exact
+    e, _ = Pipeline(["color_jitter:0,0,0,0"], seed=0, normalizer=norm, images=images)(x, y)
+    assert torch.allclose(e, x, atol=1e-4)
+    for bad, match in (("color_jitter:0.4,0.4,0.4,0.7", "hue 0.7 is outside"), ("color_jitter:1,2,3,4,5", "at most 4"),
+                       ("color_jitter:a,b", "not 4 numbers")):
+        with pytest.raises(VisrecError, match=match):
+            Pipeline([bad])
+
+
+def test_pca_color_shifts_each_image_by_one_color_and_needs_color():
+    images, norm, x = _color_set()
+    gray = torch.full((4, 3, 8, 8), 128, dtype=torch.uint8)  # mid-gray: no clipping, the shift is visible as is
+    xg = norm(gray)
+    p = Pipeline(["pca_color:0.5"], seed=1, normalizer=norm, images=images)
+    out, _ = p(xg, torch.zeros(4, dtype=torch.long))
+    shift = (out * norm.std + norm.mean) - 128  # 0..255 units
+    per_image = shift.flatten(2)
+    assert torch.allclose(per_image, per_image[:, :, :1].expand_as(per_image), atol=1e-3)  # one color per image
+    assert float(shift.abs().max()) > 0.05
+    again, _ = Pipeline(["pca_color:0.5"], seed=1, normalizer=norm, images=images)(xg, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(out, again)
+    from visrec.data import Normalizer
+
+    mono = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
+    with pytest.raises(VisrecError, match="1 channel"):
+        Pipeline(["pca_color"], normalizer=Normalizer.fit(mono), images=mono)
+
+
+def test_a_run_trains_with_color_augmentations(tmp_path):
+    import visrec
+
+    run = visrec.train("synthetic:classes=3,channels=3,size=8,train=96,test=24", epochs=1, out=str(tmp_path / "r"),
+                       progress=False, overrides={"data.augment": ["hflip", "color_jitter:0.4,0.4,0.4,0.1",
+                                                                   "pca_color:0.1"],
+                                                  "model.kwargs.widths": [8, 8, 8], "log.report": False,
+                                                  "train.batch_size": 32})
+    assert run.summary["status"] == "completed"
+    with pytest.raises(VisrecError, match="1 channel"):
+        visrec.train("synthetic:classes=3,size=8,train=96,test=24", epochs=1, out=str(tmp_path / "g"),
+                     progress=False, overrides={"data.augment": ["pca_color"]})

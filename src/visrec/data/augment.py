@@ -9,6 +9,13 @@ Each augmentation is registered by name and built from a spec string `name` or `
     cutout:SIZE      zero a SIZE x SIZE square (default 8) at a random center, clipped at the border
     mixup:ALPHA      blend pairs of images and their labels, weight ~ Beta(ALPHA, ALPHA) (default 0.2)
     cutmix:ALPHA     paste a box from a paired image, labels mixed by its area (default 1.0)
+    color_jitter:B,C,S,H   per image, in this order: brightness x U(1-B, 1+B), contrast around the image's mean
+                     gray x U(1-C, 1+C), saturation around each pixel's gray x U(1-S, 1+S), hue rotated by
+                     U(-H, H) of a turn (H <= 0.5; a rotation about the gray axis in YIQ space); pixels stay in
+                     0..255. Default 0.4,0.4,0.4,0. Saturation and hue do nothing to grayscale images.
+    pca_color:STD    AlexNet's "fancy PCA": add sum_i a_i * lambda_i * p_i to every pixel of an image, with
+                     (lambda_i, p_i) the eigenvalues and eigenvectors of the RGB covariance fitted on the training
+                     images and a_i ~ N(0, STD^2) per image (default 0.1); color images only
 
 They run on normalized float batches (N, C, H, W) after the batch is taken from the device tensor. Geometric
 targets move with their images (a dict with `boxes` (N, M, 4) xyxy and `box_labels` (N, M), optionally
@@ -43,9 +50,14 @@ Targets = torch.Tensor | MixedTargets
 class Augmentation:
     name = ""
     default: float | None = None
+    pixels = False  # works on pixel values: bound to the normalization (and the training images) by `bind`
 
     def __init__(self, arg: float | None = None):
         self.arg = self.default if arg is None else arg
+
+    def bind(self, mean: torch.Tensor, std: torch.Tensor, images: torch.Tensor | None) -> None:
+        """Pixel-space augmentations: the normalizer's mean and std (0..255 units, broadcastable to (C, H, W)) and
+        the uint8 training images (N, C, H, W), for those fitted from data."""
 
     def __call__(self, x: torch.Tensor, y: Targets, gen: torch.Generator, rng: np.random.Generator):
         raise NotImplementedError
@@ -206,11 +218,123 @@ class CutMix(Augmentation):
         return x, MixedTargets(_labels(y), _labels(y)[j], lam)
 
 
+class _PixelAugmentation(Augmentation):
+    """Runs on pixel values 0..1: un-normalizes the batch, changes it, clips to 0..1 and normalizes it again."""
+
+    pixels = True
+
+    def bind(self, mean, std, images):
+        self.mean, self.std = mean.float(), std.float()
+
+    def __call__(self, x, y, gen, rng):
+        if not hasattr(self, "mean"):
+            raise VisrecError(f"augmentation {self.name} needs the normalization it undoes",
+                              "build the Pipeline with normalizer= (training does)")
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        p = (x.float() * std + mean) / 255.0
+        p = self.change(p, gen).clamp_(0.0, 1.0)
+        return ((p * 255.0 - mean) / std).to(x.dtype), y
+
+    def change(self, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _gray(p: torch.Tensor) -> torch.Tensor:
+    if p.shape[1] == 1:
+        return p
+    r, g, b = p.unbind(1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _uniform(n: int, spread: float, gen: torch.Generator, low: float = 1.0) -> torch.Tensor:
+    """(n, 1, 1, 1) factors U(low - spread, low + spread), never below 0."""
+    return (low + (2 * _rand(n, gen) - 1) * spread).clamp_min(0.0).view(n, 1, 1, 1)
+
+
+# RGB <-> YIQ: hue is the angle in the IQ plane
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB = torch.linalg.inv(_YIQ)
+
+
+@register_augmentation
+class ColorJitter(_PixelAugmentation):
+    name = "color_jitter"
+    default = (0.4, 0.4, 0.4, 0.0)
+    arity = 4
+
+    def __init__(self, arg=None):
+        super().__init__(arg)
+        b, c, s, h = self.arg
+        if not 0 <= h <= 0.5:
+            raise VisrecError(f"data.augment color_jitter: hue {h:g} is outside [0, 0.5] (a fraction of a turn)",
+                              "e.g. color_jitter:0.4,0.4,0.4,0.1")
+
+    def change(self, p, gen):
+        b, c, s, h = self.arg
+        n = p.shape[0]
+        if b:
+            p = p * _uniform(n, b, gen)
+        if c:
+            m = _gray(p).mean((1, 2, 3), keepdim=True)
+            p = (p - m) * _uniform(n, c, gen) + m
+        if p.shape[1] == 3:
+            if s:
+                g = _gray(p)
+                p = (p - g) * _uniform(n, s, gen) + g
+            if h:
+                theta = (2 * _rand(n, gen) - 1) * h * 2 * math.pi
+                cos, sin = theta.cos(), theta.sin()
+                rot = torch.zeros(n, 3, 3, device=p.device)
+                rot[:, 0, 0] = 1
+                rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+                m = _RGB.to(p.device) @ rot @ _YIQ.to(p.device)  # (n, 3, 3)
+                p = torch.einsum("nij,njhw->nihw", m, p)
+        return p
+
+    def __repr__(self) -> str:
+        return f"{self.name}:{','.join(f'{v:g}' for v in self.arg)}"
+
+
+@register_augmentation
+class PCAColor(_PixelAugmentation):
+    name = "pca_color"
+    default = 0.1
+
+    def bind(self, mean, std, images):
+        super().bind(mean, std, images)
+        if images is None or images.shape[1] != 3:
+            raise VisrecError("data.augment pca_color shifts colors along the RGB covariance's principal axes, and "
+                              f"this data has {1 if images is None else images.shape[1]} channel(s)",
+                              "use it on color images, or color_jitter:B,C for brightness and contrast")
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:2000]
+        px = images[idx].permute(0, 2, 3, 1).reshape(-1, 3).double() / 255.0
+        cov = torch.cov(px.T)
+        lam, vec = torch.linalg.eigh(cov)
+        self.lam, self.vec = lam.clamp_min(0).float(), vec.float()
+
+    def change(self, p, gen):
+        n = p.shape[0]
+        alpha = torch.randn(n, 3, generator=gen, device=gen.device) * self.arg
+        shift = (alpha * self.lam.to(p.device)) @ self.vec.T.to(p.device)  # (n, 3): sum_i a_i lambda_i p_i
+        return p + shift.view(n, 3, 1, 1)
+
+
 def parse_augmentation(spec: str) -> Augmentation:
     name, _, arg = spec.partition(":")
     name = name.strip()
     if name not in AUGMENTATIONS:
         raise unknown_name("augmentation", name, AUGMENTATIONS, "data.augment")
+    arity = getattr(AUGMENTATIONS[name], "arity", 1)
+    if arg and arity > 1:
+        try:
+            values = tuple(float(v) for v in arg.split(","))
+        except ValueError:
+            raise VisrecError(f"data.augment {spec!r}: {arg!r} is not {arity} numbers",
+                              f"e.g. {name}:{','.join(f'{v:g}' for v in AUGMENTATIONS[name].default)}") from None
+        if len(values) > arity or any(v < 0 for v in values):
+            raise VisrecError(f"data.augment {spec!r}: give at most {arity} numbers, each >= 0",
+                              f"e.g. {name}:{','.join(f'{v:g}' for v in AUGMENTATIONS[name].default)}")
+        return AUGMENTATIONS[name](values + (0.0,) * (arity - len(values)))
     if arg:
         try:
             value = float(arg)
@@ -225,8 +349,14 @@ def parse_augmentation(spec: str) -> Augmentation:
 class Pipeline:
     """Augmentations applied in order; `seed` fixes every random draw."""
 
-    def __init__(self, specs: list[str], device: torch.device | str = "cpu", seed: int = 0):
+    def __init__(self, specs: list[str], device: torch.device | str = "cpu", seed: int = 0, normalizer=None,
+                 images: torch.Tensor | None = None):
+        """`normalizer` (the run's, fitted on `images`, the uint8 training images) binds the pixel-space
+        augmentations (color_jitter, pca_color) to the values they change."""
         self.steps = [parse_augmentation(s) for s in specs]
+        for step in self.steps:
+            if step.pixels and normalizer is not None:
+                step.bind(normalizer.mean, normalizer.std, images)
         mixers = [s for s in self.steps if isinstance(s, Mixup | CutMix)]
         if len(mixers) > 1:
             raise VisrecError("only one of mixup / cutmix can be in data.augment")

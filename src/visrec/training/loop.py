@@ -146,7 +146,8 @@ class Trainer:
         self.averages = WeightAverages(self.model, ema=a.ema, swa=a.swa, swa_every=a.swa_every,
                                        total_steps=self.total_steps)
         self.schedule = LRSchedule(self.optimizer, self._lr_factor())
-        self.pipeline = Pipeline(cfg.data.augment, device, seed=cfg.train.seed + 1)
+        self.pipeline = Pipeline(cfg.data.augment, device, seed=cfg.train.seed + 1, normalizer=self.normalizer,
+                                 images=ds.train.images)
         self.snapshots = set(snapshot_steps(cfg.schedule, self.total_steps, self.steps_per_epoch))
         d = cfg.distill
         teachers = Teachers(d.teachers, ds, self.normalizer, device, d.temperature, d.alpha) if d.teachers else None
