@@ -159,3 +159,23 @@ def test_ema_follows_its_formula():
         d = min(0.9, (1 + step) / (10 + step))
         expected = d * expected + (1 - d) * step
         assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_noise_has_the_scheduled_variance_and_a_run_uses_it(tmp_path):
+    import visrec
+    from visrec.training.optim import add_gradient_noise, gradient_noise_std
+
+    p = torch.nn.Parameter(torch.zeros(200_000))
+    for step in (0, 99):
+        p.grad = torch.zeros_like(p)
+        torch.manual_seed(step)
+        add_gradient_noise([p], 0.3, 0.55, step)
+        want = 0.3 / (1 + step) ** 0.55
+        assert p.grad.var().item() == pytest.approx(want, rel=0.02) and abs(p.grad.mean().item()) < 0.01
+        assert gradient_noise_std(0.3, 0.55, step) ** 2 == pytest.approx(want)
+    syn = "synthetic:classes=3,size=8,train=96,test=24"
+    base = {"model.kwargs.widths": [8, 8, 8], "log.report": False, "train.batch_size": 32}
+    quiet = visrec.train(syn, epochs=1, out=str(tmp_path / "a"), progress=False, overrides=base)
+    noisy = visrec.train(syn, epochs=1, out=str(tmp_path / "b"), progress=False,
+                         overrides={**base, "optim.grad_noise": 1.0})
+    assert noisy.summary["status"] == "completed" and noisy.summary["test_loss"] != quiet.summary["test_loss"]

@@ -128,6 +128,10 @@ class OptimConfig:
     eps: Positive = 1e-8  # adagrad / rmsprop / adam / adamw
     alpha: Fraction = 0.99  # rmsprop: decay rate of the squared-gradient average
     grad_clip: NonNeg = 0.0  # clip the global gradient norm to this value; 0 = off
+    # annealed Gaussian gradient noise (Neelakantan et al.): variance grad_noise / (1 + step)^grad_noise_gamma is
+    # added to every gradient before clipping; 0 = off (the paper tries 0.01, 0.3 and 1)
+    grad_noise: NonNeg = 0.0
+    grad_noise_gamma: NonNeg = 0.55
 
 
 @dataclass

@@ -41,7 +41,7 @@ from .averaging import WeightAverages
 from .callbacks import Callback, ProgressPrinter, TensorBoardLogger, TrainState
 from .distill import Teachers
 from .finetune import Finetune, cache_dir, cached_features
-from .optim import build_optimizer
+from .optim import add_gradient_noise, build_optimizer
 from .rundir import RunWriter
 from .schedules import LRSchedule, schedule_factor, snapshot_steps
 from .setup import build_model, check_config, epoch_batch_size, schedule_warnings
@@ -353,6 +353,7 @@ class Trainer:
         """One epoch from the current position: the loop's core. False when stopped before its end."""
         cfg, pos, opt, device = self.cfg, self.pos, self.optimizer, self.runtime.device
         log_every, clip, skip_bad = cfg.log.every, cfg.optim.grad_clip, cfg.train.nonfinite == "skip"
+        noise, noise_gamma = cfg.optim.grad_noise, cfg.optim.grad_noise_gamma
         params = list(self.model.parameters())  # frozen ones have no gradient and are skipped
         ep_loss, ep_steps = torch.zeros((), device=device), 0
         ep_stats = torch.zeros(len(self.task.stats), device=device)
@@ -366,6 +367,8 @@ class Trainer:
             out, loss, target = forward(xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if noise > 0:
+                add_gradient_noise(params, noise, noise_gamma, pos.step)
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             stepped = not (skip_bad and not torch.isfinite(loss))  # host sync, only when asked for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -91,3 +92,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_factors: dict[str, fl
     if len(cfg.betas) != 2:
         raise VisrecError(f"optim.betas={cfg.betas} must be two numbers", "for example --set optim.betas=[0.9,0.999]")
     return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg.decay_all, cfg.lr, lr_factors), cfg)
+
+
+def gradient_noise_std(eta: float, gamma: float, step: int) -> float:
+    """Neelakantan et al. (2015): the noise added at optimizer step `step` (0-based) has variance
+    eta / (1 + step)^gamma."""
+    return math.sqrt(eta / (1.0 + step) ** gamma)
+
+
+@torch.no_grad()
+def add_gradient_noise(params: list[torch.Tensor], eta: float, gamma: float, step: int) -> None:
+    """Add annealed Gaussian noise to every gradient, from torch's global generator (saved in checkpoints, so a
+    resumed run draws the same noise)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or eta <= 0:
+        return
+    std = gradient_noise_std(eta, gamma, step)
+    torch._foreach_add_(grads, [torch.randn_like(g) for g in grads], alpha=std)
