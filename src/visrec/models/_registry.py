@@ -94,6 +94,11 @@ def create_model(
     torch.Size([2, 10])
     """
     size = _size2(image_size)
+    if "dropconnect" in kwargs:  # an option of every model: its linear layers drop weights in training
+        kwargs = dict(kwargs)
+        p = kwargs.pop("dropconnect")
+        return with_dropconnect(create_model(name, in_chans, num_classes, image_size, pretrained, check_size,
+                                             **kwargs), p)
     if name.startswith("timm:"):
         return _timm_model(name[5:], in_chans, num_classes, size, kwargs, pretrained)
     if pretrained:
@@ -223,3 +228,26 @@ def check_output(model: nn.Module, name: str, in_chans: int, num_classes: int, s
             f"one per class",
             "end the network with a layer of num_classes outputs, with no softmax",
         )
+
+
+def with_dropconnect(model: nn.Module, p: Any) -> nn.Module:
+    """Every nn.Linear of `model` becomes a DropConnectLinear (same parameters and names) dropping weights with
+    probability `p` in training (`model.kwargs.dropconnect`)."""
+    from .layers import DropConnectLinear
+
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if not 0 <= p < 1:
+        raise VisrecError(f"model.kwargs.dropconnect={p!r} is not a probability in [0, 1)",
+                          "e.g. --set model.kwargs.dropconnect=0.5 (the probability of dropping each weight)")
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    if not targets:
+        raise VisrecError(f"model.kwargs.dropconnect: {type(model).__name__} has no linear layer to apply it to",
+                          "use a model with fully connected layers (mlp, convnet's head, alexnet, vgg)")
+    for name, m in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, DropConnectLinear.from_linear(m, p))
+    return model

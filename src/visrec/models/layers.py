@@ -305,3 +305,30 @@ class PatchWhitening(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_chans}, {self.out_channels}, kernel_size={self.kernel_size}, eps={self.eps}"
 
+
+
+class DropConnectLinear(nn.Linear):
+    """A linear layer that drops each weight (not each activation) with probability `p` in training, scaling the
+    kept ones by 1/(1-p) (Wan et al., 2013, with inverted scaling instead of their moment-matching inference): in
+    eval mode it is the plain layer. Its parameters and their names are nn.Linear's, so checkpoints and exports
+    do not change."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5, **kw):
+        super().__init__(in_features, out_features, bias, **kw)
+        self.p = p
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, p: float) -> DropConnectLinear:
+        new = cls.__new__(cls)
+        new.__dict__.update(linear.__dict__)  # the same Parameter objects, hooks and flags
+        new.p = p
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return F.linear(x, self.weight, self.bias)
+        keep = torch.rand_like(self.weight) >= self.p
+        return F.linear(x, self.weight * keep / (1 - self.p), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dropconnect={self.p}"
