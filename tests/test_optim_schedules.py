@@ -179,3 +179,61 @@ def test_gradient_noise_has_the_scheduled_variance_and_a_run_uses_it(tmp_path):
     noisy = visrec.train(syn, epochs=1, out=str(tmp_path / "b"), progress=False,
                          overrides={**base, "optim.grad_noise": 1.0})
     assert noisy.summary["status"] == "completed" and noisy.summary["test_loss"] != quiet.summary["test_loss"]
+
+
+LBFGS = {"optim.name": "lbfgs", "optim.lr": 1.0, "optim.weight_decay": 0.01, "train.batch_size": 10_000,
+         "train.min_epoch_steps": 0, "data.augment": [], "loss.label_smoothing": 0.0, "schedule.name": "constant",
+         "log.report": False, "eval.tta": "none"}
+
+
+def test_lbfgs_reaches_the_optimum_of_a_convex_problem(tmp_path):
+    """Softmax regression with L2, full batch: at the end the gradient of the whole objective vanishes."""
+    import visrec
+    from visrec.runs import dataset_from_config
+
+    syn = "synthetic:classes=3,size=6,train=120,test=30"
+    run = visrec.train(syn, model="linear", epochs=15, out=str(tmp_path / "l"), progress=False, overrides=LBFGS)
+    lm = run.load_model()
+    ds = dataset_from_config(run.config)
+    model = lm.model.float().train()
+    x, y = lm.normalizer(ds.train.images), ds.train.labels
+    objective = torch.nn.functional.cross_entropy(model(x), y) + 0.005 * sum(
+        (p**2).sum() for n, p in model.named_parameters() if p.dim() >= 2)
+    grads = torch.autograd.grad(objective, [p for p in model.parameters()])
+    assert max(float(g.abs().max()) for g in grads) < 1e-4
+    sgd = visrec.train(syn, model="linear", epochs=15, out=str(tmp_path / "s"), progress=False,
+                       overrides={**LBFGS, "optim.name": "sgd", "optim.lr": 0.1})
+    assert sgd.metrics("train")[-1]["loss"] > run.metrics("train")[-1]["loss"]
+
+
+def test_an_lbfgs_run_resumes_exactly(tmp_path):
+    """The L-BFGS history (lists of tensors, some None until filled) goes into the checkpoint and comes back."""
+    import visrec
+    from visrec import Trainer
+    from visrec.checkpoint import load_checkpoint
+
+    def fit(out, stop=None):
+        cfg = visrec.resolve_config(None, {"data.name": "synthetic:classes=3,size=6,train=120,test=30",
+                                           "model.name": "linear", "train.epochs": 4, **LBFGS})
+        return Trainer(cfg, out=str(tmp_path / out), progress=False, quiet=True).fit(stop_after_steps=stop)
+
+    straight = fit("straight")
+    stopped = fit("stopped", stop=2)
+    assert stopped.status == "interrupted"
+    resumed = visrec.resume(stopped.path, progress=False)
+    a = load_checkpoint(straight.path / "checkpoints", "last").weights
+    b = load_checkpoint(resumed.path / "checkpoints", "last").weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lbfgs_refuses_a_noisy_objective(tmp_path):
+    import visrec
+
+    syn = "synthetic:classes=3,size=6,train=120,test=30"
+    with pytest.raises(VisrecError, match="minibatches .* augmentation"):
+        visrec.train(syn, model="linear", epochs=1, out=str(tmp_path / "a"), progress=False,
+                     overrides={"optim.name": "lbfgs", "data.augment": ["hflip"], "train.batch_size": 16})
+    run = visrec.train(syn, model="linear", epochs=1, out=str(tmp_path / "b"), progress=False,
+                       overrides={"optim.name": "lbfgs", "optim.lbfgs_noisy": True, "train.batch_size": 16,
+                                  "log.report": False})
+    assert run.summary["status"] == "completed"

@@ -67,6 +67,13 @@ def _split_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"optim.{pid}.{k}"] = v
+            elif isinstance(v, list | tuple) and any(isinstance(e, torch.Tensor) for e in v):
+                # L-BFGS keeps its history as lists of tensors (some entries None until filled)
+                for i, e in enumerate(v):
+                    if isinstance(e, torch.Tensor):
+                        tensors[f"optim.{pid}.{k}#{i}"] = e
+                scalars[f"{pid}.{k}"] = {"tensor_list": len(v), "values": {
+                    str(i): e for i, e in enumerate(v) if not isinstance(e, torch.Tensor)}}
             else:
                 scalars[f"{pid}.{k}"] = v
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
@@ -75,12 +82,20 @@ def _split_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
+    lists: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
+            if "#" in name:
+                name, i = name.rsplit("#", 1)
+                lists.setdefault((int(pid), name), {})[int(i)] = v
+            else:
+                state.setdefault(int(pid), {})[name] = v
     for key, v in meta["scalars"].items():
         pid, name = key.split(".", 1)
+        if isinstance(v, dict) and "tensor_list" in v:
+            items, rest = lists.get((int(pid), name), {}), v.get("values", {})
+            v = [items[i] if i in items else rest.get(str(i)) for i in range(v["tensor_list"])]
         state.setdefault(int(pid), {})[name] = v
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}

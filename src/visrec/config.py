@@ -62,7 +62,7 @@ OpenFraction = Annotated[float, Range(0, 1, open_high=True)]  # [0, 1)
 # TTA modes, precisions) are checked against these lists by the tests.
 Normalize = Literal["channel", "image", "none"]
 OnOffAuto = Literal["auto", "on", "off"]
-OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
+OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lbfgs"]
 ScheduleName = Literal["constant", "step", "exponential", "inverse_time", "linear", "cosine", "cyclic_cosine",
                        "one_cycle"]
 LossName = Literal["cross_entropy", "hinge"]
@@ -119,7 +119,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: OptimizerName = "nesterov"  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw
+    name: OptimizerName = "nesterov"  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw | lbfgs
     lr: Positive = 0.2  # peak learning rate (the schedule multiplies it)
     momentum: Fraction = 0.9  # momentum / nesterov / rmsprop
     weight_decay: NonNeg = 5e-4  # L2 penalty (decoupled for adamw)
@@ -132,6 +132,12 @@ class OptimConfig:
     # added to every gradient before clipping; 0 = off (the paper tries 0.01, 0.3 and 1)
     grad_noise: NonNeg = 0.0
     grad_noise_gamma: NonNeg = 0.55
+    # lbfgs: full-batch L-BFGS (torch.optim.LBFGS, strong-Wolfe line search); each optimizer step runs up to
+    # lbfgs_iters iterations. It is refused when minibatches, augmentation, dropout or gradient noise make the
+    # objective noisy, unless lbfgs_noisy=true
+    lbfgs_iters: Annotated[int, Range(1, 10_000)] = 20
+    lbfgs_history: Annotated[int, Range(1, 1000)] = 10
+    lbfgs_noisy: bool = False
 
 
 @dataclass

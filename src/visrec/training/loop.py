@@ -41,7 +41,7 @@ from .averaging import WeightAverages
 from .callbacks import Callback, ProgressPrinter, TensorBoardLogger, TrainState
 from .distill import Teachers
 from .finetune import Finetune, cache_dir, cached_features
-from .optim import add_gradient_noise, build_optimizer
+from .optim import add_gradient_noise, build_optimizer, l2_penalty
 from .rundir import RunWriter
 from .schedules import LRSchedule, schedule_factor, snapshot_steps
 from .setup import build_model, check_config, epoch_batch_size, schedule_warnings
@@ -148,6 +148,10 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, self._lr_factor())
         self.pipeline = Pipeline(cfg.data.augment, device, seed=cfg.train.seed + 1, normalizer=self.normalizer,
                                  images=ds.train.images)
+        self.lbfgs_l2 = None
+        if cfg.optim.name == "lbfgs":
+            check_lbfgs(cfg, self.model, bs, len(ds.train))
+            self.lbfgs_l2 = l2_penalty(self.model, cfg.optim.weight_decay, cfg.optim.decay_all)
         self.snapshots = set(snapshot_steps(cfg.schedule, self.total_steps, self.steps_per_epoch))
         d = cfg.distill
         teachers = Teachers(d.teachers, ds, self.normalizer, device, d.temperature, d.alpha) if d.teachers else None
@@ -348,6 +352,24 @@ class Trainer:
 
         return batches, forward
 
+    def _lbfgs_step(self, opt, forward: Forward, xb: torch.Tensor, yb: Any, params: list, clip: float):
+        """One L-BFGS step: its line search calls the closure (forward, objective, backward) several times; the
+        last call's outputs are the step's."""
+        last: dict[str, Any] = {}
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            out, loss, target = forward(xb, yb)
+            objective = loss + self.lbfgs_l2() if self.lbfgs_l2 is not None else loss
+            objective.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            last.update(out=out, loss=loss, target=target)
+            return objective
+
+        opt.step(closure)
+        return last["out"], last["loss"], last["target"]
+
     def _epoch(self, batches: Iterable[tuple[torch.Tensor, Any]], forward: Forward, bs: int,
                callbacks: list[Callback], stop_after_steps: int | None) -> bool:
         """One epoch from the current position: the loop's core. False when stopped before its end."""
@@ -364,18 +386,22 @@ class Trainer:
         seconds_before = pos.train_seconds
         for xb, yb in batches:
             # ---- hot path: no host syncs here ----
-            out, loss, target = forward(xb, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if noise > 0:
-                add_gradient_noise(params, noise, noise_gamma, pos.step)
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            stepped = not (skip_bad and not torch.isfinite(loss))  # host sync, only when asked for
-            if stepped:
-                opt.step()
+            if isinstance(opt, torch.optim.LBFGS):
+                out, loss, target = self._lbfgs_step(opt, forward, xb, yb, params, clip)
+                stepped = True
             else:
-                pos.skipped_steps += 1
+                out, loss, target = forward(xb, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if noise > 0:
+                    add_gradient_noise(params, noise, noise_gamma, pos.step)
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                stepped = not (skip_bad and not torch.isfinite(loss))  # host sync, only when asked for
+                if stepped:
+                    opt.step()
+                else:
+                    pos.skipped_steps += 1
             self.averages.after_step(self.model, pos.step + 1, stepped)
             self.schedule.step()
             pos.step += 1
@@ -528,3 +554,27 @@ class Trainer:
         if error:
             summary["error"] = error
         return summary
+
+
+def check_lbfgs(cfg: Config, model: torch.nn.Module, batch: int, n_train: int) -> None:
+    """L-BFGS needs a deterministic objective ("disable all sources of noise"): refuse what makes it noisy, unless
+    optim.lbfgs_noisy=true."""
+    if cfg.optim.lbfgs_noisy:
+        return
+    noisy = []
+    if batch < n_train:
+        noisy.append(f"minibatches ({batch} of {n_train} images per step; full batch: --batch-size {n_train} "
+                     "--set train.min_epoch_steps=0)")
+    if cfg.data.augment:
+        noisy.append(f"augmentation ({', '.join(cfg.data.augment)}; --set data.augment=[])")
+    from ..models.layers import DropConnectLinear
+
+    drops = [type(m).__name__ for m in model.modules()
+             if isinstance(m, torch.nn.modules.dropout._DropoutNd | DropConnectLinear) and m.p > 0]
+    if drops:
+        noisy.append(f"dropout in the model ({', '.join(sorted(set(drops)))}; e.g. --set model.kwargs.dropout=0)")
+    if cfg.optim.grad_noise > 0:
+        noisy.append("gradient noise (optim.grad_noise)")
+    if noisy:
+        raise VisrecError("optim.name=lbfgs needs a deterministic objective, and this run has " + "; ".join(noisy),
+                          "remove them as shown, or --set optim.lbfgs_noisy=true to use L-BFGS anyway")

@@ -79,14 +79,37 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
 }
 
 
+def build_lbfgs(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """torch's L-BFGS over every trainable parameter (one group: L-BFGS has no per-group options; weight decay
+    joins the objective instead, see `l2_penalty`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.LBFGS(params, lr=cfg.lr, max_iter=cfg.lbfgs_iters, history_size=cfg.lbfgs_history,
+                             line_search_fn="strong_wolfe")
+
+
+def l2_penalty(model: nn.Module, weight_decay: float, decay_all: bool = False) -> Callable[[], torch.Tensor] | None:
+    """weight_decay / 2 * the squared norm of the parameters SGD would decay (the same set: no biases or norms
+    unless decay_all), as a term of the objective; None when there is none."""
+    if weight_decay <= 0:
+        return None
+    groups = param_groups(model, weight_decay, decay_all)
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    return lambda: 0.5 * weight_decay * sum((p.float() ** 2).sum() for p in decayed)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_factors: dict[str, float] | None = None
                     ) -> torch.optim.Optimizer:
     """The optimizer named in `cfg`, over `model`'s parameter groups (`lr_factors`: see `param_groups`).
 
     Weight decay is L2 added to the gradient for every optimizer but AdamW, where it is decoupled.
     """
+    if cfg.name == "lbfgs":
+        if lr_factors:
+            raise VisrecError("optim.name=lbfgs has one learning rate for every parameter, and this fine-tune "
+                              "sets one per layer group", "use finetune.lr_factor=1, or another optimizer")
+        return build_lbfgs(model, cfg)
     if cfg.name not in OPTIMIZERS:
-        raise unknown_name("optimizer", cfg.name, OPTIMIZERS, "optim.name")
+        raise unknown_name("optimizer", cfg.name, [*OPTIMIZERS, "lbfgs"], "optim.name")
     if cfg.lr <= 0:
         raise VisrecError(f"optim.lr={cfg.lr} must be > 0")
     if len(cfg.betas) != 2:
