@@ -246,3 +246,42 @@ def test_pruned_knn_falls_back_when_bounds_are_loose():
     assert torch.equal(pruned.neighbors(qx, 3), exhaustive.neighbors(qx, 3))
     with pytest.raises(VisrecError, match="image_shape"):
         KNN("l1", image_shape=(3, 8, 8)).fit(tx, ty)
+
+
+def test_newtons_softmax_reaches_the_optimum_lbfgs_finds():
+    from visrec.classic.linear import LinearClassifier, softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 300, 12, 4
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = (X[:, :k] + 0.5 * torch.randn(n, k, generator=g, dtype=torch.float64)).argmax(1)
+    newton = LinearClassifier("softmax", reg=1e-2).fit_newton(X, y, k)
+    assert len(newton.history) <= 15 and newton.history == sorted(newton.history, reverse=True)
+    _, dW, db = softmax_loss(newton.W, newton.b, X, y, 1e-2)
+    assert float(dW.abs().max()) < 1e-8 and float(db.abs().max()) < 1e-8  # the optimum: the gradient vanishes
+    W = torch.zeros(d, k, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(X @ W + b, y) + 1e-2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert torch.allclose(newton.W, W.detach(), atol=1e-6) and torch.allclose(newton.b, b.detach(), atol=1e-6)
+    with pytest.raises(VisrecError, match="Hessian"):
+        LinearClassifier("softmax").fit_newton(torch.randn(10, 800), torch.zeros(10, dtype=torch.long), 10)
+
+
+def test_the_softmax_baseline_solves_with_newton(tmp_path):
+    from visrec.classic import baseline
+
+    s = baseline("digits", method="softmax", solver="newton", regs=[1e-3, 1e-2], subset=400, out=tmp_path / "n")
+    assert s["solver"] == "newton" and 1 <= s["newton_steps"] <= 30
+    assert len(s["newton_step_seconds"]) == s["newton_steps"]
+    assert s["newton_losses"] == sorted(s["newton_losses"], reverse=True) and s["test_acc"] > 0.85
+    with pytest.raises(VisrecError, match="--solver newton is for --method softmax"):
+        baseline("synthetic:classes=3,size=6,train=150,test=30", method="svm", solver="newton", out=tmp_path / "s")

@@ -43,3 +43,19 @@ def test_dropconnect_is_checked_and_trains(tmp_path):
     assert run.summary["status"] == "completed"
     lm = run.load_model()  # rebuilt from the checkpoint's options, dropconnect included, in eval mode
     assert any(isinstance(m, DropConnectLinear) for m in lm.model.modules()) and not lm.model.training
+
+
+def test_fractional_max_pooling_shrinks_by_root_two_and_is_fixed_in_eval():
+    m = create_model("convnet", in_chans=1, num_classes=4, image_size=28, downsample="fractional")
+    pools = [x for x in m.modules() if type(x).__name__ == "FractionalMaxPool"]
+    assert len(pools) == 2
+    x = torch.randn(2, 8, 28, 28)
+    assert tuple(pools[0](x).shape[-2:]) == (19, 19)  # 28 / sqrt(2)
+    pools[0].train()
+    assert not torch.equal(pools[0](x), pools[0](x))  # regions drawn anew in training
+    pools[0].eval()
+    assert torch.equal(pools[0](x), pools[0](x))  # and fixed in eval: evaluation is deterministic
+    m.eval()
+    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 4)
+    with pytest.raises(VisrecError, match="use max or fractional"):
+        create_model("convnet", in_chans=1, num_classes=4, image_size=28, downsample="avg")

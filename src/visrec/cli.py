@@ -542,6 +542,8 @@ def baseline(
     = None,
     reg: Annotated[str | None, typer.Option(help="Regularization strengths to search, e.g. 1e-4,1e-3.")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of the final training (learned methods).")] = 10,
+    solver: Annotated[str, typer.Option(
+        help="softmax: sgd (minibatches), or newton (full-batch Newton's method; small problems).")] = "sgd",
     subset: Annotated[int | None, typer.Option(help="Use a stratified subset of this many training images.")] = None,
     data_dir: DataDirOpt = None,
     out_dir: Annotated[Path | None, out_option("Run folder (default runs/baseline-...).")] = None,
@@ -556,12 +558,14 @@ def baseline(
         raise VisrecError(f"--k {k!r} is not a comma-separated list of integers", "e.g. --k 1,3,5,10") from None
     s = run_baseline(dataset, method=method, features=features, ks=ks, folds=folds, metric=metric,
                      lrs=_floats(lr, "--lr"), regs=_floats(reg, "--reg"), epochs=epochs, subset=subset,
-                     data_dir=str(data_dir) if data_dir else None, out=out_dir)
+                     data_dir=str(data_dir) if data_dir else None, out=out_dir, solver=solver)
     if as_json:
         print(json.dumps(s, indent=2))
         return
     t = Table("method", "features", "selected", "test accuracy", "seconds")
-    chosen = f"k={s['k']} ({s['metric']})" if method == "knn" else f"lr={s['lr']:g} reg={s['reg']:g}"
+    chosen = (f"k={s['k']} ({s['metric']})" if method == "knn" else
+              f"newton, {s['newton_steps']} steps, reg={s['reg']:g}" if solver == "newton" else
+              f"lr={s['lr']:g} reg={s['reg']:g}")
     t.add_row(method, features, chosen, _pct(s["test_acc"]), f"{s['seconds']:.1f}")
     out.print(t)
     if "cv" in s:

@@ -88,10 +88,16 @@ def baseline(
     data_dir: str | None = None,
     seed: int = 0,
     out: str | Path | None = None,
+    solver: str = "sgd",
 ) -> dict[str, Any]:
-    """Run one classic method; write a run folder; return its summary (also in summary.json)."""
+    """Run one classic method; write a run folder; return its summary (also in summary.json). `solver`: sgd, or
+    newton (softmax only: full-batch Newton's method, no learning rate to search)."""
     if method not in METHODS:
         raise unknown_name("baseline method", method, METHODS, "--method")
+    if solver not in ("sgd", "newton"):
+        raise VisrecError(f"--solver {solver!r} is not valid", "use sgd or newton")
+    if solver == "newton" and method != "softmax":
+        raise VisrecError(f"--solver newton is for --method softmax, not {method}", "use --method softmax")
     t_start = time.perf_counter()
     ds = load_dataset(data, data_dir=data_dir, val_fraction=0.1, subset=subset)
     counts = ds.train.class_counts()
@@ -137,8 +143,12 @@ def baseline(
     else:
         ftr, fval, fte = standardize(ftr, fval, fte)
         lrs, regs = lrs or DEFAULT_LRS[method], regs or DEFAULT_REGS[method]
+        if solver == "newton":
+            lrs = [1.0]  # Newton's step has no learning rate (a line search scales it)
 
         def make(lr, reg, n_epochs):
+            if solver == "newton":
+                return LinearClassifier(method, reg=reg).fit_newton(ftr, ytr, c)
             if method == "twolayer":
                 return TwoLayerNet(hidden=hidden, reg=reg).fit(ftr, ytr, c, lr=lr, epochs=n_epochs,
                                                                batch_size=batch_size, seed=seed)
@@ -166,7 +176,11 @@ def baseline(
                        val_acc=(model.predict(fval) == yval).float().mean().item())
         if method == "twolayer":
             summary["hidden"] = hidden
-        if best["lr"] in (min(lrs), max(lrs)) or best["reg"] in (min(regs), max(regs)):
+        summary["solver"] = solver
+        if solver == "newton":
+            summary.update(newton_steps=len(model.history), newton_losses=model.history,
+                           newton_step_seconds=[round(v, 4) for v in model.step_seconds])
+        if (solver == "sgd" and best["lr"] in (min(lrs), max(lrs))) or best["reg"] in (min(regs), max(regs)):
             summary["warning"] = ("the best setting is at the edge of the searched range: widen --lr / --reg "
                                   "in that direction")
         if method != "twolayer" and features == "raw":

@@ -11,7 +11,8 @@ At 28x28 it costs about 9.1M multiply-accumulates per image. Layout (widths w0, 
 Inputs larger than 32 pixels get extra 2x2 max-pools after the stem, so stage1 sees at most 32x32.
 `pools` moves the 2x2 max-pools: one flag per conv (stem, stage1, stage2, stage3), default (0, 1, 1, 0) as drawn
 above; (1, 1, 0, 0) runs stage1 at H/2 and stages 2-3 at H/4, which cuts the cost to 3.7M (the `fmnist-fast`
-preset's layout).
+preset's layout). `downsample=fractional` makes each flagged pool a fractional max-pool (Graham: sides shrink by
+1/sqrt(2), regions drawn at random in training, fixed in eval).
 
 `stem="whiten"` replaces the stem's trained conv with a fixed patch-whitening layer (airbench's first layer,
 `layers.PatchWhitening`): its filters whiten the `whiten_kernel` x `whiten_kernel` patches of the training images
@@ -28,7 +29,7 @@ from torch import nn
 
 from ..errors import VisrecError
 from ._registry import register_model
-from .layers import Classifier, GlobalPool, PatchWhitening, activation, conv_bn_act
+from .layers import Classifier, GlobalPool, PatchWhitening, activation, conv_bn_act, downsampler
 
 
 class ConvNet(Classifier):
@@ -37,7 +38,7 @@ class ConvNet(Classifier):
     def __init__(
         self, in_chans: int, num_classes: int, image_size: tuple[int, int],
         widths: tuple[int, int, int], act: str, pool: str, pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0),
-        stem: str = "conv", whiten_kernel: int = 3,
+        stem: str = "conv", whiten_kernel: int = 3, downsample: str = "max",
     ):
         super().__init__()
         w0, w1, w2 = widths
@@ -61,15 +62,15 @@ class ConvNet(Classifier):
                                   f"{whiten_kernel}x{whiten_kernel} patches: it must be even and at most {most}",
                                   "lower model.kwargs.widths[0] or raise model.kwargs.whiten_kernel")
             whiten = PatchWhitening(in_chans, whiten_kernel, w0)
-            layers = [whiten, *([nn.MaxPool2d(2)] if pools[0] else []), activation(act, w0)]
+            layers = [whiten, *([downsampler(downsample)] if pools[0] else []), activation(act, w0)]
         else:
-            layers = [conv_bn_act(in_chans, w0, act=act, pool=bool(pools[0]))]
+            layers = [conv_bn_act(in_chans, w0, act=act, pool=bool(pools[0]), downsample=downsample)]
         layers += [nn.MaxPool2d(2) for _ in range(extra_pools)]
         self.stem = nn.Sequential(*layers)
         self.stages = nn.Sequential(
-            conv_bn_act(w0, w1, pool=bool(pools[1]), act=act),
-            conv_bn_act(w1, w2, pool=bool(pools[2]), act=act),
-            conv_bn_act(w2, w2, pool=bool(pools[3]), act=act),
+            conv_bn_act(w0, w1, pool=bool(pools[1]), act=act, downsample=downsample),
+            conv_bn_act(w1, w2, pool=bool(pools[2]), act=act, downsample=downsample),
+            conv_bn_act(w2, w2, pool=bool(pools[3]), act=act, downsample=downsample),
         )
         self.pool = GlobalPool(pool)
         self.head = nn.Linear(w2, num_classes)
@@ -83,6 +84,8 @@ def convnet(
     *, in_chans: int, num_classes: int, image_size: tuple[int, int],
     widths: tuple[int, int, int] = (16, 32, 64), act: str = "relu", pool: str = "max",
     pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0), stem: str = "conv", whiten_kernel: int = 3,
+    downsample: str = "max",
 ) -> nn.Module:
     """Small, fast batch-norm CNN (the default): 4 convs, 2 pools, global max-pool, linear head."""
-    return ConvNet(in_chans, num_classes, image_size, tuple(widths), act, pool, tuple(pools), stem, whiten_kernel)
+    return ConvNet(in_chans, num_classes, image_size, tuple(widths), act, pool, tuple(pools), stem, whiten_kernel,
+                   downsample)

@@ -242,11 +242,42 @@ def init_residual(model: nn.Module, drop_path: float) -> None:
     set_drop_path(model, drop_path)
 
 
-def conv_bn_act(cin: int, cout: int, *, pool: bool = False, act: str = "relu", kernel: int = 3) -> nn.Sequential:
-    """conv -> [2x2 max-pool] -> batch norm -> activation. Pooling before the norm halves its cost."""
+class FractionalMaxPool(nn.Module):
+    """Graham's fractional max-pooling (2014): 2x2 max-pools over pseudo-random regions that shrink each side by
+    `ratio` (default 1/sqrt(2): half the area every two pools, not every one). In training the regions are drawn
+    anew each pass (torch's global generator, saved in checkpoints); in eval mode they are fixed, so evaluation is
+    deterministic (torch's own FractionalMaxPool2d draws them in eval mode too)."""
+
+    def __init__(self, ratio: float = 2 ** -0.5):
+        super().__init__()
+        self.ratio = ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        size = (max(1, int(h * self.ratio)), max(1, int(w * self.ratio)))
+        samples = None if self.training else torch.full((x.shape[0], x.shape[1], 2), 0.5, dtype=x.dtype,
+                                                         device=x.device)
+        return F.fractional_max_pool2d(x, 2, output_size=size, _random_samples=samples)
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio:.4g}"
+
+
+def downsampler(kind: str = "max") -> nn.Module:
+    """The 2x downsampling of a stage: `max` (2x2 max-pool) or `fractional` (FractionalMaxPool, ratio 1/sqrt(2))."""
+    if kind == "max":
+        return nn.MaxPool2d(2)
+    if kind == "fractional":
+        return FractionalMaxPool()
+    raise VisrecError(f"downsample {kind!r} is not valid", "use max or fractional (model.kwargs.downsample)")
+
+
+def conv_bn_act(cin: int, cout: int, *, pool: bool = False, act: str = "relu", kernel: int = 3,
+                downsample: str = "max") -> nn.Sequential:
+    """conv -> [2x2 max-pool, or fractional] -> batch norm -> activation. Pooling before the norm halves its cost."""
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)]
     if pool:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(downsampler(downsample))
     layers += [nn.BatchNorm2d(cout), activation(act, cout)]
     return nn.Sequential(*layers)
 

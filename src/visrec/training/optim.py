@@ -68,6 +68,14 @@ def _adamw(groups, c: OptimConfig):
     return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
 
 
+def _lbfgs(groups, c: OptimConfig):
+    """torch's L-BFGS over every trainable parameter, in one group (L-BFGS has no per-group options: weight decay
+    joins the objective instead, see `l2_penalty`), with a strong-Wolfe line search."""
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.LBFGS(params, lr=c.lr, max_iter=c.lbfgs_iters, history_size=c.lbfgs_history,
+                             line_search_fn="strong_wolfe")
+
+
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "momentum": _momentum,
@@ -76,15 +84,8 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
     "rmsprop": _rmsprop,
     "adam": _adam,
     "adamw": _adamw,
+    "lbfgs": _lbfgs,
 }
-
-
-def build_lbfgs(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """torch's L-BFGS over every trainable parameter (one group: L-BFGS has no per-group options; weight decay
-    joins the objective instead, see `l2_penalty`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.LBFGS(params, lr=cfg.lr, max_iter=cfg.lbfgs_iters, history_size=cfg.lbfgs_history,
-                             line_search_fn="strong_wolfe")
 
 
 def l2_penalty(model: nn.Module, weight_decay: float, decay_all: bool = False) -> Callable[[], torch.Tensor] | None:
@@ -103,13 +104,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_factors: dict[str, fl
 
     Weight decay is L2 added to the gradient for every optimizer but AdamW, where it is decoupled.
     """
-    if cfg.name == "lbfgs":
-        if lr_factors:
-            raise VisrecError("optim.name=lbfgs has one learning rate for every parameter, and this fine-tune "
-                              "sets one per layer group", "use finetune.lr_factor=1, or another optimizer")
-        return build_lbfgs(model, cfg)
+    if cfg.name == "lbfgs" and lr_factors:
+        raise VisrecError("optim.name=lbfgs has one learning rate for every parameter, and this fine-tune sets one "
+                          "per layer group", "use another optimizer for a fine-tune with per-stage rates")
     if cfg.name not in OPTIMIZERS:
-        raise unknown_name("optimizer", cfg.name, [*OPTIMIZERS, "lbfgs"], "optim.name")
+        raise unknown_name("optimizer", cfg.name, OPTIMIZERS, "optim.name")
     if cfg.lr <= 0:
         raise VisrecError(f"optim.lr={cfg.lr} must be > 0")
     if len(cfg.betas) != 2:
