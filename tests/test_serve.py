@@ -297,8 +297,10 @@ def test_50_concurrent_requests_answer_as_one_by_one(server, client, images):
 
 def test_every_request_is_logged_in_one_line_without_content(server, client, images):
     client.post("/v1/predict?top_k=1", content=png_bytes(images[0]), headers={"X-Filename": "secret-name.png"})
+    client.get("/x%0A2026-01-01 00:00:00 127.0.0.1 POST /v1/predict 200 forged")  # a newline in the path
     time.sleep(0.2)
-    lines = [ln for ln in server.log.read_text().splitlines() if "POST /v1/predict 200" in ln]
+    assert not any(ln.endswith("forged") for ln in server.log.read_text().splitlines())
+    lines = [ln for ln in server.log.read_text().splitlines() if "POST /v1/predict 200" in ln and "/x?" not in ln]
     assert lines and lines[-1].endswith("1 image") and " ms " in lines[-1]
     assert "secret-name" not in server.log.read_text() and "listening on 127.0.0.1 only" in server.log.read_text()
 

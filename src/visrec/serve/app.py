@@ -291,7 +291,8 @@ class Gate:
             m.child(m.errors, state.get("error") or f"http_{status}").inc()
         client = scope.get("client") or ("-", 0)
         n = state.get("images")
-        log.info("%s %s %s %d %.1f ms%s", client[0], method, path[:200], status, seconds * 1000,
+        shown = "".join(ch if ch.isprintable() else "?" for ch in path[:200])  # a decoded %0A must not forge a line
+        log.info("%s %s %s %d %.1f ms%s", client[0], method[:16], shown, status, seconds * 1000,
                  f" {n} image{'s' if n != 1 else ''}" if n is not None else "")
 
 
