@@ -299,18 +299,14 @@ class Gate:
 # ------------------------------------------------------------------------------------------------ the app
 
 
-def create_app(runs: list[str | Path], settings: ServeSettings | None = None, *, load_in_background: bool = True
-               ) -> FastAPI:
+def create_app(runs: list[str | Path], settings: ServeSettings | None = None) -> FastAPI:
     """The server's app for `runs` (run folders). Models load when the app starts (in a thread, so /readyz says
     503 until they are ready)."""
     server = Server(runs, settings or ServeSettings())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if load_in_background:
-            threading.Thread(target=server.load, name="visrec-loader", daemon=True).start()
-        else:
-            await anyio.to_thread.run_sync(server.load)
+        threading.Thread(target=server.load, name="visrec-loader", daemon=True).start()
         try:
             yield
         finally:

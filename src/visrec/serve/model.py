@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,20 +106,19 @@ class Prepared:
     fmt: str
 
 
-@dataclass
 class Backend:
     """How a batch of uint8 images becomes the network's raw outputs."""
 
-    name: str
-    run: Any = field(repr=False)
+    name = ""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class TorchBackend(Backend):
-    def __init__(self, run, lm, tta: str, crop_pad: int, channels_last: bool):
-        super().__init__("torch", run)
+    name = "torch"
+
+    def __init__(self, lm, tta: str, crop_pad: int, channels_last: bool):
         self.lm, self.tta, self.crop_pad, self.channels_last = lm, tta, crop_pad, channels_last
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +132,9 @@ class OnnxBackend(Backend):
     """The run's ONNX export (preprocessing built in) through onnxruntime. Test-time flips are applied here, in
     pixel space, which equals flipping the normalized input; crops and scales are torch-only."""
 
-    def __init__(self, run, path: Path, tta: str, threads: int):
-        super().__init__("onnx", run)
+    name = "onnx"
+
+    def __init__(self, path: Path, tta: str, threads: int):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -203,7 +203,7 @@ class ServedModel:
         self.max_pixels = max_pixels or cfg.data.max_pixels or MAX_PIXELS
         self.threads = threads or torch.get_num_threads()
         self._tta_request = tta
-        self.lock = threading.Lock()  # the worker owns the model; explain from tests may come from elsewhere
+        self.lock = threading.Lock()  # the server's worker owns the model; library callers may share it across threads
         self.ready = False
 
     # ---------------------------------------------------------------- loading (in the loader thread)
@@ -225,9 +225,9 @@ class ServedModel:
         self.tta = tta
         cl = use_channels_last(cfg.model.channels_last, self.lm.model)
         if self.backend_name == "onnx":
-            self.backend: Backend = OnnxBackend(self.run, onnx_export_for(self.run, self.which), tta, self.threads)
+            self.backend: Backend = OnnxBackend(onnx_export_for(self.run, self.which), tta, self.threads)
         else:
-            self.backend = TorchBackend(self.run, self.lm, tta, resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment),
+            self.backend = TorchBackend(self.lm, tta, resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment),
                                         cl)
         if self.task == "localization":
             from ..tasks import create_task
