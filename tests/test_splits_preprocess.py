@@ -79,5 +79,5 @@ def test_mean_image_and_none_modes_and_state_round_trip():
     for n in (img, raw, Normalizer.fit(x, "channel")):
         back = Normalizer.from_state(n.state())
         assert torch.allclose(back(x), n(x))
-    with pytest.raises(Exception, match="data.normalize 'pca' is not valid"):
-        Normalizer.fit(x, "pca")
+    with pytest.raises(Exception, match="data.normalize 'pcb' is not valid"):
+        Normalizer.fit(x, "pcb")

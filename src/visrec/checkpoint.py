@@ -7,6 +7,7 @@ A checkpoint TAG in a folder is a generation of files, each written atomically u
     GEN.ema.safetensors    the exponential moving average of the weights, when EMA is on
     GEN.swa.safetensors    the stochastic weight average, once SWA has started
     GEN.state.safetensors  optimizer tensors and RNG states (only for resumable checkpoints)
+    GEN.preprocess.safetensors  the whitening basis of data.normalize=pca|pca_whiten|zca (when used)
     TAG.json               epoch, step, class names, preprocessing, optimizer/schedule state, and the
                            file name and SHA-256 of each file above; written last, so it marks a complete
                            checkpoint
@@ -101,6 +102,9 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": groups}
 
 
+_OWN_FILES = ("weights", "ema", "swa", "state")
+
+
 def save_checkpoint(
     folder: Path,
     tag: str,
@@ -111,11 +115,13 @@ def save_checkpoint(
     swa: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     rng: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint `tag` into `folder`; returns the path of its JSON file.
 
     `meta` must be JSON-ready (epoch, step, classes, preprocessing, ...). With `optimizer` and `rng`
-    the checkpoint can resume training; without them it only holds weights (e.g. `best`).
+    the checkpoint can resume training; without them it only holds weights (e.g. `best`). `extra` names further
+    tensor groups saved with it (the preprocessing's whitening basis), read back as `Checkpoint.extra`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write (one writer per run folder)
@@ -129,6 +135,12 @@ def save_checkpoint(
             if module is not None:
                 files[name] = {"file": f"{gen}.{name}.safetensors",
                                "sha256": _save_tensors(model_state(module), folder / f"{gen}.{name}.safetensors")}
+        for name, group in (extra or {}).items():
+            if name in _OWN_FILES or not name.isidentifier():
+                raise ValueError(f"extra tensor group name {name!r} is reserved or not an identifier")
+            if group:
+                files[name] = {"file": f"{gen}.{name}.safetensors",
+                               "sha256": _save_tensors(group, folder / f"{gen}.{name}.safetensors")}
         doc = {"format": FORMAT_VERSION, **meta}
         if optimizer is not None:
             tensors, opt_meta = _split_optimizer(optimizer)
@@ -196,6 +208,7 @@ class Checkpoint:
     swa: dict[str, torch.Tensor] | None = None
     optimizer: dict[str, Any] | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # e.g. "preprocess": whitening basis
     fallback: str | None = None  # why the latest generation was skipped, when it was
 
     def __repr__(self) -> str:
@@ -253,6 +266,9 @@ def _load_one(path: Path, with_state: bool) -> Checkpoint:
         ckpt.ema = _load_verified(folder, files["ema"])
     if "swa" in files:
         ckpt.swa = _load_verified(folder, files["swa"])
+    for name, entry in files.items():
+        if name not in _OWN_FILES:
+            ckpt.extra[name] = _load_verified(folder, entry)
     if with_state:
         if "state" not in files:
             raise VisrecError(f"checkpoint {path} holds weights only and cannot resume training", "resume from last")

@@ -60,7 +60,7 @@ OpenFraction = Annotated[float, Range(0, 1, open_high=True)]  # [0, 1)
 
 # The choices of each key. The registries that act on them (optimizers, schedules, losses, fine-tune strategies,
 # TTA modes, precisions) are checked against these lists by the tests.
-Normalize = Literal["channel", "image", "none"]
+Normalize = Literal["channel", "image", "none", "pca", "pca_whiten", "zca"]
 OnOffAuto = Literal["auto", "on", "off"]
 OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lbfgs"]
 ScheduleName = Literal["constant", "step", "exponential", "inverse_time", "linear", "cosine", "cyclic_cosine",
@@ -87,6 +87,10 @@ class DataConfig:
     name: str = "fashion-mnist"  # catalog name, `folder:PATH`, `coco:PATH`, `yolo:PATH` or `synthetic[:k=v,...]`
     data_dir: str | None = None  # searched first for the dataset's files (also $VISREC_DATA)
     normalize: Normalize = "channel"  # channel (per-channel mean/std) | image (mean image) | none (raw 0..255)
+    #   | pca (the top pca_k principal components, as k features) | pca_whiten (those, each of unit variance)
+    #   | zca (whitened, rotated back to image layout); all fitted on the training split
+    pca_k: AtLeast1 | None = None  # pca, pca_whiten: components kept (default: 95% of the variance); zca: the rank
+    pca_eps: NonNeg = 0.01  # whitening: added to each eigenvalue (pixel values scaled to 0..1)
     augment: list[str] = field(default_factory=lambda: ["hflip"])  # names, `name:arg` (see visrec.data.augment)
     val_fraction: OpenFraction = 0.1  # of the training split, held out (stratified) for validation
     test_fraction: Annotated[float, Range(0, 1, open_low=True, open_high=True)] = 0.2  # datasets without a test split

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import Normalizer
 from .errors import VisrecError, unknown_name
 from .io import atomic_path
 
@@ -26,16 +27,15 @@ SUFFIX = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
 
 
 class WithPreprocessing(nn.Module):
-    """pixels 0..255 -> the run's normalization -> the network's logits."""
+    """pixels 0..255 -> the run's normalization (mean/std, or its whitening basis) -> the network's logits."""
 
-    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, model: nn.Module, normalizer: Normalizer):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", mean.float().clone())
-        self.register_buffer("inv_std", 1.0 / std.float())
+        self.preprocess = normalizer.to("cpu").module()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model((pixels - self.mean) * self.inv_std)
+        return self.model(self.preprocess(pixels))
 
 
 def export_run(run_path: str | Path, fmt: str = "onnx", out: str | Path | None = None, which: str = "auto") -> Path:
@@ -56,11 +56,14 @@ def export_run(run_path: str | Path, fmt: str = "onnx", out: str | Path | None =
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if lm.normalizer.whitening:  # the basis travels with the weights: the network is useless without it
+            meta["preprocess_tensors"] = "preprocess.*: network input = pixels.flatten(1) @ weight.T + bias"
+            tensors.update({f"preprocess.{k}": v for k, v in lm.normalizer.module().state_dict().items()})
         with atomic_path(out) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                      metadata={"visrec": json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata={"visrec": json.dumps(meta)})
         return out
-    wrapped = WithPreprocessing(model, lm.normalizer.mean.cpu(), lm.normalizer.std.cpu()).eval()
+    wrapped = WithPreprocessing(model, lm.normalizer).eval()
     example = torch.full((2, lm.in_chans, *lm.image_size), 128.0)
     if fmt == "torchscript":
         with torch.no_grad():

@@ -282,6 +282,8 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
         parts.append(_table(["metric", "test"], [[k, _value(v, k)] for k, v in s["test"].items()
                                                  if isinstance(v, (int, float))]))
 
+    if explain:
+        parts += _preprocessing_section(run, rep)
     if explain and not classification:
         parts += _task_sections(run, rep)
         rep.skipped.append(f"explanations (Grad-CAM, saliency, filters): written for classification runs, and this "
@@ -330,6 +332,74 @@ def _task_sections(run, rep: Report) -> list[str]:
     return parts
 
 
+def whitening_png(normalizer, images, n: int = 8) -> bytes:
+    """The fitted whitening of a run: its eigenvalue spectrum, its top components as images, and `n` training
+    images before and after (zca: the whitened image; pca: the image rebuilt from the k components kept)."""
+    import torch
+
+    plt = pyplot()
+    f, t = normalizer.whitening, normalizer.tensors
+    c, h, w = f["shape"]
+    comps = t["components"].cpu()[:16]
+    x8 = images[:n].cpu()
+    flat = x8.reshape(len(x8), -1).float() / 255.0 - t["mean"].cpu()
+    if normalizer.mode == "zca":
+        after = normalizer.to("cpu")(x8).reshape(len(x8), -1)
+        after_title = "after zca"
+    else:
+        u = t["components"].cpu() if f["k"] <= len(t["components"]) else None
+        if u is None:  # more components kept than stored for figures: rebuild from the pca basis itself
+            u = torch.nn.functional.normalize(t["basis"].cpu(), dim=1)
+        after = (flat @ u.t()) @ u
+        after_title = f"rebuilt from {len(u)} components"
+
+    def show(ax, v):
+        img = v.reshape(c, h, w).permute(1, 2, 0).numpy()
+        lo, hi = img.min(), img.max()
+        img = (img - lo) / (hi - lo + 1e-12)
+        ax.imshow(img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None)
+        ax.axis("off")
+
+    cols = max(len(comps), n)
+    fig = plt.figure(figsize=(max(8.0, cols * 0.9), 6.4))
+    grid = fig.add_gridspec(4, cols, height_ratios=[1.6, 1, 1, 1])
+    ax = fig.add_subplot(grid[0, :])
+    ev = t["eigenvalues"].cpu().numpy()
+    share = ev.cumsum() / max(ev.sum(), 1e-30)
+    ax.plot(range(1, len(ev) + 1), share, color="tab:blue")
+    ax.axvline(f["k"], color="tab:red", lw=1)
+    ax.set(xscale="log", xlabel="components", ylabel="variance kept",
+           title=f"data.normalize={normalizer.mode}: k={f['k']} of {len(ev)} components keep "
+                 f"{100 * f['explained']:.1f}% of the variance (eps={f['eps']:g})")
+    for i in range(len(comps)):
+        show(fig.add_subplot(grid[1, i]), comps[i])
+    for i in range(len(x8)):
+        show(fig.add_subplot(grid[2, i]), flat[i])
+        show(fig.add_subplot(grid[3, i]), after[i])
+    fig.text(0.01, 0.52, "top components", fontsize=8)
+    fig.text(0.01, 0.27, "training images (mean removed)", fontsize=8)
+    fig.text(0.01, 0.02, after_title, fontsize=8)
+    return figure_png(fig)
+
+
+def _preprocessing_section(run, rep: Report) -> list[str]:
+    """The whitening a run fitted (data.normalize=pca|pca_whiten|zca); nothing for the other modes."""
+    if run.config.data.normalize not in ("pca", "pca_whiten", "zca"):
+        return []
+    from .runs import dataset_from_config
+
+    try:
+        lm = run.load_model()
+        images = dataset_from_config(run.config).train.images
+        rep.figures["whitening"] = whitening_png(lm.normalizer, images)
+    except (VisrecError, OSError) as e:
+        rep.skipped.append(f"the whitening figure: {getattr(e, 'message', e)}")
+        return []
+    return ["<h2>Preprocessing</h2><p class='muted'>The whitening fitted on the training split: how much variance "
+            "the kept components hold, the top components, and training images before and after.</p>"
+            + _img(rep.figures["whitening"], "whitening")]
+
+
 def _explain_sections(run, rep: Report, per_class: int) -> list[str]:
     """Sections drawn with the model and the test split; each one that fails is listed under "Left out"."""
     from .explain.run import _confused, _errors, filters_figure, maps_figure, test_probabilities
@@ -366,6 +436,10 @@ def _explain_sections(run, rep: Report, per_class: int) -> list[str]:
     from .explain import Explanation, attribute
 
     x = lm.normalizer(x8)
+    net, pixels = lm.model, x
+    if lm.normalizer.whitening:  # saliency over the pixels: the network behind its whitening, fed pixel values
+        net = torch.nn.Sequential(lm.normalizer.module().to(x.device), lm.model).eval()
+        pixels = x8.to(x.device).float()
     with torch.no_grad():
         probs = lm.model(x).softmax(1)
     pred = probs.argmax(1)
@@ -373,7 +447,8 @@ def _explain_sections(run, rep: Report, per_class: int) -> list[str]:
                  "for the predicted class (its probability above each image).</p>")
     for method in ("gradcam", "saliency"):
         try:
-            maps = attribute(method, lm.model, x, pred)
+            maps = (attribute(method, lm.model, x, pred) if method == "gradcam"
+                    else attribute(method, net, pixels, pred))
         except VisrecError as e:
             rep.skipped.append(f"{method}: {e.message}")
             continue

@@ -187,14 +187,16 @@ class Run:
             ckpt = load_checkpoint(self.path / "checkpoints", tag)
             spec = ckpt.meta["model"]
             size = tuple(spec["image_size"])
-            model = create_model(spec["name"], in_chans=spec["in_chans"], num_classes=spec["num_classes"],
-                                 image_size=size, **spec["kwargs"])
+            net_c, *net_size = spec.get("net_input", [spec["in_chans"], *size])  # differs after pca
+            model = create_model(spec["name"], in_chans=net_c, num_classes=spec["num_classes"],
+                                 image_size=tuple(net_size), **spec["kwargs"])
             model.load_state_dict(ckpt.swa or ckpt.ema or ckpt.weights)
             dev = resolve_device(device)
             cl = use_channels_last(self.config.model.channels_last, model)
             model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).eval()
-            self._loaded[key] = LoadedModel(model, Normalizer.from_state(ckpt.meta["preprocess"]).to(dev),
-                                            ckpt.meta["classes"], spec["in_chans"], size, str(ckpt.path))
+            norm = Normalizer.from_state(ckpt.meta["preprocess"], ckpt.extra.get("preprocess")).to(dev)
+            self._loaded[key] = LoadedModel(model, norm, ckpt.meta["classes"], spec["in_chans"], size,
+                                            str(ckpt.path))
         return self._loaded[key]
 
     def evaluate(self, split: str = "test", *, tta: str | None = None, which: str = "auto",

@@ -356,6 +356,10 @@ class Pipeline:
         self.steps = [parse_augmentation(s) for s in specs]
         for step in self.steps:
             if step.pixels and normalizer is not None:
+                if normalizer.whitening:
+                    raise VisrecError(f"augmentation {step.name} works on pixel values, which data.normalize="
+                                      f"{normalizer.mode} does not keep (it mixes every pixel into each input)",
+                                      "use data.normalize=channel or image with it, or drop it from data.augment")
                 step.bind(normalizer.mean, normalizer.std, images)
         mixers = [s for s in self.steps if isinstance(s, Mixup | CutMix)]
         if len(mixers) > 1:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..config import Config, LossConfig
-from ..data import Dataset, Normalizer, stratified_split, stratified_subset
+from ..data import Dataset, stratified_split, stratified_subset
 from ..device import resolve_device, seed_everything, set_threads
 from ..errors import VisrecError
 from ..evaluate import evaluate
@@ -37,7 +37,7 @@ from ..models._registry import BadModelOutput
 from ..runs import dataset_from_config, setup_config
 from ..training.losses import build_loss
 from ..training.optim import build_optimizer, param_groups
-from ..training.setup import build_model, epoch_batch_size
+from ..training.setup import build_model, epoch_batch_size, fit_normalizer
 from .findings import SEVERITIES, Diagnosis, Finding
 from .gradcheck import gradient_check
 from .lr_finder import default_range, lr_range_test
@@ -75,7 +75,7 @@ class Exam:
     abort: bool = False
 
     def __post_init__(self) -> None:
-        self.normalizer = Normalizer.fit(self.ds.train.images, self.cfg.data.normalize).to(self.device)
+        self.normalizer = fit_normalizer(self.cfg, self.ds).to(self.device)
         self.loss_fn = build_loss(self.cfg.loss)
         # "Regularization off": no label smoothing (weight decay lives in the optimizer, not the loss).
         self.plain_loss = build_loss(LossConfig(name=self.cfg.loss.name, label_smoothing=0.0,

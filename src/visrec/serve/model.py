@@ -260,8 +260,7 @@ class ServedModel:
                               + ("converted to grayscale" if self.channels == 1 else "converted to RGB"),
                     "resize": "kept at its own size (the detector resizes it)" if self.detector
                     else f"bilinear to {self.size[1]}x{self.size[0]} (width x height)",
-                    "normalize": {"mode": norm["mode"], "mean": _stat(norm["mean"]), "std": _stat(norm["std"]),
-                                  "input_range": "pixel values 0..255"},
+                    "normalize": _normalize_card(norm),
                     "tta": self.tta},
                 "max_pixels": self.max_pixels, "explain": ["gradcam"] if self.explainable else []})
         return out
@@ -396,6 +395,13 @@ class ServedModel:
             with torch.enable_grad():
                 cams = attribute("gradcam", lm.model, x, torch.tensor(targets, device=x.device))
         return [png_data_uri(heat_rgba(c.cpu())) for c in cams]
+
+
+def _normalize_card(norm: dict[str, Any]) -> dict[str, Any]:
+    if "mean" not in norm:  # a whitening basis: its facts, not its numbers
+        return {**norm, "input_range": "pixel values 0..255"}
+    return {"mode": norm["mode"], "mean": _stat(norm["mean"]), "std": _stat(norm["std"]),
+            "input_range": "pixel values 0..255"}
 
 
 def _stat(values: list[float]) -> list[float] | str:

@@ -34,9 +34,7 @@ class Teachers:
                 raise VisrecError(f"teacher {run.path} knows the classes {lm.classes}, but this run's data has "
                                   f"{ds.classes}", "distill on the dataset (and data.classes) the teachers learned")
             theirs = lm.normalizer.to("cpu")
-            if theirs.mode != normalizer.mode or not (
-                    torch.allclose(theirs.mean, normalizer.mean.cpu(), atol=1e-4)
-                    and torch.allclose(theirs.std, normalizer.std.cpu(), atol=1e-4)):
+            if not theirs.same_as(normalizer):
                 raise VisrecError(f"teacher {run.path} preprocesses images differently ({theirs!r}) from this run "
                                   f"({normalizer!r})", "use the teachers' data.normalize and the same training data "
                                   "(data.subset, data.split_seed)")

@@ -44,7 +44,7 @@ from .finetune import Finetune, cache_dir, cached_features
 from .optim import add_gradient_noise, build_optimizer, l2_penalty
 from .rundir import RunWriter
 from .schedules import LRSchedule, schedule_factor, snapshot_steps
-from .setup import build_model, check_config, epoch_batch_size, schedule_warnings
+from .setup import build_model, check_config, epoch_batch_size, fit_normalizer, model_spec, schedule_warnings
 from .state import Position, all_finite, capture_rng, now, restore_rng, stop_signals
 from .step import LossStep, NonFiniteLoss, nonfinite_error
 from .task import EvalSettings, Evaluation, Task
@@ -115,7 +115,7 @@ class Trainer:
         device = resolve_device(cfg.device.name)
         self.runtime = Runtime(device, resolve_precision(cfg.device.precision, device))
         seed_everything(cfg.train.seed)
-        normalizer = Normalizer.fit(ds.train.images, cfg.data.normalize).to(device)
+        normalizer = fit_normalizer(cfg, ds).to(device)
         cfg.model.kwargs = {**task.model_kwargs(ds, cfg.model.name), **cfg.model.kwargs}
         # a resumed run's checkpoint holds its weights and preprocessing
         self.model, self.normalizer, self.initial_weights_note = build_model(
@@ -186,12 +186,14 @@ class Trainer:
         return {
             **self.pos.state(), "saved": now(),
             "classes": ds.classes, "preprocess": self.normalizer.state(), "task": self.task.name,
-            "model": {"name": self.cfg.model.name, "kwargs": self.cfg.model.kwargs, "in_chans": ds.channels,
-                      "num_classes": self.task.num_outputs(ds), "image_size": list(ds.image_size)},
+            "model": model_spec(self.cfg, ds, self.normalizer, self.task.num_outputs(ds)),
             "schedule": self.schedule.state_dict(),
             **self.averages.state(),
             "augment_rng": self.pipeline.get_state()["rng"],
         }
+
+    def _extra(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"preprocess": self.normalizer.tensors}
 
     def _save_last(self) -> None:
         # Never replace the last good checkpoint with poisoned weights: a NaN can arrive between two logged
@@ -203,7 +205,7 @@ class Trainer:
         a = self.averages
         save_checkpoint(self.run_dir / "checkpoints", "last", self.model, self._meta(),
                         ema=a.ema.module if a.ema else None, swa=a.swa.module if a.swa else None,
-                        optimizer=self.optimizer, rng=capture_rng(self.pipeline.gen))
+                        optimizer=self.optimizer, rng=capture_rng(self.pipeline.gen), extra=self._extra())
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.run_dir / "checkpoints", "last", with_state=True)
@@ -215,7 +217,7 @@ class Trainer:
         self.averages.load(self.model, m, ckpt.ema, ckpt.swa)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.schedule.load_state_dict(m["schedule"])
-        self.normalizer = Normalizer.from_state(m["preprocess"]).to(self.runtime.device)
+        self.normalizer = Normalizer.from_state(m["preprocess"], ckpt.extra.get("preprocess")).to(self.runtime.device)
         restore_rng(ckpt.rng)
         self.pipeline.set_state({"gen": ckpt.rng["augment"], "rng": m["augment_rng"]})
         self.pos = Position.from_state(m)
@@ -409,7 +411,8 @@ class Trainer:
             if pos.step in self.snapshots:
                 t0 = time.perf_counter()
                 k = sorted(self.snapshots).index(pos.step) + 1  # the weights at the end of a learning-rate cycle
-                save_checkpoint(self.run_dir / "checkpoints", f"snapshot{k}", self.model, self._meta())
+                save_checkpoint(self.run_dir / "checkpoints", f"snapshot{k}", self.model, self._meta(),
+                                extra=self._extra())
                 t_epoch += time.perf_counter() - t0  # saving is not training time
             win_losses.append(loss.detach())
             win_stats.append(self.task.batch_stats(detached(out), target))
@@ -474,7 +477,7 @@ class Trainer:
                 pos.best_val, pos.best_epoch = value, pos.epoch + 1
                 ema = self.averages.ema
                 save_checkpoint(self.run_dir / "checkpoints", "best", self.model, self._meta(),
-                                ema=ema.module if ema else None)
+                                ema=ema.module if ema else None, extra=self._extra())
         pos.epoch += 1
         pos.batch = 0
         self._save_last()

@@ -69,6 +69,27 @@ def schedule_warnings(total_steps: int, epochs: int, steps_per_epoch: int, batch
             f"batch(es) of {batch_size} on {n_train} images): too few to learn much. {fix[0].upper()}{fix[1:]}."]
 
 
+def fit_normalizer(cfg: Config, ds: Dataset) -> Normalizer:
+    """The input normalization of `cfg.data`, fitted on the training split (on the CPU)."""
+    d = cfg.data
+    if d.normalize in ("pca", "pca_whiten") and d.augment:
+        raise VisrecError(f"data.normalize={d.normalize} turns each image into {d.pca_k or 'k'} features, which "
+                          f"augmentation ({', '.join(d.augment)}) cannot work on",
+                          "--set data.augment=[], or use data.normalize=zca, which keeps the image layout")
+    return Normalizer.fit(ds.train.images, d.normalize, k=d.pca_k, eps=d.pca_eps)
+
+
+def model_spec(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: int) -> dict[str, Any]:
+    """What a checkpoint records to rebuild its network: the name and kwargs, the pixel input (channels, size) and,
+    when the preprocessing changes the shape (pca), the shape the network takes."""
+    spec = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, "in_chans": ds.channels,
+            "num_classes": num_outputs, "image_size": list(ds.image_size)}
+    net = normalizer.output_shape((ds.channels, *ds.image_size))
+    if list(net) != [ds.channels, *ds.image_size]:
+        spec["net_input"] = list(net)
+    return spec
+
+
 def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: int, *, seed: int | None = None,
                 load_weights_from_config: bool = True) -> tuple[nn.Module, Normalizer, str | None]:
     """The network of `cfg` for `ds`, as training builds it: created by name, its data-dependent layers (a
@@ -80,8 +101,16 @@ def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: i
         # The run must find the file again from any working directory.
         path, fn = cfg.model.name.rsplit(":", 1)
         cfg.model.name = f"{Path(path).expanduser().resolve()}:{fn}"
-    model = create_model(cfg.model.name, in_chans=ds.channels, num_classes=num_outputs, image_size=ds.image_size,
-                         pretrained=cfg.model.pretrained, **cfg.model.kwargs)
+    c, h, w = normalizer.output_shape((ds.channels, *ds.image_size))
+    try:
+        model = create_model(cfg.model.name, in_chans=c, num_classes=num_outputs, image_size=(h, w),
+                             pretrained=cfg.model.pretrained, **cfg.model.kwargs)
+    except VisrecError as e:
+        if normalizer.mode in ("pca", "pca_whiten"):
+            raise VisrecError(f"model {cfg.model.name} cannot take the {c} features of data.normalize="
+                              f"{normalizer.mode}: {e.message}", "use model linear or mlp, or data.normalize=zca "
+                              "(which keeps the image layout)") from None
+        raise
     seed = cfg.train.seed if seed is None else seed
     scheme, _ = parse_init(cfg.model.init)
     if scheme != "default":
@@ -91,7 +120,7 @@ def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: i
         sample = None
         if scheme == "lsuv":  # a seeded batch of normalized training images
             idx = torch.randperm(len(ds.train.images), generator=torch.Generator().manual_seed(seed))[:256]
-            sample = normalizer(ds.train.images[idx].to(normalizer.mean.device)).cpu()
+            sample = normalizer(ds.train.images[idx].to(normalizer.device)).cpu()
         init_weights(model, cfg.model.init, sample)
     fit_data_dependent(model, ds.train.images, normalizer, seed)
     note = None
@@ -99,7 +128,7 @@ def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: i
         note, source_norm = load_initial_weights(model, cfg.model.weights, cfg.model.trust_checkpoint,
                                                  new_head=cfg.finetune.strategy != "none")
         if source_norm is not None:  # a run's network sees its inputs preprocessed as in its own training
-            normalizer = Normalizer.from_state(source_norm).to(normalizer.mean.device)
+            normalizer = source_norm.to(normalizer.device)
     return model, normalizer, note
 
 
@@ -111,13 +140,13 @@ def fit_data_dependent(model: nn.Module, images: torch.Tensor, normalizer: Norma
     if not layers:
         return
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    x = normalizer(images[idx].to(normalizer.mean.device))
+    x = normalizer(images[idx].to(normalizer.device))
     for m in layers:
         m.fit(x.to(m.weight.device))
 
 
 def load_initial_weights(model: nn.Module, path: str, trust: bool, *, new_head: bool = False
-                         ) -> tuple[str, dict[str, Any] | None]:
+                         ) -> tuple[str, Normalizer | None]:
     """Load a weight file, or the weights of a run folder (`RUN`, `RUN:best`, `RUN:last`), into a fresh model by
     name. A classifier head whose shape differs (another number of classes), or any head with `new_head`, keeps its
     fresh initialization; any other missing, unexpected or mis-shaped tensor is an error.
@@ -129,7 +158,7 @@ def load_initial_weights(model: nn.Module, path: str, trust: bool, *, new_head: 
         run = ref.run
         ckpt = load_checkpoint(run.path / "checkpoints", run.checkpoint_tag(ref.which))
         weights = dict(ckpt.swa or ckpt.ema or ckpt.weights)
-        norm = ckpt.meta["preprocess"]
+        norm = Normalizer.from_state(ckpt.meta["preprocess"], ckpt.extra.get("preprocess"))
     else:
         weights = load_weights(path, trust=trust)
     own = model.state_dict()
