@@ -1,0 +1,138 @@
+"""visrec.ref: the course's layers from scratch, in NumPy (no torch inside).
+
+Every layer is a `*_forward(...) -> (out, cache)` / `*_backward(dout, cache) -> gradients` pair with the course's
+calling conventions; gradient checks, update rules, a Solver and the course's models are built on them. Each
+layer is tested against PyTorch's autograd in float64, and `visrec train --engine numpy` trains these models
+through visrec's loop, run folder and reports.
+
+    from visrec.ref import affine_forward, affine_backward, eval_numerical_gradient_array, rel_error
+"""
+
+from ._check import Cache, RefError
+from .attention import (
+    attention_backward,
+    attention_forward,
+    init_multihead_params,
+    multihead_attention_backward,
+    multihead_attention_forward,
+)
+from .conv import (
+    conv_backward_fast,
+    conv_backward_naive,
+    conv_forward_fast,
+    conv_forward_naive,
+    max_pool_backward_fast,
+    max_pool_backward_naive,
+    max_pool_forward_fast,
+    max_pool_forward_naive,
+)
+from .gradcheck import eval_numerical_gradient, eval_numerical_gradient_array, rel_error
+from .layers import (
+    affine_backward,
+    affine_forward,
+    batchnorm_backward,
+    batchnorm_backward_alt,
+    batchnorm_forward,
+    dropout_backward,
+    dropout_forward,
+    layernorm_backward,
+    layernorm_forward,
+    leaky_relu_backward,
+    leaky_relu_forward,
+    relu_backward,
+    relu_forward,
+    sigmoid_backward,
+    sigmoid_forward,
+    softmax_loss,
+    spatial_batchnorm_backward,
+    spatial_batchnorm_forward,
+    spatial_groupnorm_backward,
+    spatial_groupnorm_forward,
+    svm_loss,
+    tanh_backward,
+    tanh_forward,
+)
+from .models import FullyConnectedNet, RefModel, ThreeLayerConvNet, TwoLayerNet
+from .optim import adam, rmsprop, sgd, sgd_momentum
+from .rnn import (
+    lstm_backward,
+    lstm_forward,
+    lstm_step_backward,
+    lstm_step_forward,
+    rnn_backward,
+    rnn_forward,
+    rnn_step_backward,
+    rnn_step_forward,
+    temporal_affine_backward,
+    temporal_affine_forward,
+    temporal_softmax_loss,
+    word_embedding_backward,
+    word_embedding_forward,
+)
+from .solver import Solver
+
+__all__ = [
+    "Cache",
+    "FullyConnectedNet",
+    "RefError",
+    "RefModel",
+    "Solver",
+    "ThreeLayerConvNet",
+    "TwoLayerNet",
+    "adam",
+    "affine_backward",
+    "affine_forward",
+    "attention_backward",
+    "attention_forward",
+    "batchnorm_backward",
+    "batchnorm_backward_alt",
+    "batchnorm_forward",
+    "conv_backward_fast",
+    "conv_backward_naive",
+    "conv_forward_fast",
+    "conv_forward_naive",
+    "dropout_backward",
+    "dropout_forward",
+    "eval_numerical_gradient",
+    "eval_numerical_gradient_array",
+    "init_multihead_params",
+    "layernorm_backward",
+    "layernorm_forward",
+    "leaky_relu_backward",
+    "leaky_relu_forward",
+    "lstm_backward",
+    "lstm_forward",
+    "lstm_step_backward",
+    "lstm_step_forward",
+    "max_pool_backward_fast",
+    "max_pool_backward_naive",
+    "max_pool_forward_fast",
+    "max_pool_forward_naive",
+    "multihead_attention_backward",
+    "multihead_attention_forward",
+    "rel_error",
+    "relu_backward",
+    "relu_forward",
+    "rmsprop",
+    "rnn_backward",
+    "rnn_forward",
+    "rnn_step_backward",
+    "rnn_step_forward",
+    "sgd",
+    "sgd_momentum",
+    "sigmoid_backward",
+    "sigmoid_forward",
+    "softmax_loss",
+    "spatial_batchnorm_backward",
+    "spatial_batchnorm_forward",
+    "spatial_groupnorm_backward",
+    "spatial_groupnorm_forward",
+    "svm_loss",
+    "tanh_backward",
+    "tanh_forward",
+    "temporal_affine_backward",
+    "temporal_affine_forward",
+    "temporal_softmax_loss",
+    "word_embedding_backward",
+    "word_embedding_forward",
+]
