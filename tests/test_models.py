@@ -32,7 +32,7 @@ def test_every_model_forward_backward_finite(name, c, h, w, k):
     torch.manual_seed(0)
     m = create_model(name, in_chans=c, num_classes=k, image_size=(h, w))
     _forward_backward(m, c, h, w, k)
-    if c == 1:  # the common surface, on the same model
+    if c == 1 and model_entry(name).family != "reference":  # the common surface (not the course's own networks)
         m.eval()
         x = torch.randn(2, 1, 28, 28)
         with torch.no_grad():

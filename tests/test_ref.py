@@ -324,6 +324,8 @@ def test_update_rules_match_torch_optimizers():
     w0, grads = r.standard_normal(6), [r.standard_normal(6) for _ in range(20)]
     cases = [(ref.sgd_momentum, {"learning_rate": 0.1, "momentum": 0.9},
               lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+             (ref.sgd_nesterov, {"learning_rate": 0.1, "momentum": 0.9},  # the course's form is torch's, rewritten
+              lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True)),
              (ref.adam, {"learning_rate": 0.01}, lambda p: torch.optim.Adam(p, lr=0.01, eps=1e-8)),
              (ref.rmsprop, {"learning_rate": 0.01, "decay_rate": 0.99, "epsilon": 1e-8}, None),
              (ref.sgd, {"learning_rate": 0.1}, lambda p: torch.optim.SGD(p, lr=0.1))]

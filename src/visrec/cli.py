@@ -106,6 +106,10 @@ def train(
     out_dir: Annotated[Path | None, out_option("Run folder (default runs/<dataset>-<model>-<time>).")] = None,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
+    engine: Annotated[str | None, typer.Option(
+        help="train.engine: torch, or numpy (visrec.ref's layers and update rules; models linear, mlp, fc_net, "
+             "convnet3; CPU).",
+    )] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run; takes no other option.")] = None,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
@@ -163,7 +167,7 @@ def train(
         if resume is not None:
             given = {"DATASET": dataset, "--model": model, "--task": task, "--preset": preset, "--set": set_,
                      "--epochs": epochs, "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir,
-                     "--data-dir": data_dir, "--device": device, "--weights": weights,
+                     "--data-dir": data_dir, "--device": device, "--engine": engine, "--weights": weights,
                      "--trust-checkpoint": trust_checkpoint, "--skip-bad-images": skip_bad_images,
                      "--checkpoint-every": checkpoint_every, "--seeds": seeds}
             extra = [k for k, v in given.items() if v]
@@ -177,7 +181,8 @@ def train(
             cfg = _config(preset, set_, data_name=dataset, model_name=model, task_name=task, train_epochs=epochs,
                           train_batch_size=batch_size, optim_lr=lr, train_seed=seed, data_data_dir=data_dir,
                           device_name=device, model_weights=weights, model_trust_checkpoint=trust_checkpoint or None,
-                          data_skip_bad_images=skip_bad_images or None, train_checkpoint_every=checkpoint_every)
+                          data_skip_bad_images=skip_bad_images or None, train_checkpoint_every=checkpoint_every,
+                          train_engine=engine)
             if seeds is not None:
                 if seed is not None:
                     raise VisrecError("--seeds trains one run per seed: it does not go with --seed")

@@ -176,6 +176,7 @@ class TrainConfig:
     nonfinite: NonFinitePolicy = "stop"  # what a NaN/inf loss does: stop (with a diagnosis) | skip (drop the step)
     checkpoint_every: NonNegInt = 0  # also checkpoint every N steps; 0 = at the end of each epoch only
     min_epoch_steps: NonNegInt = 20  # small datasets: halve the batch (not below 16) until an epoch has this many
+    engine: Literal["torch", "numpy"] = "torch"  # numpy: the network's passes and update rule run in visrec.ref
 
 
 @dataclass

@@ -9,6 +9,7 @@ from . import (  # noqa: F401 - importing registers the models
     lenet,
     mobile,
     plain,
+    reference,
     resnet,
     resnet_cifar,
     segment,

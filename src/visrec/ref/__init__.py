@@ -53,7 +53,7 @@ from .layers import (
     tanh_forward,
 )
 from .models import FullyConnectedNet, RefModel, ThreeLayerConvNet, TwoLayerNet
-from .optim import adam, rmsprop, sgd, sgd_momentum
+from .optim import RULES, adam, rmsprop, sgd, sgd_momentum, sgd_nesterov
 from .rnn import (
     lstm_backward,
     lstm_forward,
@@ -120,6 +120,8 @@ __all__ = [
     "rnn_step_forward",
     "sgd",
     "sgd_momentum",
+    "sgd_nesterov",
+    "RULES",
     "sigmoid_backward",
     "sigmoid_forward",
     "softmax_loss",

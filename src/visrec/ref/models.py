@@ -42,8 +42,22 @@ class RefModel:
     reg: float
     dtype: Any
 
-    def loss(self, X: np.ndarray, y: np.ndarray | None = None):  # noqa: N803
+    def forward(self, X: np.ndarray, train: bool) -> tuple[np.ndarray, Any]:  # noqa: N803
+        """Scores (N, C) and the cache `backward` needs; `train` picks the mode of batch norm and dropout."""
         raise NotImplementedError
+
+    def backward(self, dscores: np.ndarray, cache: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The gradients of the data loss: dX (shaped like X) and one per parameter (no L2 term)."""
+        raise NotImplementedError
+
+    def loss(self, X: np.ndarray, y: np.ndarray | None = None):  # noqa: N803
+        """Scores (test mode) when y is None; otherwise (softmax loss + L2 term, gradients) in training mode."""
+        if y is None:
+            return self.forward(X, train=False)[0]
+        scores, cache = self.forward(X, train=True)
+        loss, dscores = softmax_loss(scores, y)
+        _, grads = self.backward(dscores, cache)
+        return self._reg(loss, grads), grads
 
     def _reg(self, loss: float, grads: dict[str, np.ndarray]) -> float:
         for k, w in self.params.items():
@@ -73,19 +87,20 @@ class TwoLayerNet(RefModel):
                        "b1": np.zeros(hidden_dim, dtype), "W2": (weight_scale * r.standard_normal(
                            (hidden_dim, num_classes))).astype(dtype), "b2": np.zeros(num_classes, dtype)}
 
-    def loss(self, X, y=None):  # noqa: N803
+    def forward(self, X, train):  # noqa: N803
         _check_input("TwoLayerNet", X, (self.input_dim,))
         p = self.params
         h, c1 = affine_forward(X, p["W1"], p["b1"])
         a, c2 = relu_forward(h)
         scores, c3 = affine_forward(a, p["W2"], p["b2"])
-        if y is None:
-            return scores
-        loss, d = softmax_loss(scores, y)
+        return scores, (c1, c2, c3)
+
+    def backward(self, dscores, cache):
+        c1, c2, c3 = cache
         grads = {}
-        d, grads["W2"], grads["b2"] = affine_backward(d, c3)
-        _, grads["W1"], grads["b1"] = affine_backward(relu_backward(d, c2), c1)
-        return self._reg(loss, grads), grads
+        d, grads["W2"], grads["b2"] = affine_backward(dscores, c3)
+        dx, grads["W1"], grads["b1"] = affine_backward(relu_backward(d, c2), c1)
+        return dx, grads
 
 
 class FullyConnectedNet(RefModel):
@@ -126,10 +141,10 @@ class FullyConnectedNet(RefModel):
         for bp in self.bn_params:
             bp["mode"] = mode
 
-    def loss(self, X, y=None):  # noqa: N803
+    def forward(self, X, train):  # noqa: N803
         _check_input("FullyConnectedNet", X, (self.input_dim,))
         X = X.astype(self.dtype, copy=False)  # noqa: N806
-        self.set_mode("test" if y is None else "train")
+        self.set_mode("train" if train else "test")
         p, caches, h = self.params, [], X
         for i in range(1, self.num_layers):
             h, ca = affine_forward(h, p[f"W{i}"], p[f"b{i}"])
@@ -145,11 +160,13 @@ class FullyConnectedNet(RefModel):
             caches.append((ca, cn, cr, cd))
         last = self.num_layers
         scores, c_out = affine_forward(h, p[f"W{last}"], p[f"b{last}"])
-        if y is None:
-            return scores
-        loss, d = softmax_loss(scores, y)
+        return scores, (caches, c_out)
+
+    def backward(self, dscores, cache):
+        caches, c_out = cache
+        last = self.num_layers
         grads: dict[str, np.ndarray] = {}
-        d, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(d, c_out)
+        d, grads[f"W{last}"], grads[f"b{last}"] = affine_backward(dscores, c_out)
         for i in reversed(range(1, self.num_layers)):
             ca, cn, cr, cd = caches[i - 1]
             if cd is not None:
@@ -160,15 +177,16 @@ class FullyConnectedNet(RefModel):
             elif self.normalization == "layernorm":
                 d, grads[f"gamma{i}"], grads[f"beta{i}"] = layernorm_backward(d, cn)
             d, grads[f"W{i}"], grads[f"b{i}"] = affine_backward(d, ca)
-        return self._reg(loss, grads), grads
+        return d, grads
 
 
 class ThreeLayerConvNet(RefModel):
     """conv (num_filters of filter_size, stride 1, 'same' padding) - relu - 2x2 max pool - affine (hidden_dim) -
-    relu - affine - softmax. input_dim is (C, H, W) with even H and W."""
+    relu - affine - softmax. input_dim is (C, H, W) with even H and W; weights N(0, weight_scale^2), or He-scaled
+    with weight_scale='he'."""
 
     def __init__(self, input_dim: tuple[int, int, int] = (3, 32, 32), num_filters: int = 32, filter_size: int = 7,
-                 hidden_dim: int = 100, num_classes: int = 10, weight_scale: float = 1e-3, reg: float = 0.0,
+                 hidden_dim: int = 100, num_classes: int = 10, weight_scale: float | str = 1e-3, reg: float = 0.0,
                  dtype=np.float32, seed: int | None = 0):
         c, h, w = input_dim
         if filter_size % 2 == 0:
@@ -178,16 +196,16 @@ class ThreeLayerConvNet(RefModel):
         r = _rng(seed)
         self.input_dim, self.reg, self.dtype = tuple(input_dim), reg, dtype
         self.filter_size = filter_size
-        self.params = {
-            "W1": (weight_scale * r.standard_normal((num_filters, c, filter_size, filter_size))).astype(dtype),
-            "b1": np.zeros(num_filters, dtype),
-            "W2": (weight_scale * r.standard_normal((num_filters * h * w // 4, hidden_dim))).astype(dtype),
-            "b2": np.zeros(hidden_dim, dtype),
-            "W3": (weight_scale * r.standard_normal((hidden_dim, num_classes))).astype(dtype),
-            "b3": np.zeros(num_classes, dtype),
-        }
+        shapes = {"W1": (num_filters, c, filter_size, filter_size), "W2": (num_filters * h * w // 4, hidden_dim),
+                  "W3": (hidden_dim, num_classes)}
+        self.params = {}
+        for i, (name, shape) in enumerate(shapes.items()):
+            fan_in = int(np.prod(shape[1:])) if i == 0 else shape[0]
+            std = np.sqrt(2.0 / fan_in) if weight_scale == "he" else float(weight_scale)
+            self.params[name] = (std * r.standard_normal(shape)).astype(dtype)
+            self.params[f"b{i + 1}"] = np.zeros(shape[0] if i == 0 else shape[1], dtype)
 
-    def loss(self, X, y=None):  # noqa: N803
+    def forward(self, X, train):  # noqa: N803
         if not isinstance(X, np.ndarray) or X.ndim != 4 or tuple(X.shape[1:]) != self.input_dim:
             raise RefError(f"ThreeLayerConvNet.loss: X has shape {getattr(X, 'shape', None)}; expected (N, "
                            f"{', '.join(map(str, self.input_dim))})")
@@ -201,12 +219,13 @@ class ThreeLayerConvNet(RefModel):
         a, c4 = affine_forward(a, p["W2"], p["b2"])
         a, c5 = relu_forward(a)
         scores, c6 = affine_forward(a, p["W3"], p["b3"])
-        if y is None:
-            return scores
-        loss, d = softmax_loss(scores, y)
+        return scores, (c1, c2, c3, c4, c5, c6)
+
+    def backward(self, dscores, cache):
+        c1, c2, c3, c4, c5, c6 = cache
         grads: dict[str, np.ndarray] = {}
-        d, grads["W3"], grads["b3"] = affine_backward(d, c6)
+        d, grads["W3"], grads["b3"] = affine_backward(dscores, c6)
         d, grads["W2"], grads["b2"] = affine_backward(relu_backward(d, c5), c4)
         d = relu_backward(max_pool_backward_fast(d, c3), c2)
-        _, grads["W1"], grads["b1"] = conv_backward_fast(d, c1)
-        return self._reg(loss, grads), grads
+        dx, grads["W1"], grads["b1"] = conv_backward_fast(d, c1)
+        return dx, grads

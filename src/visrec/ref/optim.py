@@ -3,6 +3,7 @@ state (velocity, moments) between calls, and gets its defaults on the first call
 
 - sgd:          w -= learning_rate * dw
 - sgd_momentum: v = momentum * v - learning_rate * dw; w += v
+- sgd_nesterov: v_prev = v; v = momentum * v - learning_rate * dw; w += -momentum * v_prev + (1 + momentum) * v
 - rmsprop:      cache = decay_rate * cache + (1 - decay_rate) * dw^2; w -= learning_rate * dw / (sqrt(cache) + eps)
 - adam:         bias-corrected first and second moments (Kingma and Ba), t counted from 1
 """
@@ -33,17 +34,30 @@ def sgd(w: np.ndarray, dw: np.ndarray, config: Config | None = None) -> tuple[np
     return w - config["learning_rate"] * dw, config
 
 
-def sgd_momentum(w: np.ndarray, dw: np.ndarray, config: Config | None = None) -> tuple[np.ndarray, Config]:
-    """config: learning_rate (1e-2), momentum (0.9), velocity (zeros like w)."""
-    _check("sgd_momentum", w, dw)
+def _momentum_step(fn: str, w: np.ndarray, dw: np.ndarray, config: Config | None) -> tuple[np.ndarray, np.ndarray,
+                                                                                           Config]:
+    """(previous velocity, new velocity, config) with the momentum rules' defaults set."""
+    _check(fn, w, dw)
     config = {} if config is None else config
     config.setdefault("learning_rate", 1e-2)
     config.setdefault("momentum", 0.9)
-    v = config.get("velocity")
-    v = np.zeros_like(w) if v is None else v
-    v = config["momentum"] * v - config["learning_rate"] * dw
-    config["velocity"] = v
+    v_prev = config.get("velocity")
+    v_prev = np.zeros_like(w) if v_prev is None else v_prev
+    config["velocity"] = config["momentum"] * v_prev - config["learning_rate"] * dw
+    return v_prev, config["velocity"], config
+
+
+def sgd_momentum(w: np.ndarray, dw: np.ndarray, config: Config | None = None) -> tuple[np.ndarray, Config]:
+    """config: learning_rate (1e-2), momentum (0.9), velocity (zeros like w)."""
+    _, v, config = _momentum_step("sgd_momentum", w, dw, config)
     return w + v, config
+
+
+def sgd_nesterov(w: np.ndarray, dw: np.ndarray, config: Config | None = None) -> tuple[np.ndarray, Config]:
+    """Nesterov momentum in the course's form. config: learning_rate (1e-2), momentum (0.9), velocity."""
+    v_prev, v, config = _momentum_step("sgd_nesterov", w, dw, config)
+    mu = config["momentum"]
+    return w - mu * v_prev + (1 + mu) * v, config
 
 
 def rmsprop(w: np.ndarray, dw: np.ndarray, config: Config | None = None) -> tuple[np.ndarray, Config]:
@@ -79,4 +93,4 @@ def adam(w: np.ndarray, dw: np.ndarray, config: Config | None = None) -> tuple[n
 
 
 RULES: dict[str, Callable[..., tuple[np.ndarray, Config]]] = {
-    "sgd": sgd, "sgd_momentum": sgd_momentum, "rmsprop": rmsprop, "adam": adam}
+    "sgd": sgd, "sgd_momentum": sgd_momentum, "sgd_nesterov": sgd_nesterov, "rmsprop": rmsprop, "adam": adam}

@@ -41,10 +41,18 @@ from .averaging import WeightAverages
 from .callbacks import Callback, ProgressPrinter, TensorBoardLogger, TrainState
 from .distill import Teachers
 from .finetune import Finetune, cache_dir, cached_features
-from .optim import add_gradient_noise, build_optimizer, l2_penalty
+from .optim import add_gradient_noise, build_optimizer, build_ref_optimizer, l2_penalty
 from .rundir import RunWriter
 from .schedules import LRSchedule, schedule_factor, snapshot_steps
-from .setup import build_model, check_config, epoch_batch_size, fit_normalizer, model_spec, schedule_warnings
+from .setup import (
+    build_model,
+    check_config,
+    engine_threads,
+    epoch_batch_size,
+    fit_normalizer,
+    model_spec,
+    schedule_warnings,
+)
 from .state import Position, all_finite, capture_rng, now, restore_rng, stop_signals
 from .step import LossStep, NonFiniteLoss, nonfinite_error
 from .task import EvalSettings, Evaluation, Task
@@ -112,7 +120,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg, ds, task = self.cfg, self.ds, self.task
         set_threads(cfg.device.threads)
-        device = resolve_device(cfg.device.name)
+        device = resolve_device("cpu" if cfg.train.engine == "numpy" else cfg.device.name)
         self.runtime = Runtime(device, resolve_precision(cfg.device.precision, device))
         seed_everything(cfg.train.seed)
         normalizer = fit_normalizer(cfg, ds).to(device)
@@ -128,8 +136,9 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.model.compile else self.model
         self.finetune = (Finetune.build(self.model, cfg.finetune, ds.channels, ds.image_size)
                          if cfg.finetune.strategy != "none" else None)
-        self.optimizer = build_optimizer(self.model, cfg.optim,
-                                         lr_factors=self.finetune.lr_factors() if self.finetune else None)
+        self.optimizer = (build_ref_optimizer(self.model, cfg.optim) if cfg.train.engine == "numpy" else
+                          build_optimizer(self.model, cfg.optim,
+                                          lr_factors=self.finetune.lr_factors() if self.finetune else None))
         bs = epoch_batch_size(cfg.train.batch_size, len(ds.train), cfg.train.min_epoch_steps)
         self.notes: list[str] = []  # what the user should know before training starts
         if bs < min(cfg.train.batch_size, len(ds.train)):
@@ -260,6 +269,10 @@ class Trainer:
         a resumable checkpoint is saved and the run's status is `interrupted`. `test=False` leaves the test
         split untouched (hyperparameter search judges by validation metrics only).
         """
+        with engine_threads(self.cfg):
+            return self._fit(stop_after_steps, test)
+
+    def _fit(self, stop_after_steps: int | None, test: bool) -> Run:
         self.writer.write_files(self.cfg, self.ds, f"{self.model}\n\nparameters: {self.params:,}\n")
         callbacks: list[Callback] = [
             self.writer,
@@ -526,6 +539,7 @@ class Trainer:
             "skipped_steps": pos.skipped_steps,
             "n_train": len(ds.train), "n_val": len(ds.val) if ds.val is not None else 0, "n_test": len(ds.test),
             "device": str(self.runtime.device),
+            "engine": cfg.train.engine,
             "precision": str(self.runtime.amp_dtype).replace("torch.", "") if self.runtime.amp_dtype else "fp32",
             "channels_last": self.channels_last,
             "threads": torch.get_num_threads(),

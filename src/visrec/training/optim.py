@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,6 +87,58 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
     "adamw": _adamw,
     "lbfgs": _lbfgs,
 }
+
+
+# optim.name -> the visrec.ref update rule and its hyperparameters, for train.engine=numpy
+REF_RULES: dict[str, tuple[str, Callable[[OptimConfig], dict]]] = {
+    "sgd": ("sgd", lambda c: {}),
+    "momentum": ("sgd_momentum", lambda c: {"momentum": c.momentum}),
+    "nesterov": ("sgd_nesterov", lambda c: {"momentum": c.momentum}),
+    "rmsprop": ("rmsprop", lambda c: {"decay_rate": c.alpha, "epsilon": c.eps}),
+    "adam": ("adam", lambda c: {"beta1": c.betas[0], "beta2": c.betas[1], "epsilon": c.eps}),
+}
+
+
+class RefOptimizer(torch.optim.Optimizer):
+    """A visrec.ref update rule (`w, dw, config -> next_w, config`) run in NumPy on each parameter, in place, as a
+    torch optimizer: the loop's schedule sets each group's lr, weight decay adds L2 to the gradient as in the other
+    optimizers, and the rule's arrays (velocity, moments) live in the state as tensors, so checkpoints resume it."""
+
+    def __init__(self, groups: list[dict], rule: str, lr: float, hyper: dict):
+        from ..ref import RULES
+
+        self.rule = RULES[rule]
+        super().__init__(groups, {"lr": lr, "weight_decay": 0.0, **hyper})
+        self.hyper = list(hyper)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001
+        loss = None if closure is None else closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                w, dw = p.numpy(), p.grad.numpy()
+                if g["weight_decay"]:
+                    dw = dw + g["weight_decay"] * w
+                st = self.state[p]
+                cfg = {"learning_rate": g["lr"], **{k: g[k] for k in self.hyper}}
+                cfg.update({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in st.items()})
+                new_w, cfg = self.rule(w, dw, cfg)
+                w[...] = new_w
+                for k, v in cfg.items():
+                    if k == "learning_rate" or k in self.hyper:
+                        continue
+                    st[k] = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        return loss
+
+
+def build_ref_optimizer(model: nn.Module, cfg: OptimConfig) -> RefOptimizer:
+    if cfg.name not in REF_RULES:
+        raise VisrecError(f"optim.name={cfg.name} has no update rule in the numpy engine",
+                          f"use one of {', '.join(REF_RULES)} with train.engine=numpy")
+    rule, hyper = REF_RULES[cfg.name]
+    return RefOptimizer(param_groups(model, cfg.weight_decay, cfg.decay_all, cfg.lr), rule, cfg.lr, hyper(cfg))
 
 
 def l2_penalty(model: nn.Module, weight_decay: float, decay_all: bool = False) -> Callable[[], torch.Tensor] | None:

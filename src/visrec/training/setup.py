@@ -3,6 +3,7 @@ starts from. Training and the doctor build their models here, so both see the sa
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ..io import load_weights
 from ..models import create_model, is_file_model
 from ..models.init import init_weights, parse_init
 from ..models.layers import PatchWhitening
+from ..models.reference import engine_model
 from ..runs import RunRef
 from .finetune import check_finetune
 
@@ -37,12 +39,51 @@ def check_config(cfg: Config) -> None:
         raise VisrecError(f"distillation learns from probabilities: it needs loss.name=cross_entropy, not "
                           f"{cfg.loss.name!r}")
     check_finetune(cfg.finetune, bool(cfg.model.weights) or cfg.model.pretrained)
+    if t.engine == "numpy":
+        check_numpy_engine(cfg)
     if cfg.finetune.strategy == "two_stage" and cfg.finetune.head_epochs >= t.epochs:
         raise VisrecError(f"finetune.head_epochs={cfg.finetune.head_epochs} leaves no epoch of the {t.epochs} "
                           "to train everything", "train more epochs or fewer head epochs")
     if cfg.distill.teachers and cfg.finetune.strategy == "linear":
         raise VisrecError("distillation needs the student's images, but finetune.strategy=linear trains on cached "
                           "features", "use finetune.strategy=last or full with distill.teachers")
+
+
+def check_numpy_engine(cfg: Config) -> None:
+    """train.engine=numpy runs visrec.ref on the CPU in fp32: refuse what it cannot do, naming the key."""
+    engine_model(cfg.model.name, cfg.model.kwargs, "numpy")  # a model it implements
+    from .optim import REF_RULES
+
+    bad = []
+    if cfg.device.name not in ("auto", "cpu"):
+        bad.append(f"device.name={cfg.device.name} (it runs on the CPU: --device cpu)")
+    if cfg.device.precision not in ("auto", "fp32"):
+        bad.append(f"device.precision={cfg.device.precision} (it computes in fp32)")
+    if cfg.model.compile:
+        bad.append("model.compile=true (torch.compile cannot trace NumPy)")
+    if cfg.optim.name not in REF_RULES:
+        bad.append(f"optim.name={cfg.optim.name} (its update rules: {', '.join(REF_RULES)})")
+    if cfg.model.pretrained or cfg.finetune.strategy != "none":
+        bad.append("pretrained weights or a fine-tune strategy")
+    if bad:
+        raise VisrecError("train.engine=numpy cannot use " + "; ".join(bad), "change those keys, or use "
+                          "train.engine=torch")
+
+
+@contextlib.contextmanager
+def engine_threads(cfg: Config):
+    """train.engine=numpy computes in NumPy's BLAS; torch's own threads, idle-spinning beside it on the same cores,
+    made steps 25x slower on 2 cores. Unless device.threads is set, torch keeps one thread while the NumPy engine
+    trains (restored after)."""
+    if cfg.train.engine != "numpy" or cfg.device.threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 MIN_BATCH = 16
@@ -82,8 +123,9 @@ def fit_normalizer(cfg: Config, ds: Dataset) -> Normalizer:
 def model_spec(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: int) -> dict[str, Any]:
     """What a checkpoint records to rebuild its network: the name and kwargs, the pixel input (channels, size) and,
     when the preprocessing changes the shape (pca), the shape the network takes."""
-    spec = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, "in_chans": ds.channels,
-            "num_classes": num_outputs, "image_size": list(ds.image_size)}
+    name, kwargs = engine_model(cfg.model.name, cfg.model.kwargs, cfg.train.engine)  # the network as built
+    spec = {"name": name, "kwargs": kwargs, "in_chans": ds.channels, "num_classes": num_outputs,
+            "image_size": list(ds.image_size)}
     net = normalizer.output_shape((ds.channels, *ds.image_size))
     if list(net) != [ds.channels, *ds.image_size]:
         spec["net_input"] = list(net)
@@ -102,9 +144,10 @@ def build_model(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: i
         path, fn = cfg.model.name.rsplit(":", 1)
         cfg.model.name = f"{Path(path).expanduser().resolve()}:{fn}"
     c, h, w = normalizer.output_shape((ds.channels, *ds.image_size))
+    name, kwargs = engine_model(cfg.model.name, cfg.model.kwargs, cfg.train.engine)
     try:
-        model = create_model(cfg.model.name, in_chans=c, num_classes=num_outputs, image_size=(h, w),
-                             pretrained=cfg.model.pretrained, **cfg.model.kwargs)
+        model = create_model(name, in_chans=c, num_classes=num_outputs, image_size=(h, w),
+                             pretrained=cfg.model.pretrained, **kwargs)
     except VisrecError as e:
         if normalizer.mode in ("pca", "pca_whiten"):
             raise VisrecError(f"model {cfg.model.name} cannot take the {c} features of data.normalize="
