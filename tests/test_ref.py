@@ -390,6 +390,13 @@ def test_solver_overfits_a_small_set_and_writes_checkpoints(tmp_path):
         ref.Solver(model, {"X_train": x, "y_train": y, "X_val": x, "y_val": y}, update_rule="adamw")
 
 
+def test_every_public_function_has_a_docstring():
+    import inspect
+
+    missing = [n for n in ref.__all__ if callable(getattr(ref, n)) and not inspect.getdoc(getattr(ref, n))]
+    assert not missing
+
+
 def test_the_engine_imports_no_torch():
     src = Path(ref.__file__).parent
     for path in src.glob("*.py"):

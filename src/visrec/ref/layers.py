@@ -48,6 +48,7 @@ def relu_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
 
 
 def relu_backward(dout: np.ndarray, cache: Cache) -> np.ndarray:
+    """dout (shaped like x) -> dx: dout where x > 0, else 0."""
     (x,) = cache_of(cache, "relu_forward", "relu_backward")
     same("relu_backward", "dout", dout.shape, x.shape)
     return dout * (x > 0)
@@ -60,6 +61,7 @@ def leaky_relu_forward(x: np.ndarray, alpha: float = 0.01) -> tuple[np.ndarray, 
 
 
 def leaky_relu_backward(dout: np.ndarray, cache: Cache) -> np.ndarray:
+    """dout (shaped like x) -> dx: dout where x > 0, alpha * dout elsewhere."""
     x, alpha = cache_of(cache, "leaky_relu_forward", "leaky_relu_backward")
     same("leaky_relu_backward", "dout", dout.shape, x.shape)
     return np.where(x > 0, dout, alpha * dout)
@@ -73,24 +75,28 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def sigmoid_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
+    """sigmoid(x), any shape; the cache keeps the output."""
     array("x", x, fn="sigmoid_forward")
     out = sigmoid(x)
     return out, Cache("sigmoid_forward", out)
 
 
 def sigmoid_backward(dout: np.ndarray, cache: Cache) -> np.ndarray:
+    """dout (shaped like x) -> dx = dout * s * (1 - s), s the forward output."""
     (out,) = cache_of(cache, "sigmoid_forward", "sigmoid_backward")
     same("sigmoid_backward", "dout", dout.shape, out.shape)
     return dout * out * (1 - out)
 
 
 def tanh_forward(x: np.ndarray) -> tuple[np.ndarray, Cache]:
+    """tanh(x), any shape; the cache keeps the output."""
     array("x", x, fn="tanh_forward")
     out = np.tanh(x)
     return out, Cache("tanh_forward", out)
 
 
 def tanh_backward(dout: np.ndarray, cache: Cache) -> np.ndarray:
+    """dout (shaped like x) -> dx = dout * (1 - t^2), t the forward output."""
     (out,) = cache_of(cache, "tanh_forward", "tanh_backward")
     same("tanh_backward", "dout", dout.shape, out.shape)
     return dout * (1 - out * out)
@@ -117,6 +123,7 @@ def dropout_forward(x: np.ndarray, dropout_param: dict[str, Any]) -> tuple[np.nd
 
 
 def dropout_backward(dout: np.ndarray, cache: Cache) -> np.ndarray:
+    """dout (shaped like x) -> dx: dout times the training mask (kept units scaled by 1/p); dout in test mode."""
     _, mask = cache_of(cache, "dropout_forward", "dropout_backward")
     if mask is None:
         return dout.copy()
@@ -225,6 +232,7 @@ def spatial_batchnorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray
 
 
 def spatial_batchnorm_backward(dout: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dout (N, C, H, W) -> dx (N, C, H, W), dgamma (C,), dbeta (C,)."""
     inner, shape = cache_of(cache, "spatial_batchnorm_forward", "spatial_batchnorm_backward")
     same("spatial_batchnorm_backward", "dout", dout.shape, shape)
     n, c, h, w = shape
