@@ -4,7 +4,9 @@ experiment, the numbers and a verdict (confirmed / refuted / depends).
     python bench/playbook.py [--out bench/playbook.json]
 
 Rows: initialization statistics (bench/init_statistics.py), L-BFGS against Adam on full-batch problems, Newton
-against SGD for softmax regression, DropConnect against dropout, gradient noise on a deep plain network.
+against SGD for softmax regression, DropConnect against dropout, gradient noise on a deep plain network, PCA and
+whitening against per-channel normalization (linear classifier and the default convnet), color jitter and PCA color
+on color images (scenes:shapes).
 """
 
 from __future__ import annotations
@@ -84,12 +86,55 @@ def newton_vs_sgd() -> dict:
             "sgd_epochs_to_1pct": reached, "sgd_seconds": t_sgd, "sgd_final_loss": loss, "sgd_epochs_run": epochs}
 
 
-def fmnist(tmp: Path, name: str, epochs: int, **over) -> dict:
-    run = visrec.train("fashion-mnist", model="mlp", epochs=epochs, out=str(tmp / name), progress=False,
+def fmnist(tmp: Path, name: str, epochs: int, model: str = "mlp", **over) -> dict:
+    run = visrec.train("fashion-mnist", model=model, epochs=epochs, out=str(tmp / name), progress=False,
                        overrides={"data.subset": 10_000, "log.report": False, "data.augment": [], **over})
     s = run.summary
     return {"name": name, "test_acc": s["test_acc"], "train_seconds": s["train_seconds"],
             "final_train_loss": train_losses(run)[-1][1]}
+
+
+def whitening_rows(tmp: Path, row) -> None:
+    """PCA / PCA-whitening / ZCA against per-channel normalization: the course says whitening is rarely needed for
+    convnets, and that PCA keeps most of the signal in few dimensions."""
+    lin = {m: fmnist(tmp, f"linear-{m}", 10, model="linear", **{"data.normalize": m})
+           for m in ("channel", "pca", "pca_whiten", "zca")}
+    best = max(lin.values(), key=lambda r: r["test_acc"])
+    ch = lin["channel"]["test_acc"]
+    row("PCA/whitening against per-channel normalization, linear classifier (10,000 Fashion-MNIST images, 10 "
+        "epochs, the default recipe)", "confirmed" if best["test_acc"] > ch + 0.003 else
+        ("refuted" if best["test_acc"] < ch - 0.003 else "depends"),
+        "test accuracy: " + ", ".join(f"{m} {r['test_acc']:.2%}" for m, r in lin.items())
+        + "; final train loss " + " / ".join(f"{r['final_train_loss']:.3f}" for r in lin.values())
+        + " (pca keeps the components holding 95% of the variance)", "bench/playbook.txt")
+    conv = {m: fmnist(tmp, f"convnet-{m}", 3, model="convnet", **{"data.normalize": m}) for m in ("channel", "zca")}
+    d = conv["zca"]["test_acc"] - conv["channel"]["test_acc"]
+    row("Whitening adds little for a convnet over per-channel normalization (default convnet, 10,000 Fashion-MNIST "
+        "images, 3 epochs)", "confirmed" if abs(d) <= 0.005 or d < 0 else "refuted",
+        f"test accuracy: channel {conv['channel']['test_acc']:.2%}, zca {conv['zca']['test_acc']:.2%} "
+        f"({100 * d:+.2f} points); training {conv['channel']['train_seconds']:.0f} s / "
+        f"{conv['zca']['train_seconds']:.0f} s", "bench/playbook.txt")
+
+
+def color_rows(tmp: Path, row) -> None:
+    """Color jitter and AlexNet's PCA color augmentation on color images (no CIFAR-10 offline: scenes:shapes,
+    colored circles, squares and triangles on colored noise, classified by their largest shape)."""
+    data = {"data.scene_size": 32, "data.scene_count": 4000, "log.report": False, "eval.tta": "none"}
+    runs = {}
+    for name, aug in (("flip", ["hflip"]), ("flip+color_jitter", ["hflip", "color_jitter:0.4,0.4,0.4,0.1"]),
+                      ("flip+pca_color", ["hflip", "pca_color:0.1"])):
+        r = visrec.train("scenes:shapes", model="convnet", epochs=8, out=str(tmp / f"color-{name}"), progress=False,
+                         overrides={**data, "data.augment": aug})
+        runs[name] = r.summary
+    base = runs["flip"]["test_acc"]
+    gains = {k: v["test_acc"] - base for k, v in runs.items() if k != "flip"}
+    verdict = ("confirmed" if min(gains.values()) > 0.003 else
+               "refuted" if max(gains.values()) < -0.003 else "depends")
+    row("Color jitter and PCA color augmentation improve accuracy on color images (default convnet, scenes:shapes "
+        "32x32, 4,000 training scenes, 8 epochs)", verdict,
+        "test accuracy: " + ", ".join(f"{k} {v['test_acc']:.2%}" for k, v in runs.items())
+        + "; train accuracy " + " / ".join(f"{v.get('train_acc', float('nan')):.2%}" for v in runs.values()),
+        "bench/playbook.txt")
 
 
 def _secs(reached: float | None, total: float) -> str:
@@ -159,6 +204,8 @@ def main() -> None:
             f"test accuracy without noise {quiet['test_acc']:.2%}, eta 0.01 {small['test_acc']:.2%}, eta 0.3 "
             f"{big['test_acc']:.2%}; train loss {quiet['final_train_loss']:.3f} / {small['final_train_loss']:.3f} / "
             f"{big['final_train_loss']:.3f}", "bench/playbook.txt")
+        whitening_rows(tmp, row)
+        color_rows(tmp, row)
     args.out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
 
 

@@ -285,6 +285,8 @@ def test_embedding_temporal_affine_and_temporal_softmax_loss():
     lt.backward()
     assert rel_error(loss, lt.item()) < TOL and rel_error(dx, st.grad.numpy()) < TOL
     assert np.all(dx[~mask] == 0)
+    num = ref.eval_numerical_gradient(lambda z: ref.temporal_softmax_loss(z, y, mask)[0], scores.copy())
+    assert rel_error(num, dx) < 1e-6
 
 
 def test_attention_against_torch():
@@ -315,6 +317,10 @@ def test_attention_against_torch():
     assert rel_error(dk + dv, mt.grad.numpy()) < TOL  # key and value are the same array here
     for name, g in grads.items():
         assert rel_error(g, tp[name].grad.numpy()) < TOL, name
+        num = ref.eval_numerical_gradient_array(
+            lambda w, name=name: ref.multihead_attention_forward(x, mem, mem, {**params, name: w}, heads, causal)[0],
+            params[name].copy(), dout)
+        assert rel_error(num, g) < 1e-6 or np.abs(num - g).max() < 1e-9, name  # bk's is zero: softmax ignores it
     with pytest.raises(ref.RefError, match="num_heads=3 does not divide the embedding size E=8"):
         ref.multihead_attention_forward(x, mem, mem, params, 3)
 
