@@ -111,6 +111,14 @@ def train(
              "convnet3; CPU).",
     )] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this stopped run; takes no other option.")] = None,
+    nproc: Annotated[int | None, typer.Option(
+        help="Train across N processes of this machine, started by torch's launcher (torchrun --standalone); "
+             "train.batch_size stays the global batch. Several machines: see the README (torchrun --nnodes).",
+    )] = None,
+    max_restarts: Annotated[int, typer.Option(
+        help="With --nproc: torchrun restarts the processes up to this many times after a failure; they resume "
+             "from the last checkpoint.",
+    )] = 0,
     progress: ProgressOpt = None,
     as_json: JsonOpt = False,
     monitor: Annotated[bool, typer.Option(
@@ -134,9 +142,18 @@ def train(
     )] = False,
 ) -> None:
     """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
+    if nproc is not None and nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _launch(nproc, max_restarts, resume is None and out_dir is None, dataset, model)
+        return
     from .fit import Trainer, train_seeds
     from .training import NonFiniteLoss
 
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if resume is None and restarts and out_dir is not None and (out_dir / "checkpoints" / "last.json").is_file():
+        err.print(f"restart {restarts} of the processes: resuming {out_dir} from its last checkpoint")
+        run = Trainer.resume(out_dir, progress=progress).fit()  # torchrun restarted us: continue, never restart
+        _print_run(run, as_json)
+        return
     if dataset is None and resume is None and not preset and not any(o.startswith("data.name=") for o in set_ or []):
         raise VisrecError("visrec train needs a DATASET", "for example: visrec train fashion-mnist (the catalog: "
                           "visrec datasets; your images: visrec train folder:PATH); visrec train --help lists options")
@@ -149,6 +166,8 @@ def train(
         return [TrainingMonitor(monitor_every, console=err)]
 
     def announce(trainer: Trainer) -> None:
+        if not trainer.dist.main:  # across processes rank 0 speaks for all
+            return
         ds, cfg = trainer.ds, trainer.cfg
         err.print(f"{ds!r} from {ds.source}")
         if ds.splits.get("skipped_images"):
@@ -205,9 +224,44 @@ def train(
     except NonFiniteLoss as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(EXIT_NONFINITE) from None
+    if os.environ.get("RANK", "0") != "0":
+        return
     _print_run(run, as_json)
     if run.summary.get("status") == "interrupted":
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _launch(nproc: int, max_restarts: int, name_it: bool, dataset: str | None, model: str | None) -> None:
+    """`visrec train ... --nproc N`: the same command in N processes, through torch.distributed.run (torchrun),
+    with --nproc removed and, for a new run without --out, the folder named here so every process agrees."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        args.append(a)
+    if name_it:
+        from .runs import default_run_name
+
+        args += ["--out", str(Path("runs") / default_run_name(dataset or "run", model or "convnet"))]
+    err.print(f"starting {nproc} processes (torchrun --standalone --nproc-per-node {nproc}"
+              + (f" --max-restarts {max_restarts}" if max_restarts else "") + ")")
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "-m", "visrec",
+                  *args])
+    except ChildFailedError as e:
+        ranks = ", ".join(f"rank {r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
+        raise VisrecError(f"training across {nproc} processes failed: {ranks}",
+                          "the first error is in that rank's output above; the run resumes from its last "
+                          "checkpoint with --resume RUN (in any number of processes)") from None
 
 
 def _print_run(run, as_json: bool) -> None:

@@ -177,6 +177,11 @@ class TrainConfig:
     checkpoint_every: NonNegInt = 0  # also checkpoint every N steps; 0 = at the end of each epoch only
     min_epoch_steps: NonNegInt = 20  # small datasets: halve the batch (not below 16) until an epoch has this many
     engine: Literal["torch", "numpy"] = "torch"  # numpy: the network's passes and update rule run in visrec.ref
+    # across processes (torchrun, or visrec train --nproc N): the backend (auto: gloo on CPU, nccl on CUDA), the
+    # seconds any collective may wait for a rank before every rank stops with an error, and SyncBatchNorm (CUDA)
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    dist_timeout: Annotated[float, Range(1)] = 300.0
+    sync_bn: bool = False
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch import nn
 from .data.imageset import ImageSet
 from .data.preprocess import Normalizer
 from .device import autocast
+from .distributed import Dist
 from .errors import VisrecError
 from .io import write_bytes, write_text
 from .plotting import figure_png, pyplot
@@ -186,10 +187,20 @@ def predict_logits(
     amp_dtype: torch.dtype | None = None,
     tta: str = "none",
     crop_pad: int = 2,
+    shard: Dist | None = None,
 ) -> torch.Tensor:
-    """Logits (N, C) in float32 for uint8 images (N, C, H, W), in eval mode, batch by batch."""
+    """Logits (N, C) in float32 for uint8 images (N, C, H, W), in eval mode, batch by batch. With `shard` (training
+    across processes; every rank must call), each rank computes its contiguous share and every rank gets all N
+    rows, each image computed once."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta {tta!r} is not one of {TTA_MODES}")
+    if shard is not None and shard.active:
+        start, end = shard.shard(len(images))
+        # a rank whose share is empty (fewer images than ranks) still learns the row width from one image
+        part = predict_logits(model, images[start:end] if end > start else images[:1], normalizer,
+                              batch_size=batch_size, channels_last=channels_last, amp_dtype=amp_dtype, tta=tta,
+                              crop_pad=crop_pad)
+        return shard.gather_rows(part[: end - start], len(images))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -222,10 +233,12 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     tta: str = "none",
     crop_pad: int = 2,
+    shard: Dist | None = None,
 ) -> EvalResult:
-    """Accuracy, top-5, loss, per-class accuracy and the confusion matrix of `model` on `data`."""
+    """Accuracy, top-5, loss, per-class accuracy and the confusion matrix of `model` on `data` (`shard`: see
+    predict_logits)."""
     logits = predict_logits(model, data.images, normalizer, batch_size=batch_size, channels_last=channels_last,
-                            amp_dtype=amp_dtype, tta=tta, crop_pad=crop_pad)
+                            amp_dtype=amp_dtype, tta=tta, crop_pad=crop_pad, shard=shard)
     labels = data.labels.to(logits.device)
     n = len(labels)
     k = min(5, data.num_classes)

@@ -380,6 +380,11 @@ class Pipeline:
         self.gen.set_state(state["gen"])
         self.rng.bit_generator.state = state["rng"]
 
+    def reseed(self, seed: int) -> None:
+        """Restart both random streams from `seed` (a process of a multi-process run, resuming)."""
+        self.gen.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+
     def __repr__(self) -> str:
         return f"Pipeline([{', '.join(map(repr, self.steps))}])"
 

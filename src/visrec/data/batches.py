@@ -16,6 +16,10 @@ class DeviceBatches:
 
     The order of epoch `e` depends only on (seed, e), so an epoch can be resumed at any batch.
     With `drop_last`, a final partial batch is skipped (batch-norm dislikes tiny batches).
+
+    Across processes (`rank` of `world`), `batch_size` stays the global batch: every rank walks the same epoch
+    permutation and takes its contiguous share of each global batch, so the ranks together see each image of
+    the epoch once, and the position (epoch, batch) means the same for any number of processes.
     """
 
     def __init__(
@@ -27,10 +31,13 @@ class DeviceBatches:
         shuffle: bool = True,
         drop_last: bool = True,
         seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.images, self.targets = images, targets
         self.batch_size = min(batch_size, len(images))
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         n = len(self.images)
@@ -49,4 +56,6 @@ class DeviceBatches:
         bs = self.batch_size
         for b in range(start, len(self)):
             idx = perm[b * bs : (b + 1) * bs]
+            if self.world > 1:
+                idx = idx.tensor_split(self.world)[self.rank]
             yield self.images[idx], index_targets(self.targets, idx)

@@ -42,7 +42,7 @@ class ClassificationTask(Task):
                  settings: EvalSettings) -> EvalResult:
         return evaluate(model, data, normalizer, split=split, batch_size=settings.batch_size,
                         channels_last=settings.channels_last, amp_dtype=settings.amp_dtype, tta=self.tta,
-                        crop_pad=self.crop_pad)
+                        crop_pad=self.crop_pad, shard=settings.shard)
 
     def at_chance(self, test: EvalResult, ds: Dataset) -> str | None:
         counts = torch.bincount(ds.test.labels, minlength=ds.num_classes)

@@ -34,6 +34,7 @@ from ..device import (
     sync,
     use_channels_last,
 )
+from ..distributed import DistributedError
 from ..errors import VisrecError
 from ..runs import Run, dataset_from_config, default_run_name
 from ..version import __version__
@@ -51,7 +52,10 @@ from .setup import (
     epoch_batch_size,
     fit_normalizer,
     model_spec,
+    rank_device,
     schedule_warnings,
+    start_distributed,
+    wrap_ddp,
 )
 from .state import Position, all_finite, capture_rng, now, restore_rng, stop_signals
 from .step import LossStep, NonFiniteLoss, nonfinite_error
@@ -88,15 +92,19 @@ class Trainer:
             raise VisrecError(f"a Trainer needs a Task, got {task!r}",
                               "use visrec.Trainer, which takes the config's task, or pass visrec.tasks.create_task()")
         self.cfg, self.task = cfg, task
+        self.dist = start_distributed(cfg)
         self.ds = dataset if dataset is not None else dataset_from_config(cfg)
         task.check(self.ds)
         if _resume_dir is not None:
             self.run_dir = _resume_dir
         else:
-            self.run_dir = Path(out) if out else Path("runs") / default_run_name(cfg.data.name, cfg.model.name)
+            # across processes rank 0 names the folder (a default name holds the time)
+            self.run_dir = Path(self.dist.broadcast(
+                str(out) if out else str(Path("runs") / default_run_name(cfg.data.name, cfg.model.name))))
             if (self.run_dir / "config.yaml").exists():
                 raise VisrecError(f"{self.run_dir} already holds a run",
                                   f"continue it with --resume {self.run_dir}, or choose another --out")
+            self.dist.barrier()  # every rank has looked before rank 0 writes config.yaml
         self.extra_callbacks = list(callbacks)
         self.progress = progress
         self.quiet = quiet  # no progress output at all
@@ -121,6 +129,8 @@ class Trainer:
         cfg, ds, task = self.cfg, self.ds, self.task
         set_threads(cfg.device.threads)
         device = resolve_device("cpu" if cfg.train.engine == "numpy" else cfg.device.name)
+        if self.dist.active:
+            device = rank_device(self.dist, device, cfg.device.threads)
         self.runtime = Runtime(device, resolve_precision(cfg.device.precision, device))
         seed_everything(cfg.train.seed)
         normalizer = fit_normalizer(cfg, ds).to(device)
@@ -133,7 +143,10 @@ class Trainer:
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(device, memory_format=self.memory_format)
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.forward = torch.compile(self.model) if cfg.model.compile else self.model
+        net = self.model
+        if self.dist.active:
+            net = wrap_ddp(self.model, cfg, device, find_unused=task.name != "classification")
+        self.forward = torch.compile(net) if cfg.model.compile else net
         self.finetune = (Finetune.build(self.model, cfg.finetune, ds.channels, ds.image_size)
                          if cfg.finetune.strategy != "none" else None)
         self.optimizer = (build_ref_optimizer(self.model, cfg.optim) if cfg.train.engine == "numpy" else
@@ -145,8 +158,12 @@ class Trainer:
             self.notes.append(f"batch {cfg.train.batch_size} -> {bs}, so that an epoch of {len(ds.train):,} images "
                               f"has {len(ds.train) // bs} steps (train.min_epoch_steps={cfg.train.min_epoch_steps}; "
                               "0 keeps the batch)")
+        if self.dist.active and bs % self.dist.world:
+            raise VisrecError(f"the batch of {bs} images does not divide among {self.dist.world} processes",
+                              f"set train.batch_size to a multiple of {self.dist.world} (the global batch: each "
+                              f"process takes batch / {self.dist.world})")
         self.batches = DeviceBatches(ds.train.images.to(device), move_targets(task.targets(ds.train), device), bs,
-                                     seed=cfg.train.seed)
+                                     seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world)
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
@@ -155,7 +172,7 @@ class Trainer:
         self.averages = WeightAverages(self.model, ema=a.ema, swa=a.swa, swa_every=a.swa_every,
                                        total_steps=self.total_steps)
         self.schedule = LRSchedule(self.optimizer, self._lr_factor())
-        self.pipeline = Pipeline(cfg.data.augment, device, seed=cfg.train.seed + 1, normalizer=self.normalizer,
+        self.pipeline = Pipeline(cfg.data.augment, device, seed=self._augment_seed(), normalizer=self.normalizer,
                                  images=ds.train.images)
         self.lbfgs_l2 = None
         if cfg.optim.name == "lbfgs":
@@ -165,9 +182,10 @@ class Trainer:
         d = cfg.distill
         teachers = Teachers(d.teachers, ds, self.normalizer, device, d.temperature, d.alpha) if d.teachers else None
         self.loss_step = LossStep(task, self.model, teachers, device=device, amp_dtype=self.runtime.amp_dtype)
-        self.eval_settings = EvalSettings(cfg.eval.batch_size, self.channels_last, self.runtime.amp_dtype)
+        self.eval_settings = EvalSettings(cfg.eval.batch_size, self.channels_last, self.runtime.amp_dtype,
+                                          shard=self.dist if self.dist.active else None)
         self.pos = Position()
-        self.writer = RunWriter(self.run_dir)
+        self.writer = RunWriter(self.run_dir, write=self.dist.main)
         self.probe_features: dict[str, Any] = {}  # the linear probe's feature extraction: cache hit, seconds
 
     def _lr_factor(self):
@@ -201,6 +219,17 @@ class Trainer:
             "augment_rng": self.pipeline.get_state()["rng"],
         }
 
+    def _augment_seed(self) -> int:
+        """Initialization is seeded alike on every rank; augmentation differs per rank."""
+        return self.cfg.train.seed + 1 + 7919 * self.dist.rank
+
+    def _save(self, tag: str, **kwargs: Any) -> None:
+        """Rank 0 writes the checkpoint; the others wait until it is on disk."""
+        if self.dist.main:
+            save_checkpoint(self.run_dir / "checkpoints", tag, self.model, self._meta(), extra=self._extra(),
+                            **kwargs)
+        self.dist.barrier()
+
     def _extra(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"preprocess": self.normalizer.tensors}
 
@@ -212,9 +241,8 @@ class Trainer:
         if not all_finite(self.model, params_only=self.cfg.train.nonfinite == "skip"):
             raise self._nonfinite(self.pos.step)
         a = self.averages
-        save_checkpoint(self.run_dir / "checkpoints", "last", self.model, self._meta(),
-                        ema=a.ema.module if a.ema else None, swa=a.swa.module if a.swa else None,
-                        optimizer=self.optimizer, rng=capture_rng(self.pipeline.gen), extra=self._extra())
+        self._save("last", ema=a.ema.module if a.ema else None, swa=a.swa.module if a.swa else None,
+                   optimizer=self.optimizer, rng=capture_rng(self.pipeline.gen))
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.run_dir / "checkpoints", "last", with_state=True)
@@ -230,7 +258,9 @@ class Trainer:
         restore_rng(ckpt.rng)
         self.pipeline.set_state({"gen": ckpt.rng["augment"], "rng": m["augment_rng"]})
         self.pos = Position.from_state(m)
-        self.writer = RunWriter(self.run_dir, resume_step=self.pos.step)
+        self.writer = RunWriter(self.run_dir, resume_step=self.pos.step, write=self.dist.main)
+        if self.dist.active:  # one augmentation stream per rank, continued from the position (any world size)
+            self.pipeline.reseed(self._augment_seed() + 7 * self.pos.step)
 
     def _nonfinite(self, step: int) -> NonFiniteLoss:
         return nonfinite_error(self.cfg, self.cfg.optim.lr * self.schedule.factor(step - 1), step,
@@ -274,25 +304,41 @@ class Trainer:
 
     def _fit(self, stop_after_steps: int | None, test: bool) -> Run:
         self.writer.write_files(self.cfg, self.ds, f"{self.model}\n\nparameters: {self.params:,}\n")
-        callbacks: list[Callback] = [
-            self.writer,
-            TensorBoardLogger(self.run_dir / "tb", purge_step=self.pos.step if self.resuming else None,
-                              config=self.cfg.to_dict(), histograms=self.cfg.log.histograms,
-                              activations=not self.cfg.model.compile),
-            *([] if self.quiet else [ProgressPrinter(live=self.progress)]),
-            *self.extra_callbacks,
-        ]
+        callbacks: list[Callback] = [self.writer]
+        if self.dist.main:  # across processes, rank 0 logs, reports and runs the observers
+            callbacks += [
+                TensorBoardLogger(self.run_dir / "tb", purge_step=self.pos.step if self.resuming else None,
+                                  config=self.cfg.to_dict(), histograms=self.cfg.log.histograms,
+                                  activations=not self.cfg.model.compile),
+                *([] if self.quiet else [ProgressPrinter(live=self.progress)]),
+                *self.extra_callbacks,
+            ]
         for cb in callbacks:
             cb.on_train_start(self._state())
         try:
             with stop_signals(self.stop):
                 finished = self._train(callbacks, stop_after_steps)
+        except (DistributedError, RuntimeError) as e:
+            if not self.dist.active:
+                why = e.message if isinstance(e, VisrecError) else f"{type(e).__name__}: {e}"
+                self._end(callbacks, "failed", None, error=why)
+                raise
+            # a peer is gone (a collective raised, or DDP's gradient all-reduce): say where, and stop without
+            # touching the group again
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            text = e.message if isinstance(e, DistributedError) else (
+                f"rank {self.dist.rank} of {self.dist.world}: lost the other processes ({first})")
+            err = DistributedError(f"{text} at step {self.pos.step}, epoch {self.pos.epoch + 1}",
+                                   "see the other ranks' output for the first error; resume with --resume RUN")
+            self._end(callbacks, "failed", None, error=err.message)
+            raise err from None
         except BaseException as e:  # record why the run ended, close the loggers, then let it propagate
             why = e.message if isinstance(e, VisrecError) else f"{type(e).__name__}: {e}"
             self._end(callbacks, "failed", None, error=why)
             raise
         if not finished:
             self._end(callbacks, "interrupted", None, error=f"stopped by {self._stop_reason}")
+            self.dist.barrier()  # every process returns once rank 0 has written the run
             return Run(self.run_dir)
         if self.cfg.train.select == "best" and self.pos.best_epoch > 0:
             best = load_checkpoint(self.run_dir / "checkpoints", "best")
@@ -300,9 +346,10 @@ class Trainer:
             if self.averages.ema is not None and best.ema is not None:
                 self.averages.ema.module.load_state_dict(best.ema)
         result = self._evaluate(self._eval_model(), "test") if test else None
-        if result is not None:
+        if result is not None and self.dist.main:
             result.save(self.run_dir)
         self._end(callbacks, "completed", result, compared=self._compare_averages(result))
+        self.dist.barrier()
         return Run(self.run_dir)
 
     def _compare_averages(self, result: Evaluation | None) -> dict[str, dict[str, float | None]]:
@@ -424,17 +471,18 @@ class Trainer:
             if pos.step in self.snapshots:
                 t0 = time.perf_counter()
                 k = sorted(self.snapshots).index(pos.step) + 1  # the weights at the end of a learning-rate cycle
-                save_checkpoint(self.run_dir / "checkpoints", f"snapshot{k}", self.model, self._meta(),
-                                extra=self._extra())
+                self._save(f"snapshot{k}")
                 t_epoch += time.perf_counter() - t0  # saving is not training time
             win_losses.append(loss.detach())
             win_stats.append(self.task.batch_stats(detached(out), target))
             ep_steps += 1
             # ---- end of hot path ----
             last_in_epoch = pos.batch == self.steps_per_epoch
-            stop = self._stop_reason is not None or (stop_after_steps is not None and pos.step >= stop_after_steps)
+            stop = stop_after_steps is not None and pos.step >= stop_after_steps
+            if not self.dist.active:  # across processes a signal is agreed on at the window's end
+                stop = stop or self._stop_reason is not None
             if pos.step % log_every == 0 or last_in_epoch or stop:
-                losses = torch.stack(win_losses).float()
+                losses = self.dist.mean(torch.stack(win_losses).float())
                 finite = torch.isfinite(losses)
                 if not skip_bad and not bool(finite.all()):  # host sync, once per window
                     raise self._nonfinite(win_start + int((~finite).nonzero()[0]) + 1)
@@ -443,7 +491,7 @@ class Trainer:
                 pos.train_seconds = seconds_before + (t - t_epoch)
                 n_img = len(win_losses) * bs
                 ep_loss += losses[finite].sum()
-                sums = torch.stack(win_stats).sum(0)
+                sums = self.dist.sum(torch.stack(win_stats).sum(0))
                 ep_stats += sums
                 rec = {"epoch": pos.epoch + 1, "step": pos.step, "split": "train", "kind": "window",
                        "loss": losses[finite].mean().item() if bool(finite.any()) else float("nan"),
@@ -453,7 +501,11 @@ class Trainer:
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
                 win_losses, win_stats, win_start, t_win = [], [], pos.step, time.perf_counter()
-                stop = stop or self._stop_reason is not None  # a signal that came while logging
+                # a signal that came while logging; across processes, any rank's signal stops them all
+                reached = stop_after_steps is not None and pos.step >= stop_after_steps
+                stop = self.dist.any(stop or self._stop_reason is not None, device)
+                if stop and self._stop_reason is None and not reached:
+                    self._stop_reason = "another process was stopped"
             if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0 and not last_in_epoch:
                 t0 = time.perf_counter()
                 self._save_last()
@@ -489,8 +541,7 @@ class Trainer:
             if self.task.better(value, pos.best_val):
                 pos.best_val, pos.best_epoch = value, pos.epoch + 1
                 ema = self.averages.ema
-                save_checkpoint(self.run_dir / "checkpoints", "best", self.model, self._meta(),
-                                ema=ema.module if ema else None, extra=self._extra())
+                self._save("best", ema=ema.module if ema else None)
         pos.epoch += 1
         pos.batch = 0
         self._save_last()

@@ -18,18 +18,23 @@ class RunWriter(Callback):
     them, so the summary needs no second read of the file. A resumed run drops the records logged after the
     checkpoint it resumes from: they would be repeated."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, write: bool = True):
+        """`write=False` (ranks other than 0 across processes) keeps the records in memory and writes nothing."""
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
+        self.write = write
         if resume_step is not None and self.path.exists():
             self.records = [r for r in map(json.loads, filter(str.strip, self.path.read_text().splitlines()))
                             if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            if write:
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self._f = None
 
     def write_files(self, cfg: Config, ds: Dataset, model_text: str) -> None:
         """config.yaml, splits.json, model.txt and the list of images left out, before the first step."""
+        if not self.write:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(self.run_dir / "config.yaml", cfg.to_dict())
         write_json(self.run_dir / "splits.json", {"dataset": ds.name, "source": ds.source, "classes": ds.classes,
@@ -41,6 +46,9 @@ class RunWriter(Callback):
                        "".join(f"{f['path']}\t{f['problem']}\n" for f in skipped["files"]))
 
     def _write(self, rec: dict[str, Any]) -> None:
+        if not self.write:
+            self.records.append(rec)
+            return
         if self._f is None:
             self._f = open(self.path, "a")  # noqa: SIM115 - closed in on_train_end
         self.records.append(rec)
@@ -74,5 +82,6 @@ class RunWriter(Callback):
         out = dict(summary)
         out[f"val_{primary}"] = val.get(primary) if val else None
         out[f"train_{primary}"] = train.get(primary) if train else None  # a task may not track it per batch
-        write_json(self.run_dir / "summary.json", out)
+        if self.write:
+            write_json(self.run_dir / "summary.json", out)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 from ..checkpoint import load_checkpoint
 from ..config import Config, validate
 from ..data import Dataset, Normalizer
+from ..distributed import Dist, env_world, init_distributed
 from ..errors import VisrecError
 from ..evaluate import resolve_crop_pad
 from ..io import load_weights
@@ -84,6 +86,52 @@ def engine_threads(cfg: Config):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def start_distributed(cfg: Config) -> Dist:
+    """Join the process group when torchrun started this process (WORLD_SIZE > 1), after refusing what does not
+    run across processes; a plain Dist otherwise."""
+    if env_world() <= 1:
+        return Dist()
+    bad = []
+    if cfg.finetune.strategy not in ("none", "full"):
+        bad.append(f"finetune.strategy={cfg.finetune.strategy} (it changes which parameters train, which "
+                   "DistributedDataParallel fixes when it wraps the model)")
+    if cfg.optim.name == "lbfgs":
+        bad.append("optim.name=lbfgs (a full-batch method: one process holds the batch)")
+    if cfg.train.engine == "numpy":
+        bad.append("train.engine=numpy")
+    wants_cuda = cfg.device.name.startswith("cuda") or (cfg.device.name == "auto" and torch.cuda.is_available())
+    if cfg.train.sync_bn and not wants_cuda:
+        bad.append("train.sync_bn=true on the CPU (PyTorch's SyncBatchNorm runs only on CUDA; on the CPU each "
+                   "process normalizes with its own share of the batch and rank 0's running statistics are "
+                   "broadcast at every step)")
+    if bad:
+        raise VisrecError("training across processes cannot use " + "; ".join(bad),
+                          "change those keys, or train in one process")
+    return init_distributed(cfg.train.dist_backend, "cuda" if wants_cuda else "cpu", cfg.train.dist_timeout)
+
+
+def rank_device(d: Dist, device: torch.device, threads: int) -> torch.device:
+    """Each process's device: its own GPU (cuda:LOCAL_RANK), or the CPU with the cores shared among the processes
+    of the node (torchrun leaves one thread each)."""
+    if device.type == "cuda":
+        return torch.device("cuda", d.local_rank)
+    n = threads or max(1, len(os.sched_getaffinity(0)) // d.local_world)
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    return device
+
+
+def wrap_ddp(model: nn.Module, cfg: Config, device: torch.device, *, find_unused: bool) -> nn.Module:
+    """The model in DistributedDataParallel (gradients averaged over the processes; rank 0's buffers broadcast),
+    with SyncBatchNorm first when train.sync_bn is on (CUDA)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 MIN_BATCH = 16

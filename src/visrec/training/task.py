@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import Config
 from ..data import Dataset, ImageSet, Normalizer
+from ..distributed import Dist
 from ..errors import VisrecError
 
 
@@ -26,6 +27,7 @@ class EvalSettings:
     batch_size: int = 1024
     channels_last: bool = False
     amp_dtype: torch.dtype | None = None
+    shard: Dist | None = None  # across processes: each rank evaluates its share (a task that supports it)
 
 
 @dataclass
