@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -154,3 +155,33 @@ def test_shards_cover_every_item_once():
             spans = [Dist(r, world).shard(n) for r in range(world)]
             assert spans[0][0] == 0 and spans[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_a_hung_rank_times_out_the_others(driver, tmp_path):
+    long = {**OPTS, "train.epochs": 400, "log.every": 1, "train.dist_timeout": 4}
+    out = tmp_path / "hung"
+    p = launch(driver, out, 2, opts=long, background=True)
+    pid1 = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+            time.sleep(0.2)
+        assert (out / "metrics.jsonl").is_file(), "training never started"
+        pid1 = int(Path(f"{out}.pid1").read_text())
+        os.kill(pid1, signal.SIGSTOP)  # alive, silent: only a timeout can tell
+        t0 = time.time()
+        seen = ""
+        while time.time() - t0 < 60:
+            line = p.stdout.readline()
+            seen += line
+            if "DistributedError: rank 0 of 2:" in line:  # from DDP's all-reduce or one of the loop's
+                break
+        waited = time.time() - t0
+    finally:
+        if pid1:
+            with contextlib.suppress(ProcessLookupError):  # the launcher may have ended it already
+                os.kill(pid1, signal.SIGKILL)
+        p.kill()
+        p.communicate()
+    assert "DistributedError: rank 0 of 2:" in seen and "at step" in seen, seen[-3000:]
+    assert waited < 30  # train.dist_timeout=4 s bounds the wait, not forever

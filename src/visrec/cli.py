@@ -252,6 +252,8 @@ def _launch(nproc: int, max_restarts: int, name_it: bool, dataset: str | None, m
         from .runs import default_run_name
 
         args += ["--out", str(Path("runs") / default_run_name(dataset or "run", model or "convnet"))]
+    # torchrun would leave each process one thread and warn; share the cores instead (the loop does the same)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     err.print(f"starting {nproc} processes (torchrun --standalone --nproc-per-node {nproc}"
               + (f" --max-restarts {max_restarts}" if max_restarts else "") + ")")
     try:

@@ -828,6 +828,12 @@ def leaderboard(spec: StudySpec, top: int = 10) -> list[dict[str, Any]]:
 
 def tune(data: str, **kwargs) -> dict[str, Any]:
     """Create the study, run `workers` workers (default 1), write the results; returns results.json's content."""
+    from .distributed import env_world
+
+    if env_world() > 1:
+        raise VisrecError("visrec tune does not run under torchrun: a trial trains in one process",
+                          "run the search in one process with --workers N, or start more workers on other machines "
+                          "against the same --storage (PostgreSQL); train the chosen config with --nproc")
     workers = kwargs.pop("workers", 1)
     spec = create_study(data, **kwargs)
     run_workers(spec, workers)

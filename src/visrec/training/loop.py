@@ -164,6 +164,12 @@ class Trainer:
                               f"process takes batch / {self.dist.world})")
         self.batches = DeviceBatches(ds.train.images.to(device), move_targets(task.targets(ds.train), device), bs,
                                      seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world)
+        if self.dist.active:
+            d = self.dist
+            where = (f"{torch.get_num_threads()} CPU thread(s) each" if device.type == "cpu"
+                     else f"one {device.type} each")
+            self.notes.append(f"training across {d.world} processes ({d.backend}; {where}): each takes "
+                              f"{bs // d.world} of every global batch of {bs}")
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
