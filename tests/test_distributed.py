@@ -185,3 +185,28 @@ def test_a_hung_rank_times_out_the_others(driver, tmp_path):
         p.communicate()
     assert "DistributedError: rank 0 of 2:" in seen and "at step" in seen, seen[-3000:]
     assert waited < 30  # train.dist_timeout=4 s bounds the wait, not forever
+
+
+def test_max_restarts_resume_from_the_last_checkpoint(tmp_path):
+    out = tmp_path / "elastic"
+    cmd = [sys.executable, "-m", "visrec", "train", "digits", "--model", "mlp", "--epochs", "120", "--nproc", "2",
+           "--max-restarts", "1", "--out", str(out), "--no-progress", "--set", "data.augment=[]",
+           "--set", "log.report=false", "--set", "model.kwargs={hidden: 16}"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoints" / "last.json").is_file():
+            time.sleep(0.1)
+        kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert len(kids) == 2, kids
+        os.kill(int(max(kids, key=int)), signal.SIGKILL)  # one training process dies mid-run
+        output, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, output[-3000:]
+    assert "restart 1 of the processes: resuming" in output
+    s = Run(out).summary
+    assert s["status"] == "completed" and s["steps"] == s["epochs"] * (s["steps"] // s["epochs"])
+    assert s["epochs"] == 120

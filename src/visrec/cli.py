@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import VisrecError
@@ -152,7 +153,8 @@ def train(
     if resume is None and restarts and out_dir is not None and (out_dir / "checkpoints" / "last.json").is_file():
         err.print(f"restart {restarts} of the processes: resuming {out_dir} from its last checkpoint")
         run = Trainer.resume(out_dir, progress=progress).fit()  # torchrun restarted us: continue, never restart
-        _print_run(run, as_json)
+        if os.environ.get("RANK", "0") == "0":
+            _print_run(run, as_json)
         return
     if dataset is None and resume is None and not preset and not any(o.startswith("data.name=") for o in set_ or []):
         raise VisrecError("visrec train needs a DATASET", "for example: visrec train fashion-mnist (the catalog: "
@@ -222,7 +224,7 @@ def train(
             announce(trainer)
             run = trainer.fit()
     except NonFiniteLoss as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(EXIT_NONFINITE) from None
     if os.environ.get("RANK", "0") != "0":
         return
@@ -1109,9 +1111,9 @@ def main() -> None:
     try:
         app()
     except VisrecError as e:
-        err.print(f"[red]error:[/red] {e.message}")
+        err.print(f"[red]error:[/red] {escape(e.message)}")  # messages quote user text: never markup
         if e.hint:
-            err.print(f"  [yellow]hint:[/yellow] {e.hint}")
+            err.print(f"  [yellow]hint:[/yellow] {escape(e.hint)}")
         sys.exit(EXIT_USAGE)
 
 

@@ -107,6 +107,18 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _attempt_store(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
+    """Under torchrun, the group's keys in a store of this attempt's own (`--max-restarts`): restarted processes
+    otherwise read the failed attempt's gloo addresses from torchrun's store and never connect."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return {}
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun's agent hosts it
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=not agent and rank == 0, timeout=timedelta(seconds=timeout_s))
+    return {"store": dist.PrefixStore(f"visrec/attempt_{attempt}", base), "rank": rank, "world_size": world}
+
+
 def init_distributed(backend: str = "auto", device_type: str = "cpu", timeout_s: float = 300.0) -> Dist:
     """The Dist of this process: a single-process one without torchrun, else the joined process group."""
     world = env_world()
@@ -122,7 +134,8 @@ def init_distributed(backend: str = "auto", device_type: str = "cpu", timeout_s:
         if backend == "nccl":
             torch.cuda.set_device(local)
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **_attempt_store(rank, world,
+                                                                                                    timeout_s))
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"rank {rank} of {world} could not join the process group ({backend}): {e}",
                                    "check MASTER_ADDR/MASTER_PORT (torchrun --rdzv-endpoint) and that every node "
