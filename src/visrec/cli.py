@@ -718,6 +718,8 @@ def predict(
     output_format: Annotated[str | None, typer.Option(
         "--format", help="text, json, or coco (a COCO results file; detection and instance runs).")] = None,
     min_score: Annotated[float, typer.Option(help="Detection runs: the lowest score of an object shown.")] = 0.5,
+    beam: Annotated[int | None, typer.Option(
+        help="Captioning runs: beam width (1 = greedy; default: the run's task.beam).")] = None,
     draw: Annotated[Path | None, typer.Option(
         help="Detection, instance, localization and segmentation runs: write each image with its boxes or masks "
              "as DIR/<name>.png.")] = None,
@@ -740,8 +742,10 @@ def predict(
     if fmt == "coco":
         raise VisrecError(f"--format coco is for detection and instance runs, and {run} is a {task} run",
                           "use --format text or json")
-    if task in ("localization", "segmentation"):
-        _predict_served(r, images, fmt, top_k, checkpoint, max_pixels, draw)
+    if beam is not None and task != "captioning":
+        raise VisrecError(f"--beam is for captioning runs, and {run} is a {task} run", "leave out --beam")
+    if task in ("localization", "segmentation", "captioning"):
+        _predict_served(r, images, fmt, top_k, checkpoint, max_pixels, draw, beam)
         return
     if draw is not None:
         raise VisrecError(f"--draw is for detection, instance, localization and segmentation runs, and {run} is a "
@@ -766,12 +770,12 @@ def predict(
 
 
 def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: str, max_pixels: int | None,
-                    draw: Path | None) -> None:
-    """Localization and segmentation runs: the answers `visrec serve` gives, for files (images of any size, decoded
-    and resized as the server does)."""
+                    draw: Path | None, beam: int | None = None) -> None:
+    """Localization, segmentation and captioning runs: the answers `visrec serve` gives, for files (images of any
+    size, decoded and resized as the server does)."""
     from .serve.model import ServedModel
 
-    m = ServedModel(run.path, which=checkpoint, max_pixels=max_pixels).load()
+    m = ServedModel(run.path, which=checkpoint, max_pixels=max_pixels, beam=beam).load()
     rows: list[dict] = []
     for path in images:
         try:
@@ -782,7 +786,10 @@ def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: s
             rows.append({"image": str(path), "width": item.width, "height": item.height,
                          **m.infer([item], top_k)[0]})
             if draw is not None:
-                _draw_served(data, rows[-1], draw / f"{path.stem}.png")
+                if "caption" in rows[-1]:
+                    _draw_attention(item.x, rows[-1], draw / f"{path.stem}.png")
+                else:
+                    _draw_served(data, rows[-1], draw / f"{path.stem}.png")
         except VisrecError as e:
             rows.append({"image": str(path), "error": e.message})
     bad = [row for row in rows if "error" in row]
@@ -791,6 +798,8 @@ def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: s
     for row in rows:
         if "error" in row:
             err.print(f"[red]error:[/red] {row['error']}")
+        elif fmt == "text" and "caption" in row:
+            out.print(f"{row['image']}: {row['caption']}")
         elif fmt == "text" and "box" in row:
             best = row["top"][0]
             out.print(f"{row['image']}: {best['class']} {best['prob']:.1%} at {[round(v) for v in row['box']]}"
@@ -803,6 +812,34 @@ def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: s
     if bad:
         err.print(f"{len(bad)} of {len(rows)} image(s) could not be predicted")
         raise typer.Exit(1)
+
+
+def _draw_attention(x, row: dict, path: Path) -> None:
+    """The image the model saw, then one panel per word with its attention weights over the image (attention
+    models), or the image and its caption."""
+    import torch.nn.functional as F  # noqa: N812
+
+    from .plotting import pyplot, save_figure
+
+    plt = pyplot()
+    img = x.permute(1, 2, 0).squeeze(-1).numpy()
+    gray = x.shape[0] == 1
+    maps = row.get("attention") or []
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.6), squeeze=False)
+    axes[0][0].imshow(img, cmap="gray" if gray else None)
+    axes[0][0].set_title(row["caption"] if not maps else "input", fontsize=7)
+    for ax, m in zip(axes[0][1:], maps, strict=True):
+        import torch
+
+        w = torch.tensor(m["weights"])[None, None]
+        up = F.interpolate(w, size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+        ax.imshow(img, cmap="gray" if gray else None)
+        ax.imshow(up, cmap="jet", alpha=0.5)
+        ax.set_title(m["word"], fontsize=8)
+    for ax in axes[0]:
+        ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
 
 
 def _draw_served(data: bytes, row: dict, path: Path) -> None:

@@ -104,6 +104,7 @@ class DataConfig:
     classes: list[str] = field(default_factory=list)  # keep only these classes (by name); empty = all
     scene_size: Annotated[int, Range(32)] = 64  # scenes: canvas side in pixels
     max_objects: Annotated[int, Range(1, 16)] = 4  # scenes: objects per canvas, 1 to this many
+    max_caption_length: AtLeast1 = 30  # captioning: words kept per caption (longer ones are cut, and counted)
     scene_count: AtLeast1 = 10_000  # scenes: training canvases (validation gets a tenth, test a fifth)
 
 
@@ -244,6 +245,9 @@ class TaskConfig:
     per_class_boxes: bool = False  # localization: one box per class (else one class-agnostic box)
     seg_loss: Literal["ce", "ce+dice"] = "ce"  # segmentation: pixel cross-entropy, optionally plus soft Dice
     ignore_index: Annotated[int, Range(0, 255)] = 255  # segmentation: pixels of this label count nowhere
+    min_word_count: AtLeast1 = 1  # captioning: words seen fewer times in training captions become <UNK>
+    beam: AtLeast1 = 1  # captioning: beam width when evaluating (1 = greedy)
+    attention_reg: NonNeg = 1.0  # captioning, lstm_attention: weight of the doubly stochastic attention penalty
 
 
 @dataclass
@@ -575,6 +579,11 @@ TASK_RECIPES: dict[str, dict[str, Any]] = {  # with a model of the task's kind, 
     # every image holds thousands of pixel examples: small batches (more steps for the same pixels) train a U-Net
     # far faster than classification's 256 (3 epochs of 3,000 scenes: mIoU 0.11 at 256, 0.37 at 16 with lr 0.1)
     "segmentation": {"model.name": "unet", "train.batch_size": 16, "optim.lr": 0.1},
+    # recurrent decoders want Adam, clipped gradients and no flips (a flip turns "left of" into "right of")
+    "captioning": {"model.name": "lstm_attention", "optim.name": "adam", "optim.lr": 2e-3,
+                   "optim.weight_decay": 0.0, "optim.grad_clip": 5.0, "schedule.name": "cosine",
+                   "schedule.warmup_epochs": 0.3, "data.augment": [], "train.batch_size": 64, "train.epochs": 10,
+                   "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off"},
 }
 
 

@@ -1,6 +1,7 @@
 """Models: the registry, the common classifier surface, and the built-in families."""
 
 from . import (  # noqa: F401 - importing registers the models
+    caption,
     classic,
     convnet,
     densenet,

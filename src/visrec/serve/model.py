@@ -180,10 +180,11 @@ def onnx_export_for(run, which: str) -> Path:
 class ServedModel:
     """A run folder loaded for serving: `prepare` an upload, `infer` a batch, `explain` with Grad-CAM."""
 
-    TASKS = ("classification", "localization", "segmentation", "detection", "instance")
+    TASKS = ("classification", "localization", "segmentation", "detection", "instance", "captioning")
 
     def __init__(self, run_path: str | Path, *, backend: str = "torch", which: str = "auto", tta: str | None = None,
-                 max_pixels: int | None = None, min_score: float = 0.5, threads: int | None = None):
+                 max_pixels: int | None = None, min_score: float = 0.5, threads: int | None = None,
+                 beam: int | None = None):
         from ..runs import Run
 
         self.run = Run(run_path)
@@ -195,6 +196,12 @@ class ServedModel:
         if backend not in ("torch", "onnx"):
             raise VisrecError(f"--backend {backend} is not valid", "use torch or onnx")
         self.detector = self.task in ("detection", "instance")
+        self.beam = cfg.task.beam if beam is None else beam
+        if self.beam < 1:
+            raise VisrecError(f"--beam {self.beam} is not valid", "use 1 (greedy) or more")
+        if backend == "onnx" and self.task == "captioning":
+            raise VisrecError(f"{self.run.path} is a captioning run: its decoder loops in Python, with no ONNX "
+                              "export here", "serve it with --backend torch")
         if backend == "onnx" and self.detector:
             raise VisrecError(f"{self.run.path} is a {self.task} run: its torchvision detector has no ONNX export "
                               "here", "serve it with --backend torch")
@@ -314,6 +321,8 @@ class ServedModel:
         with self.lock:
             if self.detector:
                 return self._objects(items)
+            if self.task == "captioning":
+                return self._captions(items)
             out = self.backend(torch.stack([p.x for p in items]))
             if self.task == "segmentation":
                 return self._segments(items, out)
@@ -333,6 +342,25 @@ class ServedModel:
         return [{"top": [{"class": self.classes[j], "prob": round(float(v), 6)}
                          for v, j in zip(pr[:k].tolist(), ix[:k].tolist(), strict=True)]}
                 for pr, ix, k in zip(p, idx, ks, strict=True)]
+
+    def _captions(self, items: list[Prepared]) -> list[dict[str, Any]]:
+        """Each image's caption; attention models add, per word, its weights over the feature map (rows of the
+        encoder's grid, 3 decimals)."""
+        lm = self.lm
+        x = lm.normalizer(torch.stack([p.x for p in items]).to(next(lm.model.parameters()).device))
+        tokens, alphas = lm.model.generate(x, beam=self.beam)
+        res = []
+        for i, t in enumerate(tokens):
+            text = lm.model.decode(t)
+            r: dict[str, Any] = {"caption": text}
+            if alphas is not None:
+                gh, gw = lm.model.grid
+                words = text.split()
+                r["attention"] = [{"word": w, "weights": [[round(float(v), 3) for v in row] for row in
+                                                          alphas[i, j].view(gh, gw).tolist()]}
+                                  for j, w in enumerate(words)]
+            res.append(r)
+        return res
 
     def _segments(self, items: list[Prepared], out: torch.Tensor) -> list[dict[str, Any]]:
         res = []

@@ -12,6 +12,7 @@ from ..data import Dataset
 from ..errors import VisrecError, unknown_name
 from ..io import import_from_file
 from ..training.task import EvalSettings, Evaluation, Task
+from .captioning import CaptioningTask
 from .classification import ClassificationTask
 from .detection import DetectionTask, InstanceTask
 from .localization import LocalizationTask
@@ -31,6 +32,7 @@ register_task(LocalizationTask)
 register_task(SegmentationTask)
 register_task(DetectionTask)
 register_task(InstanceTask)
+register_task(CaptioningTask)
 
 
 def is_file_task(name: str) -> bool:
@@ -64,6 +66,7 @@ def task_of_run(run) -> tuple[Task, Dataset]:
     return task, ds
 
 
-__all__ = ["TASKS", "ClassificationTask", "DetectionTask", "EvalSettings", "Evaluation", "InstanceTask",
+__all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "DetectionTask", "EvalSettings", "Evaluation",
+           "InstanceTask",
            "LocalizationTask", "SegmentationTask", "Task",
            "create_task", "register_task", "task_of_run"]

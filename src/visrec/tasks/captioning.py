@@ -1,0 +1,231 @@
+"""Image captioning: images -> word sequences, trained with teacher forcing on the data's captions.
+
+Targets are every image's reference captions as token ids (N, R, max_length + 2); each training step takes
+one reference per image at random (from the seeded global generator, saved in checkpoints). The loss is the
+temporal softmax loss (cross-entropy summed over the words that are not padding, averaged over the batch), plus,
+for `lstm_attention`, `task.attention_reg` times the doubly stochastic attention penalty.
+
+Evaluation decodes greedily (or with `task.beam`) and scores against all references: corpus BLEU-1..4 with
+sacrebleu (on the normalized words, tokenize=none) and CIDEr-D; `bleu4` is the primary metric. The test
+evaluation writes `captions_test.json` in COCO results format ([{image_id, caption}], image ids from 1 in split
+order) and `captions_test_references.json` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Dataset, ImageSet, Normalizer
+from ..data.text import NULL, Vocabulary, normalize_caption
+from ..errors import VisrecError
+from ..io import write_json
+from ..models.caption import attention_penalty, masked_caption_loss
+from ..training.task import EvalSettings, Evaluation, Task
+
+
+def corpus_bleu(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+    """BLEU-1..4 (0..1) of hypotheses against each image's references, with sacrebleu on words as given."""
+    from sacrebleu.metrics import BLEU
+
+    r = max((len(x) for x in refs), default=1)
+    streams = [[x[i] if i < len(x) else None for x in refs] for i in range(r)]
+    return {f"bleu{n}": BLEU(tokenize="none", max_ngram_order=n).corpus_score(hyps, streams).score / 100
+            for n in range(1, 5)}
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def cider_d(hyps: list[str], refs: list[list[str]], n: int = 4, sigma: float = 6.0) -> float:
+    """CIDEr-D (Vedantam et al. 2015, as the COCO caption evaluation computes it): TF-IDF n-gram vectors (n = 1..4,
+    document frequencies over the references of the corpus), hypothesis counts clipped by the reference's,
+    cosine similarity times a Gaussian penalty on the length difference (sigma 6), averaged over references and
+    n, times 10; the corpus score is the mean over images."""
+    if not hyps:
+        return 0.0
+    df: Counter = Counter()
+    for rs in refs:
+        df.update({g for r in rs for k in range(1, n + 1) for g in _ngrams(r.split(), k)})
+    log_n = math.log(float(len(refs)))
+
+    def vec(words: list[str]):
+        v, norms = [], []
+        for k in range(1, n + 1):
+            d = {g: tf * (log_n - math.log(max(1.0, df[g]))) for g, tf in _ngrams(words, k).items()}
+            v.append(d)
+            norms.append(math.sqrt(sum(x * x for x in d.values())))
+        return v, norms, len(words)
+
+    total = 0.0
+    for h, rs in zip(hyps, refs, strict=True):
+        vh, nh, lh = vec(h.split())
+        score = [0.0] * n
+        for r in rs:
+            vr, nr, lr = vec(r.split())
+            for k in range(n):
+                val = sum(min(x, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, x in vh[k].items())
+                if nh[k] and nr[k]:
+                    val /= nh[k] * nr[k]
+                score[k] += val * math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
+        total += sum(score) / n / max(1, len(rs)) * 10.0
+    return total / len(hyps)
+
+
+class CaptionEvaluation(Evaluation):
+    def __init__(self, split: str, metrics: dict[str, float], hyps: list[str], refs: list[list[str]]):
+        super().__init__(split, metrics)
+        self.hyps, self.refs = hyps, refs
+
+    def save(self, folder: Path) -> None:
+        write_json(folder / f"captions_{self.split}.json",
+                   [{"image_id": i, "caption": h} for i, h in enumerate(self.hyps, 1)])
+        write_json(folder / f"captions_{self.split}_references.json",
+                   [{"image_id": i, "captions": r} for i, r in enumerate(self.refs, 1)])
+
+
+class CaptioningTask(Task):
+    name = "captioning"
+    target = "tokens"
+    primary = "bleu4"
+    maximize = True
+    stats = ("word_acc",)
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.vocab: Vocabulary | None = None
+        self.truncated = 0
+
+    # ---------------------------------------------------------------- data and model
+
+    def check(self, ds: Dataset) -> None:
+        for split, data in (("train", ds.train), ("val", ds.val), ("test", ds.test)):
+            if data is None:
+                continue
+            caps = (data.targets or {}).get("captions")
+            if not caps:
+                raise VisrecError(f"task captioning needs captions, and {ds.name} has none in its {split} split",
+                                  "use scenes, or a COCO folder with annotations/captions_<split>.json")
+            for i, c in enumerate(caps):
+                if not c:
+                    raise VisrecError(f"{ds.name}: {split} image {i} has no caption",
+                                      "give every image at least one caption, or leave the image out")
+                if any(not normalize_caption(x) for x in c):
+                    raise VisrecError(f"{ds.name}: {split} image {i} has an empty caption (after normalization: "
+                                      f"{c!r})", "remove empty captions from the annotations")
+        self._build_vocab(ds)
+
+    def _build_vocab(self, ds: Dataset) -> Vocabulary:
+        if self.vocab is None:
+            self.vocab = Vocabulary.build((c for caps in ds.train.targets["captions"] for c in caps),
+                                          self.cfg.task.min_word_count)
+        return self.vocab
+
+    def num_outputs(self, ds: Dataset) -> int:
+        return len(self._build_vocab(ds))
+
+    def model_kwargs(self, ds: Dataset, model_name: str) -> dict[str, Any]:
+        from ..models import is_file_model, model_entry
+
+        if is_file_model(model_name) or model_entry(model_name).family != "captioning":
+            raise VisrecError(f"{model_name} is not a captioning model",
+                              "use one of rnn, lstm, gru, lstm_attention, transformer (visrec models)")
+        return {"vocab": self._build_vocab(ds).words, "max_length": self.cfg.data.max_caption_length}
+
+    def check_model(self, model: nn.Module, ds: Dataset) -> None:
+        if not getattr(model, "captioner", False):
+            raise VisrecError(f"{self.cfg.model.name} is not a captioning model",
+                              "use one of rnn, lstm, gru, lstm_attention, transformer (visrec models)")
+
+    def targets(self, data: ImageSet) -> torch.Tensor:
+        refs, cut = self.vocab.encode_references(data.targets["captions"], self.cfg.data.max_caption_length)
+        self.truncated += cut
+        return refs
+
+    # ---------------------------------------------------------------- training
+
+    def forward(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        n_refs = (targets[:, :, 0] != NULL).sum(1).clamp_min(1)  # references each image has
+        pick = (torch.rand(len(targets), device=targets.device) * n_refs).long().clamp_max(targets.shape[1] - 1)
+        tokens = targets[torch.arange(len(targets), device=targets.device), pick]  # (B, L + 2)
+        logits = model(x, tokens[:, :-1])
+        core = model.module if hasattr(model, "module") else model  # DistributedDataParallel
+        return {"logits": logits, "target": tokens[:, 1:], "alphas": getattr(core, "last_alphas", None)}
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
+        loss = masked_caption_loss(outputs["logits"], outputs["target"])
+        alphas = outputs.get("alphas")
+        if alphas is not None and self.cfg.task.attention_reg > 0:
+            loss = loss + self.cfg.task.attention_reg * attention_penalty(alphas, (outputs["target"] != NULL).float())
+        return loss
+
+    def batch_stats(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
+        t = outputs["target"]
+        valid = t != NULL
+        right = ((outputs["logits"].argmax(-1) == t) & valid).sum(1).float() / valid.sum(1).clamp_min(1)
+        return right.sum()[None]
+
+    # ---------------------------------------------------------------- evaluation
+
+    def captions(self, model: nn.Module, images: torch.Tensor, normalizer: Normalizer, *, beam: int = 1,
+                 batch_size: int = 256) -> tuple[list[str], list[torch.Tensor | None]]:
+        """The model's captions of uint8 images (and the attention maps of attention models)."""
+        device = next(model.parameters()).device
+        out, maps = [], []
+        for chunk in images.split(batch_size if beam == 1 else 16):
+            tokens, alphas = model.generate(normalizer(chunk.to(device)), beam=beam)
+            out += [model.decode(t) for t in tokens]
+            maps += list(alphas) if alphas is not None else [None] * len(tokens)
+        return out, maps
+
+    def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
+                 settings: EvalSettings) -> CaptionEvaluation:
+        refs = [[normalize_caption(c) for c in caps] for caps in data.targets["captions"]]
+        hyps, _ = self.captions(model, data.images, normalizer, beam=self.cfg.task.beam,
+                                batch_size=settings.batch_size)
+        metrics = {**corpus_bleu(hyps, refs), "cider": cider_d(hyps, refs)}
+        metrics["loss"] = self._teacher_forced_loss(model, data, normalizer, settings.batch_size)
+        metrics["n"] = len(hyps)
+        return CaptionEvaluation(split, metrics, hyps, refs)
+
+    @torch.no_grad()
+    def _teacher_forced_loss(self, model, data: ImageSet, normalizer: Normalizer, batch_size: int) -> float:
+        device = next(model.parameters()).device
+        refs, _ = self.vocab.encode_references(data.targets["captions"], self.cfg.data.max_caption_length)
+        first = refs[:, 0]
+        was = model.training
+        model.eval()
+        total = 0.0
+        for x8, t in zip(data.images.split(batch_size), first.split(batch_size), strict=True):
+            t = t.to(device)
+            total += float(masked_caption_loss(model(normalizer(x8.to(device)), t[:, :-1]), t[:, 1:])) * len(t)
+        model.train(was)
+        return total / max(1, len(first))
+
+    def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
+        return {"vocabulary": len(self.vocab) if self.vocab else None, "captions_truncated": self.truncated}
+
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8,
+                folder: Path | None = None) -> dict[str, bytes]:
+        from ..plotting import figure_png, pyplot
+
+        plt = pyplot()
+        hyps, _ = self.captions(model, data.images[:n], normalizer)
+        refs = data.targets["captions"][:n]
+        fig, axes = plt.subplots(1, len(hyps), figsize=(2.6 * len(hyps), 3.4), squeeze=False)
+        for ax, img, h, r in zip(axes[0], data.images[:n], hyps, refs, strict=True):
+            ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
+            ax.set_title(f"{h}\n(ref: {normalize_caption(r[0])})", fontsize=6, wrap=True)
+            ax.axis("off")
+        return {"Captions: the model's caption above, the first reference below it": figure_png(fig)}
+
+
+def load_captions_json(path: Path) -> list[dict[str, Any]]:
+    return json.loads(Path(path).read_text())
