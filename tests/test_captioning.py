@@ -169,3 +169,17 @@ def test_captioning_refuses_data_without_captions_and_other_models(tmp_path):
     with pytest.raises(VisrecError, match="is not a captioning model|is a captioning model"):
         visrec.train("scenes", task="captioning", model="convnet", epochs=1, out=str(tmp_path / "b"),
                      progress=False, overrides={k: v for k, v in SCENES.items() if k != "model.kwargs"})
+
+
+def test_scene_grammar_scores():
+    from visrec.tasks.captioning import parse_scene_caption, scene_scores
+
+    assert parse_scene_caption("a small t-shirt left of a bag above a large ankle boot") == (
+        [("small", "t-shirt"), ("", "bag"), ("large", "ankle boot")],
+        [("t-shirt", "left of", "bag"), ("bag", "above", "ankle boot")])
+    assert parse_scene_caption("two bags") is None
+    refs = [["a small coat left of a bag"], ["a dress"]]
+    s = scene_scores(["a large coat right of a bag", "a dress above a shirt"], refs)
+    assert s["obj_recall"] == 1.0 and s["obj_precision"] == pytest.approx(3 / 4)
+    assert s["relation_acc"] == 0.0 and s["size_acc"] == pytest.approx(2 / 3)
+    assert scene_scores(["x"], [["not the grammar at all"]]) is None

@@ -3,7 +3,8 @@ own targets, forward pass, loss and evaluation), so they work for localization, 
 instance segmentation alike:
 
 - `data`: the task accepts the data (boxes, masks, one object per image, ...), the inputs are normalized;
-- `initial-loss`: finite, and near chance where the task knows chance (segmentation: ln(classes + 1));
+- `initial-loss`: finite, and near chance where the task knows chance (segmentation: ln(classes + 1);
+  captioning: the words per caption, <END> included, times ln(vocabulary));
 - `overfit`: a few training images, regularization off, until the task's own metric on those same images is near
   its best (mAP, mIoU, localization accuracy near 1);
 - `lr-range`: the range test on the task's loss, the configured rate judged against it.
@@ -99,7 +100,7 @@ class TaskExam:
         x, y, _ = self.batch(min(16, len(ex.ds.train)), 2)
         with torch.no_grad():
             loss = float(self.task.loss(self.task.forward(model, x, y), y))
-        chance = self.chance_loss()
+        chance = self.chance_loss(y)
         ev = {"observed": round(loss, 4), "expected": None if chance is None else round(chance, 4)}
         ex.results["initial_loss"] = loss
         if not math.isfinite(loss):
@@ -117,9 +118,11 @@ class TaskExam:
         near = f", near chance ({chance:.3f})" if chance is not None else ""
         ex.add("initial-loss", Finding("initial-loss-off", "ok", f"the initial loss {loss:.3f} is finite{near}", ev))
 
-    def chance_loss(self) -> float | None:
+    def chance_loss(self, targets: Any = None) -> float | None:
         if self.task.name == "segmentation":
             return math.log(self.outputs)
+        if hasattr(self.task, "chance_loss"):  # a task that knows its own (captioning: words x ln(vocabulary))
+            return self.task.chance_loss(self.outputs, targets)
         return None
 
     def check_overfit(self) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from ..data.text import END, NULL, START, Vocabulary
+from ..data.text import END, NULL, SPECIALS, START, Vocabulary
 from ..errors import VisrecError
 from ._registry import create_model, register_model
 
@@ -318,18 +318,22 @@ def _encoder(name: str, in_chans: int, image_size: tuple[int, int]) -> tuple[nn.
     return enc, f.shape[1], f.shape[2] * f.shape[3]
 
 
-def _check_vocab(vocab: Any, name: str) -> list[str]:
-    if not vocab:
-        raise VisrecError(f"model {name} is a captioning model: it needs the vocabulary the captioning task builds",
-                          "train it with --task captioning on data with captions (scenes, coco:PATH)")
-    return list(vocab)
+def _check_vocab(vocab: Any, name: str, size: int) -> list[str]:
+    """The task's vocabulary; without one (a summary of the architecture) placeholder words of the head's size."""
+    if vocab:
+        return list(vocab)
+    if size <= len(SPECIALS):
+        raise VisrecError(f"model {name} is a captioning model: it needs a vocabulary of more than "
+                          f"{len(SPECIALS)} words", "train it with --task captioning on data with captions (scenes, "
+                          "coco:PATH)")
+    return SPECIALS + [f"word{i}" for i in range(size - len(SPECIALS))]
 
 
 def _register(kind: str):
     def build(*, in_chans: int, num_classes: int, image_size: tuple[int, int], vocab: list[str] | None = None,
               max_length: int = 20, encoder: str = "convnet", embed: int = 128, hidden: int = 256,
               attn: int = 128, heads: int = 4, layers: int = 2, dropout: float = 0.1) -> nn.Module:
-        words = _check_vocab(vocab, kind)
+        words = _check_vocab(vocab, kind, num_classes)
         if len(words) != num_classes:
             raise VisrecError(f"{kind}: a vocabulary of {len(words)} words for a head of {num_classes}")
         enc, channels, positions = _encoder(encoder, in_chans, image_size)
@@ -356,10 +360,12 @@ for _kind in DECODERS:
 
 
 def attention_penalty(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Show-Attend-Tell's doubly stochastic regularizer: sum over positions of (1 - sum over words of alpha)^2,
-    averaged over the batch (words past the caption's end excluded by `mask` (B, T))."""
+    """Show-Attend-Tell's doubly stochastic regularizer, (1 - sum over words of alpha_ti)^2, here averaged over the
+    positions i and the batch (the paper sums over positions: with 256 positions and 15 words that sum is a
+    large constant whose gradient flattens every attention map), words past the caption's end excluded by
+    `mask` (B, T)."""
     cover = (alphas * mask[..., None]).sum(1)
-    return ((1 - cover) ** 2).sum(1).mean()
+    return ((1 - cover) ** 2).mean()
 
 
 def masked_caption_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ temporal softmax loss (cross-entropy summed over the words that are not padding,
 for `lstm_attention`, `task.attention_reg` times the doubly stochastic attention penalty.
 
 Evaluation decodes greedily (or with `task.beam`) and scores against all references: corpus BLEU-1..4 with
-sacrebleu (on the normalized words, tokenize=none) and CIDEr-D; `bleu4` is the primary metric. The test
+sacrebleu (on the normalized words, tokenize=none) and CIDEr-D; `bleu4` is the primary metric. On data whose
+references follow the scenes grammar, also object precision and recall, relation accuracy and size accuracy
+(BLEU saturates on templated text; these say what is wrong). The test
 evaluation writes `captions_test.json` in COCO results format ([{image_id, caption}], image ids from 1 in split
 order) and `captions_test_references.json` beside it.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,49 @@ def cider_d(hyps: list[str], refs: list[list[str]], n: int = 4, sigma: float = 6
                 score[k] += val * math.exp(-((lh - lr) ** 2) / (2 * sigma**2))
         total += sum(score) / n / max(1, len(rs)) * 10.0
     return total / len(hyps)
+
+
+RELATIONS = ("left of", "right of", "above", "below")
+_SPLIT = re.compile(r" (left of|right of|above|below) ")
+_PHRASE = re.compile(r"^an? (?:(small|large) )?(.+)$")
+
+
+def parse_scene_caption(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]] | None:
+    """The scenes grammar, `a [small|large] NAME (RELATION a [small|large] NAME)*`, read back: [(size, name)] and
+    [(name, relation, next name)]; None when the text does not follow it."""
+    parts = _SPLIT.split(text.strip())
+    objs, rels = [], []
+    for i, chunk in enumerate(parts[::2]):
+        m = _PHRASE.match(chunk)
+        if not m:
+            return None
+        objs.append((m.group(1) or "", m.group(2)))
+        if i:
+            rels.append((objs[i - 1][1], parts[2 * i - 1], objs[i][1]))
+    return objs, rels
+
+
+def scene_scores(hyps: list[str], refs: list[list[str]]) -> dict[str, float] | None:
+    """What the scenes grammar makes checkable, against each image's first reference: object precision and recall
+    (names, as multisets), the share of the reference's relations (name, relation, name) the caption states, and
+    of the objects it names rightly, the share with the right size word. None unless every reference parses."""
+    parsed = [parse_scene_caption(r[0]) for r in refs]
+    if not parsed or any(p is None for p in parsed):
+        return None
+    hit = said = there = rel_hit = rel_all = size_hit = 0
+    for h, ref in zip(hyps, parsed, strict=True):
+        got = parse_scene_caption(h) or ([], [])
+        want_names = Counter(n for _, n in ref[0])
+        got_names = Counter(n for _, n in got[0])
+        hit += sum((want_names & got_names).values())
+        said += sum(got_names.values())
+        there += sum(want_names.values())
+        rel_all += len(ref[1])
+        rel_hit += sum((Counter(ref[1]) & Counter(got[1])).values())
+        sizes = Counter(ref[0])
+        size_hit += sum((sizes & Counter(got[0])).values())
+    return {"obj_precision": hit / max(1, said), "obj_recall": hit / max(1, there),
+            "relation_acc": rel_hit / max(1, rel_all), "size_acc": size_hit / max(1, hit)}
 
 
 class CaptionEvaluation(Evaluation):
@@ -166,6 +212,12 @@ class CaptioningTask(Task):
             loss = loss + self.cfg.task.attention_reg * attention_penalty(alphas, (outputs["target"] != NULL).float())
         return loss
 
+    def chance_loss(self, vocabulary: int, targets: torch.Tensor) -> float:
+        """The loss of a model that knows nothing (uniform over the words): each reference's words and its <END>,
+        times ln(vocabulary), averaged over the images (first references)."""
+        words = (targets[:, 0, 1:] != NULL).sum(1).float().mean()
+        return float(words) * math.log(vocabulary)
+
     def batch_stats(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
         t = outputs["target"]
         valid = t != NULL
@@ -190,7 +242,7 @@ class CaptioningTask(Task):
         refs = [[normalize_caption(c) for c in caps] for caps in data.targets["captions"]]
         hyps, _ = self.captions(model, data.images, normalizer, beam=self.cfg.task.beam,
                                 batch_size=settings.batch_size)
-        metrics = {**corpus_bleu(hyps, refs), "cider": cider_d(hyps, refs)}
+        metrics = {**corpus_bleu(hyps, refs), "cider": cider_d(hyps, refs), **(scene_scores(hyps, refs) or {})}
         metrics["loss"] = self._teacher_forced_loss(model, data, normalizer, settings.batch_size)
         metrics["n"] = len(hyps)
         return CaptionEvaluation(split, metrics, hyps, refs)
