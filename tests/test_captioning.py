@@ -183,3 +183,35 @@ def test_scene_grammar_scores():
     assert s["obj_recall"] == 1.0 and s["obj_precision"] == pytest.approx(3 / 4)
     assert s["relation_acc"] == 0.0 and s["size_acc"] == pytest.approx(2 / 3)
     assert scene_scores(["x"], [["not the grammar at all"]]) is None
+
+
+def test_the_encoder_starts_from_a_classification_run_frozen(tmp_path):
+    widths = [8, 16, 16]
+    cls = visrec.train("scenes", model="convnet", epochs=1, out=str(tmp_path / "cls"), progress=False,
+                       overrides={**{k: v for k, v in SCENES.items() if k != "model.kwargs"},
+                                  "model.kwargs": {"widths": widths}})
+    cap = visrec.train("scenes", task="captioning", epochs=1, out=str(tmp_path / "cap"), progress=False,
+                       overrides={**SCENES, "model.weights": str(cls.path),
+                                  "model.kwargs": {"embed": 32, "hidden": 64, "attn": 32, "freeze_encoder": True,
+                                                   "encoder_kwargs": {"widths": widths}}})
+    from safetensors.torch import load_file
+
+    a = load_file(str(cls.path / "checkpoints" / "last.safetensors"))
+    b = load_file(str(cap.path / "checkpoints" / "last.safetensors"))
+    enc = [k for k in a if not k.startswith("head.")]
+    assert enc and all(torch.equal(a[k], b[f"encoder.{k}"]) for k in enc)  # loaded, then never trained
+
+
+def test_the_doctor_examines_captioning_and_its_gradients_through_time(tmp_path):
+    from visrec.doctor import ExamOptions, examine
+
+    diag = examine("scenes", model="rnn", overrides={"task.name": "captioning", **SCENES,
+                                                     "model.kwargs": {"embed": 16, "hidden": 32}},
+                   out=tmp_path / "doc", options=ExamOptions(overfit_steps=20, lr_steps=30))
+    ids = {(f.check, f.id) for f in diag.findings}
+    assert ("initial-loss", "initial-loss-off") in ids and ("overfit", "cannot-overfit") in ids
+    chance = [f for f in diag.findings if f.check == "initial-loss"][0].evidence["expected"]
+    assert chance and 0.5 < diag.results["initial_loss"] / chance < 2  # words x ln(vocabulary)
+    g = diag.results["recurrent_gradients"]
+    assert g["grad_norm_max"] >= g["grad_norm_median"] > 0 and 0 < g["first_word_share"] < 10
+    assert any(f.check == "recurrent-gradients" for f in diag.findings)

@@ -817,29 +817,14 @@ def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: s
 def _draw_attention(x, row: dict, path: Path) -> None:
     """The image the model saw, then one panel per word with its attention weights over the image (attention
     models), or the image and its caption."""
-    import torch.nn.functional as F  # noqa: N812
+    import torch
 
-    from .plotting import pyplot, save_figure
+    from .io import write_bytes
+    from .tasks.captioning import attention_png
 
-    plt = pyplot()
-    img = x.permute(1, 2, 0).squeeze(-1).numpy()
-    gray = x.shape[0] == 1
-    maps = row.get("attention") or []
-    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.6), squeeze=False)
-    axes[0][0].imshow(img, cmap="gray" if gray else None)
-    axes[0][0].set_title(row["caption"] if not maps else "input", fontsize=7)
-    for ax, m in zip(axes[0][1:], maps, strict=True):
-        import torch
-
-        w = torch.tensor(m["weights"])[None, None]
-        up = F.interpolate(w, size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
-        ax.imshow(img, cmap="gray" if gray else None)
-        ax.imshow(up, cmap="jet", alpha=0.5)
-        ax.set_title(m["word"], fontsize=8)
-    for ax in axes[0]:
-        ax.axis("off")
+    maps = torch.tensor([m["weights"] for m in row["attention"]]) if row.get("attention") else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
+    write_bytes(path, attention_png(x, row["caption"], maps))
 
 
 def _draw_served(data: bytes, row: dict, path: Path) -> None:

@@ -3,6 +3,8 @@ own targets, forward pass, loss and evaluation), so they work for localization, 
 instance segmentation alike:
 
 - `data`: the task accepts the data (boxes, masks, one object per image, ...), the inputs are normalized;
+- `recurrent-gradients` (captioning with a recurrent decoder): gradient-norm spikes (exploding; the clipping
+  value to use) and how much of the last word's gradient reaches the first word (vanishing through time);
 - `initial-loss`: finite, and near chance where the task knows chance (segmentation: ln(classes + 1);
   captioning: the words per caption, <END> included, times ln(vocabulary));
 - `overfit`: a few training images, regularization off, until the task's own metric on those same images is near
@@ -200,7 +202,68 @@ class TaskExam:
                                        f"(the {task.name} loss falls fastest up to about {res.lr_at_min:.2g})", ev))
 
 
-TASK_CHECKS = ("data", "initial-loss", "overfit", "lr-range")
+    def check_recurrent_gradients(self) -> None:
+        """Recurrent decoders (captioning): 30 steps at the configured rate, watching the gradient norm before
+        clipping (spikes: exploding) and how much of the last word's gradient reaches the first word's input
+        (vanishing through time)."""
+        ex, task = self.ex, self.task
+        model = self.new_model()
+        if not getattr(model, "captioner", False) or not hasattr(model, "embed") or hasattr(model, "decoder"):
+            return  # not recurrent (the transformer attends to every word directly)
+        cfg_opt = copy.deepcopy(ex.cfg.optim)
+        opt = build_optimizer(model, cfg_opt)
+        model.train()
+        bs = min(ex.cfg.train.batch_size, 32, len(ex.ds.train))
+        norms = []
+        for i in range(30):
+            x, y, _ = self.batch(bs, 200 + i)
+            loss = task.loss(task.forward(model, x, y), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
+            if ex.cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), ex.cfg.optim.grad_clip)
+            opt.step()
+        # how much of the last word's loss gradient reaches the first word's embedding, against its own
+        x, y, _ = self.batch(bs, 300)
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(module, inputs, output) -> None:  # returns None: the output stays as it is
+            output.retain_grad()
+            kept["e"] = output
+
+        hook = model.embed.register_forward_hook(keep)
+        out = task.forward(model, x, y)
+        hook.remove()
+        target = out["target"]
+        last = (target != 0).sum(1) - 1  # each caption's last word (its <END>)
+        rows = torch.arange(len(last), device=last.device)
+        logp = out["logits"][rows, last].log_softmax(-1)
+        (-logp[rows, target[rows, last]].sum()).backward()
+        g = kept["e"].grad.norm(dim=-1)  # (B, T)
+        reach = float(g[:, 0].mean() / g[rows, last].mean().clamp_min(1e-30))
+        med = sorted(norms)[len(norms) // 2]
+        ev = {"grad_norm_median": round(med, 4), "grad_norm_max": round(max(norms), 4),
+              "first_word_share": float(f"{reach:.3g}"), "grad_clip": ex.cfg.optim.grad_clip}
+        ex.results["recurrent_gradients"] = ev
+        clip = f"{2 * med:.2g}"
+        if max(norms) > 10 * med:
+            ex.add("recurrent-gradients", Finding(
+                "exploding-gradients", "warn", f"the gradient norm spikes to {max(norms):.3g}, {max(norms) / med:.0f}x "
+                f"its median {med:.3g}, within 30 steps: the recurrence amplifies some updates", ev,
+                f"clip the gradient norm near twice the median: --set optim.grad_clip={clip}"))
+        elif reach < 1e-3:
+            ex.add("recurrent-gradients", Finding(
+                "vanishing-gradients", "warn", f"the first word's input receives {reach:.2g} of the gradient the "
+                "last word's loss gives its own input: long captions are learned from their ends only", ev,
+                "use an LSTM or GRU (not the vanilla RNN), or attention (lstm_attention, transformer)"))
+        else:
+            ex.add("recurrent-gradients", Finding(
+                "exploding-gradients", "ok", f"gradients through time are steady (norm median {med:.3g}, max "
+                f"{max(norms):.3g}); the first word gets {reach:.2g} of the last word's gradient", ev))
+
+
+TASK_CHECKS = ("data", "initial-loss", "overfit", "lr-range", "recurrent-gradients")
 
 
 def run_task_checks(ex, task: Task, console=None) -> dict[str, dict[str, Any]]:
@@ -211,9 +274,11 @@ def run_task_checks(ex, task: Task, console=None) -> dict[str, dict[str, Any]]:
 
     te = TaskExam(ex, task)
     fns = {"data": te.check_data, "initial-loss": te.check_initial_loss, "overfit": te.check_overfit,
-           "lr-range": te.check_lr_range}
+           "lr-range": te.check_lr_range, "recurrent-gradients": te.check_recurrent_gradients}
     timings: dict[str, dict[str, Any]] = {}
     for name in TASK_CHECKS:
+        if name == "recurrent-gradients" and task.name != "captioning":
+            continue
         if ex.opts.checks is not None and name not in ex.opts.checks:
             continue
         if ex.abort:

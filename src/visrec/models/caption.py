@@ -7,6 +7,10 @@
 - `transformer`: a decoder with a causal mask and cross-attention to the feature map's positions (learned 2-D
   position embeddings on the image side, learned positions on the word side).
 
+Options: `encoder` (a zoo name) and `encoder_kwargs` (its own options, e.g. the widths of the classification run
+whose weights it starts from: `model.weights=RUN` loads that run into the encoder), `freeze_encoder`, `embed`,
+`hidden`, `attn`, `heads`, `layers`, `dropout`.
+
 All take the vocabulary in their kwargs (the task sets `vocab` and `max_length` from the training captions, and
 the run's config records them), so a run's model decodes to words by itself:
 
@@ -38,9 +42,15 @@ class Captioner(nn.Module):
     captioner = True
     attention = False
 
-    def __init__(self, encoder: nn.Module, vocab: list[str], max_length: int, embed: int):
+    def __init__(self, encoder: nn.Module, vocab: list[str], max_length: int, embed: int,
+                 freeze_encoder: bool = False):
         super().__init__()
         self.encoder = encoder
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:  # features as loaded (model.weights=RUN): no gradient, batch norm in eval mode
+            for p in encoder.parameters():
+                p.requires_grad_(False)
+            encoder.eval()
         self.vocab = Vocabulary(vocab)
         self.max_length = max_length
         self.embed = nn.Embedding(len(vocab), embed, padding_idx=NULL)
@@ -56,6 +66,12 @@ class Captioner(nn.Module):
 
     def decode(self, ids) -> str:
         return self.vocab.decode(ids)
+
+    def train(self, mode: bool = True) -> Captioner:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
 
     # ---------------------------------------------------------------- decoding
 
@@ -183,8 +199,8 @@ class RecurrentCaptioner(Captioner):
     state_batch_dim = {"h": 1, "c": 1}
 
     def __init__(self, kind: str, encoder, channels: int, vocab, max_length, embed: int, hidden: int,
-                 dropout: float):
-        super().__init__(encoder, vocab, max_length, embed)
+                 dropout: float, freeze_encoder: bool = False):
+        super().__init__(encoder, vocab, max_length, embed, freeze_encoder)
         self.kind = kind
         cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[kind]
         self.rnn = cls(embed, hidden, batch_first=True)
@@ -223,8 +239,8 @@ class AttentionCaptioner(Captioner):
     state_batch_dim = {"h": 0, "c": 0}
 
     def __init__(self, encoder, channels: int, vocab, max_length, embed: int, hidden: int, attn: int,
-                 dropout: float):
-        super().__init__(encoder, vocab, max_length, embed)
+                 dropout: float, freeze_encoder: bool = False):
+        super().__init__(encoder, vocab, max_length, embed, freeze_encoder)
         self.init_h, self.init_c = nn.Linear(channels, hidden), nn.Linear(channels, hidden)
         self.att_f, self.att_h, self.att_v = nn.Linear(channels, attn), nn.Linear(hidden, attn), nn.Linear(attn, 1)
         self.cell = nn.LSTMCell(embed + channels, hidden)
@@ -264,8 +280,8 @@ class TransformerCaptioner(Captioner):
     """A transformer decoder: causal self-attention over the words so far, cross-attention to the image."""
 
     def __init__(self, encoder, channels: int, positions: int, vocab, max_length, width: int, heads: int,
-                 layers: int, dropout: float):
-        super().__init__(encoder, vocab, max_length, width)
+                 layers: int, dropout: float, freeze_encoder: bool = False):
+        super().__init__(encoder, vocab, max_length, width, freeze_encoder)
         self.proj = nn.Linear(channels, width)
         self.img_pos = nn.Parameter(torch.zeros(1, positions, width))
         self.word_pos = nn.Parameter(torch.zeros(1, max_length + 2, width))
@@ -304,13 +320,16 @@ class TransformerCaptioner(Captioner):
         return logits, {"memory": state["memory"], "prefix": prefix}, None
 
 
-def _encoder(name: str, in_chans: int, image_size: tuple[int, int]) -> tuple[nn.Module, int, int]:
-    enc = create_model(name, in_chans=in_chans, num_classes=1, image_size=image_size)
+def _encoder(name: str, in_chans: int, image_size: tuple[int, int], kwargs: dict | None = None
+             ) -> tuple[nn.Module, int, int]:
+    kwargs = dict(kwargs or {})
+    enc = create_model(name, in_chans=in_chans, num_classes=1, image_size=image_size, **kwargs)
     if not hasattr(enc, "forward_features"):
         raise VisrecError(f"model.kwargs.encoder={name} has no feature map to caption from",
                           "use a zoo convolutional network (convnet, resnet18, ...)")
     with torch.device("meta"):
-        probe = create_model(name, in_chans=in_chans, num_classes=1, image_size=image_size, check_size=False)
+        probe = create_model(name, in_chans=in_chans, num_classes=1, image_size=image_size, check_size=False,
+                             **kwargs)
         f = probe.forward_features(torch.empty(1, in_chans, *image_size))
     if f.dim() != 4:
         raise VisrecError(f"model.kwargs.encoder={name} gives features of shape {tuple(f.shape)}, not a feature map",
@@ -332,18 +351,20 @@ def _check_vocab(vocab: Any, name: str, size: int) -> list[str]:
 def _register(kind: str):
     def build(*, in_chans: int, num_classes: int, image_size: tuple[int, int], vocab: list[str] | None = None,
               max_length: int = 20, encoder: str = "convnet", embed: int = 128, hidden: int = 256,
-              attn: int = 128, heads: int = 4, layers: int = 2, dropout: float = 0.1) -> nn.Module:
+              attn: int = 128, heads: int = 4, layers: int = 2, dropout: float = 0.1,
+              freeze_encoder: bool = False, encoder_kwargs: dict | None = None) -> nn.Module:
         words = _check_vocab(vocab, kind, num_classes)
         if len(words) != num_classes:
             raise VisrecError(f"{kind}: a vocabulary of {len(words)} words for a head of {num_classes}")
-        enc, channels, positions = _encoder(encoder, in_chans, image_size)
+        enc, channels, positions = _encoder(encoder, in_chans, image_size, encoder_kwargs)
         if kind == "lstm_attention":
-            return AttentionCaptioner(enc, channels, words, max_length, embed, hidden, attn, dropout)
+            return AttentionCaptioner(enc, channels, words, max_length, embed, hidden, attn, dropout, freeze_encoder)
         if kind == "transformer":
             if embed % heads:
                 raise VisrecError(f"model.kwargs.embed={embed} must divide into heads={heads}")
-            return TransformerCaptioner(enc, channels, positions, words, max_length, embed, heads, layers, dropout)
-        return RecurrentCaptioner(kind, enc, channels, words, max_length, embed, hidden, dropout)
+            return TransformerCaptioner(enc, channels, positions, words, max_length, embed, heads, layers, dropout,
+                                        freeze_encoder)
+        return RecurrentCaptioner(kind, enc, channels, words, max_length, embed, hidden, dropout, freeze_encoder)
 
     build.__name__ = kind
     build.__doc__ = {"rnn": "Captioning: vanilla RNN decoder, the image sets its initial state.",

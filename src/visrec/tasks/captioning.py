@@ -269,14 +269,47 @@ class CaptioningTask(Task):
         from ..plotting import figure_png, pyplot
 
         plt = pyplot()
-        hyps, _ = self.captions(model, data.images[:n], normalizer)
+        hyps, maps = self.captions(model, data.images[:n], normalizer)
         refs = data.targets["captions"][:n]
         fig, axes = plt.subplots(1, len(hyps), figsize=(2.6 * len(hyps), 3.4), squeeze=False)
         for ax, img, h, r in zip(axes[0], data.images[:n], hyps, refs, strict=True):
             ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
             ax.set_title(f"{h}\n(ref: {normalize_caption(r[0])})", fontsize=6, wrap=True)
             ax.axis("off")
-        return {"Captions: the model's caption above, the first reference below it": figure_png(fig)}
+        out = {"Captions: the model's caption above, the first reference below it": figure_png(fig)}
+        if maps and maps[0] is not None:
+            gh, gw = model.grid
+            for i in range(min(3, len(hyps))):
+                words = hyps[i].split()
+                out[f"Attention, test image {i + 1}: where the model looked for each word"] = attention_png(
+                    data.images[i], hyps[i], maps[i][:len(words)].view(len(words), gh, gw))
+        return out
+
+
+def attention_png(image: torch.Tensor, caption: str, maps: torch.Tensor | None) -> bytes:
+    """The image, then one panel per word with its attention weights (W, h, w) upsampled over the image; or the
+    image titled with its caption when the model has no attention."""
+    import torch.nn.functional as F  # noqa: N812
+
+    from ..plotting import figure_png, pyplot
+
+    plt = pyplot()
+    img = image.permute(1, 2, 0).squeeze(-1).numpy()
+    gray = image.shape[0] == 1
+    words = caption.split()
+    panels = 1 + (len(words) if maps is not None else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(2.0 * panels, 2.4), squeeze=False)
+    axes[0][0].imshow(img, cmap="gray" if gray else None)
+    axes[0][0].set_title(caption if maps is None else "input", fontsize=7)
+    if maps is not None:
+        up = F.interpolate(maps[:, None].float(), size=img.shape[:2], mode="bilinear", align_corners=False)[:, 0]
+        for ax, w, m in zip(axes[0][1:], words, up, strict=True):
+            ax.imshow(img, cmap="gray" if gray else None)
+            ax.imshow(m.numpy(), cmap="jet", alpha=0.5)
+            ax.set_title(w, fontsize=8)
+    for ax in axes[0]:
+        ax.axis("off")
+    return figure_png(fig)
 
 
 def load_captions_json(path: Path) -> list[dict[str, Any]]:

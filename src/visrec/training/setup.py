@@ -254,6 +254,13 @@ def load_initial_weights(model: nn.Module, path: str, trust: bool, *, new_head: 
         weights = load_weights(path, trust=trust)
     own = model.state_dict()
     head = model.head_path + "." if hasattr(model, "head_path") else None
+    encoder_note = ""
+    if getattr(model, "captioner", False) and not any(k.startswith("encoder.") for k in weights):
+        # a classifier's weights for a captioner: its encoder, without the classifier's head
+        enc_head = f"encoder.{model.encoder.head_path}." if hasattr(model.encoder, "head_path") else "encoder.head."
+        weights = {f"encoder.{k}": v for k, v in weights.items() if not f"encoder.{k}".startswith(enc_head)}
+        own = {k: v for k, v in own.items() if k.startswith("encoder.") and not k.startswith(enc_head)}
+        encoder_note = " into the captioning model's encoder (the decoder starts fresh)"
     skipped = [k for k, v in weights.items() if k in own and head and k.startswith(head)
                and (new_head or own[k].shape != v.shape)]
     for k in skipped:
@@ -277,6 +284,6 @@ def load_initial_weights(model: nn.Module, path: str, trust: bool, *, new_head: 
                         "add --set model.kwargs.stem=imagenet")
         raise VisrecError(f"weight file {path} does not fit model {type(model).__name__}: {'; '.join(parts)}", hint)
     model.load_state_dict(weights, strict=False)
-    note = f"loaded {path}" + (f"; classifier head {', '.join(skipped)} re-initialized for this dataset's classes"
-                               if skipped else "")
+    note = f"loaded {path}{encoder_note}" + (
+        f"; classifier head {', '.join(skipped)} re-initialized for this dataset's classes" if skipped else "")
     return note, norm
