@@ -301,7 +301,7 @@ class TransformerCaptioner(Captioner):
     def _decode(self, tokens, memory):
         t = tokens.shape[1]
         x = self.embed(tokens) * math.sqrt(self.embed.embedding_dim) + self.word_pos[:, :t]
-        causal = torch.triu(torch.full((t, t), float("-inf"), device=tokens.device), 1)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tokens.device), 1)  # True: may not attend
         return self.head(self.norm(self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True,
                                                 tgt_key_padding_mask=tokens == NULL)))
 

@@ -120,6 +120,12 @@ function showAnswer(article, result, file) {
   if (result.box) drawObjects(article, [{ class: result.top[0].class, box: result.box, score: result.top[0].prob,
                                           color: "#d00" }], result.width, result.height);
   if (result.objects) drawObjects(article, result.objects, result.width, result.height);
+  if (result.caption !== undefined) {
+    const item = el("li", { class: "caption" }, result.caption || "(no words)");
+    if (result.attention) item.title = "attention over the image for each word: " +
+      result.attention.map((a) => a.word).join(", ");
+    top.append(item);
+  }
   if (result.mask) {
     const overlay = $(".overlay", article);
     overlay.src = result.mask;
