@@ -41,14 +41,20 @@ def rnn_step_backward(dnext_h: np.ndarray, cache: Cache):
     return da @ wx.T, da @ wh.T, x.T @ da, prev_h.T @ da, da.sum(0)
 
 
+def _sequence(fn: str, x: np.ndarray, h0: np.ndarray, wx: np.ndarray, wh: np.ndarray, b: np.ndarray,
+              gates: int) -> np.ndarray:
+    """The checks of a whole-sequence forward pass, and its (N, T, H) output buffer."""
+    n, t, _ = array("x", x, 3, fn).shape
+    same(fn, "h0", array("h0", h0, 2, fn).shape[:1], (n,), "one initial state per sequence")
+    _rnn_shapes(fn, x, h0, wx, wh, b, gates)
+    return np.empty((n, t, h0.shape[1]), dtype=np.result_type(x, h0, wx))
+
+
 def rnn_forward(x: np.ndarray, h0: np.ndarray, Wx: np.ndarray, Wh: np.ndarray,  # noqa: N803
                 b: np.ndarray) -> tuple[np.ndarray, Cache]:
     """x (N, T, D), h0 (N, H) -> h (N, T, H), every hidden state."""
-    fn = "rnn_forward"
-    n, t, _ = array("x", x, 3, fn).shape
-    same(fn, "h0", array("h0", h0, 2, fn).shape[:1], (n,), "one initial state per sequence")
-    _rnn_shapes(fn, x, h0, Wx, Wh, b, 1)
-    h = np.empty((n, t, h0.shape[1]), dtype=np.result_type(x, h0, Wx))
+    h = _sequence("rnn_forward", x, h0, Wx, Wh, b, 1)
+    t = h.shape[1]
     steps, prev = [], h0
     for i in range(t):
         prev, c = rnn_step_forward(x[:, i], prev, Wx, Wh, b)
@@ -106,11 +112,8 @@ def lstm_step_backward(dnext_h: np.ndarray, dnext_c: np.ndarray, cache: Cache):
 def lstm_forward(x: np.ndarray, h0: np.ndarray, Wx: np.ndarray, Wh: np.ndarray,  # noqa: N803
                  b: np.ndarray) -> tuple[np.ndarray, Cache]:
     """x (N, T, D), h0 (N, H); the cell state starts at zero. Returns h (N, T, H)."""
-    fn = "lstm_forward"
-    n, t, _ = array("x", x, 3, fn).shape
-    same(fn, "h0", array("h0", h0, 2, fn).shape[:1], (n,), "one initial state per sequence")
-    _rnn_shapes(fn, x, h0, Wx, Wh, b, 4)
-    h = np.empty((n, t, h0.shape[1]), dtype=np.result_type(x, h0, Wx))
+    h = _sequence("lstm_forward", x, h0, Wx, Wh, b, 4)
+    t = h.shape[1]
     prev_h, prev_c, steps = h0, np.zeros_like(h0), []
     for k in range(t):
         prev_h, prev_c, c = lstm_step_forward(x[:, k], prev_h, prev_c, Wx, Wh, b)
