@@ -24,7 +24,10 @@ from visrec.config import list_presets
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", default=",".join(list_presets()))
+    import torch
+
+    gpu = torch.cuda.is_available()  # GPU presets (fmnist-gpu) run by bench/gpu.sh, on a GPU
+    ap.add_argument("--presets", default=",".join(p for p in list_presets() if gpu or not p.endswith("-gpu")))
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))

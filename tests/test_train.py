@@ -276,3 +276,26 @@ def test_predict_applies_the_runs_own_input_pipeline(tmp_path):
     Image.fromarray(rng.integers(0, 255, (116, 138, 3), dtype=np.uint8)).save(photo)
     (p,) = run.predict([str(photo)])
     assert p.error is None and p.label in ("a", "b")
+
+
+def test_the_gpu_preset_loads_and_trains_a_few_steps_on_the_cpu(tmp_path):
+    from visrec import Trainer
+    from visrec.config import resolve_config
+
+    cfg = resolve_config("fmnist-gpu", {"device.name": "cpu", "device.precision": "fp32", "model.compile": False,
+                                        "data.subset": 1024, "train.batch_size": 256})
+    assert cfg.train.batch_size == 256 and cfg.model.kwargs["widths"] == [18, 128, 256]
+    run = Trainer(cfg, out=str(tmp_path / "gpu"), progress=False).fit(stop_after_steps=2)
+    assert run.summary["steps"] == 2
+
+
+def test_the_gpu_script_says_no_gpu_cleanly_on_a_cpu_machine():
+    import subprocess
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run the bench")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+    p = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("no GPU:") and "nothing run" in p.stdout
