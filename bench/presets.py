@@ -24,7 +24,6 @@ from visrec.config import list_presets
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    import torch
 
     gpu = torch.cuda.is_available()  # GPU presets (fmnist-gpu) run by bench/gpu.sh, on a GPU
     ap.add_argument("--presets", default=",".join(p for p in list_presets() if gpu or not p.endswith("-gpu")))
