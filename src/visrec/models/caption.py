@@ -75,11 +75,11 @@ class Captioner(nn.Module):
 
     # ---------------------------------------------------------------- decoding
 
+    state_batch_dim: dict[str, int] = {}  # the batch dimension of each decoding state tensor (default 0)
+
     def reorder(self, state: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The state of the sequences `index` (beam search keeps, drops and copies sequences)."""
         return {k: v.index_select(self.state_batch_dim.get(k, 0), index) for k, v in state.items()}
-
-    state_batch_dim: dict[str, int] = {}
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, *, beam: int = 1, temperature: float | None = None,
@@ -236,7 +236,6 @@ class AttentionCaptioner(Captioner):
     z_t = sum_i alpha_ti f_i; the LSTM cell reads [word embedding, z_t] and the output layer [h_t, z_t]."""
 
     attention = True
-    state_batch_dim = {"h": 0, "c": 0}
 
     def __init__(self, encoder, channels: int, vocab, max_length, embed: int, hidden: int, attn: int,
                  dropout: float, freeze_encoder: bool = False):
@@ -251,9 +250,6 @@ class AttentionCaptioner(Captioner):
     def start(self, feats):
         m = feats.mean(1)
         return {"h": torch.tanh(self.init_h(m)), "c": torch.tanh(self.init_c(m)), "pf": self.att_f(feats)}
-
-    def reorder(self, state, index):
-        return {k: v.index_select(0, index) for k, v in state.items()}
 
     def step(self, state, tok, feats, t):
         e = self.att_v(torch.tanh(state["pf"] + self.att_h(state["h"])[:, None]))[..., 0]  # (B, P)

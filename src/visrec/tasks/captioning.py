@@ -15,7 +15,6 @@ order) and `captions_test_references.json` beside it.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -310,7 +309,3 @@ def attention_png(image: torch.Tensor, caption: str, maps: torch.Tensor | None) 
     for ax in axes[0]:
         ax.axis("off")
     return figure_png(fig)
-
-
-def load_captions_json(path: Path) -> list[dict[str, Any]]:
-    return json.loads(Path(path).read_text())
