@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"evaluate", "runs"},
     {"training"},
     {"tasks"},
-    {"report", "explain", "transfer", "ensemble", "tune", "doctor", "export", "classic", "fit", "serve"},
+    {"report", "explain", "transfer", "ensemble", "tune", "doctor", "export", "classic", "fit", "serve", "synthesis"},
     {"cli", "__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -52,8 +52,8 @@ def out_option(what: str) -> typer.models.OptionInfo:
 
 
 TaskOpt = Annotated[str | None, typer.Option(
-    help="task.name: classification, localization, segmentation, detection, instance (see `visrec tasks`), or "
-         "file.py:ClassName.")]
+    help="task.name: classification, localization, segmentation, detection, instance, captioning, style (see "
+         "`visrec tasks`), or file.py:ClassName.")]
 
 
 def _config(preset: str | None, sets: list[str] | None, base=None, **options):
@@ -141,6 +141,8 @@ def train(
     skip_bad_images: Annotated[bool, typer.Option(
         "--skip-bad-images", help="data.skip_bad_images: leave unreadable images out (listed in the run folder).",
     )] = False,
+    style: Annotated[Path | None, typer.Option(
+        help="task.style: with --task style, the style image the network learns.")] = None,
 ) -> None:
     """Train a model; writes a run folder with config, metrics, checkpoints, TensorBoard events and summary."""
     if nproc is not None and nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -190,7 +192,7 @@ def train(
                      "--epochs": epochs, "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--out": out_dir,
                      "--data-dir": data_dir, "--device": device, "--engine": engine, "--weights": weights,
                      "--trust-checkpoint": trust_checkpoint, "--skip-bad-images": skip_bad_images,
-                     "--checkpoint-every": checkpoint_every, "--seeds": seeds}
+                     "--checkpoint-every": checkpoint_every, "--seeds": seeds, "--style": style}
             extra = [k for k, v in given.items() if v]
             if extra:
                 raise VisrecError(f"--resume takes no other option (got {', '.join(extra)})",
@@ -203,7 +205,7 @@ def train(
                           train_batch_size=batch_size, optim_lr=lr, train_seed=seed, data_data_dir=data_dir,
                           device_name=device, model_weights=weights, model_trust_checkpoint=trust_checkpoint or None,
                           data_skip_bad_images=skip_bad_images or None, train_checkpoint_every=checkpoint_every,
-                          train_engine=engine)
+                          train_engine=engine, task_style=str(style.resolve()) if style else None)
             if seeds is not None:
                 if seed is not None:
                     raise VisrecError("--seeds trains one run per seed: it does not go with --seed")
@@ -528,6 +530,143 @@ def explain(
         out.print(f"wrote {f}")
 
 
+NetOpt = Annotated[str | None, typer.Option(
+    "--net", help="Loss network: random_vgg, random_multiscale (offline defaults), vgg16:PATH or vgg19:PATH (a "
+                  "torchvision weights file; vgg19-caffe:PATH for caffe-converted weights: BGR, 0..255), or a "
+                  "classification run folder (layers stage1, stage2, ...).")]
+StepsOpt = Annotated[int, typer.Option(help="Optimization steps (L-BFGS iterations or Adam steps).")]
+MaxPixelsOpt = Annotated[int | None, typer.Option(
+    help="Images with more pixels are refused as decompression bombs (default 89,478,485).")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-checkpoint", help="Allow a .pt weight file that needs full unpickling, which runs code from it.")]
+
+
+def _layers(text: str | None) -> list[str] | None:
+    return [v.strip() for v in text.split(",") if v.strip()] if text else None
+
+
+def _wrote(result, path: Path) -> None:
+    result.save(path)
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
+    out.print(f"wrote {path} and {path.with_suffix('.json')} ({result.seconds:.1f} s{'; ' + losses if losses else ''})")
+
+
+@app.command()
+def stylize(
+    images: Annotated[list[Path], typer.Argument(
+        help="CONTENT STYLE (optimization), or with --model: one or more content images.")],
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="A fast style run (visrec train folder:PHOTOS --task style --style S.jpg): one forward pass "
+                        "per image.")] = None,
+    net: NetOpt = None,
+    size: Annotated[int | None, typer.Option(
+        help="Longer side of the output in pixels, aspect kept (default 512; with --model: the image's own).")] = None,
+    style_size: Annotated[int | None, typer.Option(help="Longer side of the style image (default: --size).")] = None,
+    steps: StepsOpt = 300,
+    optimizer: Annotated[str, typer.Option(help="lbfgs or adam.")] = "lbfgs",
+    lr: Annotated[float | None, typer.Option(help="Step size (default: 1 for lbfgs, 0.02 for adam).")] = None,
+    init: Annotated[str, typer.Option(help="Start from the content image or from noise.")] = "content",
+    content_weight: Annotated[float, typer.Option(help="Weight of the content loss.")] = 1.0,
+    style_weight: Annotated[float, typer.Option(help="Weight of the style (Gram) loss.")] = 5.0,
+    tv_weight: Annotated[float, typer.Option(help="Weight of the total-variation loss.")] = 1.0,
+    content_layers: Annotated[str | None, typer.Option(help="Comma-separated (default: the network's).")] = None,
+    style_layers: Annotated[str | None, typer.Option(help="Comma-separated (default: the network's).")] = None,
+    scales: Annotated[int, typer.Option(help="Coarse to fine: optimize at 1/2^(k-1) .. 1 of --size.")] = 1,
+    preserve_color: Annotated[bool, typer.Option(
+        "--preserve-color", help="Transfer luminance only and keep the content's colours.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the noise and the random loss networks.")] = 0,
+    out_path: Annotated[Path | None, out_option(
+        "Output PNG (a JSON of the settings and losses is written beside it); with several images, a folder.")] = None,
+    max_pixels: MaxPixelsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    progress: ProgressOpt = None,
+) -> None:
+    """Neural style transfer: the content image painted in the style image's manner, by optimization (Gatys et
+    al.) or, with --model, by a trained fast style network (Johnson et al.)."""
+    from .synthesis import default_out, stylize_with_run
+    from .synthesis import stylize as run_stylize
+
+    if model is not None:
+        if net is not None:
+            raise VisrecError("--net is for stylizing by optimization; a --model run has its own network",
+                              "leave out --net")
+        results = stylize_with_run(model, images, size=size, max_pixels=max_pixels)
+        for image, r in zip(images, results, strict=True):
+            if out_path is not None and len(images) == 1 and out_path.suffix.lower() == ".png":
+                path = out_path
+            else:
+                path = (out_path or Path(".")) / default_out(image, suffix="stylized")
+            _wrote(r, path)
+        return
+    if len(images) != 2:
+        raise VisrecError(f"visrec stylize takes CONTENT STYLE (got {len(images)} image(s))",
+                          "give the content image then the style image, or --model RUN to use a fast style run")
+    content, style = images
+    r = run_stylize(content, style, net=net or "random_vgg", size=size or 512, style_size=style_size, steps=steps,
+                    optimizer=optimizer, lr=lr, init=init, content_weight=content_weight, style_weight=style_weight,
+                    tv_weight=tv_weight, content_layers=_layers(content_layers), style_layers=_layers(style_layers),
+                    scales=scales, preserve_color=preserve_color, seed=seed,
+                    progress=progress if progress is not None else err.is_terminal, max_pixels=max_pixels,
+                    trust=trust_checkpoint)
+    _wrote(r, out_path or default_out(content, style, suffix="stylized"))
+
+
+@app.command()
+def texture(
+    style: Annotated[Path, typer.Argument(help="The texture's example image.")],
+    net: NetOpt = None,
+    size: Annotated[int, typer.Option(help="Side of the square texture in pixels.")] = 256,
+    style_size: Annotated[int | None, typer.Option(help="Longer side of the example (default: --size).")] = None,
+    steps: StepsOpt = 300,
+    optimizer: Annotated[str, typer.Option(help="lbfgs or adam.")] = "lbfgs",
+    lr: Annotated[float | None, typer.Option(help="Step size (default: 1 for lbfgs, 0.02 for adam).")] = None,
+    style_layers: Annotated[str | None, typer.Option(help="Comma-separated (default: the network's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the starting noise and the random loss networks.")] = 0,
+    out_path: Annotated[Path | None, out_option("Output PNG (and its JSON beside it).")] = None,
+    max_pixels: MaxPixelsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    progress: ProgressOpt = None,
+) -> None:
+    """Texture synthesis: a new image with the example's Gram statistics, from noise (Gatys et al. 2015)."""
+    from .synthesis import default_out
+    from .synthesis import texture as run_texture
+
+    r = run_texture(style, net=net or "random_multiscale", size=size, style_size=style_size, steps=steps,
+                    optimizer=optimizer, lr=lr, style_layers=_layers(style_layers), seed=seed,
+                    progress=progress if progress is not None else err.is_terminal, max_pixels=max_pixels,
+                    trust=trust_checkpoint)
+    _wrote(r, out_path or default_out(style, suffix="texture"))
+
+
+@app.command()
+def dream(
+    image: Annotated[Path, typer.Argument(help="The image to dream on.")],
+    net: NetOpt = None,
+    layer: Annotated[str | None, typer.Option(help="The layer whose activations grow (default: the network's "
+                                                   "dream layer; a wrong name lists the valid ones).")] = None,
+    size: Annotated[int, typer.Option(help="Longer side in pixels, aspect kept.")] = 512,
+    octaves: Annotated[int, typer.Option(help="Scales, coarse to fine.")] = 4,
+    octave_scale: Annotated[float, typer.Option(help="Size ratio between octaves.")] = 1.4,
+    steps: Annotated[int, typer.Option(help="Gradient-ascent steps per octave.")] = 20,
+    lr: Annotated[float, typer.Option(help="Step size (gradients normalized by their mean magnitude).")] = 0.01,
+    jitter: Annotated[int, typer.Option(help="Largest random shift in pixels before each step.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the jitter and the random loss networks.")] = 0,
+    out_path: Annotated[Path | None, out_option("Output PNG (and its JSON beside it).")] = None,
+    max_pixels: MaxPixelsOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    progress: ProgressOpt = None,
+) -> None:
+    """DeepDream: amplify what a layer of a network sees in an image (octaves, jitter, normalized gradients)."""
+    from .synthesis import default_out
+    from .synthesis import dream as run_dream
+
+    r = run_dream(image, net=net or "random_vgg", layer=layer, size=size, octaves=octaves, octave_scale=octave_scale,
+                  steps=steps, lr=lr, jitter=jitter, seed=seed,
+                  progress=progress if progress is not None else err.is_terminal, max_pixels=max_pixels,
+                  trust=trust_checkpoint)
+    _wrote(r, out_path or default_out(image, suffix="dream"))
+
+
 @app.command()
 def report(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
@@ -736,6 +875,9 @@ def predict(
         raise VisrecError(f"--format {fmt} is not valid", "use text, json or coco")
     r = Run(run)
     task = r.config.task.name
+    if task == "style":
+        raise VisrecError(f"{run} is a style run: it makes images, it does not predict labels",
+                          f"stylize images with: visrec stylize IMAGE... --model {run}")
     if task in ("detection", "instance"):
         _predict_objects(r, images, fmt, min_score, convert, checkpoint, max_pixels, draw)
         return

@@ -239,7 +239,8 @@ class FinetuneConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "classification"  # classification, localization, segmentation, detection, instance, or file.py:Class
+    name: str = "classification"  # classification, localization, segmentation, detection, instance, captioning, style,
+    #   or file.py:Class
     box_loss: Literal["l1", "smooth_l1", "giou", "l1+giou"] = "smooth_l1"  # localization: the box term of the loss
     box_weight: NonNeg = 1.0  # localization: weight of the box term next to the class term
     per_class_boxes: bool = False  # localization: one box per class (else one class-agnostic box)
@@ -248,6 +249,13 @@ class TaskConfig:
     min_word_count: AtLeast1 = 1  # captioning: words seen fewer times in training captions become <UNK>
     beam: AtLeast1 = 1  # captioning: beam width when evaluating (1 = greedy)
     attention_reg: NonNeg = 1.0  # captioning, lstm_attention: weight of the doubly stochastic attention penalty
+    style: str = ""  # style: the style image the transformation network learns (a file; copied into the run)
+    style_net: str = "random_vgg"  # style: the loss network (random_vgg, random_multiscale, vgg16:PATH, vgg19:PATH,
+    #   vgg16-caffe:PATH, vgg19-caffe:PATH, or a classification run folder)
+    style_size: NonNegInt = 0  # style: the style image's longer side in pixels (0: the training images' size)
+    content_weight: NonNeg = 1.0  # style: weight of the content (feature reconstruction) loss
+    style_weight: NonNeg = 5.0  # style: weight of the style (Gram) loss, each layer's normalized by its target
+    tv_weight: NonNeg = 1.0  # style: weight of the total-variation loss (mean squared neighbour difference, 0..1)
 
 
 @dataclass
@@ -580,6 +588,10 @@ TASK_RECIPES: dict[str, dict[str, Any]] = {  # with a model of the task's kind, 
     # far faster than classification's 256 (3 epochs of 3,000 scenes: mIoU 0.11 at 256, 0.37 at 16 with lr 0.1)
     "segmentation": {"model.name": "unet", "train.batch_size": 16, "optim.lr": 0.1},
     # recurrent decoders want Adam, clipped gradients and no flips (a flip turns "left of" into "right of")
+    # the transformation network sees raw pixels (0..255) and must keep the content where it is: no flips or crops
+    "style": {"model.name": "transformnet", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
+              "optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "constant", "train.batch_size": 4,
+              "train.epochs": 2, "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off"},
     "captioning": {"model.name": "lstm_attention", "optim.name": "adam", "optim.lr": 2e-3,
                    "optim.weight_decay": 0.0, "optim.grad_clip": 5.0, "schedule.name": "cosine",
                    "schedule.warmup_epochs": 0.3, "data.augment": [], "train.batch_size": 64, "train.epochs": 10,

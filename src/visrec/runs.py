@@ -255,6 +255,10 @@ class Run:
         if errors not in ("raise", "collect"):
             raise VisrecError(f"errors={errors!r} is not valid", "use raise or collect")
         cfg = self.config
+        if cfg.task.name == "style":
+            raise VisrecError(f"{self.path} is a style run: it makes images, it does not classify them",
+                              f"stylize images with: visrec stylize IMAGE... --model {self.path} (in Python: "
+                              "visrec.synthesis.stylize_with_run)")
         if cfg.task.name != "classification":
             raise VisrecError(f"{self.path} is a {cfg.task.name} run: predict gives the classes of classification runs",
                               f"`visrec predict {self.path} IMAGE...` answers for every task (in Python: "

@@ -364,8 +364,8 @@ def load_dataset(
         _keep_classes(raw, classes, name)
     x, y, classes = raw.train_images, raw.train_labels, raw.classes
     full = ImageSet(x, y, classes, name, raw.train_targets)
-    if len(classes) < 2:
-        raise VisrecError(f"dataset {name!r} has {len(classes)} class; a classifier needs at least 2")
+    if not classes:  # one class is data for tasks that need no labels (style); classification refuses it
+        raise VisrecError(f"dataset {name!r} has no classes", "give data with at least one class of images")
     splits: dict = {"seed": split_seed}
     if raw.skipped:
         splits["skipped_images"] = {"count": len(raw.skipped), "files": raw.skipped}

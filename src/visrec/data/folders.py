@@ -1,4 +1,5 @@
-"""Image-folder datasets: one subfolder per class, optionally under train/, val/ and test/."""
+"""Image-folder datasets: one subfolder per class, optionally under train/, val/ and test/; or a flat folder of images
+(one class, for tasks that learn from images alone, such as style)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         raise VisrecError(f"{root} has {', '.join(split_dirs)}/ but no train/ folder", "add train/<class>/ folders")
     layout = split_dirs if split_dirs else {"train": root}
 
-    scanned = {s: scan_classes(d) for s, d in layout.items()}
+    scanned = {s: _scan(d) for s, d in layout.items()}
     skipped = _drop_bad_files(scanned, max_pixels) if skip_bad else []
     classes = list(scanned["train"][0])
-    if len(classes) < 2:
+    if classes == [UNLABELED]:  # a flat folder of images: one class; a classifier refuses it, other tasks use it
+        pass
+    elif len(classes) < 2:
         raise VisrecError(
             f"{layout['train']} has {len(classes)} class folder(s); a classifier needs at least 2",
             "put each class's images in its own subfolder",
@@ -71,6 +74,22 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     if "val" in scanned:
         out.val_images, out.val_labels = read("val")
     return out
+
+
+UNLABELED = "(images)"
+
+
+def _scan(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """`scan_classes`, or for a folder of image files without class subfolders, all its images as one class."""
+    classes, ignored = scan_classes(folder)
+    if not classes:
+        from .images import is_image_file
+
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        images = [p for p in files if is_image_file(p)]
+        if images:
+            return {UNLABELED: images}, [p for p in files if not is_image_file(p)]
+    return classes, ignored
 
 
 def _drop_bad_files(scanned: dict[str, tuple[dict[str, list[Path]], list[Path]]],

@@ -14,6 +14,7 @@ from . import (  # noqa: F401 - importing registers the models
     resnet,
     resnet_cifar,
     segment,
+    style,
 )
 from ._registry import create_model, is_file_model, list_models, model_entry, register_model
 from .layers import Classifier, feature_maps

@@ -17,6 +17,7 @@ from .classification import ClassificationTask
 from .detection import DetectionTask, InstanceTask
 from .localization import LocalizationTask
 from .segmentation import SegmentationTask
+from .style import StyleTask
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -33,6 +34,7 @@ register_task(SegmentationTask)
 register_task(DetectionTask)
 register_task(InstanceTask)
 register_task(CaptioningTask)
+register_task(StyleTask)
 
 
 def is_file_task(name: str) -> bool:
@@ -68,5 +70,5 @@ def task_of_run(run) -> tuple[Task, Dataset]:
 
 __all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "DetectionTask", "EvalSettings", "Evaluation",
            "InstanceTask",
-           "LocalizationTask", "SegmentationTask", "Task",
+           "LocalizationTask", "SegmentationTask", "StyleTask", "Task",
            "create_task", "register_task", "task_of_run"]

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..data import Dataset, ImageSet, Normalizer
 from ..data.augment import MixedTargets
+from ..errors import VisrecError
 from ..evaluate import EvalResult, evaluate, resolve_crop_pad, resolve_tta
 from ..training.losses import build_loss
 from ..training.task import EvalSettings, Task
@@ -27,6 +28,11 @@ class ClassificationTask(Task):
         self.loss_fn = build_loss(self.cfg.loss)
         self.tta = resolve_tta(self.cfg.eval.tta, self.cfg.data.augment)
         self.crop_pad = resolve_crop_pad(self.cfg.eval.crop_pad, self.cfg.data.augment)
+
+    def check(self, ds: Dataset) -> None:
+        if ds.num_classes < 2:
+            raise VisrecError(f"{ds.name} has {ds.num_classes} class ({', '.join(ds.classes)}); a classifier needs at "
+                              "least 2", "put each class's images in its own subfolder (folder:PATH/<class>/*)")
 
     def num_outputs(self, ds: Dataset) -> int:
         return ds.num_classes

@@ -269,10 +269,13 @@ class ProgressPrinter(Callback):
         tr, va = by.get("train"), by.get("val")
         parts = [f"epoch {state.epoch}/{state.epochs}"]
         if tr:
-            parts.append(f"train loss {tr['loss']:.4f} {_metric(tr, state.primary)}")
+            extra = "" if state.primary == "loss" else f" {_metric(tr, state.primary)}"
+            parts.append(f"train loss {tr['loss']:.4f}{extra}")
         if va:
-            loss = f"loss {va['loss']:.4f} " if "loss" in va else ""  # a detector has no validation loss
-            parts.append(f"val {loss}{_metric(va, state.primary)}")
+            bits = [f"loss {va['loss']:.4f}"] if "loss" in va else []  # a detector has no validation loss
+            if state.primary != "loss":
+                bits.append(_metric(va, state.primary))
+            parts.append("val " + " ".join(b for b in bits if b))
         if tr:
             parts.append(f"lr {tr['lr']:.3g}  {tr.get('images_per_s', 0):.0f} img/s")
         done = state.step / max(state.total_steps, 1)
