@@ -102,7 +102,7 @@ def _optimize(x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]
               lr: float | None, update: Callable[[float], None]) -> tuple[torch.Tensor, list[float]]:
     """Minimize `objective(x)` over pixels kept in 0..1: L-BFGS (strong Wolfe line search; one step = one
     iteration) or Adam. Returns the image and the objective after each step."""
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     history: list[float] = []
     if optimizer == "lbfgs":
         opt = torch.optim.LBFGS([x], lr=lr or 1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")

@@ -99,7 +99,7 @@ def read_style_image(path: str | Path, channels: int = 3, size: int | None = Non
             a = to_array(im, channels, oriented=True)
         except (OSError, ValueError) as e:
             raise VisrecError(f"cannot decode image {path}: {e}", "replace the file") from None
-    x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].float().contiguous() / 255.0
     return fit_longer_side(x, size).clamp(0, 1) if size else x
 
 
