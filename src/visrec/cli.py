@@ -668,6 +668,24 @@ def dream(
 
 
 @app.command()
+def sample(
+    run: Annotated[Path, typer.Argument(help="A generate run folder (visrec train DATA --task generate).")],
+    n: Annotated[int, typer.Option("--n", help="How many samples.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the noise: the same seed draws the same samples.")] = 0,
+    steps: Annotated[int | None, typer.Option(
+        help="Diffusion runs: DDIM steps (default: every diffusion step, ancestral sampling).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="auto, last or best.")] = "auto",
+    out_path: Annotated[Path | None, out_option(
+        "Grid PNG (the samples go in a .npz beside it; default RUN/samples/sample-seedS.png).")] = None,
+) -> None:
+    """Draw new images from a generative run: a grid PNG and the uint8 samples (N, C, H, W) as .npz."""
+    from .tasks.generate import sample_run
+
+    png, npz, seconds = sample_run(run, n, seed=seed, steps=steps, out=out_path, which=checkpoint)
+    out.print(f"wrote {png} and {npz} ({n} samples in {seconds:.1f} s, {seconds / n * 1000:.1f} ms each)")
+
+
+@app.command()
 def report(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     out_file: Annotated[Path | None, out_option("HTML file (default RUN/report.html).")] = None,

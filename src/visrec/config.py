@@ -218,6 +218,12 @@ class EvalConfig:
     batch_size: AtLeast1 = 1024
     tta: TTA = "auto"  # none | flip | crops | crops+flip | scales | scales+flip | auto (flip if trained with hflip)
     crop_pad: NonNegInt = 0  # crops: shift by this many pixels; 0 = the pad of a crop/translate augmentation, else 2
+    feature_run: str = ""  # generate: FID/KID features: a classification run, inception:PATH, none, or "" (a
+    #   convnet trained once on the same dataset and cached)
+    samples: AtLeast1 = 1000  # generate: samples drawn for FID, KID and class coverage (and as many real images)
+    sample_steps: NonNegInt = 100  # generate, ddpm: DDIM steps when evaluating (0: every diffusion step, ancestral)
+    importance_samples: AtLeast1 = 500  # generate, vae: importance samples per image for the test NLL
+    nll_images: AtLeast1 = 1000  # generate, vae: test images the importance-sampled NLL is averaged over
 
 
 @dataclass
@@ -592,11 +598,37 @@ TASK_RECIPES: dict[str, dict[str, Any]] = {  # with a model of the task's kind, 
     "style": {"model.name": "transformnet", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
               "optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "constant", "train.batch_size": 4,
               "train.epochs": 2, "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off"},
+    # raw pixels (the models scale them), no flips (a flipped garment is another image to a likelihood), Adam
+    "generate": {"model.name": "pixelcnn", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
+                 "optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "cosine", "train.batch_size": 64,
+                 "train.epochs": 10, "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off",
+                 "optim.grad_clip": 1.0},
     "captioning": {"model.name": "lstm_attention", "optim.name": "adam", "optim.lr": 2e-3,
                    "optim.weight_decay": 0.0, "optim.grad_clip": 5.0, "schedule.name": "cosine",
                    "schedule.warmup_epochs": 0.3, "data.augment": [], "train.batch_size": 64, "train.epochs": 10,
                    "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off"},
 }
+
+
+# GANs: Adam with beta1 0.5 (Radford et al.) or 0 (WGAN-GP, Gulrajani et al.), no clipping (the penalty is the
+# critic's constraint); DDPM: Ho et al.'s 2e-4 without decay
+MODEL_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("generate", "dcgan"): {"optim.lr": 2e-4, "optim.betas": [0.5, 0.999], "optim.grad_clip": 0.0,
+                            "schedule.name": "constant"},
+    ("generate", "wgan_gp"): {"optim.lr": 1e-4, "optim.betas": [0.0, 0.9], "optim.grad_clip": 0.0,
+                              "schedule.name": "constant"},
+    ("generate", "ddpm"): {"optim.lr": 2e-4, "optim.grad_clip": 1.0, "schedule.name": "constant"},
+}
+
+
+def _model_name(preset: dict[str, Any], items: list[tuple[str, Any]], options: dict[str, Any] | None) -> str | None:
+    name = (preset.get("model") or {}).get("name") if isinstance(preset.get("model"), dict) else None
+    for key, value in items:
+        if key == "model.name":
+            name = value
+    if (options or {}).get("model.name") is not None:
+        name = options["model.name"]
+    return name
 
 
 def _task_name(preset: dict[str, Any], items: list[tuple[str, Any]], options: dict[str, Any] | None) -> str | None:
@@ -627,6 +659,9 @@ def resolve_config(
     task = _task_name(preset_dict, items, options)
     if base is None and task in TASK_RECIPES:
         for key, value in TASK_RECIPES[task].items():
+            cfg.set(key, value)
+        model = _model_name(preset_dict, items, options) or cfg.model.name
+        for key, value in MODEL_RECIPES.get((task, model), {}).items():
             cfg.set(key, value)
     if preset:
         apply_dict(cfg, preset_dict, f"preset {preset}")

@@ -6,6 +6,7 @@ from . import (  # noqa: F401 - importing registers the models
     convnet,
     densenet,
     detect,
+    generative,
     inception,
     lenet,
     mobile,

@@ -15,6 +15,7 @@ from ..training.task import EvalSettings, Evaluation, Task
 from .captioning import CaptioningTask
 from .classification import ClassificationTask
 from .detection import DetectionTask, InstanceTask
+from .generate import GenerateTask
 from .localization import LocalizationTask
 from .segmentation import SegmentationTask
 from .style import StyleTask
@@ -35,6 +36,7 @@ register_task(DetectionTask)
 register_task(InstanceTask)
 register_task(CaptioningTask)
 register_task(StyleTask)
+register_task(GenerateTask)
 
 
 def is_file_task(name: str) -> bool:
@@ -69,6 +71,5 @@ def task_of_run(run) -> tuple[Task, Dataset]:
 
 
 __all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "DetectionTask", "EvalSettings", "Evaluation",
-           "InstanceTask",
-           "LocalizationTask", "SegmentationTask", "StyleTask", "Task",
+           "GenerateTask", "InstanceTask", "LocalizationTask", "SegmentationTask", "StyleTask", "Task",
            "create_task", "register_task", "task_of_run"]

@@ -1,0 +1,527 @@
+"""Image generation: a model learns the images' distribution (no labels) and samples new ones.
+
+    visrec train fashion-mnist --task generate --model pixelcnn|gated_pixelcnn|row_lstm|vae|dcgan|wgan_gp|ddpm
+    visrec sample RUN --n 64 [--seed S] [--steps N]      # a grid PNG and the samples as .npz
+    visrec eval RUN --json                               # bits/dim or ELBO/NLL, FID and KID with their floor
+
+The training objective is the model's own (`visrec.models.generative`). Evaluation reports what each kind can be
+judged by, against the same split:
+
+- likelihood models: `bpd`, bits per dimension (exact for the autoregressive models; the negative ELBO, an upper
+  bound, for the VAE), and on the test split the VAE's importance-sampled NLL (`nll_bpd`, `nll_nats`; k =
+  eval.importance_samples on the first eval.nll_images images);
+- sample quality: FID and KID (torchmetrics, with features from a visrec classification run: eval.feature_run,
+  by default a convnet trained once on the same dataset and cached; or `inception:PATH`, a torchvision Inception-v3
+  weights file) between eval.samples samples and as many real images of the split; on the test split also the
+  floor, the same distances between as many training and test images, and the share of each class among the
+  samples under the feature run's classifier (`classes_present`, `top_class_share`).
+
+The primary metric is `bpd` for likelihood models, `fid` for GANs, `loss` (the noise-prediction error) for DDPM.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from ..data import Dataset, ImageSet, Normalizer
+from ..errors import VisrecError
+from ..training.task import EvalSettings, Evaluation, Task
+
+KIND_PRIMARY = {"autoregressive": "bpd", "vae": "bpd", "gan": "fid", "diffusion": "loss"}
+KIND_STATS = {"autoregressive": ("bpd",), "vae": ("recon", "kl"), "gan": ("d_loss", "g_loss", "d_acc"),
+              "diffusion": ()}
+
+
+def model_kind(name: str) -> str:
+    from ..models import is_file_model, model_entry
+
+    if is_file_model(name):
+        return "autoregressive"  # a user's model declares its own kind on the instance; checked in check_model
+    entry = model_entry(name)
+    if entry.family != "generative":
+        raise VisrecError(f"{name} is not a generative model",
+                          "use one of pixelcnn, gated_pixelcnn, row_lstm, vae, dcgan, wgan_gp, ddpm (visrec models "
+                          "--family generative)")
+    return {"pixelcnn": "autoregressive", "gated_pixelcnn": "autoregressive", "row_lstm": "autoregressive",
+            "vae": "vae", "dcgan": "gan", "wgan_gp": "gan", "ddpm": "diffusion"}.get(name, "autoregressive")
+
+
+# ------------------------------------------------------------------------------------------- features for FID
+
+
+class FeatureNet(nn.Module):
+    """uint8 images -> (N, d) features of a classification network (its pooled `forward_features`) and its class
+    predictions; images of another size are resized (bilinear) to the network's, gray ones repeated to RGB for a
+    color network. Color images for a gray network are refused."""
+
+    def __init__(self, model: nn.Module, normalize, channels: int, size: tuple[int, int], description: str):
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.normalize, self.channels, self.size, self.description = normalize, channels, tuple(size), description
+        self.note = ""
+        with torch.no_grad():
+            self.num_features = int(self._features(torch.zeros(1, channels, *self.size, dtype=torch.uint8)).shape[1])
+
+    def adapt(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            if x.shape[1] == 1 and self.channels == 3:
+                x = x.expand(-1, 3, -1, -1)
+            else:
+                raise VisrecError(f"the feature network ({self.description}) takes {self.channels}-channel images, "
+                                  f"and the samples have {x.shape[1]}",
+                                  "give eval.feature_run a run trained on images with the samples' channels")
+        if tuple(x.shape[-2:]) != self.size:
+            self.note = (f"images of {x.shape[-1]}x{x.shape[-2]} resized to the feature network's "
+                         f"{self.size[1]}x{self.size[0]}")
+            x = F.interpolate(x.float(), size=self.size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+        return x
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.model.forward_features(self.normalize(self.adapt(x)))
+        return f.flatten(2).mean(2) if f.dim() == 4 else f.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._features(x).double()
+
+    @torch.no_grad()
+    def classes(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        return torch.cat([self.model(self.normalize(self.adapt(c.to(dev)))).argmax(1).cpu()
+                          for c in x.split(batch_size)])
+
+
+def _inception(path: str) -> FeatureNet:
+    import torchvision
+
+    from ..io import load_weights
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    state = load_weights(path)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing and any(not k.startswith("AuxLogits") for k in missing):
+        raise VisrecError(f"{path} does not hold torchvision Inception-v3 weights (missing {', '.join(missing[:3])})",
+                          "give the file torchvision's inception_v3 loads (e.g. inception_v3_google-0cc3c7bd.pth)")
+    net.fc = nn.Identity()
+    net.AuxLogits = None
+    net.aux_logits = False
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+    class _Inc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward_features(self, x):
+            return self.net(x)
+
+        def forward(self, x):
+            return self.net(x)
+
+    return FeatureNet(_Inc(), lambda x: (x.float() - mean.to(x.device)) / std.to(x.device), 3, (299, 299),
+                      f"Inception-v3 from {path} (pool features, 2048)")
+
+
+def default_feature_run(dataset: str, data_dir: str | None = None) -> Path:
+    """A convnet trained once (3 epochs) on `dataset` and cached under the user cache, for FID and class coverage."""
+    import re
+
+    from ..io import user_cache_dir
+
+    if dataset.startswith(("folder:", "coco:", "yolo:")) or ":" in dataset and not dataset.startswith("synthetic"):
+        raise VisrecError(f"no default feature network for {dataset}",
+                          "give eval.feature_run=RUN: a classification run on images like these (visrec train DATA)")
+    folder = user_cache_dir() / "feature_runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)
+    if (folder / "summary.json").is_file():
+        return folder
+    from ..data import load_dataset
+
+    ds = load_dataset(dataset, data_dir=data_dir)
+    if ds.num_classes < 2:
+        raise VisrecError(f"{dataset} has no classes to train the default feature network on",
+                          "give eval.feature_run=RUN (a classification run) or eval.feature_run=none")
+    import shutil
+    import tempfile
+
+    from ..config import resolve_config
+    from ..training.loop import Trainer
+    from .classification import ClassificationTask
+
+    cfg = resolve_config(None, {"data.name": dataset, "model.name": "convnet", "train.epochs": 3,
+                                "data.data_dir": data_dir, "log.report": False})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # a finished run, or none: renamed when done
+        Trainer(cfg, ClassificationTask(cfg), out=Path(tmp) / "run", dataset=ds, progress=False, quiet=True).fit()
+        if not (folder / "summary.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            (Path(tmp) / "run").rename(folder)
+    return folder
+
+
+def feature_net(spec: str, dataset: str, data_dir: str | None = None) -> FeatureNet | None:
+    """The FID feature network of `eval.feature_run`: none, inception:PATH, a run folder, or '' for the default."""
+    if spec == "none":
+        return None
+    if spec.startswith("inception:"):
+        return _inception(spec.split(":", 1)[1])
+    from ..runs import Run
+
+    path = Path(spec) if spec else default_feature_run(dataset, data_dir)
+    run = Run(path)
+    if run.config.task.name != "classification":
+        raise VisrecError(f"eval.feature_run={spec}: {path} is a {run.config.task.name} run",
+                          "give a classification run")
+    lm = run.load_model(device="cpu")
+    if lm.normalizer.mode not in ("channel", "none", "image"):
+        raise VisrecError(f"eval.feature_run={path} whitens its inputs ({lm.normalizer.mode})",
+                          "give a run trained with data.normalize=channel")
+    return FeatureNet(lm.model, lm.normalizer, lm.in_chans, lm.image_size,
+                      f"the run {path} ({run.config.model.name}, test accuracy "
+                      f"{run.summary.get('test_acc', float('nan')):.4f})")
+
+
+@torch.no_grad()
+def fid_kid(fnet: FeatureNet, a: torch.Tensor, b: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
+    """FID and KID (mean and std over subsets) between two uint8 image sets, with torchmetrics on `fnet`'s
+    features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    n = min(len(a), len(b))
+    fid = FrechetInceptionDistance(feature=fnet, reset_real_features=True, normalize=False)
+    kid = KernelInceptionDistance(feature=fnet, subsets=10, subset_size=max(2, min(1000, n // 2)), normalize=False)
+    for x, real in ((a, True), (b, False)):
+        for chunk in x.split(batch_size):
+            fid.update(chunk, real=real)
+            kid.update(chunk, real=real)
+    k_mean, k_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(k_mean), "kid_std": float(k_std)}
+
+
+# ------------------------------------------------------------------------------------------- the task
+
+
+def grid_png(images: torch.Tensor, cols: int = 8, title: str = "") -> bytes:
+    """uint8 (N, C, H, W) as one PNG grid (2-pixel gaps)."""
+    from ..plotting import figure_png, pyplot
+
+    plt = pyplot()
+    n = len(images)
+    rows = max(1, math.ceil(n / cols))
+    c, h, w = images.shape[1:]
+    canvas = torch.full((c, rows * (h + 2), cols * (w + 2)), 255, dtype=torch.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        canvas[:, r * (h + 2): r * (h + 2) + h, q * (w + 2): q * (w + 2) + w] = im
+    fig, ax = plt.subplots(figsize=(cols * 0.6 + 0.4, rows * 0.6 + (0.5 if title else 0.2)))
+    ax.imshow(canvas.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=255)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=8)
+    return figure_png(fig)
+
+
+class GenerateEvaluation(Evaluation):
+    def __init__(self, split: str, metrics: dict[str, float], grids: list[tuple[str, torch.Tensor]],
+                 samples: torch.Tensor | None):
+        super().__init__(split, metrics)
+        self.grids, self.samples = grids, samples
+
+    def save(self, folder: Path) -> None:
+        from ..io import write_bytes
+
+        for name, images in self.grids:
+            write_bytes(folder / "samples" / f"{name}.png", grid_png(images[:64], title=name.replace("_", " ")))
+        if self.samples is not None:
+            write_bytes(folder / "samples.npz", npz_bytes(self.samples))
+
+
+def npz_bytes(images: torch.Tensor, **extra) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images.numpy(), **extra)
+    return buf.getvalue()
+
+
+def sample_run(run, n: int = 64, *, seed: int = 0, steps: int | None = None, out: str | Path | None = None,
+               which: str = "auto", device: str = "cpu") -> tuple[Path, Path, float]:
+    """Draw `n` samples from a generate run: a grid PNG at `out` (default RUN/samples/sample-seedS.png) and the
+    uint8 images (N, C, H, W) in a .npz beside it. Returns both paths and the seconds sampling took."""
+    import time
+
+    from ..io import write_bytes
+    from ..runs import Run
+
+    run = run if isinstance(run, Run) else Run(run)
+    if run.config.task.name != "generate":
+        raise VisrecError(f"{run.path} is a {run.config.task.name} run: visrec sample draws from generate runs",
+                          "train one with: visrec train fashion-mnist --task generate --model dcgan (or pixelcnn, "
+                          "vae, wgan_gp, ddpm)")
+    if n < 1:
+        raise VisrecError(f"--n {n}: nothing to draw", "give --n 1 or more, e.g. --n 64")
+    lm = run.load_model(which, device=device)
+    if steps is not None and getattr(lm.model, "kind", "") != "diffusion":
+        raise VisrecError(f"--steps is for diffusion runs, and {run.path} is a {run.config.model.name} run",
+                          "leave out --steps")
+    started = time.perf_counter()
+    images = lm.model.sample(n, generator=torch.Generator().manual_seed(seed), steps=steps)
+    seconds = time.perf_counter() - started
+    png = Path(out) if out is not None else run.path / "samples" / f"sample-seed{seed}.png"
+    if png.suffix.lower() != ".png":
+        raise VisrecError(f"--out {png} must end in .png", "name the grid file.png")
+    write_bytes(png, grid_png(images, cols=min(8, n) if n < 64 else int(math.ceil(math.sqrt(n)))))
+    npz = png.with_suffix(".npz")
+    write_bytes(npz, npz_bytes(images, seed=seed, seconds=seconds))
+    return png, npz, seconds
+
+
+class GenerateTask(Task):
+    name = "generate"
+    target = "image"
+    primary = "bpd"
+    maximize = False
+    stats = ()
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        try:
+            self.kind = model_kind(self.cfg.model.name)
+        except VisrecError:  # not a generative model: model_kwargs says so when a run is built
+            self.kind = "autoregressive"
+        self.primary = KIND_PRIMARY[self.kind]
+        self.stats = KIND_STATS[self.kind]
+        self._fnet: FeatureNet | None | bool = False  # False: not built yet
+        self.grids: list[tuple[str, torch.Tensor]] = []
+        self._evals = 0
+
+    def check(self, ds: Dataset) -> None:
+        cfg = self.cfg
+        self._train_images = ds.train.images  # the floor of FID and the memorization check compare with them
+        if cfg.data.normalize != "none":
+            raise VisrecError(f"task generate models raw pixels, and data.normalize={cfg.data.normalize}",
+                              "leave data.normalize at the task's default (none)")
+        if self.kind == "gan":
+            if cfg.average.swa:
+                raise VisrecError("average.swa on a GAN: SWA recomputes batch norm over training images, which "
+                                  "a generator never sees", "leave average.swa=0; for a smoother generator use "
+                                  "average.ema=0.999")
+            if cfg.average.ema and cfg.average.ema < 0.99:
+                raise VisrecError(f"average.ema={cfg.average.ema} on a GAN averages only the last "
+                                  f"~{1 / (1 - cfg.average.ema):.0f} steps: the generator's oscillation, not a "
+                                  "better generator", "use average.ema=0.999 (0.99 at least), or leave it off")
+            if cfg.eval.feature_run == "none":
+                raise VisrecError("a GAN has no likelihood: it is judged by FID, which needs a feature network, and "
+                                  "eval.feature_run=none", "leave eval.feature_run empty (a cached default), or give "
+                                  "a classification run")
+
+    def num_outputs(self, ds: Dataset) -> int:
+        return ds.train.images.shape[1]
+
+    def model_kwargs(self, ds: Dataset, model_name: str) -> dict[str, Any]:
+        self.kind = model_kind(model_name)
+        self.primary, self.stats = KIND_PRIMARY[self.kind], KIND_STATS[self.kind]
+        return {}
+
+    def check_model(self, model: nn.Module, ds: Dataset) -> None:
+        if not getattr(model, "generative", False):
+            raise VisrecError(f"{self.cfg.model.name} is not a generative model",
+                              "use one of pixelcnn, gated_pixelcnn, row_lstm, vae, dcgan, wgan_gp, ddpm")
+
+    def targets(self, data: ImageSet) -> torch.Tensor:
+        return torch.zeros(len(data.images), dtype=torch.uint8)  # the image is its own target
+
+    def forward(self, model: nn.Module, x: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
+        return model(x)
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
+        return outputs["loss"]
+
+    def batch_stats(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
+        if not self.stats:
+            return outputs["loss"].new_zeros(0)
+        return torch.stack([outputs[k].float().sum() for k in self.stats])
+
+    # ------------------------------------------------------------------ evaluation
+
+    def features(self) -> FeatureNet | None:
+        if self._fnet is False:
+            self._fnet = feature_net(self.cfg.eval.feature_run, self.cfg.data.name, self.cfg.data.data_dir)
+        return self._fnet
+
+    def sample(self, model: nn.Module, n: int, seed: int = 0, steps: int | None = None) -> torch.Tensor:
+        core = model.module if hasattr(model, "module") else model
+        was = core.training
+        core.eval()
+        try:
+            return core.sample(n, generator=torch.Generator().manual_seed(seed), steps=steps)
+        finally:
+            core.train(was)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
+                 settings: EvalSettings) -> GenerateEvaluation:
+        core = model.module if hasattr(model, "module") else model
+        was = core.training
+        core.eval()
+        dev = core.device
+        m: dict[str, float] = {"n": len(data.images)}
+        bs = min(settings.batch_size, 256)
+        g = torch.Generator().manual_seed(0)  # the same binarization, noise and times at every evaluation
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        try:
+            if core.likelihood:
+                bpd = [core.bits_per_dim(c.to(dev).float(), **({"generator": g} if self.kind == "vae" else {}))
+                       for c in data.images.split(bs)]
+                m["bpd"] = float(torch.cat(bpd).mean())
+                m["loss"] = m["bpd"]
+                if self.kind == "vae":
+                    m["elbo_nats"] = -m["bpd"] * data.images[0].numel() * math.log(2)
+                    if split == "test":
+                        m.update(self._importance(core, data, g))
+            elif self.kind == "diffusion":
+                m["loss"] = float(torch.cat([core(c.to(dev).float())["loss"].view(1) * len(c)
+                                             for c in data.images.split(bs)]).sum()) / len(data.images)
+            if self.kind == "gan":
+                m["d_acc"] = core.critic_accuracy(data.images[:min(1000, len(data.images))].to(dev), g)
+        finally:
+            torch.random.set_rng_state(torch_state)
+        self._evals += 1
+        grids: list[tuple[str, torch.Tensor]] = []
+        sampled = None
+        if split == "test" or self.kind != "autoregressive":
+            # autoregressive sampling costs H·W·C network passes: 64 at the end, for the report, and no FID
+            steps = self.cfg.eval.sample_steps or None if self.kind == "diffusion" else None
+            n = min(self.cfg.eval.samples, len(data.images))
+            fnet = self.features() if self.kind != "autoregressive" else None
+            sampled = self.sample(core, n if fnet is not None else 64, seed=0, steps=steps)
+            name = "test" if split == "test" else f"epoch_{self._evals:03d}"
+            self.grids.append((name, sampled[:64]))
+            grids = list(self.grids) if split == "test" else []
+            if fnet is not None:
+                m.update(self._sample_metrics(fnet, sampled, data, split))
+        core.train(was)
+        return GenerateEvaluation(split, m, grids, sampled)
+
+    def _importance(self, core, data: ImageSet, g: torch.Generator) -> dict[str, float]:
+        k, n = self.cfg.eval.importance_samples, min(self.cfg.eval.nll_images, len(data.images))
+        x = data.images[:n].float().to(core.device)
+        target = core.prepare(x, g)
+        nll = torch.cat([core.importance_nll(c, k=k) for c in target.split(32)])
+        d = data.images[0].numel() * math.log(2)
+        return {"nll_nats": float(nll.mean()), "nll_bpd": float(nll.mean()) / d, "nll_images": n,
+                "importance_samples": k}
+
+    def _sample_metrics(self, fnet: FeatureNet, sampled: torch.Tensor, data: ImageSet, split: str
+                        ) -> dict[str, float]:
+        n = len(sampled)
+        real = data.images[torch.randperm(len(data.images), generator=torch.Generator().manual_seed(1))[:n]]
+        out: dict[str, Any] = {**fid_kid(fnet, real, sampled), "samples": n}
+        preds = fnet.classes(sampled)
+        counts = torch.bincount(preds, minlength=max(1, len(data.classes)))
+        out["classes_present"] = int((counts > 0).sum())
+        out["top_class_share"] = float(counts.max()) / n
+        if split == "test" and self._train_images is not None:
+            train = self._train_images
+            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:n]
+            floor = fid_kid(fnet, real, train[pick])
+            out["fid_floor"], out["kid_floor"] = floor["fid"], floor["kid"]
+        if fnet.note:
+            out["feature_note"] = fnet.note
+        return out
+
+    _train_images: torch.Tensor | None = None
+
+    def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
+        fnet = self._fnet if self._fnet is not False else None
+        return {"generative_kind": self.kind, "feature_network": fnet.description if fnet else None}
+
+    def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
+        """The GAN's health in plain words: mode collapse, or a discriminator that wins outright."""
+        notes = []
+        share = test.metrics.get("top_class_share")
+        if share is not None and share > 0.5:
+            notes.append(f"mode collapse: {share:.0%} of the samples fall in one class (classes present: "
+                         f"{test.metrics.get('classes_present')}); try wgan_gp, a lower learning rate, or "
+                         "average.ema=0.999")
+        acc = test.metrics.get("d_acc")
+        if self.kind == "gan" and acc is not None and acc > 0.95:
+            notes.append(f"the discriminator overpowers the generator: it tells {acc:.0%} of real and generated "
+                         "images apart, so the generator's gradient carries little; lower its learning rate or "
+                         "width, or use wgan_gp (its critic is meant to win without starving the generator)")
+        return "; ".join(notes) or None
+
+    def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8,
+                folder: Path | None = None) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        if folder is not None and (folder / "samples").is_dir():
+            for p in sorted((folder / "samples").glob("*.png")):
+                out[f"Samples: {p.stem.replace('_', ' ')}"] = p.read_bytes()
+        core = model.module if hasattr(model, "module") else model
+        if self.kind != "autoregressive":
+            samples = self.sample(core, 8, seed=0, steps=(self.cfg.eval.sample_steps or None)
+                                  if self.kind == "diffusion" else None)
+        elif folder is not None and (folder / "samples.npz").is_file():
+            import numpy as np
+
+            samples = torch.from_numpy(np.load(folder / "samples.npz")["images"][:8])
+        else:
+            samples = None
+        if samples is not None:
+            out["Memorization: each sample (top) and its nearest training image in pixels (bottom)"] = \
+                memorization_png(samples, data.images if self._train_images is None else self._train_images)
+        if self.kind == "vae":
+            out.update(vae_figures(core, data))
+        return out
+
+
+def nearest(samples: torch.Tensor, train: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each sample, the index of the nearest training image (L2 over pixels) and the distance."""
+    s = samples.flatten(1).float()
+    best_d = torch.full((len(s),), float("inf"))
+    best_i = torch.zeros(len(s), dtype=torch.long)
+    for start in range(0, len(train), chunk):
+        t = train[start:start + chunk].flatten(1).float()
+        d = torch.cdist(s, t)
+        v, i = d.min(1)
+        better = v < best_d
+        best_d[better], best_i[better] = v[better], i[better] + start
+    return best_i, best_d
+
+
+def memorization_png(samples: torch.Tensor, train: torch.Tensor) -> bytes:
+    idx, _ = nearest(samples, train)
+    return grid_png(torch.cat([samples, train[idx]]), cols=len(samples))
+
+
+@torch.no_grad()
+def vae_figures(core, data: ImageSet) -> dict[str, bytes]:
+    """Latent interpolation between pairs of test images, and the 2-D manifold (the first two latent dimensions
+    on a grid of Gaussian quantiles, the others 0)."""
+    x = data.images[:8].float().to(core.device)
+    mu, _ = core.encode(core.prepare(x, torch.Generator().manual_seed(0)))
+    rows = []
+    for a, b in ((0, 1), (2, 3), (4, 5)):
+        t = torch.linspace(0, 1, 10, device=mu.device)[:, None]
+        rows.append(core.images(core.decode((1 - t) * mu[a] + t * mu[b])).cpu())
+    out = {"VAE: latent interpolation between test images": grid_png(torch.cat(rows), cols=10)}
+    q = torch.distributions.Normal(0, 1).icdf(torch.linspace(0.05, 0.95, 12))
+    z = torch.zeros(144, core.latent, device=mu.device)
+    z[:, 0] = q.repeat_interleave(12).to(mu.device)
+    if core.latent > 1:
+        z[:, 1] = q.repeat(12).to(mu.device)
+    title = "VAE: the 2-D latent manifold" + ("" if core.latent == 2 else
+                                               f" (dimensions 1 and 2 of {core.latent}, the rest 0)")
+    out[title] = grid_png(core.images(core.decode(z)).cpu(), cols=12)
+    return out

@@ -1,0 +1,169 @@
+"""Generative models: masked convolutions see only the past, the ELBO bounds the importance-sampled likelihood, FID
+behaves, DDPM's loss at both ends of the chain, and every model trains, saves, resumes and samples through the
+loop; the errors of `visrec sample` and the task."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import visrec
+from visrec.cli import app
+from visrec.errors import VisrecError
+from visrec.models import create_model
+from visrec.runs import Run
+from visrec.tasks.generate import FeatureNet, fid_kid
+
+SYN = "synthetic:classes=3,size=8,train=96,test=24"
+FAST = {"train.min_epoch_steps": 0, "train.batch_size": 16, "eval.samples": 16, "data.val_fraction": 0.2}
+
+
+@pytest.mark.parametrize("name,kw", [("pixelcnn", {"width": 12, "blocks": 2}),
+                                     ("gated_pixelcnn", {"width": 24, "layers": 3, "kernel": 3}),
+                                     ("row_lstm", {"width": 24})])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_masked_models_never_see_the_current_or_future_pixels(name, kw, channels):
+    torch.manual_seed(0)
+    m = create_model(name, in_chans=channels, num_classes=channels, image_size=6, **kw).eval()
+    x = torch.randint(0, 256, (1, channels, 6, 6)).float()
+    base = m.logits(x)
+    order = [(i, j, c) for i in range(6) for j in range(6) for c in range(channels)]
+    for (i, j, c) in [(2, 3, 0), (2, 3, channels - 1), (0, 0, 0), (5, 5, channels - 1)]:
+        y = x.clone()
+        y[0, c, i, j] = (y[0, c, i, j] + 97) % 256
+        changed = (m.logits(y) - base).abs().amax(1)[0]  # (C, H, W): any logit of that output
+        for (ii, jj, cc) in order:
+            if (ii, jj, cc) <= (i, j, c):  # the perturbed value itself and everything before it
+                assert changed[cc, ii, jj] < 1e-5, (name, (i, j, c), (ii, jj, cc))
+        if i + 1 < 6:
+            assert changed[:, i + 1, j].max() > 1e-7  # the pixel below sees it
+        if c + 1 < channels:
+            assert changed[c + 1, i, j] > 1e-7  # the next channel of the same pixel sees it
+
+
+def test_the_elbo_never_exceeds_the_importance_sampled_log_likelihood():
+    torch.manual_seed(0)
+    m = create_model("vae", in_chans=1, num_classes=1, image_size=8, latent=4, width=8).eval()
+    x = m.binarize(torch.randint(0, 256, (4, 1, 8, 8)).float(), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        elbo = torch.stack([m.elbo(x, x)[0] for _ in range(200)]).mean(0)
+        log_p = -m.importance_nll(x, k=500)
+    assert (elbo <= log_p).all(), (elbo, log_p)
+    with pytest.raises(VisrecError, match="no likelihood"):
+        create_model("dcgan", in_chans=1, num_classes=1, image_size=8).bits_per_dim(x)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
+    torch.manual_seed(0)
+    net = create_model("convnet", in_chans=1, num_classes=3, image_size=(8, 8), widths=[4, 8, 8])
+    f = FeatureNet(net, lambda x: x.float() / 255, 1, (8, 8), "a random convnet")
+    a = torch.randint(0, 256, (200, 1, 8, 8), dtype=torch.uint8)
+    same = fid_kid(f, a, a.clone())
+    noisy = [fid_kid(f, a, (a.float() + s * torch.randn(a.shape)).clamp(0, 255).byte())["fid"] for s in (10, 40)]
+    assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 1e-3
+    assert 0 < noisy[0] < noisy[1]
+    with pytest.raises(VisrecError, match="3-channel"):
+        FeatureNet(create_model("convnet", in_chans=3, num_classes=3, image_size=(8, 8), widths=[4, 8, 8]),
+                   lambda x: x.float(), 3, (8, 8), "rgb").adapt(torch.zeros(2, 2, 8, 8))
+
+
+def test_ddpm_noise_prediction_loss_at_both_ends_of_the_chain():
+    m = create_model("ddpm", in_chans=1, num_classes=1, image_size=8, width=8, timesteps=100)
+    class Echo(torch.nn.Module):  # a "model" that answers x_t: right at t = T (pure noise), wrong at t = 0
+        def forward(self, xt, t):
+            return xt
+
+    m.net = Echo()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(4, 1, 8, 8, generator=g)
+    for t in (0, 99):
+        a = m.abar[t]
+        want = ((a.sqrt() * x0 + ((1 - a).sqrt() - 1) * eps) ** 2).flatten(1).mean(1)
+        got = m.loss_at(x0, torch.full((4,), t), eps)
+        assert torch.allclose(got, want, atol=1e-6)
+    assert m.loss_at(x0, torch.full((4,), 99), eps).mean() < 0.01 < m.loss_at(x0, torch.full((4,), 0), eps).mean()
+    assert m.abar[0] > 0.99 and m.abar[-1] < 0.01  # t=0 is nearly the image, t=T nearly pure noise
+
+
+@pytest.fixture(scope="module")
+def feature_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("features") / "clf"
+    return visrec.train(SYN, epochs=2, out=str(out), progress=False,
+                        overrides={"train.min_epoch_steps": 0, "model.kwargs.widths": [4, 8, 8]}).path
+
+
+MODELS = {"pixelcnn": {"width": 8, "blocks": 1}, "gated_pixelcnn": {"width": 8, "layers": 2, "kernel": 3},
+          "row_lstm": {"width": 8}, "vae": {"latent": 2, "width": 8}, "dcgan": {"latent": 8, "width": 8},
+          "wgan_gp": {"latent": 8, "width": 8}, "ddpm": {"width": 8, "timesteps": 20}}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_model_trains_saves_resumes_and_samples(name, feature_run, tmp_path):
+    from visrec import Trainer
+    from visrec.config import resolve_config
+
+    opts = {"data.name": SYN, "task.name": "generate", "model.name": name, "train.epochs": 2,
+            "model.kwargs": MODELS[name], "eval.feature_run": str(feature_run), "eval.sample_steps": 5,
+            "eval.importance_samples": 20, "eval.nll_images": 8, **FAST}
+    cfg = resolve_config(None, [], options=opts)
+    Trainer(cfg, out=str(tmp_path / "cut"), progress=False).fit(stop_after_steps=5)
+    run = Trainer.resume(tmp_path / "cut", progress=False).fit()
+    s = run.summary
+    assert s["status"] == "completed" and s["task"] == "generate"
+    p = s["primary_metric"]
+    assert p == {"dcgan": "fid", "wgan_gp": "fid", "ddpm": "loss"}.get(name, "bpd") and math.isfinite(s[f"test_{p}"])
+    if name in ("dcgan", "wgan_gp", "ddpm", "vae"):
+        assert s["test_fid_floor"] >= 0 and s["test_samples"] == 16 and 1 <= s["test_classes_present"] <= 3
+    if name == "vae":
+        assert s["test_nll_bpd"] <= s["test_bpd"] + 0.05  # the importance-sampled NLL is the tighter one
+    assert (run.path / "samples" / "test.png").is_file() and (run.path / "samples.npz").is_file()
+    r = CliRunner().invoke(app, ["sample", str(run.path), "--n", "5", "--seed", "3", "--out",
+                                 str(tmp_path / "s.png")] + (["--steps", "4"] if name == "ddpm" else []))
+    assert r.exit_code == 0, r.output
+    a = np.load(tmp_path / "s.npz")["images"]
+    assert a.shape == (5, 1, 8, 8) and a.dtype == np.uint8 and Image.open(tmp_path / "s.png").size[0] > 8
+    again = CliRunner().invoke(app, ["sample", str(run.path), "--n", "5", "--seed", "3", "--out",
+                                     str(tmp_path / "t.png")] + (["--steps", "4"] if name == "ddpm" else []))
+    assert again.exit_code == 0 and (np.load(tmp_path / "t.npz")["images"] == a).all()  # seeded
+
+
+def test_eval_and_the_report_of_a_generate_run(feature_run, tmp_path):
+    run = visrec.train(SYN, task="generate", model="vae", epochs=1, out=str(tmp_path / "v"), progress=False,
+                       overrides={**FAST, "model.kwargs": MODELS["vae"], "eval.feature_run": str(feature_run),
+                                  "eval.importance_samples": 20, "eval.nll_images": 8})
+    r = CliRunner().invoke(app, ["eval", str(run.path), "--json"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)
+    assert ev["bpd"] == pytest.approx(run.summary["test_bpd"], rel=1e-6) and "fid" in ev and "fid_floor" in ev
+    from visrec.report import build_report
+
+    html = build_report(run.path).path.read_text()
+    assert "latent interpolation" in html and "2-D latent manifold" in html and "Memorization" in html
+
+
+def test_bad_input_is_named_with_the_fix(feature_run, tmp_path):
+    r = CliRunner().invoke(app, ["sample", str(feature_run), "--n", "4"])
+    assert r.exit_code != 0 and "draws from generate runs" in str(r.exception)
+    with pytest.raises(VisrecError, match="average.ema=0.5 on a GAN"):
+        visrec.train(SYN, task="generate", model="dcgan", epochs=1, out=str(tmp_path / "e"), progress=False,
+                     overrides={**FAST, "average.ema": 0.5, "eval.feature_run": str(feature_run)})
+    with pytest.raises(VisrecError, match="judged by FID"):
+        visrec.train(SYN, task="generate", model="dcgan", epochs=1, out=str(tmp_path / "f"), progress=False,
+                     overrides={**FAST, "eval.feature_run": "none"})
+    with pytest.raises(VisrecError, match="not a generative model"):
+        visrec.train(SYN, task="generate", model="convnet", epochs=1, out=str(tmp_path / "g"), progress=False,
+                     overrides=FAST)
+    run = visrec.train(SYN, task="generate", model="pixelcnn", epochs=1, out=str(tmp_path / "p"), progress=False,
+                       overrides={**FAST, "model.kwargs": MODELS["pixelcnn"], "eval.feature_run": "none"})
+    r = CliRunner().invoke(app, ["sample", str(run.path), "--n", "0"])
+    assert r.exit_code != 0 and "--n 0" in str(r.exception)
+    r = CliRunner().invoke(app, ["sample", str(run.path), "--steps", "3"])
+    assert r.exit_code != 0 and "--steps is for diffusion runs" in str(r.exception)
+    assert Run(run.path).summary["primary_metric"] == "bpd"
