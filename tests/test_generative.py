@@ -167,3 +167,17 @@ def test_bad_input_is_named_with_the_fix(feature_run, tmp_path):
     r = CliRunner().invoke(app, ["sample", str(run.path), "--steps", "3"])
     assert r.exit_code != 0 and "--steps is for diffusion runs" in str(r.exception)
     assert Run(run.path).summary["primary_metric"] == "bpd"
+
+
+def test_the_default_feature_network_is_trained_once_and_cached(tmp_path):
+    from visrec.io import user_cache_dir
+    from visrec.tasks.generate import feature_net
+
+    with torch.no_grad():  # as an evaluation calls it: the training inside must still have gradients
+        f = feature_net("", SYN)
+    folder = user_cache_dir() / "feature_runs"
+    assert f.num_features > 0 and len(list(folder.iterdir())) == 1
+    made = next(folder.iterdir()).stat().st_mtime
+    assert feature_net("", SYN).num_features == f.num_features and next(folder.iterdir()).stat().st_mtime == made
+    with pytest.raises(VisrecError, match="eval.feature_run=RUN"):
+        feature_net("", f"folder:{tmp_path}")

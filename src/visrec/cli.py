@@ -539,10 +539,19 @@ MaxPixelsOpt = Annotated[int | None, typer.Option(
     help="Images with more pixels are refused as decompression bombs (default 89,478,485).")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-checkpoint", help="Allow a .pt weight file that needs full unpickling, which runs code from it.")]
+OptimizerOpt = Annotated[str, typer.Option(help="lbfgs or adam.")]
+LrOpt = Annotated[float | None, typer.Option(help="Step size (default: 1 for lbfgs, 0.02 for adam).")]
+LayersOpt = Annotated[str | None, typer.Option(help="Comma-separated (default: the network's).")]
 
 
 def _layers(text: str | None) -> list[str] | None:
     return [v.strip() for v in text.split(",") if v.strip()] if text else None
+
+
+def _synthesis_options(progress: bool | None, max_pixels: int | None, trust: bool) -> dict:
+    """The options every synthesis command passes through: the progress bar, the pixel limit, trust."""
+    return {"progress": progress if progress is not None else err.is_terminal, "max_pixels": max_pixels,
+            "trust": trust}
 
 
 def _wrote(result, path: Path) -> None:
@@ -563,14 +572,14 @@ def stylize(
         help="Longer side of the output in pixels, aspect kept (default 512; with --model: the image's own).")] = None,
     style_size: Annotated[int | None, typer.Option(help="Longer side of the style image (default: --size).")] = None,
     steps: StepsOpt = 300,
-    optimizer: Annotated[str, typer.Option(help="lbfgs or adam.")] = "lbfgs",
-    lr: Annotated[float | None, typer.Option(help="Step size (default: 1 for lbfgs, 0.02 for adam).")] = None,
+    optimizer: OptimizerOpt = "lbfgs",
+    lr: LrOpt = None,
     init: Annotated[str, typer.Option(help="Start from the content image or from noise.")] = "content",
     content_weight: Annotated[float, typer.Option(help="Weight of the content loss.")] = 1.0,
     style_weight: Annotated[float, typer.Option(help="Weight of the style (Gram) loss.")] = 5.0,
     tv_weight: Annotated[float, typer.Option(help="Weight of the total-variation loss.")] = 1.0,
-    content_layers: Annotated[str | None, typer.Option(help="Comma-separated (default: the network's).")] = None,
-    style_layers: Annotated[str | None, typer.Option(help="Comma-separated (default: the network's).")] = None,
+    content_layers: LayersOpt = None,
+    style_layers: LayersOpt = None,
     scales: Annotated[int, typer.Option(help="Coarse to fine: optimize at 1/2^(k-1) .. 1 of --size.")] = 1,
     preserve_color: Annotated[bool, typer.Option(
         "--preserve-color", help="Transfer luminance only and keep the content's colours.")] = False,
@@ -606,8 +615,7 @@ def stylize(
                     optimizer=optimizer, lr=lr, init=init, content_weight=content_weight, style_weight=style_weight,
                     tv_weight=tv_weight, content_layers=_layers(content_layers), style_layers=_layers(style_layers),
                     scales=scales, preserve_color=preserve_color, seed=seed,
-                    progress=progress if progress is not None else err.is_terminal, max_pixels=max_pixels,
-                    trust=trust_checkpoint)
+                    **_synthesis_options(progress, max_pixels, trust_checkpoint))
     _wrote(r, out_path or default_out(content, style, suffix="stylized"))
 
 
@@ -618,9 +626,9 @@ def texture(
     size: Annotated[int, typer.Option(help="Side of the square texture in pixels.")] = 256,
     style_size: Annotated[int | None, typer.Option(help="Longer side of the example (default: --size).")] = None,
     steps: StepsOpt = 300,
-    optimizer: Annotated[str, typer.Option(help="lbfgs or adam.")] = "lbfgs",
-    lr: Annotated[float | None, typer.Option(help="Step size (default: 1 for lbfgs, 0.02 for adam).")] = None,
-    style_layers: Annotated[str | None, typer.Option(help="Comma-separated (default: the network's).")] = None,
+    optimizer: OptimizerOpt = "lbfgs",
+    lr: LrOpt = None,
+    style_layers: LayersOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the starting noise and the random loss networks.")] = 0,
     out_path: Annotated[Path | None, out_option("Output PNG (and its JSON beside it).")] = None,
     max_pixels: MaxPixelsOpt = None,
@@ -633,8 +641,7 @@ def texture(
 
     r = run_texture(style, net=net or "random_multiscale", size=size, style_size=style_size, steps=steps,
                     optimizer=optimizer, lr=lr, style_layers=_layers(style_layers), seed=seed,
-                    progress=progress if progress is not None else err.is_terminal, max_pixels=max_pixels,
-                    trust=trust_checkpoint)
+                    **_synthesis_options(progress, max_pixels, trust_checkpoint))
     _wrote(r, out_path or default_out(style, suffix="texture"))
 
 
@@ -661,9 +668,8 @@ def dream(
     from .synthesis import dream as run_dream
 
     r = run_dream(image, net=net or "random_vgg", layer=layer, size=size, octaves=octaves, octave_scale=octave_scale,
-                  steps=steps, lr=lr, jitter=jitter, seed=seed,
-                  progress=progress if progress is not None else err.is_terminal, max_pixels=max_pixels,
-                  trust=trust_checkpoint)
+                  steps=steps, lr=lr, jitter=jitter, seed=seed, **_synthesis_options(progress, max_pixels,
+                                                                                     trust_checkpoint))
     _wrote(r, out_path or default_out(image, suffix="dream"))
 
 
@@ -896,6 +902,9 @@ def predict(
     if task == "style":
         raise VisrecError(f"{run} is a style run: it makes images, it does not predict labels",
                           f"stylize images with: visrec stylize IMAGE... --model {run}")
+    if task == "generate":
+        raise VisrecError(f"{run} is a generate run: it makes new images, it does not predict labels",
+                          f"draw samples with: visrec sample {run} --n 64")
     if task in ("detection", "instance"):
         _predict_objects(r, images, fmt, min_score, convert, checkpoint, max_pixels, draw)
         return

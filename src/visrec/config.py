@@ -621,23 +621,15 @@ MODEL_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def _model_name(preset: dict[str, Any], items: list[tuple[str, Any]], options: dict[str, Any] | None) -> str | None:
-    name = (preset.get("model") or {}).get("name") if isinstance(preset.get("model"), dict) else None
+def _named(preset: dict[str, Any], items: list[tuple[str, Any]], options: dict[str, Any] | None,
+               section: str = "task") -> str | None:
+    """`SECTION.name` as the preset, then the overrides, then the options set it (None when none does)."""
+    name = (preset.get(section) or {}).get("name") if isinstance(preset.get(section), dict) else None
     for key, value in items:
-        if key == "model.name":
+        if key == f"{section}.name":
             name = value
-    if (options or {}).get("model.name") is not None:
-        name = options["model.name"]
-    return name
-
-
-def _task_name(preset: dict[str, Any], items: list[tuple[str, Any]], options: dict[str, Any] | None) -> str | None:
-    name = (preset.get("task") or {}).get("name") if isinstance(preset.get("task"), dict) else None
-    for key, value in items:
-        if key == "task.name":
-            name = value
-    if (options or {}).get("task.name") is not None:
-        name = options["task.name"]
+    if (options or {}).get(f"{section}.name") is not None:
+        name = options[f"{section}.name"]
     return name
 
 
@@ -656,11 +648,11 @@ def resolve_config(
         items = list(overrides.items())
     else:
         items = [parse_override(o) for o in overrides or []]
-    task = _task_name(preset_dict, items, options)
+    task = _named(preset_dict, items, options)
     if base is None and task in TASK_RECIPES:
         for key, value in TASK_RECIPES[task].items():
             cfg.set(key, value)
-        model = _model_name(preset_dict, items, options) or cfg.model.name
+        model = _named(preset_dict, items, options, "model") or cfg.model.name
         for key, value in MODEL_RECIPES.get((task, model), {}).items():
             cfg.set(key, value)
     if preset:

@@ -158,7 +158,8 @@ def default_feature_run(dataset: str, data_dir: str | None = None) -> Path:
     cfg = resolve_config(None, {"data.name": dataset, "model.name": "convnet", "train.epochs": 3,
                                 "data.data_dir": data_dir, "log.report": False})
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # a finished run, or none: renamed when done
+    # a finished run, or none: renamed when done; gradients on, as this may be called from an evaluation
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp, torch.enable_grad():
         Trainer(cfg, ClassificationTask(cfg), out=Path(tmp) / "run", dataset=ds, progress=False, quiet=True).fit()
         if not (folder / "summary.json").is_file():
             shutil.rmtree(folder, ignore_errors=True)
@@ -401,11 +402,12 @@ class GenerateTask(Task):
         grids: list[tuple[str, torch.Tensor]] = []
         sampled = None
         if split == "test" or self.kind != "autoregressive":
-            # autoregressive sampling costs H·W·C network passes: 64 at the end, for the report, and no FID
+            # autoregressive sampling costs H·W·C network passes: 16 at the end, for the report, and no FID
             steps = self.cfg.eval.sample_steps or None if self.kind == "diffusion" else None
             n = min(self.cfg.eval.samples, len(data.images))
             fnet = self.features() if self.kind != "autoregressive" else None
-            sampled = self.sample(core, n if fnet is not None else 64, seed=0, steps=steps)
+            sampled = self.sample(core, n if fnet is not None else 16 if self.kind == "autoregressive" else 64,
+                                  seed=0, steps=steps)
             name = "test" if split == "test" else f"epoch_{self._evals:03d}"
             self.grids.append((name, sampled[:64]))
             grids = list(self.grids) if split == "test" else []

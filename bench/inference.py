@@ -1,0 +1,105 @@
+"""Inference throughput of the default run on this CPU: torch eager (NCHW), eager channels_last, torch.compile and
+the run's ONNX export through onnxruntime, at batch 256 and batch 1, with whether each gives the same predictions
+as eager on 2,000 test images (the same run, the same inputs, measured in one process).
+
+    python bench/inference.py [--epochs 2] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import visrec
+from baseline import machine
+from visrec.export import WithPreprocessing, export_run
+from visrec.runs import Run, dataset_from_config
+
+
+def rate(fn, x: torch.Tensor, repeats: int) -> float:
+    """Images per second: the median of `repeats` timed calls after three warm-up calls."""
+    for _ in range(3):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return len(x) / sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    print(f"machine: {machine()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Run(visrec.train("fashion-mnist", epochs=args.epochs, out=str(Path(tmp) / "run"), progress=False).path)
+        lm = run.load_model()
+        print(f"the default run: {run.config.model.name}, {run.summary['params']:,} parameters, test accuracy "
+              f"{run.summary['test_acc']:.4f} ({args.epochs} epochs)", flush=True)
+        test = dataset_from_config(run.config).test.images[:2000]
+        pixels = test.float()
+        model = WithPreprocessing(lm.model.float().to(memory_format=torch.contiguous_format), lm.normalizer).eval()
+        cl = WithPreprocessing(lm.model.float(), lm.normalizer).eval()
+        onnx_path = export_run(run.path, "onnx", Path(tmp) / "model.onnx")
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+        def eager(x):
+            with torch.inference_mode():
+                return model(x)
+
+        def channels_last(x):
+            with torch.inference_mode():
+                return cl(x.contiguous(memory_format=torch.channels_last))
+
+        cl.model.to(memory_format=torch.channels_last)
+        t = time.perf_counter()
+        compiled_model = torch.compile(WithPreprocessing(lm.model.float().to(memory_format=torch.contiguous_format),
+                                                         lm.normalizer).eval(), dynamic=False)
+
+        def compiled(x):
+            with torch.inference_mode():
+                return compiled_model(x)
+
+        compiled(pixels[:256])
+        compiled(pixels[:1])
+        compile_s = time.perf_counter() - t
+
+        def onnx(x):
+            return torch.from_numpy(sess.run(None, {"pixels": x.numpy()})[0])
+
+        backends = {"eager (NCHW)": eager, "eager channels_last": channels_last, "torch.compile": compiled,
+                    "onnxruntime": onnx}
+        reference = torch.cat([eager(c) for c in pixels.split(256)]).argmax(1)
+        res = {"machine": machine(), "model": run.config.model.name, "compile_seconds": compile_s, "backends": {}}
+        print(f"{'backend':22s} {'batch 256 img/s':>16s} {'batch 1 img/s':>14s} {'same predictions':>17s}", flush=True)
+        for name, fn in backends.items():
+            preds = torch.cat([fn(c) for c in pixels.split(256)]).argmax(1)
+            same = float((preds == reference).float().mean())
+            r256, r1 = rate(fn, pixels[:256], args.repeats), rate(fn, pixels[:1], args.repeats * 10)
+            res["backends"][name] = {"batch256": r256, "batch1": r1, "same_predictions": same}
+            print(f"{name:22s} {r256:16.0f} {r1:14.0f} {same:16.2%}", flush=True)
+        print(f"torch.compile took {compile_s:.1f} s to compile (both shapes)", flush=True)
+        base = res["backends"]["eager (NCHW)"]
+        for name, r in res["backends"].items():
+            print(f"   {name}: {r['batch256'] / base['batch256']:.2f}x eager at batch 256, "
+                  f"{r['batch1'] / base['batch1']:.2f}x at batch 1", flush=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
