@@ -181,3 +181,15 @@ def test_the_default_feature_network_is_trained_once_and_cached(tmp_path):
     assert feature_net("", SYN).num_features == f.num_features and next(folder.iterdir()).stat().st_mtime == made
     with pytest.raises(VisrecError, match="eval.feature_run=RUN"):
         feature_net("", f"folder:{tmp_path}")
+
+
+def test_the_doctor_examines_a_generative_model_through_the_task(tmp_path):
+    from visrec.doctor import ExamOptions, examine
+
+    diag = examine(SYN, model="pixelcnn", overrides={"task.name": "generate", "model.kwargs": MODELS["pixelcnn"],
+                                                     "eval.feature_run": "none"},
+                   out=tmp_path / "doc", options=ExamOptions(overfit_steps=40, lr_steps=40))
+    found = {(f.check, f.id): f for f in diag.findings}
+    assert found[("data", "input-not-normalized")].severity == "ok"  # raw pixels are what these models take
+    assert diag.results["overfit"]["last_loss"] < diag.results["overfit"]["first_loss"]
+    assert "bpd" in diag.results["overfit"] and diag.results["lr_range"].lrs

@@ -32,6 +32,7 @@ from .findings import Finding
 from .lr_finder import default_range, lr_range_test
 
 OVERFIT_TARGET = 0.8  # the task's primary metric on the memorized images that counts as "overfit"
+OVERFIT_LOSS_SHARE = 0.5  # for a metric to lower: the training loss on those images must fall below this share
 
 
 class _TaskForward(nn.Module):
@@ -88,7 +89,10 @@ class TaskExam:
         x, _, _ = self.batch(min(256, len(ex.ds.train)), 1)
         mean, std = float(x.mean()), float(x.std())
         ev = {"mean": round(mean, 3), "std": round(std, 3), "task": self.task.name}
-        if abs(mean) > 3 or std > 10 or std < 0.05:
+        if getattr(self.task, "raw_pixels", False):  # the model scales raw pixels itself (generate, style)
+            ex.add("data", Finding("input-not-normalized", "ok", f"the {self.task.name} task accepts the data; its "
+                                   "models take raw pixels (0..255) and scale them themselves", ev))
+        elif abs(mean) > 3 or std > 10 or std < 0.05:
             ex.add("data", Finding("input-not-normalized", "warn", f"inputs reach the model with mean {mean:.3g} and "
                                    f"std {std:.3g}", ev, "use --set data.normalize=channel"))
         else:
@@ -155,10 +159,15 @@ class TaskExam:
         value = r.metrics.get(metric, math.nan)
         ev = {"examples": n, "steps": steps, "first_loss": round(first, 4), "last_loss": round(last, 4),
               metric: round(value, 4) if math.isfinite(value) else None, "lr": cfg_opt.lr}
-        ex.results["overfit"] = {"success": bool(value >= OVERFIT_TARGET), **ev}
-        if math.isfinite(value) and value >= OVERFIT_TARGET:
+        if task.maximize:
+            ok = math.isfinite(value) and value >= OVERFIT_TARGET
+        else:  # a metric to lower (bits/dim, a perceptual loss) has no absolute target: the loss must fall
+            ok = math.isfinite(last) and last <= OVERFIT_LOSS_SHARE * first
+        ex.results["overfit"] = {"success": bool(ok), **ev}
+        if ok:
             ex.add("overfit", Finding("cannot-overfit", "ok", f"the model memorizes {n} training images: "
-                                      f"{metric} {value:.3f} on them after {steps} steps", ev))
+                                      f"{metric} {value:.3f} on them after {steps} steps (loss {first:.3g} -> "
+                                      f"{last:.3g})", ev))
             return
         ex.add("overfit", Finding(
             "cannot-overfit", "warn",

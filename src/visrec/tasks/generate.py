@@ -193,12 +193,17 @@ def feature_net(spec: str, dataset: str, data_dir: str | None = None) -> Feature
 def fid_kid(fnet: FeatureNet, a: torch.Tensor, b: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
     """FID and KID (mean and std over subsets) between two uint8 image sets, with torchmetrics on `fnet`'s
     features."""
+    import warnings
+
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     n = min(len(a), len(b))
     fid = FrechetInceptionDistance(feature=fnet, reset_real_features=True, normalize=False)
-    kid = KernelInceptionDistance(feature=fnet, subsets=10, subset_size=max(2, min(1000, n // 2)), normalize=False)
+    with warnings.catch_warnings():  # that KID keeps every feature in memory: a few MB for the counts used here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=fnet, subsets=10, subset_size=max(2, min(1000, n // 2)),
+                                      normalize=False)
     for x, real in ((a, True), (b, False)):
         for chunk in x.split(batch_size):
             fid.update(chunk, real=real)
@@ -293,15 +298,14 @@ class GenerateTask(Task):
     primary = "bpd"
     maximize = False
     stats = ()
+    raw_pixels = True  # the models take 0..255 and scale them themselves (data.normalize=none)
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
         try:
-            self.kind = model_kind(self.cfg.model.name)
+            self._set_kind(model_kind(self.cfg.model.name))
         except VisrecError:  # not a generative model: model_kwargs says so when a run is built
-            self.kind = "autoregressive"
-        self.primary = KIND_PRIMARY[self.kind]
-        self.stats = KIND_STATS[self.kind]
+            self._set_kind("autoregressive")
         self._fnet: FeatureNet | None | bool = False  # False: not built yet
         self.grids: list[tuple[str, torch.Tensor]] = []
         self._evals = 0
@@ -330,9 +334,13 @@ class GenerateTask(Task):
         return ds.train.images.shape[1]
 
     def model_kwargs(self, ds: Dataset, model_name: str) -> dict[str, Any]:
-        self.kind = model_kind(model_name)
-        self.primary, self.stats = KIND_PRIMARY[self.kind], KIND_STATS[self.kind]
+        self._set_kind(model_kind(model_name))
         return {}
+
+    def _set_kind(self, kind: str) -> None:
+        """The model's kind decides the primary metric, the training statistics and whether the loss must fall."""
+        self.kind, self.primary, self.stats = kind, KIND_PRIMARY[kind], KIND_STATS[kind]
+        self.loss_falls = kind != "gan"
 
     def check_model(self, model: nn.Module, ds: Dataset) -> None:
         if not getattr(model, "generative", False):

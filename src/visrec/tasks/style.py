@@ -132,6 +132,7 @@ class StyleTask(Task):
     primary = "loss"
     maximize = False
     stats = ("content", "style")
+    raw_pixels = True  # the transformation network takes 0..255 (data.normalize=none)
 
     def __init__(self, cfg=None):
         super().__init__(cfg)

@@ -563,7 +563,8 @@ class Trainer:
         out = []
         w = self.window_losses  # three windows at least: the first and the last must not be the same stretch
         first, last = (w[0], w[-1]) if len(w) >= 3 else (None, None)
-        if first is not None and math.isfinite(first) and math.isfinite(last) and last >= 0.98 * first:
+        falls = getattr(self.task, "loss_falls", True)  # a GAN's loss is a contest: it need not fall
+        if falls and first is not None and math.isfinite(first) and math.isfinite(last) and last >= 0.98 * first:
             out.append(f"the training loss stayed near its first value ({first:.4g} -> {last:.4g}): the model "
                        "learned almost nothing. Run `visrec doctor` on the same settings for the cause and the fix")
         if test is not None and (chance := self.task.at_chance(test, self.ds)):

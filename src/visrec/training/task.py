@@ -56,6 +56,7 @@ class Task:
     primary: ClassVar[str] = "acc"  # the metric that selects checkpoints and trials
     maximize: ClassVar[bool] = True  # whether a higher primary metric is better
     stats: ClassVar[tuple[str, ...]] = ()
+    loss_falls: ClassVar[bool] = True  # whether a loss that does not fall means nothing was learned (not a GAN's)
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg if cfg is not None else Config()
