@@ -299,3 +299,43 @@ def test_the_gpu_script_says_no_gpu_cleanly_on_a_cpu_machine():
     p = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("no GPU:") and "nothing run" in p.stdout
+
+
+def test_a_time_budget_sets_the_schedules_length_from_the_measured_pace():
+    run = visrec.train(SYN, out="runs/budget", progress=False,
+                       overrides={**FAST, "train.time_budget": "2s", "train.epochs": 1, "log.every": 2,
+                                  "schedule.name": "one_cycle", "schedule.end_factor": 0.01})
+    s = run.summary
+    assert s["status"] == "completed" and s["time_budget_seconds"] == 2.0
+    assert s["steps"] == s["planned_steps"] and s["epochs"] == s["epochs_planned"]
+    # the schedule ran to its end, however many steps the machine's pace allowed
+    assert [r for r in run.metrics("train") if r["kind"] == "window"][-1]["lr"] == pytest.approx(
+        run.config.optim.lr * 0.01, rel=0.2)
+
+
+def test_the_budget_replans_as_the_pace_changes_and_resumes_with_its_plan(tmp_path):
+    cfg = visrec.resolve_config(None, {**FAST, "data.name": SYN, "train.time_budget": "10s", "train.epochs": 1,
+                                       "schedule.name": "linear"})
+    t = Trainer(cfg, out=str(tmp_path / "r"), progress=False)
+    spe = t.steps_per_epoch
+    t.pos.step, t.pos.train_seconds = 5, 2.0
+    t._replan(seconds=0.5, steps=5)  # 0.1 s a step: 8 s left -> 80 more steps
+    assert t.total_steps == 85 and t.epochs_planned == -(-85 // spe) and t.pos.planned_steps == 85
+    t._replan(seconds=1.5, steps=5)  # slower (0.3 s), smoothed with the last pace: 0.2 s -> 40 more steps
+    assert t.total_steps == 45
+    t.pos.train_seconds = 11.0  # over budget: the plan ends at the current step
+    t._replan(seconds=0.5, steps=5)
+    assert t.total_steps == 5 and t.epochs_planned == 1
+    # a run stopped part-way resumes on the plan its checkpoint holds
+    stopped = Trainer(cfg, out=str(tmp_path / "s"), progress=False).fit(stop_after_steps=3)
+    planned = json.loads((stopped.path / "checkpoints" / "last.json").read_text())["planned_steps"]
+    assert planned >= 3
+    resumed = Trainer.resume(stopped.path, progress=False)
+    assert resumed.total_steps == planned
+
+
+def test_a_time_budget_refuses_what_it_cannot_plan():
+    with pytest.raises(VisrecError, match="average.swa"):
+        visrec.train(SYN, out="runs/x", progress=False, overrides={"train.time_budget": "5s", "average.swa": 0.25})
+    with pytest.raises(VisrecError, match="duration"):
+        visrec.resolve_config(None, {"train.time_budget": "soon"})

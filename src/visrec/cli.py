@@ -42,6 +42,9 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 DataDirOpt = Annotated[Path | None, typer.Option(help="data.data_dir: folder searched first for dataset files.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="device.name: auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+BackendOpt = Annotated[str, typer.Option(help=(
+    "What runs the network: auto (onnxruntime on CPU when the network exports and agrees with torch, else torch), "
+    "torch, or onnx. Classification runs."))]
 ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Live progress bar (default: on a terminal).")]
 
@@ -814,12 +817,14 @@ def eval_(
     checkpoint: Annotated[str, typer.Option(help="auto, last, best or snapshotK.")] = "auto",
     data_dir: DataDirOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    backend: BackendOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a run's model on a split of its dataset: accuracy, top-5, per-class, confusion."""
     from .runs import Run
 
     r = Run(run)
+    _backend_note(r, checkpoint, device, backend)
     if r.config.task.name != "classification":  # the run's own task evaluates it
         from .fit import evaluate_run
         from .training.callbacks import format_metric
@@ -835,7 +840,8 @@ def eval_(
             out.print(f"{r.name} on {split} ({r.config.task.name}): "
                       + ", ".join(f"{k} {format_metric(k, v)}" for k, v in res.metrics.items()))
         return
-    kw = {"which": checkpoint, "device": device, "data_dir": str(data_dir) if data_dir else None}
+    kw = {"which": checkpoint, "device": device, "data_dir": str(data_dir) if data_dir else None,
+          "backend": backend}
     if tta is not None and ("," in tta or tta == "all"):
         rows = r.compare_tta(None if tta == "all" else [m.strip() for m in tta.split(",") if m.strip()], split, **kw)
         if as_json:
@@ -854,7 +860,8 @@ def eval_(
         print(json.dumps({**res.to_dict(), "confusion": res.confusion.tolist(), "classes": res.classes}, indent=2))
         return
     top5 = f", top-5 {res.top5:.2%}" if len(res.classes) > 5 else ""
-    out.print(f"{r.name} on {split} (n={res.n}, tta={res.tta}): accuracy {res.acc:.2%}{top5}, loss {res.loss:.4f}")
+    out.print(f"{r.name} on {split} (n={res.n}, tta={res.tta}, backend {res.backend}): accuracy {res.acc:.2%}{top5}, "
+              f"loss {res.loss:.4f}")
     t = Table("class", "accuracy", "n")
     for name, acc, n in zip(res.classes, res.per_class_acc, res.confusion.sum(1).tolist(), strict=True):
         t.add_row(name, f"{acc:.2%}", str(n))
@@ -886,6 +893,7 @@ def predict(
     draw: Annotated[Path | None, typer.Option(
         help="Detection, instance, localization and segmentation runs: write each image with its boxes or masks "
              "as DIR/<name>.png.")] = None,
+    backend: BackendOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Classify image files with a trained run, through its own input pipeline (decoding, channels, size and
@@ -899,6 +907,7 @@ def predict(
         raise VisrecError(f"--format {fmt} is not valid", "use text, json or coco")
     r = Run(run)
     task = r.config.task.name
+    _backend_note(r, checkpoint, "cpu", backend)
     if task == "style":
         raise VisrecError(f"{run} is a style run: it makes images, it does not predict labels",
                           f"stylize images with: visrec stylize IMAGE... --model {run}")
@@ -921,7 +930,7 @@ def predict(
                           f"{task} run", "leave out --draw")
     as_json = fmt == "json"
     preds = r.predict([str(p) for p in images], top_k=top_k, resize=resize, convert=convert, which=checkpoint,
-                             errors="collect", max_pixels=max_pixels)
+                      errors="collect", max_pixels=max_pixels, backend=backend)
     bad = [p for p in preds if p.error]
     if as_json:
         print(json.dumps([{"image": p.source, "top": [{"class": c, "prob": v} for c, v in p.top],
@@ -936,6 +945,18 @@ def predict(
         if not as_json:
             err.print(f"{len(bad)} of {len(preds)} image(s) could not be predicted")
         raise typer.Exit(1)
+
+
+def _backend_note(run, checkpoint: str, device: str, backend: str) -> None:
+    """Say on stderr why `--backend auto` runs torch rather than onnxruntime, when it does."""
+    task = run.config.task.name
+    if backend == "onnx" and task != "classification":
+        raise VisrecError(f"--backend onnx is for classification runs, and {run.path} is a {task} run",
+                          "leave out --backend")
+    if backend == "auto" and run.config.task.name == "classification":
+        note = run.load_model(checkpoint, device, backend).backend_note
+        if note:
+            err.print(f"[yellow]note:[/yellow] {note}")
 
 
 def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: str, max_pixels: int | None,

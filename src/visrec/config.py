@@ -71,7 +71,27 @@ Select = Literal["last", "best"]
 NonFinitePolicy = Literal["stop", "skip"]
 TTA = Literal["auto", "none", "flip", "crops", "crops+flip", "scales", "scales+flip"]
 Strategy = Literal["none", "linear", "last", "full", "two_stage"]
+Duration = Annotated[str, Pattern(r"|\d+(\.\d*)?\s*(s|m|h|sec|min)?",
+                                  "a duration such as 90s, 5m, 1.5h or 300 (seconds); empty for none")]
 DeviceName = Annotated[str, Pattern(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", "auto, cpu, cuda, cuda:N or mps")]
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Seconds in "90s", "5m", "1.5h", "300" (seconds), or None for "" / None / 0.
+
+    >>> parse_duration("1.5m"), parse_duration("2h"), parse_duration(""), parse_duration(45)
+    (90.0, 7200.0, None, 45.0)
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(s|sec|m|min|h)?\s*", text)
+        if not m:
+            raise VisrecError(f"{text!r} is not a duration", "write it as 90s, 5m, 1.5h or a number of seconds")
+        value = float(m.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}[m.group(2)]
+    return value if value > 0 else None
+
 
 # Keys that moved when the train section was split by concern: old config files, presets and --set still work.
 RENAMED = {
@@ -171,6 +191,9 @@ class TrainConfig:
     """What the loop does: how long, in what batches, from which seed, and what it keeps."""
 
     epochs: AtLeast1 = 8
+    # a time budget instead of an epoch count: "60s", "5m", "1.5h" (or plain seconds); the schedule is stretched or
+    # shrunk to end when the training steps have taken that long (measured throughput; evaluation not counted)
+    time_budget: Duration = ""
     batch_size: AtLeast1 = 256
     seed: int = 0  # weights, batch order and augmentation
     select: Select = "last"  # weights evaluated on test at the end: last | best (by the task's validation metric)

@@ -104,6 +104,7 @@ class EvalResult:
     confusion: torch.Tensor  # (C, C) int64, rows = true class, columns = predicted
     classes: list[str]
     tta: str = "none"
+    backend: str = "torch"  # what ran the network (torch, or onnx: onnxruntime)
 
     @classmethod
     def from_predictions(cls, pred: torch.Tensor, labels: torch.Tensor, classes: list[str], *, split: str = "test",
@@ -122,7 +123,8 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"split": self.split, "n": self.n, "loss": self.loss, "acc": self.acc, "top5": self.top5,
-                "tta": self.tta, "per_class_acc": dict(zip(self.classes, self.per_class_acc, strict=True))}
+                "tta": self.tta, "backend": self.backend,
+                "per_class_acc": dict(zip(self.classes, self.per_class_acc, strict=True))}
 
     def most_confused(self, k: int = 5) -> list[tuple[str, str, int]]:
         """The k largest off-diagonal cells: (true class, predicted class, count)."""

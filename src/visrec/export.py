@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .data import Normalizer
-from .errors import VisrecError, unknown_name
+from .errors import unknown_name
+from .inference import export_onnx
 from .io import atomic_path
 
 FORMATS = ("safetensors", "onnx", "torchscript")
@@ -71,20 +72,7 @@ def export_run(run_path: str | Path, fmt: str = "onnx", out: str | Path | None =
         with atomic_path(out) as tmp:
             torch.jit.save(scripted, str(tmp), _extra_files={"visrec.json": json.dumps(meta)})
         return out
-    try:
-        import onnx
-    except ImportError:
-        raise VisrecError("ONNX export needs the onnx and onnxscript packages",
-                          "pip install onnx onnxscript (and onnxruntime to run the file)") from None
-    with atomic_path(out) as tmp:
-        torch.onnx.export(wrapped, (example,), str(tmp), input_names=["pixels"], output_names=["logits"],
-                          dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
-                          external_data=False, verbose=False)
-        proto = onnx.load(str(tmp))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "visrec", json.dumps(meta)
-        onnx.save(proto, str(tmp))
-    return out
+    return export_onnx(wrapped, example, out, "pixels", "logits", {"visrec": json.dumps(meta)})
 
 
 def read_export_metadata(path: str | Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import re
@@ -28,8 +29,9 @@ from .data import Dataset, Normalizer, load_dataset
 from .data.images import decode, native_channels, peek
 from .data.imageset import ImageSet
 from .device import resolve_device, resolve_precision, use_channels_last
-from .errors import VisrecError
+from .errors import VisrecError, unknown_name
 from .evaluate import TTA_MODES, EvalResult, evaluate, predict_logits, resolve_crop_pad, resolve_tta, tta_views
+from .inference import BACKENDS
 from .models import create_model
 
 
@@ -116,6 +118,8 @@ class LoadedModel:
     in_chans: int
     image_size: tuple[int, int]
     checkpoint: str
+    backend: str = "torch"  # what runs `model`: torch, or onnx (an onnxruntime session standing in for it)
+    backend_note: str = ""  # why `auto` chose torch, when it did not choose onnx
 
 
 class Run:
@@ -174,13 +178,17 @@ class Run:
         raise VisrecError(f"{self.path} has no checkpoint {which!r}",
                           f"use one of: auto, last, best{''.join(', ' + t for t in self.snapshots())}")
 
-    def load_model(self, which: str = "auto", device: str = "cpu") -> LoadedModel:
+    def load_model(self, which: str = "auto", device: str = "cpu", backend: str = "torch") -> LoadedModel:
         """The trained model in eval mode, with its preprocessing and class names.
 
         `auto` picks the weights the run was evaluated with (last or best; its SWA or EMA average if it had one).
+        `backend`: torch; onnx (the network's ONNX graph through onnxruntime, CPU only: see visrec.inference); or
+        auto, which is onnx on CPU when it exports and agrees with torch, else torch (`backend_note` says why).
         """
         from .checkpoint import load_checkpoint
 
+        if backend not in BACKENDS:
+            raise unknown_name("inference backend", backend, BACKENDS, "--backend")
         tag = self.checkpoint_tag(which)
         key = (tag, device)
         if key not in self._loaded:
@@ -197,15 +205,46 @@ class Run:
             norm = Normalizer.from_state(ckpt.meta["preprocess"], ckpt.extra.get("preprocess")).to(dev)
             self._loaded[key] = LoadedModel(model, norm, ckpt.meta["classes"], spec["in_chans"], size,
                                             str(ckpt.path))
-        return self._loaded[key]
+        lm = self._loaded[key]
+        if backend == "torch":
+            return lm
+        okey = (tag, device, "onnx")
+        if okey not in self._loaded:
+            self._loaded[okey] = self._onnx_model(lm, tag, backend)
+        return self._loaded[okey]
+
+    def _onnx_model(self, lm: LoadedModel, tag: str, backend: str) -> LoadedModel:
+        """`lm` with its network run by onnxruntime, or (backend auto) `lm` itself with the reason in its note."""
+        from .inference import onnx_network
+
+        dev = next(lm.model.parameters()).device
+        try:
+            if dev.type != "cpu":
+                raise VisrecError(f"the onnx backend runs on the CPU, and this model is on {dev}",
+                                  "use --device cpu, or --backend torch")
+            if self.config.task.name != "classification":
+                raise VisrecError(f"the onnx backend is for classification runs, and {self.path} is a "
+                                  f"{self.config.task.name} run", "use --backend torch")
+            g = torch.Generator().manual_seed(0)
+            pixels = torch.randint(0, 256, (3, lm.in_chans, *lm.image_size), generator=g, dtype=torch.uint8)
+            example = lm.normalizer(torch.cat([pixels, torch.full_like(pixels[:1], 128)])).float()
+            net = onnx_network(copy.deepcopy(lm.model).cpu(), example, self.path / "export" / f"network-{tag}.onnx",
+                               source=Path(lm.checkpoint))
+        except VisrecError as e:
+            if backend == "onnx":
+                raise
+            return dataclasses.replace(lm, backend_note=f"{e.message} (so it ran on torch)")
+        return dataclasses.replace(lm, model=net, backend="onnx")
 
     def evaluate(self, split: str = "test", *, tta: str | None = None, which: str = "auto",
-                 device: str = "auto", data_dir: str | None = None) -> EvalResult:
-        """Evaluate on the run's own dataset split (rebuilt from config.yaml with the same seeds)."""
-        return self.compare_tta([tta], split, which=which, device=device, data_dir=data_dir)[0][1]
+                 device: str = "auto", data_dir: str | None = None, backend: str = "auto") -> EvalResult:
+        """Evaluate on the run's own dataset split (rebuilt from config.yaml with the same seeds); `backend` as in
+        load_model."""
+        return self.compare_tta([tta], split, which=which, device=device, data_dir=data_dir, backend=backend)[0][1]
 
     def compare_tta(self, modes: list[str | None] | None = None, split: str = "test", *, which: str = "auto",
-                    device: str = "auto", data_dir: str | None = None) -> list[tuple[dict[str, Any], EvalResult]]:
+                    device: str = "auto", data_dir: str | None = None, backend: str = "auto"
+                    ) -> list[tuple[dict[str, Any], EvalResult]]:
         """Evaluate once per test-time augmentation mode (None = the run's own; default: every mode), loading the
         data and model once: [({"tta", "views", "acc", "loss", "seconds"}, EvalResult), ...]."""
         cfg = self.config
@@ -215,20 +254,24 @@ class Run:
             raise VisrecError(f"split {split!r} is not valid", "use test, val or train")
         resolved = [resolve_tta(m or cfg.eval.tta, cfg.data.augment) for m in (modes or TTA_MODES)]
         ds = dataset_from_config(cfg)
-        lm = self.load_model(which, device)
         if split == "val" and ds.val is None:
             raise VisrecError(f"{self.path} was trained without a validation split (data.val_fraction=0)")
+        lm = self.load_model(which, device, backend)
         data = remap_classes(ds.split(split), lm.classes)
         dev = next(lm.model.parameters()).device
         pad = resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment)
+        torch_net = lm.backend == "torch"
         rows = []
         for mode in resolved:
             t0 = time.perf_counter()
             res = evaluate(lm.model, data, lm.normalizer, split=split, batch_size=cfg.eval.batch_size,
-                           channels_last=use_channels_last(cfg.model.channels_last, lm.model),
-                           amp_dtype=resolve_precision(cfg.device.precision, dev), tta=mode, crop_pad=pad)
+                           channels_last=torch_net and use_channels_last(cfg.model.channels_last, lm.model),
+                           amp_dtype=resolve_precision(cfg.device.precision, dev) if torch_net else None, tta=mode,
+                           crop_pad=pad)
+            res.backend = lm.backend
             rows.append(({"tta": mode, "views": len(tta_views(mode, data.images[:1].float())), "acc": res.acc,
-                          "loss": res.loss, "seconds": round(time.perf_counter() - t0, 3)}, res))
+                          "loss": res.loss, "seconds": round(time.perf_counter() - t0, 3), "backend": lm.backend},
+                         res))
         return rows
 
     def predict(
@@ -243,6 +286,7 @@ class Run:
         device: str = "cpu",
         errors: str = "raise",
         max_pixels: int | None = None,
+        backend: str = "auto",
     ) -> list[Prediction]:
         """Top-k classes for image files, PIL images, arrays or uint8 tensors, through the run's own input pipeline.
 
@@ -250,7 +294,7 @@ class Run:
         channels and (with `data.image_size`) resizes it, so `resize` and `convert` default to what training did;
         for other runs an image of another size or a color image for a grayscale model is an error that names
         both fixes, unless `resize` / `convert`. `errors="collect"` predicts the good inputs and returns the bad
-        ones with their `error` instead of raising at the first.
+        ones with their `error` instead of raising at the first. `backend`: as in load_model.
         """
         if errors not in ("raise", "collect"):
             raise VisrecError(f"errors={errors!r} is not valid", "use raise or collect")
@@ -267,7 +311,7 @@ class Run:
         folder = cfg.data.name.startswith("folder:")
         resize = (folder and cfg.data.image_size is not None) if resize is None else resize
         convert = folder if convert is None else convert
-        lm = self.load_model(which, device)
+        lm = self.load_model(which, device, backend)
         items = images if isinstance(images, list | tuple) else [images]
         batch, names, failed = [], [], {}
         for i, item in enumerate(items):
@@ -282,7 +326,7 @@ class Run:
         good: list[Prediction] = []
         if batch:
             x = torch.stack(batch)
-            cl = use_channels_last(cfg.model.channels_last, lm.model)
+            cl = lm.backend == "torch" and use_channels_last(cfg.model.channels_last, lm.model)
             tta = resolve_tta(tta or cfg.eval.tta, cfg.data.augment)
             logits = predict_logits(lm.model, x, lm.normalizer, channels_last=cl, tta=tta,
                                     crop_pad=resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment))

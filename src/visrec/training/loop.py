@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import Config
+from ..config import Config, parse_duration
 from ..data import Dataset, DeviceBatches, Normalizer, Pipeline
 from ..data.imageset import move_targets
 from ..device import (
@@ -172,6 +172,11 @@ class Trainer:
                               f"{bs // d.world} of every global batch of {bs}")
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.epochs_planned = cfg.train.epochs
+        self.budget = parse_duration(cfg.train.time_budget)
+        self._step_seconds: float | None = None  # the budget's smoothed measure of one step
+        if self.budget is not None:
+            check_budget(cfg)
         self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
         self.window_losses: list[float] = []  # of every logged window: the end compares the last with the first
         a = cfg.average
@@ -264,6 +269,8 @@ class Trainer:
         restore_rng(ckpt.rng)
         self.pipeline.set_state({"gen": ckpt.rng["augment"], "rng": m["augment_rng"]})
         self.pos = Position.from_state(m)
+        if self.budget is not None and self.pos.planned_steps:
+            self._plan(self.pos.planned_steps)
         self.writer = RunWriter(self.run_dir, resume_step=self.pos.step, write=self.dist.main)
         if self.dist.active:  # one augmentation stream per rank, continued from the position (any world size)
             self.pipeline.reseed(self._augment_seed() + 7 * self.pos.step)
@@ -276,8 +283,8 @@ class Trainer:
 
     def _state(self, epoch: int | None = None) -> TrainState:
         """`epoch` (1-based) defaults to the epoch in progress."""
-        epoch = epoch if epoch is not None else min(self.pos.epoch + 1, self.cfg.train.epochs)
-        return TrainState(self.run_dir, epoch, self.cfg.train.epochs, self.pos.step, self.total_steps,
+        epoch = epoch if epoch is not None else min(self.pos.epoch + 1, self.epochs_planned)
+        return TrainState(self.run_dir, epoch, self.epochs_planned, self.pos.step, self.total_steps,
                           self.steps_per_epoch, self.pos.train_seconds, self.model, self.optimizer, self.stop,
                           self.task.primary)
 
@@ -286,7 +293,24 @@ class Trainer:
         self._stop_reason = reason
 
     def _final(self) -> bool:
-        return self.pos.epoch + 1 >= self.cfg.train.epochs
+        return self.pos.epoch + 1 >= self.epochs_planned
+
+    def _plan(self, total_steps: int) -> None:
+        """Set the schedule's length (a time budget's estimate): the epochs follow, the last one maybe partial."""
+        self.total_steps = max(1, total_steps)
+        self.epochs_planned = -(-self.total_steps // self.steps_per_epoch)
+        self.pos.planned_steps = self.total_steps
+        self.schedule.replace(self._lr_factor())
+
+    def _replan(self, seconds: float, steps: int) -> None:
+        """After a window of `steps` steps that took `seconds`: as many steps as the budget's rest allows at the
+        measured pace (smoothed over windows; across processes, the ranks' mean, so every rank agrees)."""
+        pace = seconds / max(steps, 1)
+        self._step_seconds = pace if self._step_seconds is None else 0.5 * self._step_seconds + 0.5 * pace
+        left = max(0.0, self.budget - self.pos.train_seconds) / max(self._step_seconds, 1e-9)
+        if self.dist.active:
+            left = float(self.dist.mean(torch.tensor([left], device=self.runtime.device)).item())
+        self._plan(self.pos.step + int(left))
 
     def _eval_model(self) -> torch.nn.Module:
         """The weights the run is judged by: SWA over EMA over raw."""
@@ -382,7 +406,7 @@ class Trainer:
             batches, forward = self._probe()
         else:
             batches, forward = self.batches, self._image_forward()
-        while self.pos.epoch < self.cfg.train.epochs:
+        while self.pos.epoch < self.epochs_planned:
             if self.finetune is not None:
                 self.finetune.apply(self.model, self.pos.epoch)
             if not self._epoch(batches.epoch(self.pos.epoch, start=self.pos.batch), forward, batches.batch_size,
@@ -483,7 +507,7 @@ class Trainer:
             win_stats.append(self.task.batch_stats(detached(out), target))
             ep_steps += 1
             # ---- end of hot path ----
-            last_in_epoch = pos.batch == self.steps_per_epoch
+            last_in_epoch = pos.batch == self.steps_per_epoch or pos.step >= self.total_steps
             stop = stop_after_steps is not None and pos.step >= stop_after_steps
             if not self.dist.active:  # across processes a signal is agreed on at the window's end
                 stop = stop or self._stop_reason is not None
@@ -506,6 +530,8 @@ class Trainer:
                 self.window_losses.append(rec["loss"])
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
+                if self.budget is not None:
+                    self._replan(t - t_win, len(win_losses))
                 win_losses, win_stats, win_start, t_win = [], [], pos.step, time.perf_counter()
                 # a signal that came while logging; across processes, any rank's signal stops them all
                 reached = stop_after_steps is not None and pos.step >= stop_after_steps
@@ -520,6 +546,8 @@ class Trainer:
                 self._stop_reason = self._stop_reason or f"stop_after_steps={stop_after_steps}"
                 self._save_last()
                 return False
+            if pos.step >= self.total_steps:  # the budget is spent: this epoch ends here
+                break
         sync(device)
         if ep_steps:
             pos.train_seconds = seconds_before + (time.perf_counter() - t_epoch)
@@ -584,7 +612,8 @@ class Trainer:
             "params": self.params,
             "num_classes": ds.num_classes,
             "epochs": pos.epoch,
-            "epochs_planned": cfg.train.epochs,
+            "epochs_planned": self.epochs_planned,
+            **({"time_budget_seconds": self.budget, "planned_steps": self.total_steps} if self.budget else {}),
             "steps": pos.step,
             "train_seconds": round(pos.train_seconds, 3),
             "images_per_s": round(pos.step * self.batches.batch_size / pos.train_seconds, 1)
@@ -629,6 +658,17 @@ class Trainer:
         if error:
             summary["error"] = error
         return summary
+
+
+def check_budget(cfg: Config) -> None:
+    """What a time budget cannot plan: averages and snapshots placed at fixed fractions of a known length."""
+    clash = [k for k, on in (("average.swa", cfg.average.swa > 0),
+                             ("schedule.name=cyclic_cosine", cfg.schedule.name == "cyclic_cosine"),
+                             ("optim.name=lbfgs", cfg.optim.name == "lbfgs")) if on]
+    if clash:
+        raise VisrecError(f"train.time_budget={cfg.train.time_budget} cannot be combined with {', '.join(clash)}: "
+                          "they are placed at fixed points of a schedule whose length the budget keeps changing",
+                          "set train.epochs instead of the budget, or leave those out")
 
 
 def check_lbfgs(cfg: Config, model: torch.nn.Module, batch: int, n_train: int) -> None:

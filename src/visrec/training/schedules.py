@@ -142,6 +142,11 @@ class LRSchedule:
         self.step_count += 1
         self._apply()
 
+    def replace(self, factor: FactorFn) -> None:
+        """Follow a new factor from the current step on (a time budget re-planned the schedule's length)."""
+        self.factor = factor
+        self._apply()
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

@@ -31,6 +31,7 @@ class Position:
     best_epoch: int = 0
     skipped_steps: int = 0
     started: str = field(default_factory=now)
+    planned_steps: int = 0  # the schedule's length, when a time budget set it (0: from train.epochs)
 
     def state(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,7 +41,7 @@ class Position:
         best = m.get("best_val", m.get("best_val_acc"))  # checkpoints before tasks named it best_val_acc
         return cls(m["epoch"], m["batch"], m["step"], m["train_seconds"],
                    None if best is None or best < 0 else best, m["best_epoch"], m.get("skipped_steps", 0),
-                   m.get("started", now()))
+                   m.get("started", now()), m.get("planned_steps", 0))
 
 
 def capture_rng(augment_gen: torch.Generator) -> dict[str, torch.Tensor]:
