@@ -318,14 +318,17 @@ def test_the_budget_replans_as_the_pace_changes_and_resumes_with_its_plan(tmp_pa
                                        "schedule.name": "linear"})
     t = Trainer(cfg, out=str(tmp_path / "r"), progress=False)
     spe = t.steps_per_epoch
-    t.pos.step, t.pos.train_seconds = 5, 2.0
-    t._replan(seconds=0.5, steps=5)  # 0.1 s a step: 8 s left -> 80 more steps
-    assert t.total_steps == 85 and t.epochs_planned == -(-85 // spe) and t.pos.planned_steps == 85
-    t._replan(seconds=1.5, steps=5)  # slower (0.3 s), smoothed with the last pace: 0.2 s -> 40 more steps
-    assert t.total_steps == 45
-    t.pos.train_seconds = 11.0  # over budget: the plan ends at the current step
-    t._replan(seconds=0.5, steps=5)
-    assert t.total_steps == 5 and t.epochs_planned == 1
+    t._pace, t.pos.step = (0, 0.0), 5
+    t._replan(0.5, force=True)  # 0.1 s a step: 9.5 s left -> 95 more steps
+    assert abs(t.total_steps - 100) <= spe // 10 and t.epochs_planned == -(-t.total_steps // spe)
+    assert t.pos.planned_steps == t.total_steps
+    planned, t.pos.step = t.total_steps, 50
+    t._replan(5.02)  # about the same pace: the plan is kept (no learning-rate jitter)
+    assert t.total_steps == planned
+    t._replan(7.5)  # slower (0.15 s a step): 2.5 s left -> about 16 more steps
+    assert abs(t.total_steps - 66) <= spe // 10
+    t._replan(11.0)  # over budget: the plan ends at the current step
+    assert t.total_steps == 50
     # a run stopped part-way resumes on the plan its checkpoint holds
     stopped = Trainer(cfg, out=str(tmp_path / "s"), progress=False).fit(stop_after_steps=3)
     planned = json.loads((stopped.path / "checkpoints" / "last.json").read_text())["planned_steps"]

@@ -62,7 +62,7 @@ OpenFraction = Annotated[float, Range(0, 1, open_high=True)]  # [0, 1)
 # TTA modes, precisions) are checked against these lists by the tests.
 Normalize = Literal["channel", "image", "none", "pca", "pca_whiten", "zca"]
 OnOffAuto = Literal["auto", "on", "off"]
-OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lbfgs"]
+OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lbfgs", "muon"]
 ScheduleName = Literal["constant", "step", "exponential", "inverse_time", "linear", "cosine", "cyclic_cosine",
                        "one_cycle"]
 LossName = Literal["cross_entropy", "hinge"]
@@ -144,8 +144,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: OptimizerName = "nesterov"  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw | lbfgs
+    name: OptimizerName = "nesterov"  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw | lbfgs | muon
     lr: Positive = 0.2  # peak learning rate (the schedule multiplies it)
+    muon_lr: Positive = 0.05  # muon: the conv kernels' peak step (the rest trains by Nesterov SGD at lr)
     momentum: Fraction = 0.9  # momentum / nesterov / rmsprop
     weight_decay: NonNeg = 5e-4  # L2 penalty (decoupled for adamw)
     decay_all: bool = False  # also decay biases and normalization parameters (off by default)
@@ -194,6 +195,10 @@ class TrainConfig:
     # a time budget instead of an epoch count: "60s", "5m", "1.5h" (or plain seconds); the schedule is stretched or
     # shrunk to end when the training steps have taken that long (measured throughput; evaluation not counted)
     time_budget: Duration = ""
+    # progressive resizing (classification): train at this shorter side in pixels, then at full size from
+    # progressive_until of the schedule on; 0 = off
+    progressive_size: NonNegInt = 0
+    progressive_until: Fraction = 0.5
     batch_size: AtLeast1 = 256
     seed: int = 0  # weights, batch order and augmentation
     select: Select = "last"  # weights evaluated on test at the end: last | best (by the task's validation metric)

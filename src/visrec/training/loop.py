@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, parse_duration
@@ -174,9 +175,11 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.epochs_planned = cfg.train.epochs
         self.budget = parse_duration(cfg.train.time_budget)
-        self._step_seconds: float | None = None  # the budget's smoothed measure of one step
+        self._pace: tuple[int, float] | None = None  # the budget's clock: (step, train seconds) where it started
+        self._pace_at = -1  # the step at which the budget makes its first plan
         if self.budget is not None:
             check_budget(cfg)
+        progressive_shape(cfg, task.name, ds.image_size)  # refused here, before anything trains
         self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
         self.window_losses: list[float] = []  # of every logged window: the end compares the last with the first
         a = cfg.average
@@ -295,6 +298,18 @@ class Trainer:
     def _final(self) -> bool:
         return self.pos.epoch + 1 >= self.epochs_planned
 
+    def _budget_clock(self, t_epoch: float, seconds_before: float) -> None:
+        """A time budget's first plan: the clock starts after the first step of this process (which pays for
+        allocations and warm-up) and the plan is made five steps later, before the warm-up's learning rate has
+        moved much; windows refine it."""
+        sync(self.runtime.device)
+        now = seconds_before + (time.perf_counter() - t_epoch)
+        if self._pace is None:
+            self._pace, self._pace_at = (self.pos.step, now), self.pos.step + 5
+        else:
+            self._pace_at = -1
+            self._replan(now, force=True)
+
     def _plan(self, total_steps: int) -> None:
         """Set the schedule's length (a time budget's estimate): the epochs follow, the last one maybe partial."""
         self.total_steps = max(1, total_steps)
@@ -302,15 +317,21 @@ class Trainer:
         self.pos.planned_steps = self.total_steps
         self.schedule.replace(self._lr_factor())
 
-    def _replan(self, seconds: float, steps: int) -> None:
-        """After a window of `steps` steps that took `seconds`: as many steps as the budget's rest allows at the
-        measured pace (smoothed over windows; across processes, the ranks' mean, so every rank agrees)."""
-        pace = seconds / max(steps, 1)
-        self._step_seconds = pace if self._step_seconds is None else 0.5 * self._step_seconds + 0.5 * pace
-        left = max(0.0, self.budget - self.pos.train_seconds) / max(self._step_seconds, 1e-9)
+    def _replan(self, train_seconds: float, force: bool = False) -> None:
+        """The schedule's length from the pace measured since the clock started (`train_seconds` is the run's
+        training time now): as many steps as the rest of the budget allows. A plan within 2% of the current one is
+        kept, so the learning rate does not jitter; across processes the ranks' mean decides, so all agree."""
+        step0, seconds0 = self._pace
+        pace = (train_seconds - seconds0) / max(self.pos.step - step0, 1)
+        left = max(0.0, self.budget - train_seconds) / max(pace, 1e-9)
         if self.dist.active:
             left = float(self.dist.mean(torch.tensor([left], device=self.runtime.device)).item())
-        self._plan(self.pos.step + int(left))
+        total, spe = self.pos.step + int(left), self.steps_per_epoch
+        edge = round(total / spe) * spe  # within a tenth of an epoch of its end: end there, not just after it
+        if abs(total - edge) <= spe // 10 and edge > self.pos.step:
+            total = edge
+        if force or abs(total - self.total_steps) > 0.02 * self.total_steps or total <= self.pos.step:
+            self._plan(total)
 
     def _eval_model(self) -> torch.nn.Module:
         """The weights the run is judged by: SWA over EMA over raw."""
@@ -416,10 +437,15 @@ class Trainer:
 
     def _image_forward(self) -> Forward:
         model, device, amp, mf = self.forward, self.runtime.device, self.runtime.amp_dtype, self.memory_format
+        low = progressive_shape(self.cfg, self.task.name, self.ds.image_size)
+        until = self.cfg.train.progressive_until
 
         def forward(xb: torch.Tensor, yb: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
             x = self.normalizer(xb).contiguous(memory_format=mf)
             x, target = self.pipeline(x, yb) if self.pipeline else (x, yb)
+            if low is not None and self.pos.step < until * self.total_steps:
+                x = F.interpolate(x, size=low, mode="bilinear", antialias=True, align_corners=False
+                                  ).contiguous(memory_format=mf)
             with autocast(device, amp):
                 out = self.task.forward(model, x, target)
             return out, self.loss_step(out, target, x), target
@@ -498,6 +524,8 @@ class Trainer:
             self.schedule.step()
             pos.step += 1
             pos.batch += 1
+            if (self.budget is not None and self._pace is None) or pos.step == self._pace_at:
+                self._budget_clock(t_epoch, seconds_before)
             if pos.step in self.snapshots:
                 t0 = time.perf_counter()
                 k = sorted(self.snapshots).index(pos.step) + 1  # the weights at the end of a learning-rate cycle
@@ -530,8 +558,8 @@ class Trainer:
                 self.window_losses.append(rec["loss"])
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
-                if self.budget is not None:
-                    self._replan(t - t_win, len(win_losses))
+                if self.budget is not None and self._pace is not None:
+                    self._replan(pos.train_seconds)
                 win_losses, win_stats, win_start, t_win = [], [], pos.step, time.perf_counter()
                 # a signal that came while logging; across processes, any rank's signal stops them all
                 reached = stop_after_steps is not None and pos.step >= stop_after_steps
@@ -658,6 +686,25 @@ class Trainer:
         if error:
             summary["error"] = error
         return summary
+
+
+def progressive_shape(cfg: Config, task: str, image_size: tuple[int, int]) -> tuple[int, int] | None:
+    """The (H, W) that train.progressive_size trains at first, or None when it is off."""
+    low = cfg.train.progressive_size
+    if not low:
+        return None
+    h, w = image_size
+    if task != "classification":
+        raise VisrecError(f"train.progressive_size is for classification, and this is a {task} run (its targets "
+                          "are in the images' pixels)", "set train.progressive_size=0")
+    if cfg.data.normalize in ("pca", "pca_whiten", "zca"):
+        raise VisrecError(f"train.progressive_size needs images, and data.normalize={cfg.data.normalize} turns them "
+                          "into feature vectors", "use data.normalize=channel (or the convnet's whitening stem)")
+    if low >= min(h, w):
+        raise VisrecError(f"train.progressive_size={low} is not below the images' shorter side ({min(h, w)} px)",
+                          f"use a smaller size, such as {max(8, round(min(h, w) * 0.7))}, or 0 for off")
+    scale = low / min(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 def check_budget(cfg: Config) -> None:

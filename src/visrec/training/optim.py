@@ -77,6 +77,67 @@ def _lbfgs(groups, c: OptimConfig):
                              line_search_fn="strong_wolfe")
 
 
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to `g` (its U V^T), approximately: a quintic Newton-Schulz iteration
+    whose coefficients (3.4445, -4.7750, 2.0315) push every singular value towards 1 in a few steps (Jordan et
+    al., Muon, 2024). Singular values end in about [0.7, 1.2], which is all the update needs."""
+    x = g / (g.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for convolution kernels, Nesterov SGD for everything else.
+
+    A kernel's update is its Nesterov momentum, flattened to (out, in * kh * kw), orthogonalized and scaled by
+    sqrt(max(1, out / in')), so every direction moves by the same amount whatever the gradient's spectrum; the
+    group's `lr` is its step. Groups with `muon=False` (biases, normalization, the classifier, anything not a
+    conv kernel) take plain Nesterov SGD with their own `lr`. Weight decay is L2 in both."""
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float):
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": 0.0, "muon": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            mom, wd = g["momentum"], g["weight_decay"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=wd) if wd else p.grad
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(mom).add_(d)
+                d = d.add(buf, alpha=mom)  # Nesterov
+                if g["muon"]:
+                    flat = d.reshape(len(d), -1)
+                    d = orthogonalize(flat).mul_(max(1.0, flat.shape[0] / flat.shape[1]) ** 0.5).view_as(p)
+                p.add_(d, alpha=-g["lr"])
+        return loss
+
+
+def _muon(groups, c: OptimConfig):
+    """Conv kernels (4-d weights) by Muon at optim.muon_lr; the rest by Nesterov SGD at optim.lr."""
+    split = []
+    for g in groups:
+        kernels = [p for p in g["params"] if p.dim() == 4]
+        rest = [p for p in g["params"] if p.dim() != 4]
+        factor = g.get("lr", c.lr) / c.lr
+        for params, muon in ((kernels, True), (rest, False)):
+            if params:
+                split.append({**g, "params": params, "muon": muon,
+                              "lr": (c.muon_lr if muon else c.lr) * factor})
+    return Muon(split, lr=c.lr, momentum=c.momentum)
+
+
 OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "momentum": _momentum,
@@ -86,6 +147,7 @@ OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]
     "adam": _adam,
     "adamw": _adamw,
     "lbfgs": _lbfgs,
+    "muon": _muon,
 }
 
 
