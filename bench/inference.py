@@ -1,6 +1,8 @@
 """Inference throughput of the default run on this CPU: torch eager (NCHW), eager channels_last, torch.compile and
 the run's ONNX export through onnxruntime, at batch 256 and batch 1, with whether each gives the same predictions
-as eager on 2,000 test images (the same run, the same inputs, measured in one process).
+as eager on 2,000 test images (the same run, the same inputs, measured in one process). Then end to end, as a
+user meets them: `Run.evaluate` on the 10,000 test images and the `visrec predict` command on one image, with
+`backend="torch"` against the default `auto` (onnxruntime on CPU), the first call paying for the ONNX export.
 
     python bench/inference.py [--epochs 2] [--repeats 20]
 """
@@ -31,6 +33,40 @@ def rate(fn, x: torch.Tensor, repeats: int) -> float:
         fn(x)
         times.append(time.perf_counter() - t)
     return len(x) / sorted(times)[len(times) // 2]
+
+
+def end_to_end(path: Path, tmp: Path) -> dict:
+    """Run.evaluate on the test split and `visrec predict` on one image: torch against auto (onnxruntime)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out: dict = {}
+    print("end to end (the same run):", flush=True)
+    for backend in ("torch", "auto", "auto"):
+        run = Run(path)
+        t = time.perf_counter()
+        r = run.evaluate(backend=backend, device="cpu")
+        key = f"evaluate_{backend}" + ("_cached" if f"evaluate_{backend}" in out else "")
+        out[key] = {"seconds": time.perf_counter() - t, "acc": r.acc, "backend": r.backend}
+        print(f"  Run.evaluate(backend={backend!r}){' again' if 'cached' in key else ''}: "
+              f"{out[key]['seconds']:.2f} s, accuracy {r.acc:.4f}, ran on {r.backend}", flush=True)
+    img = dataset_from_config(Run(path).config).test.images[0, 0].numpy()
+    Image.fromarray(img).save(tmp / "one.png")
+    exe = shutil.which("visrec") or str(Path(sys.executable).parent / "visrec")
+    for backend in ("torch", "auto"):
+        t = time.perf_counter()
+        subprocess.run([exe, "predict", str(path), str(tmp / "one.png"), "--backend", backend], check=True,
+                       stdout=subprocess.DEVNULL)
+        out[f"predict_{backend}"] = time.perf_counter() - t
+        print(f"  visrec predict RUN one.png --backend {backend}: {out[f'predict_{backend}']:.2f} s wall clock "
+              "(start-up included)", flush=True)
+    base = out["evaluate_torch"]["seconds"]
+    print(f"  evaluate: auto (cached graph) {base / out['evaluate_auto_cached']['seconds']:.2f}x torch; the first "
+          f"auto call, which exports, {base / out['evaluate_auto']['seconds']:.2f}x", flush=True)
+    return out
 
 
 def main() -> None:
@@ -93,6 +129,7 @@ def main() -> None:
             res["backends"][name] = {"batch256": r256, "batch1": r1, "same_predictions": same}
             print(f"{name:22s} {r256:16.0f} {r1:14.0f} {same:16.2%}", flush=True)
         print(f"torch.compile took {compile_s:.1f} s to compile (both shapes)", flush=True)
+        res["end_to_end"] = end_to_end(run.path, Path(tmp))
         base = res["backends"]["eager (NCHW)"]
         for name, r in res["backends"].items():
             print(f"   {name}: {r['batch256'] / base['batch256']:.2f}x eager at batch 256, "

@@ -6,14 +6,19 @@ FLOPs per image: 2 x the multiply-accumulates that `visrec.models.summary` count
 
     python bench/throughput.py [--models mlp,lenet5,convnet,preset:fmnist-fast,resnet20] [--batch 256]
 
-An entry `preset:NAME` measures that preset's model with its keyword arguments.
+An entry `preset:NAME` measures that preset's model with its keyword arguments; `ENTRY@24` feeds it 24x24 inputs
+(what train.progressive_size costs); `ENTRY+muon` trains it with the Muon optimizer instead of Nesterov SGD (what
+orthogonalizing the conv kernels' updates costs). Inference is measured in torch (eager, channels_last for conv
+nets) and through onnxruntime (visrec's default CPU backend for predict and eval).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,9 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from baseline import machine
-from visrec.config import resolve_config
+from visrec.config import OptimConfig, resolve_config
+from visrec.inference import onnx_network
 from visrec.models import create_model
 from visrec.models.summary import summary
+from visrec.training.optim import build_optimizer
 
 
 def matmul_peak(n: int = 2048, seconds: float = 3.0) -> float:
@@ -37,20 +44,23 @@ def matmul_peak(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
 
 
-def measure(name: str, batch: int, seconds: float) -> dict:
+def measure(entry: str, batch: int, seconds: float) -> dict:
     torch.manual_seed(0)
     kwargs = {}
+    name, muon = entry.removesuffix("+muon"), entry.endswith("+muon")
+    name, _, size = name.partition("@")
+    size = int(size or 28)
     if name.startswith("preset:"):
         cfg = resolve_config(name.split(":", 1)[1])
         name, kwargs = cfg.model.name, cfg.model.kwargs
     model = create_model(name, in_chans=1, num_classes=10, image_size=(28, 28), **kwargs)
-    macs = summary(model.eval(), (1, 28, 28)).macs
+    macs = summary(model.eval(), (1, size, size)).macs
     cl = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     fmt = torch.channels_last if cl else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=fmt)
+    x = torch.randn(batch, 1, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    opt = build_optimizer(model, OptimConfig(name="muon" if muon else "nesterov", lr=0.01, weight_decay=5e-4))
 
     def timed(step) -> float:
         for _ in range(3):
@@ -72,14 +82,22 @@ def measure(name: str, batch: int, seconds: float) -> dict:
     model.eval()
     with torch.inference_mode():
         infer_ips = timed(lambda: model(x))
-    return {"model": name, "kwargs": kwargs, "macs": macs, "train_images_per_s": train_ips,
-            "infer_images_per_s": infer_ips, "train_gflops": train_ips * macs * 2 * 3 / 1e9,
-            "infer_gflops": infer_ips * macs * 2 / 1e9}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "weights"
+        src.write_bytes(b"")
+        net = onnx_network(copy.deepcopy(model), x[:4].contiguous(), Path(tmp) / "net.onnx", source=src)
+        xc = x.contiguous()
+        onnx_ips = timed(lambda: net(xc))
+    return {"model": name, "kwargs": kwargs, "size": size, "optimizer": "muon" if muon else "nesterov", "macs": macs,
+            "train_images_per_s": train_ips, "infer_images_per_s": infer_ips, "onnx_images_per_s": onnx_ips,
+            "train_gflops": train_ips * macs * 2 * 3 / 1e9, "infer_gflops": infer_ips * macs * 2 / 1e9,
+            "onnx_gflops": onnx_ips * macs * 2 / 1e9}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="mlp,lenet5,convnet,preset:fmnist-fast,resnet20")
+    ap.add_argument("--models", default="mlp,lenet5,convnet,preset:fmnist-fast,preset:fmnist-fast@24,"
+                                        "preset:fmnist-fast@20,preset:fmnist-fast+muon,resnet20")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
@@ -88,16 +106,17 @@ def main() -> None:
     peak = matmul_peak()
     print(f"fp32 matmul peak (2048x2048): {peak:.0f} GFLOP/s", flush=True)
     rows = []
-    print(f"{'model':19s} {'MFLOP/img':>9s} {'train img/s':>11s} {'GFLOP/s':>8s} {'of peak':>7s} "
-          f"{'infer img/s':>11s} {'GFLOP/s':>8s} {'of peak':>7s}")
+    print(f"{'model':25s} {'MFLOP/img':>9s} {'train img/s':>11s} {'GFLOP/s':>8s} {'of peak':>7s} "
+          f"{'infer img/s':>11s} {'GFLOP/s':>8s} {'of peak':>7s} {'onnxruntime':>11s} {'vs torch':>8s}")
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         r = measure(name, args.batch, args.seconds)
         r["entry"] = name
         r["train_of_peak"], r["infer_of_peak"] = r["train_gflops"] / peak, r["infer_gflops"] / peak
         rows.append(r)
-        print(f"{name:19s} {2 * r['macs'] / 1e6:9.1f} {r['train_images_per_s']:11.0f} {r['train_gflops']:8.1f} "
+        print(f"{name:25s} {2 * r['macs'] / 1e6:9.1f} {r['train_images_per_s']:11.0f} {r['train_gflops']:8.1f} "
               f"{r['train_of_peak']:7.0%} {r['infer_images_per_s']:11.0f} {r['infer_gflops']:8.1f} "
-              f"{r['infer_of_peak']:7.0%}", flush=True)
+              f"{r['infer_of_peak']:7.0%} {r['onnx_images_per_s']:11.0f} "
+              f"{r['onnx_images_per_s'] / r['infer_images_per_s']:7.2f}x", flush=True)
     args.out.write_text(json.dumps({"machine": machine(), "batch": args.batch, "matmul_peak_gflops": peak,
                                     "models": rows}, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

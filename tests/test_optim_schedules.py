@@ -237,3 +237,56 @@ def test_lbfgs_refuses_a_noisy_objective(tmp_path):
                        overrides={"optim.name": "lbfgs", "optim.lbfgs_noisy": True, "train.batch_size": 16,
                                   "log.report": False})
     assert run.summary["status"] == "completed"
+
+
+def test_orthogonalize_pushes_every_singular_value_near_one():
+    from visrec.training.optim import orthogonalize
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((16, 72), (72, 16), (8, 8)):
+        k = min(shape)
+        u, _ = torch.linalg.qr(torch.randn(shape[0], k, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], k, generator=g))
+        m = u @ torch.diag(torch.logspace(-1.5, 1, k)) @ v.T  # a spectrum spread over 2.5 decades
+        s = torch.linalg.svdvals(orthogonalize(m))
+        assert s.min() > 0.5 and s.max() < 1.3, (shape, s)
+
+
+def test_muon_orthogonalizes_conv_kernels_and_steps_the_rest_by_nesterov():
+    lr, muon_lr, mu = 0.1, 0.05, 0.9
+    model = nn.Module()
+    model.conv = nn.Conv2d(4, 8, 3, bias=True)
+    model.w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = build_optimizer(model, OptimConfig(name="muon", lr=lr, muon_lr=muon_lr, momentum=mu, weight_decay=0.0))
+    assert sorted((g["muon"], len(g["params"])) for g in opt.param_groups) == [(False, 2), (True, 1)]
+    k0 = model.conv.weight.detach().clone()
+    w, v = model.w.detach().clone(), torch.zeros(2)
+    g = torch.Generator().manual_seed(1)
+    for grad in GRADS:
+        model.w.grad = grad.clone()
+        model.conv.weight.grad = torch.randn(model.conv.weight.shape, generator=g)
+        model.conv.bias.grad = torch.zeros(8)
+        opt.step()
+        v = mu * v + grad
+        w = w - lr * (grad + mu * v)
+    assert torch.allclose(model.w.detach(), w)  # the non-kernel parameters: Nesterov SGD exactly
+    # a kernel's first step: lr times a near-orthogonal (8, 36) matrix (out < in: no extra scale)
+    model.conv.weight.data.copy_(k0)
+    opt2 = build_optimizer(model, OptimConfig(name="muon", lr=lr, muon_lr=muon_lr, momentum=mu, weight_decay=0.0))
+    model.conv.weight.grad = 1000 * torch.randn(model.conv.weight.shape, generator=g)  # the scale does not matter
+    opt2.step()
+    s = torch.linalg.svdvals((model.conv.weight.detach() - k0).reshape(8, -1)) / muon_lr
+    assert s.min() > 0.5 and s.max() < 1.3
+
+
+def test_a_muon_run_trains_and_resumes_exactly(tmp_path):
+    import visrec
+
+    syn = "synthetic:classes=4,size=12,train=256,test=64"
+    over = {"optim.name": "muon", "train.batch_size": 32, "train.min_epoch_steps": 0, "log.every": 2}
+    straight = visrec.train(syn, epochs=2, out=str(tmp_path / "a"), overrides=over, progress=False)
+    cut = visrec.Trainer(visrec.resolve_config(None, {**over, "data.name": syn, "train.epochs": 2}),
+                         out=str(tmp_path / "b"), progress=False).fit(stop_after_steps=5)
+    done = visrec.resume(cut.path, progress=False)
+    assert done.summary["test_acc"] == straight.summary["test_acc"]
+    assert straight.summary["steps"] == done.summary["steps"]

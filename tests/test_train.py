@@ -342,3 +342,19 @@ def test_a_time_budget_refuses_what_it_cannot_plan():
         visrec.train(SYN, out="runs/x", progress=False, overrides={"train.time_budget": "5s", "average.swa": 0.25})
     with pytest.raises(VisrecError, match="duration"):
         visrec.resolve_config(None, {"train.time_budget": "soon"})
+
+
+def test_progressive_resizing_trains_small_first_then_at_full_size():
+    cfg = visrec.resolve_config(None, {**FAST, "data.name": SYN, "train.epochs": 2, "train.progressive_size": 8,
+                                       "train.progressive_until": 0.5})
+    t = Trainer(cfg, out="runs/prog", progress=False)
+    sizes: list[int] = []
+    t.model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[-1]) if m.training else None)
+    run = t.fit()
+    assert run.summary["status"] == "completed"
+    half = t.total_steps // 2
+    assert sizes[:half] == [8] * half and set(sizes[half:]) == {12}
+    with pytest.raises(VisrecError, match="progressive_size=12 is not below"):
+        quick(out="runs/p2", **{"train.progressive_size": 12})
+    with pytest.raises(VisrecError, match="data.normalize=pca"):
+        quick(out="runs/p3", **{"train.progressive_size": 8, "data.normalize": "pca"})
