@@ -193,7 +193,8 @@ class TrainConfig:
 
     epochs: AtLeast1 = 8
     # a time budget instead of an epoch count: "60s", "5m", "1.5h" (or plain seconds); the schedule is stretched or
-    # shrunk to end when the training steps have taken that long (measured throughput; evaluation not counted)
+    # shrunk to end when the training steps have taken that long (measured throughput; evaluation not counted).
+    # Giving train.epochs (--epochs) without it clears a budget that a preset set
     time_budget: Duration = ""
     # progressive resizing (classification): train at this shorter side in pixels, then at full size from
     # progressive_until of the schedule on; 0 = off
@@ -690,4 +691,7 @@ def resolve_config(
     for key, value in (options or {}).items():
         if value is not None:
             cfg.set(key, str(value) if isinstance(value, Path) else value, source="option")
+    given = {k for k, _ in items} | {k for k, v in (options or {}).items() if v is not None}
+    if "train.epochs" in given and "train.time_budget" not in given:
+        cfg.train.time_budget = ""  # an epoch count asked for replaces a budget the preset (or base) set
     return cfg
