@@ -302,15 +302,15 @@ def test_the_gpu_script_says_no_gpu_cleanly_on_a_cpu_machine():
 
 
 def test_a_time_budget_sets_the_schedules_length_from_the_measured_pace():
-    run = visrec.train(SYN, out="runs/budget", progress=False,
-                       overrides={**FAST, "train.time_budget": "2s", "train.epochs": 1, "log.every": 2,
-                                  "schedule.name": "one_cycle", "schedule.end_factor": 0.01})
-    s = run.summary
+    cfg = visrec.resolve_config(None, {**FAST, "data.name": SYN, "train.time_budget": "2s", "train.epochs": 1,
+                                       "log.every": 2, "schedule.name": "one_cycle", "schedule.end_factor": 0.01})
+    t = Trainer(cfg, out="runs/budget", progress=False)
+    s = t.fit().summary
     assert s["status"] == "completed" and s["time_budget_seconds"] == 2.0
     assert s["steps"] == s["planned_steps"] and s["epochs"] == s["epochs_planned"]
-    # the schedule ran to its end, however many steps the machine's pace allowed
-    assert [r for r in run.metrics("train") if r["kind"] == "window"][-1]["lr"] == pytest.approx(
-        run.config.optim.lr * 0.01, rel=0.2)
+    # the schedule ran to its end, however many steps the machine's pace allowed (a plan cut short by a slower
+    # pace ends at its end too)
+    assert t.schedule.lr == pytest.approx(cfg.optim.lr * 0.01)
 
 
 def test_the_budget_replans_as_the_pace_changes_and_resumes_with_its_plan(tmp_path):
