@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e .
 	touch $(STAMP)
 
-# plus the test and lint tools and the optional exporters: what `make test` needs
+# plus the test and lint tools (pytest, ruff, Playwright, httpx, the Postgres driver): what `make test` needs
 setup-dev: $(DEVSTAMP)
 
 $(DEVSTAMP): $(STAMP)
