@@ -151,3 +151,14 @@ def test_pretrained_is_a_key_and_refused_for_built_in_models():
 
     with pytest.raises(VisrecError, match="model.pretrained=true: 'convnet' has no published pretrained weights"):
         create_model("convnet", in_chans=1, num_classes=10, image_size=28, pretrained=True)
+
+
+def test_an_explicit_epoch_count_replaces_a_presets_time_budget():
+    from visrec.config import parse_duration, resolve_config
+
+    assert resolve_config("fmnist-best").train.time_budget == "55m"
+    assert parse_duration(resolve_config("fmnist-best").train.time_budget) == 3300.0
+    assert resolve_config("fmnist-best", options={"train.epochs": 3}).train.time_budget == ""
+    assert resolve_config("fmnist-best", ["train.epochs=3"]).train.time_budget == ""
+    kept = resolve_config("fmnist-best", ["train.epochs=3", "train.time_budget=2m"])
+    assert (kept.train.epochs, kept.train.time_budget) == (3, "2m")
