@@ -948,15 +948,13 @@ def predict(
 
 
 def _backend_note(run, checkpoint: str, device: str, backend: str) -> None:
-    """Say on stderr why `--backend auto` runs torch rather than onnxruntime, when it does."""
-    task = run.config.task.name
-    if backend == "onnx" and task != "classification":
-        raise VisrecError(f"--backend onnx is for classification runs, and {run.path} is a {task} run",
-                          "leave out --backend")
-    if backend == "auto" and run.config.task.name == "classification":
-        note = run.load_model(checkpoint, device, backend).backend_note
-        if note:
-            err.print(f"[yellow]note:[/yellow] {note}")
+    """Say on stderr why `--backend auto` runs torch rather than onnxruntime, when it does; `--backend onnx` on a
+    run it cannot serve fails here, with load_model's reason, before any other work."""
+    if backend == "torch" or (backend == "auto" and run.config.task.name != "classification"):
+        return
+    note = run.load_model(checkpoint, device, backend).backend_note
+    if note:
+        err.print(f"[yellow]note:[/yellow] {note}")
 
 
 def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: str, max_pixels: int | None,

@@ -179,7 +179,7 @@ class Trainer:
         self._pace_at = -1  # the step at which the budget makes its first plan
         if self.budget is not None:
             check_budget(cfg)
-        progressive_shape(cfg, task.name, ds.image_size)  # refused here, before anything trains
+        self.low_res = progressive_shape(cfg, task.name, ds.image_size)  # checked here, before anything trains
         self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
         self.window_losses: list[float] = []  # of every logged window: the end compares the last with the first
         a = cfg.average
@@ -437,8 +437,7 @@ class Trainer:
 
     def _image_forward(self) -> Forward:
         model, device, amp, mf = self.forward, self.runtime.device, self.runtime.amp_dtype, self.memory_format
-        low = progressive_shape(self.cfg, self.task.name, self.ds.image_size)
-        until = self.cfg.train.progressive_until
+        low, until = self.low_res, self.cfg.train.progressive_until
 
         def forward(xb: torch.Tensor, yb: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
             x = self.normalizer(xb).contiguous(memory_format=mf)
