@@ -33,8 +33,9 @@ def unknown_name(kind: str, name: str, valid: Iterable[str], option: str | None 
 
 
 def closest(name: str, valid: Iterable[str]) -> str | None:
-    """The valid name closest to `name`, or None. A valid name that contains `name` comes first (the first in
-    order: `flip` -> `hflip`, not the equally similar `vflip`), then the most similar by difflib."""
+    """The valid name closest to `name`, or None. A valid name that contains `name` comes first (the shortest, then
+    the first in order: `flip` -> `hflip`, not the equally short `vflip` or the longer `altflip`), then the most
+    similar by difflib."""
     valid = sorted(valid)
     low = name.lower()
     for v in valid:
@@ -42,6 +43,6 @@ def closest(name: str, valid: Iterable[str]) -> str | None:
             return v
     contained = [v for v in valid if low in v.lower()]
     if contained:
-        return contained[0]
+        return min(contained, key=len)
     close = difflib.get_close_matches(name, valid, n=1)
     return close[0] if close else None
