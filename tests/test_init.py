@@ -43,6 +43,23 @@ def test_orthogonal_rows_are_orthonormal():
     assert torch.allclose(w @ w.T, torch.eye(300), atol=1e-4)
 
 
+def test_dirac_convolutions_pass_their_first_channels_through():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1),
+                          nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(4, 4, 2), nn.Linear(4, 3))
+    before = {i: model[i].weight.clone() for i in (3, 4)}
+    init_weights(model, "dirac")
+    x = torch.randn(2, 4, 5, 5)
+    h = model[0](x)
+    assert torch.allclose(h[:, :4], x, atol=1e-6)  # the first 4 of 8 filters copy the 4 inputs
+    assert model[0].weight[4:].abs().sum() > 0  # the rest keep the layer's own random initialization
+    assert torch.allclose(model[1](h), h[:, :4], atol=1e-6)  # 8 -> 4: each output copies an input channel
+    y = torch.randn(2, 6, 5, 5)
+    assert torch.allclose(model[2](y), y, atol=1e-6)  # depthwise: every filter is an identity
+    assert all(torch.equal(model[i].weight, before[i]) for i in (3, 4))  # even kernels and linear layers untouched
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in model)
+
+
 def test_lsuv_gives_every_layer_unit_output_variance():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 10))

@@ -9,6 +9,9 @@ with biases zeroed. Normalization layers keep their own (scale 1, shift 0); a fi
     he_fan_out       variance 2 / fan_out (keeps the backward pass's gradients at scale)
     he_uniform       uniform, variance 2 / fan_in
     orthogonal       Saxe et al. (2014): a (semi-)orthogonal matrix per layer, gain 1
+    dirac            identity-preserving convolutions (airbench's init): in each convolution with an odd kernel,
+                     the first min(in, out) filters pass their input channel through unchanged (a centred 1),
+                     the other filters and every linear layer keep the layer's own initialization
     lsuv             Mishkin & Matas (2016), data-dependent: orthogonal, then each layer in forward order is scaled
                      until its output variance on a batch of training images is 1
 
@@ -25,7 +28,7 @@ from torch import nn
 from ..errors import VisrecError
 
 SCHEMES = ("default", "normal:STD", "xavier", "xavier_uniform", "xavier_normal", "he", "he_normal", "he_fan_out",
-           "he_uniform", "orthogonal", "lsuv")
+           "he_uniform", "orthogonal", "dirac", "lsuv")
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -66,7 +69,9 @@ def init_weights(model: nn.Module, spec: str, data: torch.Tensor | None = None, 
     layers = init_layers(model)
     for m in layers:
         w = m.weight
-        if name == "normal":
+        if name == "dirac":
+            _dirac(m)
+        elif name == "normal":
             nn.init.normal_(w, 0.0, std)
         elif name in ("xavier", "xavier_uniform"):
             nn.init.xavier_uniform_(w)
@@ -88,6 +93,19 @@ def init_weights(model: nn.Module, spec: str, data: torch.Tensor | None = None, 
                               "train through visrec (it passes the batch), or call init_weights(model, 'lsuv', x)")
         _lsuv(model, layers, data, tol, max_iter)
     return model
+
+
+def _dirac(m: nn.Module) -> None:
+    """Filter i of a convolution copies input channel i (i < min(in, out), within its group), centred; the
+    remaining filters, even kernels and linear layers keep their own initialization."""
+    w = m.weight
+    if isinstance(m, nn.Linear) or any(k % 2 == 0 for k in w.shape[2:]):
+        return
+    groups = getattr(m, "groups", 1)
+    per_group = w.shape[0] // groups
+    n = min(per_group, w.shape[1])
+    for g in range(groups):
+        nn.init.dirac_(w[g * per_group : g * per_group + n])
 
 
 def _lsuv(model: nn.Module, layers: list[nn.Module], x: torch.Tensor, tol: float, max_iter: int) -> None:
