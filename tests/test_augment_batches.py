@@ -101,6 +101,33 @@ def test_device_batches_cover_each_epoch_once():
     assert len(full) == 4 and torch.equal(torch.cat([y for _, y in full.epoch(0)]), labels)
 
 
+def test_alternating_flip_shows_each_image_mirrored_in_every_other_epoch():
+    images = torch.arange(40 * 4, dtype=torch.uint8).view(40, 1, 2, 2)  # every image distinct, none symmetric
+    labels = torch.arange(40)
+    b = DeviceBatches(images, labels, 8, seed=3, alternate_flip=True)
+
+    def mirrored(epoch: int) -> dict[int, bool]:
+        out = {}
+        for x, y in b.epoch(epoch):
+            for img, i in zip(x, y.tolist(), strict=True):
+                assert torch.equal(img, images[i]) or torch.equal(img, images[i].flip(2))
+                out[i] = torch.equal(img, images[i].flip(2))
+        return out
+
+    e0, e1, e2 = mirrored(0), mirrored(1), mirrored(2)
+    assert 10 < sum(e0.values()) < 30  # a random half in the first epoch
+    assert all(e1[i] != e0[i] for i in e0) and e2 == e0  # then alternating
+    assert mirrored(0) == e0  # deterministic under the seed, like the order
+    assert DeviceBatches(images, labels, 8, seed=4, alternate_flip=True).flip_start.tolist() != b.flip_start.tolist()
+    boxes = {"boxes": torch.tensor([[[0.0, 0.0, 1.0, 2.0]]]).repeat(40, 1, 1), "box_labels": torch.zeros(40, 1)}
+    bb = DeviceBatches(images, boxes, 40, seed=3, alternate_flip=True)
+    x, y = next(bb.epoch(0))
+    moved = y["boxes"][:, 0, 0] == 1.0  # the box x in [0, 1] of a 2-pixel-wide image, mirrored: [1, 2]
+    assert torch.equal(moved, bb.flip_start[bb.order(0)])
+    assert y["boxes"][moved, 0].tolist() == [[1.0, 0.0, 2.0, 2.0]] * int(moved.sum())
+    assert Pipeline(["altflip", "hflip"]).steps[0].name == "hflip"  # the pipeline leaves altflip to the batches
+
+
 def _color_set(n=32, seed=0):
     from visrec.data import Normalizer
 

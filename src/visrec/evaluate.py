@@ -39,10 +39,10 @@ TTA_SCALES = (0.9, 1.0, 1.1)
 
 
 def resolve_tta(setting: str, augment: list[str]) -> str:
-    """`auto` is flip when training mirrored images (hflip in data.augment), else none: averaging
+    """`auto` is flip when training mirrored images (hflip or altflip in data.augment), else none: averaging
     with the mirror helps a model trained flip-invariant and hurts one that was not."""
     if setting == "auto":
-        return "flip" if any(spec.split(":")[0] == "hflip" for spec in augment) else "none"
+        return "flip" if any(spec.split(":")[0] in ("hflip", "altflip") for spec in augment) else "none"
     if setting not in TTA_MODES:
         raise VisrecError(f"eval.tta {setting!r} is not valid", f"use auto or one of {', '.join(TTA_MODES)}")
     return setting

@@ -3,6 +3,7 @@
 Each augmentation is registered by name and built from a spec string `name` or `name:arg`:
 
     hflip            mirror left-right with probability 1/2
+    altflip          mirror left-right in alternate epochs, from a random half in the first (see AltFlip)
     vflip            mirror top-bottom with probability 1/2
     crop:PAD         pad by PAD pixels (default 2) with the mean (zero after normalization), then crop
                      back at a random offset: a random translation of up to PAD pixels (alias: translate)
@@ -51,6 +52,7 @@ class Augmentation:
     name = ""
     default: float | None = None
     pixels = False  # works on pixel values: bound to the normalization (and the training images) by `bind`
+    by_batches = False  # applied by the batch iterator, which knows each image's index and the epoch (altflip)
 
     def __init__(self, arg: float | None = None):
         self.arg = self.default if arg is None else arg
@@ -81,25 +83,30 @@ def _rand(n: int, gen: torch.Generator) -> torch.Tensor:
 _MASKS = ("instances", "semantic")  # per-pixel targets (N, H, W)
 
 
+def mirror(x: torch.Tensor, y: Targets, flip: torch.Tensor, dim: int = 3) -> tuple[torch.Tensor, Targets]:
+    """Images (N, C, H, W) where the bool mask `flip` (N,) says so mirrored along `dim` (3: left-right, 2:
+    top-bottom), with their boxes and masks."""
+    out = torch.where(flip.view(-1, 1, 1, 1), x.flip(dim), x)
+    if isinstance(y, dict):
+        y = dict(y)
+        size = x.shape[dim]
+        if "boxes" in y:
+            b = y["boxes"]
+            lo, hi = (0, 2) if dim == 3 else (1, 3)  # the coordinates along the mirrored axis
+            mirrored = b.clone()
+            mirrored[..., lo], mirrored[..., hi] = size - b[..., hi], size - b[..., lo]
+            y["boxes"] = torch.where(flip.view(-1, 1, 1), mirrored, b)
+        for k in _MASKS:
+            if k in y:
+                y[k] = torch.where(flip.view(-1, 1, 1), y[k].flip(dim - 1), y[k])
+    return out, y
+
+
 class _Flip(Augmentation):
     dim = 3  # mirror along this axis of (N, C, H, W)
 
     def __call__(self, x, y, gen, rng):
-        flip = _rand(x.shape[0], gen) < 0.5
-        out = torch.where(flip.view(-1, 1, 1, 1), x.flip(self.dim), x)
-        if isinstance(y, dict):
-            y = dict(y)
-            size = x.shape[self.dim]
-            if "boxes" in y:
-                b = y["boxes"]
-                lo, hi = (0, 2) if self.dim == 3 else (1, 3)  # the coordinates along the mirrored axis
-                mirrored = b.clone()
-                mirrored[..., lo], mirrored[..., hi] = size - b[..., hi], size - b[..., lo]
-                y["boxes"] = torch.where(flip.view(-1, 1, 1), mirrored, b)
-            for k in _MASKS:
-                if k in y:
-                    y[k] = torch.where(flip.view(-1, 1, 1), y[k].flip(self.dim - 1), y[k])
-        return out, y
+        return mirror(x, y, _rand(x.shape[0], gen) < 0.5, self.dim)
 
 
 @register_augmentation
@@ -110,6 +117,26 @@ class HFlip(_Flip):
 @register_augmentation
 class VFlip(_Flip):
     name, dim = "vflip", 2
+
+
+@register_augmentation
+class AltFlip(Augmentation):
+    """Alternating left-right mirroring (Jordan, 2024): a random half of the images is mirrored in the first epoch,
+    and from then on every image is mirrored in every other epoch, so any two consecutive epochs show both views
+    of each image (random flips show the same view twice in a row to half of them). It depends on each image's
+    index and the epoch, which only the batch iterator knows: `DeviceBatches(alternate_flip=True)` applies it, and
+    the pipeline passes it over."""
+
+    name = "altflip"
+    by_batches = True
+
+    def __call__(self, x, y, gen, rng):
+        return x, y
+
+
+def alternates_flip(specs: list[str]) -> bool:
+    """Whether `data.augment` asks for alternating flips (applied by the batch iterator, not the pipeline)."""
+    return any(str(s).split(":")[0] == AltFlip.name for s in specs)
 
 
 @register_augmentation
@@ -353,7 +380,7 @@ class Pipeline:
                  images: torch.Tensor | None = None):
         """`normalizer` (the run's, fitted on `images`, the uint8 training images) binds the pixel-space
         augmentations (color_jitter, pca_color) to the values they change."""
-        self.steps = [parse_augmentation(s) for s in specs]
+        self.steps = [step for step in map(parse_augmentation, specs) if not step.by_batches]
         for step in self.steps:
             if step.pixels and normalizer is not None:
                 if normalizer.whitening:

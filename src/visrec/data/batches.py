@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .augment import mirror
 from .imageset import index_targets
 
 
@@ -33,11 +34,16 @@ class DeviceBatches:
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
+        alternate_flip: bool = False,
     ):
         self.images, self.targets = images, targets
         self.batch_size = min(batch_size, len(images))
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world = rank, world
+        self.flip_start: torch.Tensor | None = None
+        if alternate_flip:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + 7_919)
+            self.flip_start = (torch.rand(len(images), generator=g) < 0.5).to(images.device)
 
     def __len__(self) -> int:
         n = len(self.images)
@@ -58,4 +64,7 @@ class DeviceBatches:
             idx = perm[b * bs : (b + 1) * bs]
             if self.world > 1:
                 idx = idx.tensor_split(self.world)[self.rank]
-            yield self.images[idx], index_targets(self.targets, idx)
+            x, y = self.images[idx], index_targets(self.targets, idx)
+            if self.flip_start is not None:
+                x, y = mirror(x, y, self.flip_start[idx] ^ bool(epoch % 2))
+            yield x, y

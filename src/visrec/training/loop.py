@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, parse_duration
 from ..data import Dataset, DeviceBatches, Normalizer, Pipeline
+from ..data.augment import alternates_flip
 from ..data.imageset import move_targets
 from ..device import (
     Runtime,
@@ -164,7 +165,8 @@ class Trainer:
                               f"set train.batch_size to a multiple of {self.dist.world} (the global batch: each "
                               f"process takes batch / {self.dist.world})")
         self.batches = DeviceBatches(ds.train.images.to(device), move_targets(task.targets(ds.train), device), bs,
-                                     seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world)
+                                     seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world,
+                                     alternate_flip=alternates_flip(cfg.data.augment))
         if self.dist.active:
             d = self.dist
             where = (f"{torch.get_num_threads()} CPU thread(s) each" if device.type == "cpu"
