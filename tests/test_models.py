@@ -162,3 +162,19 @@ def test_convnet_whitening_stem():
         create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_kernel=2)
     with pytest.raises(VisrecError, match="whiten_kernel=0"):
         create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_kernel=0)
+
+
+def test_a_fixed_whitening_bias_keeps_gradients_out_of_the_stem():
+    kw = dict(in_chans=1, num_classes=10, image_size=(28, 28), pools=[1, 1, 0, 0], stem="whiten")
+    trained, fixed = create_model("convnet", **kw), create_model("convnet", **kw, whiten_bias=False)
+    assert trained.state_dict().keys() == fixed.state_dict().keys()  # checkpoints load either way
+    assert "stem.0.bias" not in dict(fixed.named_parameters()) and not fixed.stem[0].bias.any()
+    fixed.load_state_dict(trained.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    seen = {}
+    for name, m in (("fixed", fixed), ("trained", trained)):
+        m.stem.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, out.requires_grad))
+        m(x).sum().backward()
+    assert seen == {"fixed": False, "trained": True}  # so stage1 computes no input gradient
+    assert fixed.stages[0][0].weight.grad is not None
+    assert torch.allclose(fixed.eval()(x), trained.eval()(x))

@@ -18,6 +18,9 @@ preset's layout). `downsample=fractional` makes each flagged pool a fractional m
 `layers.PatchWhitening`): its filters whiten the `whiten_kernel` x `whiten_kernel` patches of the training images
 (the Trainer fits them on a sample before the first step), then ReLU. It emits w0 channels: the w0/2 whitened
 directions of largest variance and their negations, so w0 must be even and at most 2 x channels x kernel^2.
+Its per-channel bias trains unless `whiten_bias=False`, which holds it at zero: then nothing before stage1 has a
+gradient, and the backward pass skips stage1's input gradient and the stem's pool and ReLU (about 25% more
+training steps per second for `fmnist-fast`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class ConvNet(Classifier):
     def __init__(
         self, in_chans: int, num_classes: int, image_size: tuple[int, int],
         widths: tuple[int, int, int], act: str, pool: str, pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0),
-        stem: str = "conv", whiten_kernel: int = 3, downsample: str = "max",
+        stem: str = "conv", whiten_kernel: int = 3, downsample: str = "max", whiten_bias: bool = True,
     ):
         super().__init__()
         w0, w1, w2 = widths
@@ -61,7 +64,7 @@ class ConvNet(Classifier):
                 raise VisrecError(f"convnet widths[0]={w0} cannot be the width of a whitening stem of "
                                   f"{whiten_kernel}x{whiten_kernel} patches: it must be even and at most {most}",
                                   "lower model.kwargs.widths[0] or raise model.kwargs.whiten_kernel")
-            whiten = PatchWhitening(in_chans, whiten_kernel, w0)
+            whiten = PatchWhitening(in_chans, whiten_kernel, w0, train_bias=bool(whiten_bias))
             layers = [whiten, *([downsampler(downsample)] if pools[0] else []), activation(act, w0)]
         else:
             layers = [conv_bn_act(in_chans, w0, act=act, pool=bool(pools[0]), downsample=downsample)]
@@ -84,8 +87,8 @@ def convnet(
     *, in_chans: int, num_classes: int, image_size: tuple[int, int],
     widths: tuple[int, int, int] = (16, 32, 64), act: str = "relu", pool: str = "max",
     pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0), stem: str = "conv", whiten_kernel: int = 3,
-    downsample: str = "max",
+    downsample: str = "max", whiten_bias: bool = True,
 ) -> nn.Module:
     """Small, fast batch-norm CNN (the default): 4 convs, 2 pools, global max-pool, linear head."""
     return ConvNet(in_chans, num_classes, image_size, tuple(widths), act, pool, tuple(pools), stem, whiten_kernel,
-                   downsample)
+                   downsample, whiten_bias)

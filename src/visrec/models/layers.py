@@ -290,11 +290,13 @@ class PatchWhitening(nn.Module):
     with unit variance: the layers after it see well-conditioned inputs from the first step. It emits each
     whitened direction and its negation so a following ReLU loses neither sign: 2*C*k*k channels, or
     `out_channels` from the directions of largest variance (dropping the faintest, noisiest ones). The filters
-    are a buffer (saved with the weights, never trained); the per-channel bias is trained. Until `fit` runs, the
-    filters pick out the raw pixels of each patch.
+    are a buffer (saved with the weights, never trained); the per-channel bias is trained, or with
+    `train_bias=False` a zero buffer (same state-dict key), so no gradient reaches this layer. Until `fit` runs,
+    the filters pick out the raw pixels of each patch.
     """
 
-    def __init__(self, in_chans: int, kernel_size: int = 2, out_channels: int | None = None, eps: float = 5e-4):
+    def __init__(self, in_chans: int, kernel_size: int = 2, out_channels: int | None = None, eps: float = 5e-4,
+                 train_bias: bool = True):
         super().__init__()
         d = in_chans * kernel_size * kernel_size
         out_channels = 2 * d if out_channels is None else out_channels
@@ -306,7 +308,10 @@ class PatchWhitening(nn.Module):
         eye = torch.eye(d)[: out_channels // 2]
         self.register_buffer("weight", torch.cat([eye, -eye]).reshape(out_channels, in_chans, kernel_size,
                                                                       kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
+        if train_bias:
+            self.bias = nn.Parameter(torch.zeros(out_channels))
+        else:
+            self.register_buffer("bias", torch.zeros(out_channels))
 
     @property
     def out_channels(self) -> int:
