@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from visrec.errors import VisrecError
 from visrec.models import create_model, list_models, model_entry
@@ -178,3 +180,46 @@ def test_a_fixed_whitening_bias_keeps_gradients_out_of_the_stem():
     assert seen == {"fixed": False, "trained": True}  # so stage1 computes no input gradient
     assert fixed.stages[0][0].weight.grad is not None
     assert torch.allclose(fixed.eval()(x), trained.eval()(x))
+
+
+@pytest.mark.parametrize("shape", [(3, 18, 28, 28), (2, 5, 7, 9), (1, 4, 2, 2)])
+def test_the_2x2_max_pool_equals_max_pool2d_with_and_without_gradients(shape):
+    from visrec.models.layers import MaxPool2x2
+
+    pool = MaxPool2x2()
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(pool(x), F.max_pool2d(x, 2))  # the strided-views path, odd sizes floored alike
+    xg = x.clone().requires_grad_()
+    out = pool(xg)
+    assert out.grad_fn is not None and torch.equal(out, F.max_pool2d(x, 2))  # max_pool2d's path where grads flow
+    out.sum().backward()
+    assert xg.grad.sum() == out.numel()  # one winner per window, as max_pool2d routes it
+
+
+def test_the_2x2_max_pool_exports_as_one_maxpool_node(tmp_path):
+    import onnx
+
+    from visrec.models.layers import MaxPool2x2
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), MaxPool2x2()).eval()
+    with torch.no_grad():
+        torch.onnx.export(net, (torch.randn(1, 1, 10, 10),), str(tmp_path / "m.onnx"), dynamo=True, verbose=False)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert ops.count("MaxPool") == 1 and "Max" not in ops
+
+
+def test_convnet_depth_and_a_fourth_width_build_airbench_style_stages():
+    kw = dict(in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_bias=False)
+    m = create_model("convnet", **kw, widths=[18, 24, 32, 40], pools=[0, 1, 1, 1], depth=2)
+    convs = [c for c in m.stages.modules() if isinstance(c, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(18, 24), (24, 24), (24, 32), (32, 32), (32, 40),
+                                                                (40, 40)]
+    assert m.head.in_features == 40 and m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    plain = create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28))
+    assert plain.state_dict().keys() == create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28),
+                                                     widths=[16, 32, 64, 64], depth=1).state_dict().keys()
+    with pytest.raises(VisrecError, match="depth=0"):
+        create_model("convnet", **kw, depth=0)
+    with pytest.raises(VisrecError, match="3 or 4"):
+        create_model("convnet", **kw, widths=[18, 32])

@@ -21,6 +21,10 @@ directions of largest variance and their negations, so w0 must be even and at mo
 Its per-channel bias trains unless `whiten_bias=False`, which holds it at zero: then nothing before stage1 has a
 gradient, and the backward pass skips stage1's input gradient and the stem's pool and ReLU (about 25% more
 training steps per second for `fmnist-fast`).
+
+Larger versions: a fourth width gives stage3 its own (`widths=[18,64,128,256]`; by default stage3 keeps stage2's),
+and `depth=D` makes each stage D convolutions, the first pooling as flagged and the rest conv-BN-ReLU at the same
+width (airbench's blocks are depth 2).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import nn
 
 from ..errors import VisrecError
 from ._registry import register_model
-from .layers import Classifier, GlobalPool, PatchWhitening, activation, conv_bn_act, downsampler
+from .layers import Classifier, GlobalPool, MaxPool2x2, PatchWhitening, activation, conv_bn_act, downsampler
 
 
 class ConvNet(Classifier):
@@ -40,11 +44,19 @@ class ConvNet(Classifier):
 
     def __init__(
         self, in_chans: int, num_classes: int, image_size: tuple[int, int],
-        widths: tuple[int, int, int], act: str, pool: str, pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0),
+        widths: tuple[int, ...], act: str, pool: str, pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0),
         stem: str = "conv", whiten_kernel: int = 3, downsample: str = "max", whiten_bias: bool = True,
+        depth: int = 1,
     ):
         super().__init__()
-        w0, w1, w2 = widths
+        if len(widths) not in (3, 4) or min(widths) < 1:
+            raise VisrecError(f"convnet widths {list(widths)} must be 3 or 4 positive numbers (stem, stage1, stage2"
+                              "[, stage3]; stage3 has stage2's width unless given)",
+                              "e.g. model.kwargs.widths=[16,32,64]")
+        if depth < 1:
+            raise VisrecError(f"convnet depth={depth} must be >= 1 (convolutions per stage)",
+                              "e.g. model.kwargs.depth=2")
+        w0, w1, w2, w3 = (*widths, widths[2]) if len(widths) == 3 else widths
         if len(pools) != 4:
             raise VisrecError(f"convnet pools {list(pools)} must have 4 flags (stem, stage1, stage2, stage3)",
                               "e.g. model.kwargs.pools=[0,1,1,0]")
@@ -68,15 +80,18 @@ class ConvNet(Classifier):
             layers = [whiten, *([downsampler(downsample)] if pools[0] else []), activation(act, w0)]
         else:
             layers = [conv_bn_act(in_chans, w0, act=act, pool=bool(pools[0]), downsample=downsample)]
-        layers += [nn.MaxPool2d(2) for _ in range(extra_pools)]
+        layers += [MaxPool2x2() for _ in range(extra_pools)]
         self.stem = nn.Sequential(*layers)
-        self.stages = nn.Sequential(
-            conv_bn_act(w0, w1, pool=bool(pools[1]), act=act, downsample=downsample),
-            conv_bn_act(w1, w2, pool=bool(pools[2]), act=act, downsample=downsample),
-            conv_bn_act(w2, w2, pool=bool(pools[3]), act=act, downsample=downsample),
-        )
+        def stage(cin: int, cout: int, pooled: bool) -> nn.Sequential:
+            first = conv_bn_act(cin, cout, pool=pooled, act=act, downsample=downsample)
+            if depth == 1:
+                return first
+            return nn.Sequential(first, *(conv_bn_act(cout, cout, act=act) for _ in range(depth - 1)))
+
+        self.stages = nn.Sequential(stage(w0, w1, bool(pools[1])), stage(w1, w2, bool(pools[2])),
+                                    stage(w2, w3, bool(pools[3])))
         self.pool = GlobalPool(pool)
-        self.head = nn.Linear(w2, num_classes)
+        self.head = nn.Linear(w3, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))  # (B, C, H, W) -> (B, w2, H/4, W/4)
@@ -85,10 +100,10 @@ class ConvNet(Classifier):
 @register_model(family="convnet")
 def convnet(
     *, in_chans: int, num_classes: int, image_size: tuple[int, int],
-    widths: tuple[int, int, int] = (16, 32, 64), act: str = "relu", pool: str = "max",
+    widths: tuple[int, ...] = (16, 32, 64), act: str = "relu", pool: str = "max",
     pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0), stem: str = "conv", whiten_kernel: int = 3,
-    downsample: str = "max", whiten_bias: bool = True,
+    downsample: str = "max", whiten_bias: bool = True, depth: int = 1,
 ) -> nn.Module:
     """Small, fast batch-norm CNN (the default): 4 convs, 2 pools, global max-pool, linear head."""
     return ConvNet(in_chans, num_classes, image_size, tuple(widths), act, pool, tuple(pools), stem, whiten_kernel,
-                   downsample, whiten_bias)
+                   downsample, whiten_bias, int(depth))

@@ -263,10 +263,28 @@ class FractionalMaxPool(nn.Module):
         return f"ratio={self.ratio:.4g}"
 
 
+class MaxPool2x2(nn.MaxPool2d):
+    """A 2x2, stride-2 max-pool that, where no gradient flows through it, takes the maximum of the four strided
+    views instead of calling `max_pool2d`: on the CPU that is 1.2-4x faster for batched channels_last maps (4x for
+    the 18-channel 28x28 maps of a whitening stem), and gives the same values. Where a gradient flows, and when
+    traced for export or compiled, it is `nn.MaxPool2d(2)` (same module tree and state dict either way)."""
+
+    def __init__(self):
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ((x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4 or torch.jit.is_tracing()
+                or torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+            return super().forward(x)
+        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+        return torch.maximum(torch.maximum(x[:, :, 0:h:2, 0:w:2], x[:, :, 0:h:2, 1:w:2]),
+                             torch.maximum(x[:, :, 1:h:2, 0:w:2], x[:, :, 1:h:2, 1:w:2]))
+
+
 def downsampler(kind: str = "max") -> nn.Module:
     """The 2x downsampling of a stage: `max` (2x2 max-pool) or `fractional` (FractionalMaxPool, ratio 1/sqrt(2))."""
     if kind == "max":
-        return nn.MaxPool2d(2)
+        return MaxPool2x2()
     if kind == "fractional":
         return FractionalMaxPool()
     raise VisrecError(f"downsample {kind!r} is not valid", "use max or fractional (model.kwargs.downsample)")
