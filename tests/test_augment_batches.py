@@ -193,3 +193,11 @@ def test_a_run_trains_with_color_augmentations(tmp_path):
     with pytest.raises(VisrecError, match="1 channel"):
         visrec.train("synthetic:classes=3,size=8,train=96,test=24", epochs=1, out=str(tmp_path / "g"),
                      progress=False, overrides={"data.augment": ["pca_color"]})
+
+
+@pytest.mark.parametrize("spec", ["hflip:3", "altflip:1", "vflip:x"])
+def test_an_argument_to_an_augmentation_that_takes_none_is_refused(spec):
+    name = spec.split(":")[0]
+    with pytest.raises(VisrecError, match=f"{name} takes no argument") as err:
+        Pipeline([spec])
+    assert err.value.hint == f"write it as {name}"

@@ -352,6 +352,8 @@ def parse_augmentation(spec: str) -> Augmentation:
     if name not in AUGMENTATIONS:
         raise unknown_name("augmentation", name, AUGMENTATIONS, "data.augment")
     arity = getattr(AUGMENTATIONS[name], "arity", 1)
+    if arg.strip() and AUGMENTATIONS[name].default is None:
+        raise VisrecError(f"data.augment {spec!r}: {name} takes no argument", f"write it as {name}")
     if arg and arity > 1:
         try:
             values = tuple(float(v) for v in arg.split(","))
