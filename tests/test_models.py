@@ -77,8 +77,8 @@ def test_lenet5_has_the_classic_layer_sizes():
 def test_unknown_model_and_option_errors():
     with pytest.raises(VisrecError, match="(?s)unknown model 'convnett'.*did you mean 'convnet'"):
         create_model("convnett")
-    with pytest.raises(VisrecError, match="(?s)no option 'depth'.*widths"):
-        create_model("convnet", depth=3)
+    with pytest.raises(VisrecError, match="(?s)no option 'depthh'.*depth"):
+        create_model("convnet", depthh=3)
 
 
 def test_model_from_file(tmp_path):
