@@ -7,11 +7,14 @@
    outside the timed region).
 3. Below epoch granularity for visrec: the preset under time budgets (`train.time_budget`, which plans the whole
    schedule to end on time), 3 seeds each; visrec's time to 91% is the smallest budget whose mean reaches it.
+   The budgets are set from the loop's time to 91% in this run (`--speedups 8,10,12`: a tenth of it, and so on),
+   so a slow or fast moment of the machine moves both sides alike.
 4. The preset with a budget of exactly one baseline epoch (measured above, in this run), 3 seeds: does it reach
    93% in the time the loop spends on one epoch?
 5. The whole `visrec train fashion-mnist --preset P` command, timed once as a user runs it.
 
-    python bench/time_to_accuracy.py [--presets fmnist-fast] [--seeds 0,1,2] [--budgets 5,6,8,10] [--baseline-epochs 4]
+    python bench/time_to_accuracy.py [--presets fmnist-fast] [--seeds 0,1,2] [--speedups 8,10,12] [--budgets 5,6]
+                                     [--baseline-epochs 4]
 """
 
 from __future__ import annotations
@@ -96,13 +99,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="fmnist-fast")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--budgets", default="5,6,8,10", help="seconds: the time budgets for the time to 91%%")
+    ap.add_argument("--budgets", default="", help="seconds: time budgets for the time to 91%%")
+    ap.add_argument("--speedups", default="8,10,12",
+                    help="more budgets, as the loop's time to 91%% (quarter-epoch points, this run) divided by each "
+                         "of these: this machine's speed drifts between runs, the ratio is what is compared")
     ap.add_argument("--baseline-epochs", type=int, default=4)
     ap.add_argument("--no-command", action="store_true", help="skip timing the CLI command")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    speedups = [float(r) for r in args.speedups.split(",") if r.strip()]
     print(f"machine: {machine()}", flush=True)
     print("baseline (plain PyTorch loop, test accuracy every quarter epoch):", flush=True)
     base = plain_loop(args.baseline_epochs, evals_per_epoch=4)
@@ -112,6 +119,10 @@ def main() -> None:
     loop_epoch = base["epoch_seconds"]
     print(f"  plain loop: {loop_epoch:.1f} s per epoch; to 91% at quarter-epoch points: {_fmt(base['seconds_to_91'])}"
           f" (interpolated {_fmt(base['interpolated_to_91'])})", flush=True)
+    if speedups and base["seconds_to_91"] is None:
+        sys.exit(f"--speedups {args.speedups}: the loop did not reach 91% in {args.baseline_epochs} epochs; "
+                 "give more --baseline-epochs or seconds in --budgets")
+    budgets = sorted(set(budgets) | {round(base["seconds_to_91"] / r, 2) for r in speedups})
     result = {"machine": machine(), "baseline": base, "presets": {}}
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
         print(f"visrec --preset {preset}:", flush=True)
@@ -154,8 +165,9 @@ def main() -> None:
               f"({len(seeds)} seeds) = {e['loop_epochs']:.2f} loop epochs; to 93% at epoch ends: "
               f"{_fmt(e['seconds_to_93'])}")
         for row in e["budgets"]:
-            print(f"  budget {row['budget']:.1f} s: test {row['test_acc_mean']:.2%} (mean of {len(row['runs'])} "
-                  f"seeds, {row['train_seconds_mean']:.1f} s)")
+            print(f"  budget {row['budget']:.1f} s (loop's time to 91% / {base['seconds_to_91'] / row['budget']:.1f}): "
+                  f"test {row['test_acc_mean']:.2%} (mean of {len(row['runs'])} seeds, "
+                  f"{row['train_seconds_mean']:.1f} s)")
         if e["speedup_to_91"]:
             print(f"  time to 91%: {e['budget_to_91']:.1f} s (smallest budget whose mean reaches it) against the "
                   f"loop's {base['seconds_to_91']:.1f} s: {e['speedup_to_91']:.1f}x faster "
