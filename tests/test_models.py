@@ -197,6 +197,13 @@ def test_the_2x2_max_pool_equals_max_pool2d_with_and_without_gradients(shape):
     assert xg.grad.sum() == out.numel()  # one winner per window, as max_pool2d routes it
 
 
+def test_the_2x2_max_pool_refuses_a_one_pixel_map_as_max_pool2d_does():
+    from visrec.models.layers import MaxPool2x2
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="too small"):
+        MaxPool2x2()(torch.randn(2, 3, 1, 6))
+
+
 def test_the_2x2_max_pool_exports_as_one_maxpool_node(tmp_path):
     import onnx
 

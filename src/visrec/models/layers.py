@@ -273,8 +273,9 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ((x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4 or torch.jit.is_tracing()
-                or torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()):
+        if ((x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4 or x.shape[2] < 2 or x.shape[3] < 2
+                or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+                or torch.onnx.is_in_onnx_export()):  # (a map under 2x2 gets max_pool2d's own error)
             return super().forward(x)
         h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
         return torch.maximum(torch.maximum(x[:, :, 0:h:2, 0:w:2], x[:, :, 0:h:2, 1:w:2]),
