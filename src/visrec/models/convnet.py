@@ -82,6 +82,7 @@ class ConvNet(Classifier):
             layers = [conv_bn_act(in_chans, w0, act=act, pool=bool(pools[0]), downsample=downsample)]
         layers += [MaxPool2x2() for _ in range(extra_pools)]
         self.stem = nn.Sequential(*layers)
+
         def stage(cin: int, cout: int, pooled: bool) -> nn.Sequential:
             first = conv_bn_act(cin, cout, pool=pooled, act=act, downsample=downsample)
             if depth == 1:
@@ -94,7 +95,7 @@ class ConvNet(Classifier):
         self.head = nn.Linear(w3, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))  # (B, C, H, W) -> (B, w2, H/4, W/4)
+        return self.stages(self.stem(x))  # (B, C, H, W) -> (B, w3, H/2^p, W/2^p), p the pools flagged
 
 
 @register_model(family="convnet")
