@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.augment import AltFlip, HFlip
+from .data.augment import AltFlip, HFlip, parse_augmentation
 from .data.imageset import ImageSet
 from .data.preprocess import Normalizer
 from .device import autocast
@@ -43,8 +43,7 @@ def resolve_tta(setting: str, augment: list[str]) -> str:
     """`auto` is flip when training mirrored images (hflip or altflip in data.augment), else none: averaging
     with the mirror helps a model trained flip-invariant and hurts one that was not."""
     if setting == "auto":
-        mirrored = (HFlip.name, AltFlip.name)
-        return "flip" if any(spec.split(":")[0].strip() in mirrored for spec in augment) else "none"
+        return "flip" if any(isinstance(parse_augmentation(spec), (HFlip, AltFlip)) for spec in augment) else "none"
     if setting not in TTA_MODES:
         raise VisrecError(f"eval.tta {setting!r} is not valid", f"use auto or one of {', '.join(TTA_MODES)}")
     return setting
