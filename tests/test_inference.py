@@ -21,12 +21,14 @@ SYN = "synthetic:classes=4,size=16,train=256,test=64"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Three small classification runs: the default convnet, a ResNet (batch norm, residuals) and the fmnist-fast
-    layout (a whitening stem: preprocessing torch keeps), each trained two epochs."""
+    layout (a whitening stem: preprocessing torch keeps; a grid-pooled head, 4x4 -> 3x3 overlapping cells), each
+    trained two epochs."""
     root = tmp_path_factory.mktemp("inference")
     out = {}
     for name, kw in {"convnet": {}, "resnet20": {"model": "resnet20"},
                      "whiten": {"overrides": ["model.kwargs.stem=whiten", "model.kwargs.widths=[18,16,16]",
-                                        "model.kwargs.pools=[1,1,0,0]", "eval.tta=flip",
+                                        "model.kwargs.pools=[1,1,0,0]", "model.kwargs.pool_grid=3",
+                                        "eval.tta=flip",
                                         "data.augment=[hflip]"]}}.items():
         out[name] = visrec.train(SYN, epochs=2, out=str(root / name), progress=False, **kw).path
     return out

@@ -230,3 +230,37 @@ def test_convnet_depth_and_a_fourth_width_build_airbench_style_stages():
         create_model("convnet", **kw, depth=0)
     with pytest.raises(VisrecError, match="3 or 4"):
         create_model("convnet", **kw, widths=[18, 32])
+
+
+def test_grid_pooling_matches_adaptive_pooling_and_exports_to_onnx(tmp_path):
+    from visrec.models.layers import GlobalPool, grid_pool
+
+    torch.manual_seed(0)
+    for h, w in [(7, 7), (8, 8), (5, 9), (3, 3), (1, 1), (14, 6)]:  # even, overlapping, uneven cells; tiny maps
+        x = torch.randn(2, 3, h, w)
+        for g in (2, 3, 4):
+            assert torch.equal(grid_pool(x, g, "max"), F.adaptive_max_pool2d(x, g))
+            assert torch.allclose(grid_pool(x, g, "avg"), F.adaptive_avg_pool2d(x, g), atol=1e-6)
+    m = create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), pools=[1, 1, 0, 0], pool_grid=2)
+    assert m.head.in_features == 64 * 4 and m.num_features == 256
+    assert m.forward_head(m.forward_features(torch.randn(2, 1, 28, 28)), pre_logits=True).shape == (2, 256)
+    _forward_backward(m, 1, 28, 28, 10)
+    with pytest.raises(VisrecError, match="pool grid=0 must be >= 1"):
+        create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), pool_grid=0)
+
+    # adaptive_max_pool2d(7x7 -> 2x2) has no ONNX export; the grid pool's ops (one strided pool, or slices) do
+    ort = pytest.importorskip("onnxruntime")
+    from visrec.inference import export_onnx
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = GlobalPool("max", 2), GlobalPool("avg", 3)
+
+        def forward(self, x):  # 7x7 -> 2x2 (kernel 4, stride 3) and 5x5 -> 3x3 (uneven cells: slices)
+            return torch.cat([self.a(x), self.b(x[:, :, :5, :5])], 1)
+
+    x = torch.randn(3, 4, 7, 7)
+    path = export_onnx(Both(), x, tmp_path / "pool.onnx", "x", "y", {})
+    got = ort.InferenceSession(str(path)).run(None, {"x": x[:2].numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), Both()(x[:2]), atol=1e-6)

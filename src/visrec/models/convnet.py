@@ -6,7 +6,8 @@ At 28x28 it costs about 9.1M multiply-accumulates per image. Layout (widths w0, 
     stage1  conv3x3(w0, w1) - maxpool2 - BN - ReLU           H/2
     stage2  conv3x3(w1, w2) - maxpool2 - BN - ReLU           H/4
     stage3  conv3x3(w2, w2) - BN - ReLU                      H/4
-    head    global max-pool - linear(w2, classes)
+    head    global max-pool - linear(w2, classes)   (pool_grid=g: the max of each cell of a g x g grid,
+                                                      linear(g*g*w2, classes))
 
 Inputs larger than 32 pixels get extra 2x2 max-pools after the stem, so stage1 sees at most 32x32.
 `pools` moves the 2x2 max-pools: one flag per conv (stem, stage1, stage2, stage3), default (0, 1, 1, 0) as drawn
@@ -25,6 +26,11 @@ training steps per second for `fmnist-fast`).
 Larger versions: a fourth width gives stage3 its own (`widths=[18,64,128,256]`; by default stage3 keeps stage2's),
 and `depth=D` makes each stage D convolutions, the first pooling as flagged and the rest conv-BN-ReLU at the same
 width (airbench's blocks are depth 2).
+
+`pool_grid=2` pools the last map to the maxima of a 2x2 grid of cells (overlapping at odd sides: 7x7 -> four 4x4
+cells) rather than one global maximum, so the head sees whether a feature fired at the top or the bottom, left or
+right: a collar against a hem. It costs a 4x larger head and nothing measurable per step; `fmnist-fast` at a fixed
+7 epochs, 8 seeds: 93.13% against 93.00% with the global maximum (3x3 cells: 93.05%, 4 seeds).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ class ConvNet(Classifier):
         self, in_chans: int, num_classes: int, image_size: tuple[int, int],
         widths: tuple[int, ...], act: str, pool: str, pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0),
         stem: str = "conv", whiten_kernel: int = 3, downsample: str = "max", whiten_bias: bool = True,
-        depth: int = 1,
+        depth: int = 1, pool_grid: int = 1,
     ):
         super().__init__()
         if len(widths) not in (3, 4) or min(widths) < 1:
@@ -91,8 +97,8 @@ class ConvNet(Classifier):
 
         self.stages = nn.Sequential(stage(w0, w1, bool(pools[1])), stage(w1, w2, bool(pools[2])),
                                     stage(w2, w3, bool(pools[3])))
-        self.pool = GlobalPool(pool)
-        self.head = nn.Linear(w3, num_classes)
+        self.pool = GlobalPool(pool, pool_grid)
+        self.head = nn.Linear(w3 * self.pool.grid**2, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))  # (B, C, H, W) -> (B, w3, H/2^p, W/2^p), p the pools flagged
@@ -103,8 +109,8 @@ def convnet(
     *, in_chans: int, num_classes: int, image_size: tuple[int, int],
     widths: tuple[int, ...] = (16, 32, 64), act: str = "relu", pool: str = "max",
     pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0), stem: str = "conv", whiten_kernel: int = 3,
-    downsample: str = "max", whiten_bias: bool = True, depth: int = 1,
+    downsample: str = "max", whiten_bias: bool = True, depth: int = 1, pool_grid: int = 1,
 ) -> nn.Module:
     """Small, fast batch-norm CNN (the default): 4 convs, 2 pools, global max-pool, linear head."""
     return ConvNet(in_chans, num_classes, image_size, tuple(widths), act, pool, tuple(pools), stem, whiten_kernel,
-                   downsample, whiten_bias, int(depth))
+                   downsample, whiten_bias, int(depth), int(pool_grid))

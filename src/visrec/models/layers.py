@@ -80,21 +80,57 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 class GlobalPool(nn.Module):
-    """(N, C, H, W) -> (N, C) by global average or max pooling."""
+    """(N, C, H, W) -> (N, C) by global average or max pooling; with `grid=g`, (N, C * g * g): the average or
+    maximum over each cell of a g x g grid (PyTorch's adaptive pooling regions), flattened channel-major, so the
+    head still sees where in the image a feature fired.
 
-    def __init__(self, kind: str = "avg"):
+    The grid is computed with plain pooling or slices, never `adaptive_*_pool2d` at g > 1: those have no ONNX
+    export for sizes that do not divide (7x7 maps to 2x2), and the values are the same.
+    """
+
+    def __init__(self, kind: str = "avg", grid: int = 1):
         super().__init__()
         if kind not in ("avg", "max"):
             raise VisrecError(f"pool {kind!r} is not valid", "use avg or max")
-        self.kind = kind
+        if grid < 1:
+            raise VisrecError(f"pool grid={grid} must be >= 1 (cells per side; 1 pools the whole map)",
+                              "e.g. model.kwargs.pool_grid=2")
+        self.kind, self.grid = kind, int(grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The adaptive pooling kernels are 2-4x faster than x.mean/amax((2, 3)) on channels_last input.
-        pool = F.adaptive_avg_pool2d if self.kind == "avg" else F.adaptive_max_pool2d
-        return pool(x, 1).flatten(1)
+        if self.grid == 1:
+            # The adaptive pooling kernels are 2-4x faster than x.mean/amax((2, 3)) on channels_last input.
+            pool = F.adaptive_avg_pool2d if self.kind == "avg" else F.adaptive_max_pool2d
+            return pool(x, 1).flatten(1)
+        return grid_pool(x, self.grid, self.kind).flatten(1)
 
     def extra_repr(self) -> str:
-        return self.kind
+        return self.kind if self.grid == 1 else f"{self.kind}, grid={self.grid}"
+
+
+def _cells(size: int, grid: int) -> list[tuple[int, int]]:
+    """Adaptive pooling's regions along one side: cell i spans [floor(i*size/grid), ceil((i+1)*size/grid))."""
+    return [(i * size // grid, -(-(i + 1) * size // grid)) for i in range(grid)]
+
+
+def grid_pool(x: torch.Tensor, grid: int, kind: str) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, grid, grid), equal to `adaptive_{kind}_pool2d(x, grid)`: one pooling op when the
+    cells are evenly spaced and of one size (7 -> 2: kernel 4, stride 3), else one reduction per cell (maps
+    smaller than the grid repeat cells, as adaptive pooling does)."""
+    rows, cols = _cells(x.shape[-2], grid), _cells(x.shape[-1], grid)
+
+    def uniform(cells: list[tuple[int, int]]) -> tuple[int, int] | None:
+        sizes = {b - a for a, b in cells}
+        steps = {cells[i + 1][0] - cells[i][0] for i in range(len(cells) - 1)}
+        return (sizes.pop(), steps.pop()) if len(sizes) == 1 and len(steps) == 1 and min(steps) > 0 else None
+
+    r, c = uniform(rows), uniform(cols)
+    if r and c:
+        pool = F.max_pool2d if kind == "max" else F.avg_pool2d
+        return pool(x, (r[0], c[0]), (r[1], c[1]))
+    reduce = (lambda t: t.amax((2, 3))) if kind == "max" else (lambda t: t.mean((2, 3)))
+    cells = [reduce(x[:, :, a:b, p:q]) for a, b in rows for p, q in cols]
+    return torch.stack(cells, -1).unflatten(-1, (grid, grid))
 
 
 class Maxout(nn.Module):
