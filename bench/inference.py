@@ -3,8 +3,10 @@ the run's ONNX export through onnxruntime, at batch 256 and batch 1, with whethe
 as eager on 2,000 test images (the same run, the same inputs, measured in one process). Then end to end, as a
 user meets them: `Run.evaluate` on the 10,000 test images and the `visrec predict` command on one image, with
 `backend="torch"` against the default `auto` (onnxruntime on CPU), the first call paying for the ONNX export.
+`--preset fmnist-fast` measures that preset's run instead (written to inference_fmnist-fast.json), with batches of
+16 and 64 too, where the two backends cross.
 
-    python bench/inference.py [--epochs 2] [--repeats 20]
+    python bench/inference.py [--preset P] [--epochs 2] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -71,16 +73,22 @@ def end_to_end(path: Path, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default=None, help="measure this preset's run rather than the default run")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    here = Path(__file__)
+    out = args.out or (here.with_name(f"inference_{args.preset}.json") if args.preset else here.with_suffix(".json"))
+    sizes = (256, 64, 16, 1) if args.preset else (256, 1)
     torch.set_num_threads(2)
     print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Run(visrec.train("fashion-mnist", epochs=args.epochs, out=str(Path(tmp) / "run"), progress=False).path)
+        run = Run(visrec.train("fashion-mnist", preset=args.preset, epochs=args.epochs, out=str(Path(tmp) / "run"),
+                               progress=False).path)
         lm = run.load_model()
-        print(f"the default run: {run.config.model.name}, {run.summary['params']:,} parameters, test accuracy "
+        print(f"the {args.preset or 'default'} run: {run.config.model.name}, {run.summary['params']:,} parameters, "
+              f"test accuracy "
               f"{run.summary['test_acc']:.4f} ({args.epochs} epochs)", flush=True)
         test = dataset_from_config(run.config).test.images[:2000]
         pixels = test.float()
@@ -110,8 +118,8 @@ def main() -> None:
             with torch.inference_mode():
                 return compiled_model(x)
 
-        compiled(pixels[:256])
-        compiled(pixels[:1])
+        for b in sizes:
+            compiled(pixels[:b])
         compile_s = time.perf_counter() - t
 
         def onnx(x):
@@ -121,21 +129,23 @@ def main() -> None:
                     "onnxruntime": onnx}
         reference = torch.cat([eager(c) for c in pixels.split(256)]).argmax(1)
         res = {"machine": machine(), "model": run.config.model.name, "compile_seconds": compile_s, "backends": {}}
-        print(f"{'backend':22s} {'batch 256 img/s':>16s} {'batch 1 img/s':>14s} {'same predictions':>17s}", flush=True)
+        columns = "".join(f" {f'batch {b} img/s':>16s}" for b in sizes)
+        print(f"{'backend':22s}{columns} {'same predictions':>17s}", flush=True)
         for name, fn in backends.items():
             preds = torch.cat([fn(c) for c in pixels.split(256)]).argmax(1)
             same = float((preds == reference).float().mean())
-            r256, r1 = rate(fn, pixels[:256], args.repeats), rate(fn, pixels[:1], args.repeats * 10)
-            res["backends"][name] = {"batch256": r256, "batch1": r1, "same_predictions": same}
-            print(f"{name:22s} {r256:16.0f} {r1:14.0f} {same:16.2%}", flush=True)
-        print(f"torch.compile took {compile_s:.1f} s to compile (both shapes)", flush=True)
+            rates = {f"batch{b}": rate(fn, pixels[:b], args.repeats * (10 if b == 1 else 1))
+                     for b in sizes}
+            res["backends"][name] = {**rates, "same_predictions": same}
+            print(f"{name:22s}" + "".join(f" {r:16.0f}" for r in rates.values()) + f" {same:16.2%}", flush=True)
+        print(f"torch.compile took {compile_s:.1f} s to compile ({len(sizes)} shapes)", flush=True)
         res["end_to_end"] = end_to_end(run.path, Path(tmp))
         base = res["backends"]["eager (NCHW)"]
         for name, r in res["backends"].items():
-            print(f"   {name}: {r['batch256'] / base['batch256']:.2f}x eager at batch 256, "
-                  f"{r['batch1'] / base['batch1']:.2f}x at batch 1", flush=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {args.out}")
+            print(f"   {name}: " + ", ".join(f"{r[f'batch{b}'] / base[f'batch{b}']:.2f}x eager at batch {b}"
+                                             for b in sizes), flush=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
