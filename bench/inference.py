@@ -12,6 +12,7 @@ user meets them: `Run.evaluate` on the 10,000 test images and the `visrec predic
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -88,12 +89,19 @@ def main() -> None:
                                progress=False).path)
         lm = run.load_model()
         print(f"the {args.preset or 'default'} run: {run.config.model.name}, {run.summary['params']:,} parameters, "
-              f"test accuracy "
-              f"{run.summary['test_acc']:.4f} ({args.epochs} epochs)", flush=True)
+              f"test accuracy {run.summary['test_acc']:.4f} ({args.epochs} epochs)", flush=True)
         test = dataset_from_config(run.config).test.images[:2000]
         pixels = test.float()
-        model = WithPreprocessing(lm.model.float().to(memory_format=torch.contiguous_format), lm.normalizer).eval()
-        cl = WithPreprocessing(lm.model.float(), lm.normalizer).eval()
+
+        def own_copy(memory_format: torch.memory_format) -> WithPreprocessing:
+            """Each variant gets its own copy of the network: `.to(memory_format=...)` changes a module in place,
+            and shared weights would leave every variant in the last layout asked for."""
+            net = copy.deepcopy(lm.model).float().to(memory_format=memory_format)
+            return WithPreprocessing(net, lm.normalizer).eval()
+
+        model = own_copy(torch.contiguous_format)
+        cl = own_copy(torch.channels_last)
+        loaded = WithPreprocessing(lm.model, lm.normalizer).eval()  # the weights' layout Run.load_model chose
         onnx_path = export_run(run.path, "onnx", Path(tmp) / "model.onnx")
         import onnxruntime as ort
 
@@ -105,14 +113,16 @@ def main() -> None:
             with torch.inference_mode():
                 return model(x)
 
+        def as_loaded(x):
+            with torch.inference_mode():
+                return loaded(x)
+
         def channels_last(x):
             with torch.inference_mode():
                 return cl(x.contiguous(memory_format=torch.channels_last))
 
-        cl.model.to(memory_format=torch.channels_last)
         t = time.perf_counter()
-        compiled_model = torch.compile(WithPreprocessing(lm.model.float().to(memory_format=torch.contiguous_format),
-                                                         lm.normalizer).eval(), dynamic=False)
+        compiled_model = torch.compile(own_copy(torch.contiguous_format), dynamic=False)
 
         def compiled(x):
             with torch.inference_mode():
@@ -125,8 +135,8 @@ def main() -> None:
         def onnx(x):
             return torch.from_numpy(sess.run(None, {"pixels": x.numpy()})[0])
 
-        backends = {"eager (NCHW)": eager, "eager channels_last": channels_last, "torch.compile": compiled,
-                    "onnxruntime": onnx}
+        backends = {"eager (NCHW)": eager, "eager channels_last": channels_last, "torch as loaded": as_loaded,
+                    "torch.compile": compiled, "onnxruntime": onnx}
         reference = torch.cat([eager(c) for c in pixels.split(256)]).argmax(1)
         res = {"machine": machine(), "model": run.config.model.name, "compile_seconds": compile_s, "backends": {}}
         columns = "".join(f" {f'batch {b} img/s':>16s}" for b in sizes)
