@@ -1,10 +1,11 @@
-"""Inference throughput of the default run on this CPU: torch eager (NCHW), eager channels_last, torch.compile and
-the run's ONNX export through onnxruntime, at batch 256 and batch 1, with whether each gives the same predictions
-as eager on 2,000 test images (the same run, the same inputs, measured in one process). Then end to end, as a
-user meets them: `Run.evaluate` on the 10,000 test images and the `visrec predict` command on one image, with
-`backend="torch"` against the default `auto` (onnxruntime on CPU), the first call paying for the ONNX export.
-`--preset fmnist-fast` measures that preset's run instead (written to inference_fmnist-fast.json), with batches of
-16 and 64 too, where the two backends cross.
+"""Inference throughput of the default run on this CPU: torch eager (NCHW), eager channels_last, torch as
+`Run.load_model` gives it (the weights' layout it chose), torch.compile and the run's ONNX export through
+onnxruntime, at batch 256 and batch 1, with whether each gives the same predictions as eager on 2,000 test images
+(the same run, the same inputs, measured in one process). Then end to end, as a user meets them: `Run.evaluate` on
+the 10,000 test images and the `visrec predict` command on one image, with `backend="torch"` against the default
+`auto` (onnxruntime on CPU), the first call paying for the ONNX export. `--preset fmnist-fast` measures that
+preset's run instead (written to inference_fmnist-fast.json), with batches of 16 and 64 too, where the two backends
+cross.
 
     python bench/inference.py [--preset P] [--epochs 2] [--repeats 20]
 """
