@@ -151,6 +151,14 @@ def test_patch_whitening_decorrelates_the_patches_it_was_fitted_on():
     assert torch.allclose(torch.cov(y4), torch.eye(4, dtype=torch.float64), atol=0.02)
     with pytest.raises(VisrecError, match="cannot have 25 output channels"):
         PatchWhitening(3, kernel_size=2, out_channels=25)
+    # A larger eps damps the directions of small variance: direction i keeps variance evals_i / (evals_i + eps).
+    damped = PatchWhitening(3, kernel_size=2, eps=1.0)
+    damped.fit(x)
+    patches = torch.nn.functional.unfold(x.double(), 2).transpose(1, 2).reshape(-1, 12)
+    evals = torch.linalg.eigvalsh(torch.cov(patches.T)).flip(0)
+    yd = damped(x)[:, :12, :-1, :-1].permute(1, 0, 2, 3).reshape(12, -1).double()
+    assert torch.allclose(torch.cov(yd).diagonal(), evals / (evals + 1.0), rtol=0.02, atol=1e-3)
+    assert torch.cov(yd).diagonal()[-1] < 0.5  # the smallest direction is no longer amplified to unit variance
 
 
 def test_convnet_whitening_stem():
@@ -164,6 +172,11 @@ def test_convnet_whitening_stem():
         create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_kernel=2)
     with pytest.raises(VisrecError, match="whiten_kernel=0"):
         create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_kernel=0)
+    eps = create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_eps="0.1")
+    assert eps.stem[0].eps == 0.1 and m.stem[0].eps == 5e-4
+    for bad in (0, -1.0, "small"):
+        with pytest.raises(VisrecError, match="whiten_eps=.* must be a number > 0"):
+            create_model("convnet", in_chans=1, num_classes=10, image_size=(28, 28), stem="whiten", whiten_eps=bad)
 
 
 def test_a_fixed_whitening_bias_keeps_gradients_out_of_the_stem():

@@ -19,9 +19,11 @@ preset's layout). `downsample=fractional` makes each flagged pool a fractional m
 `layers.PatchWhitening`): its filters whiten the `whiten_kernel` x `whiten_kernel` patches of the training images
 (the Trainer fits them on a sample before the first step), then ReLU. It emits w0 channels: the w0/2 whitened
 directions of largest variance and their negations, so w0 must be even and at most 2 x channels x kernel^2.
-Its per-channel bias trains unless `whiten_bias=False`, which holds it at zero: then nothing before stage1 has a
-gradient, and the backward pass skips stage1's input gradient and the stem's pool and ReLU (about 25% more
-training steps per second for `fmnist-fast`).
+`whiten_eps` (5e-4) is added to each patch eigenvalue before the square root: larger values damp the directions
+of small variance rather than amplify them to unit variance (0.1 on `fmnist-fast`, 7 epochs, 8 seeds: 93.22%
+against 93.14%, within the noise). Its per-channel bias trains unless `whiten_bias=False`, which holds it at zero:
+then nothing before stage1 has a gradient, and the backward pass skips stage1's input gradient and the stem's pool
+and ReLU (about 25% more training steps per second for `fmnist-fast`).
 
 Larger versions: a fourth width gives stage3 its own (`widths=[18,64,128,256]`; by default stage3 keeps stage2's),
 and `depth=D` makes each stage D convolutions, the first pooling as flagged and the rest conv-BN-ReLU at the same
@@ -52,7 +54,7 @@ class ConvNet(Classifier):
         self, in_chans: int, num_classes: int, image_size: tuple[int, int],
         widths: tuple[int, ...], act: str, pool: str, pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0),
         stem: str = "conv", whiten_kernel: int = 3, downsample: str = "max", whiten_bias: bool = True,
-        depth: int = 1, pool_grid: int = 1,
+        depth: int = 1, pool_grid: int = 1, whiten_eps: float = 5e-4,
     ):
         super().__init__()
         if len(widths) not in (3, 4) or min(widths) < 1:
@@ -82,7 +84,14 @@ class ConvNet(Classifier):
                 raise VisrecError(f"convnet widths[0]={w0} cannot be the width of a whitening stem of "
                                   f"{whiten_kernel}x{whiten_kernel} patches: it must be even and at most {most}",
                                   "lower model.kwargs.widths[0] or raise model.kwargs.whiten_kernel")
-            whiten = PatchWhitening(in_chans, whiten_kernel, w0, train_bias=bool(whiten_bias))
+            try:
+                eps = float(whiten_eps)
+            except (TypeError, ValueError):
+                eps = float("nan")
+            if not eps > 0:
+                raise VisrecError(f"convnet whiten_eps={whiten_eps!r} must be a number > 0 (it is added to each "
+                                  "eigenvalue before the square root)", "e.g. model.kwargs.whiten_eps=0.1")
+            whiten = PatchWhitening(in_chans, whiten_kernel, w0, train_bias=bool(whiten_bias), eps=eps)
             layers = [whiten, *([downsampler(downsample)] if pools[0] else []), activation(act, w0)]
         else:
             layers = [conv_bn_act(in_chans, w0, act=act, pool=bool(pools[0]), downsample=downsample)]
@@ -110,7 +119,8 @@ def convnet(
     widths: tuple[int, ...] = (16, 32, 64), act: str = "relu", pool: str = "max",
     pools: tuple[bool, bool, bool, bool] = (0, 1, 1, 0), stem: str = "conv", whiten_kernel: int = 3,
     downsample: str = "max", whiten_bias: bool = True, depth: int = 1, pool_grid: int = 1,
+    whiten_eps: float = 5e-4,
 ) -> nn.Module:
     """Small, fast batch-norm CNN (the default): 4 convs, 2 pools, global max-pool, linear head."""
     return ConvNet(in_chans, num_classes, image_size, tuple(widths), act, pool, tuple(pools), stem, whiten_kernel,
-                   downsample, whiten_bias, int(depth), int(pool_grid))
+                   downsample, whiten_bias, int(depth), int(pool_grid), whiten_eps)
