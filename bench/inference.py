@@ -3,7 +3,8 @@
 onnxruntime, at batch 256 and batch 1, with whether each gives the same predictions as eager on 2,000 test images
 (the same run, the same inputs, measured in one process). Then end to end, as a user meets them: `Run.evaluate` on
 the 10,000 test images and the `visrec predict` command on one image, with `backend="torch"` against the default
-`auto` (onnxruntime on CPU), the first call paying for the ONNX export. `--preset fmnist-fast` measures that
+`auto` (onnxruntime on CPU), the first call paying for the ONNX export, then the best of three alternating calls
+each. `--preset fmnist-fast` measures that
 preset's run instead (written to inference_fmnist-fast.json), with batches of 16 and 64 too, where the two backends
 cross.
 
@@ -49,14 +50,18 @@ def end_to_end(path: Path, tmp: Path) -> dict:
 
     out: dict = {}
     print("end to end (the same run):", flush=True)
-    for backend in ("torch", "auto", "auto"):
+    # the first auto call exports the graph; then torch and auto alternate three times each (the best of each
+    # kept), so a drift of the machine's speed touches both alike
+    for i, backend in enumerate(("auto", "torch", "auto", "torch", "auto", "torch", "auto")):
         run = Run(path)
         t = time.perf_counter()
         r = run.evaluate(backend=backend, device="cpu")
-        key = f"evaluate_{backend}" + ("_cached" if f"evaluate_{backend}" in out else "")
-        out[key] = {"seconds": time.perf_counter() - t, "acc": r.acc, "backend": r.backend}
-        print(f"  Run.evaluate(backend={backend!r}){' again' if 'cached' in key else ''}: "
-              f"{out[key]['seconds']:.2f} s, accuracy {r.acc:.4f}, ran on {r.backend}", flush=True)
+        seconds = time.perf_counter() - t
+        key = "evaluate_auto_first" if i == 0 else f"evaluate_{backend}"
+        if i == 0 or seconds < out.get(key, {}).get("seconds", float("inf")):
+            out[key] = {"seconds": seconds, "acc": r.acc, "backend": r.backend}
+        print(f"  Run.evaluate(backend={backend!r}){' (exports the graph)' if i == 0 else ''}: "
+              f"{seconds:.2f} s, accuracy {r.acc:.4f}, ran on {r.backend}", flush=True)
     img = dataset_from_config(Run(path).config).test.images[0, 0].numpy()
     Image.fromarray(img).save(tmp / "one.png")
     exe = shutil.which("visrec") or str(Path(sys.executable).parent / "visrec")
@@ -68,8 +73,8 @@ def end_to_end(path: Path, tmp: Path) -> dict:
         print(f"  visrec predict RUN one.png --backend {backend}: {out[f'predict_{backend}']:.2f} s wall clock "
               "(start-up included)", flush=True)
     base = out["evaluate_torch"]["seconds"]
-    print(f"  evaluate: auto (cached graph) {base / out['evaluate_auto_cached']['seconds']:.2f}x torch; the first "
-          f"auto call, which exports, {base / out['evaluate_auto']['seconds']:.2f}x", flush=True)
+    print(f"  evaluate, best of three: auto (cached graph) {base / out['evaluate_auto']['seconds']:.2f}x torch; the "
+          f"first auto call, which exports, {base / out['evaluate_auto_first']['seconds']:.2f}x", flush=True)
     return out
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import visrec
 from visrec import Trainer
 from visrec.checkpoint import load_checkpoint
+from visrec.config import resolve_config
 from visrec.errors import VisrecError
 from visrec.evaluate import predict_logits
 from visrec.runs import Run
@@ -99,6 +100,25 @@ def test_run_evaluate_and_predict_match_training():
     mixed = run.predict([files[0], str(broken), files[1]], errors="collect")
     assert [p.error is None for p in mixed] == [True, False, True] and "cannot read image" in mixed[1].error
     assert [p.label for p in (mixed[0], mixed[2])] == [preds[0].label, preds[1].label]
+
+
+def test_the_automatic_evaluation_batch_fits_the_device_and_image_size():
+    from visrec.evaluate import eval_batch_size
+
+    assert eval_batch_size(0, "cpu", (1, 28, 28)) == 64 and eval_batch_size(0, "cpu", (3, 32, 32)) == 32
+    assert eval_batch_size(0, "cpu", (3, 224, 224)) == 16 and eval_batch_size(0, "cpu", (1, 4, 4)) == 1024
+    assert eval_batch_size(0, torch.device("cuda"), (3, 224, 224)) == 1024
+    assert eval_batch_size(0, "cpu", (1, 28, 28), backend="onnx") == 1024  # onnxruntime: fewer calls
+    assert eval_batch_size(300, "cpu", (1, 8, 8)) == 300
+    # the batch never changes the predictions: batch by batch, or all 37 images at once
+    run = quick()
+    lm = run.load_model()
+    images = visrec.load_dataset(SYN).test.images[:37]
+    one = predict_logits(lm.model, images, lm.normalizer, batch_size=37)
+    assert torch.allclose(predict_logits(lm.model, images, lm.normalizer), one, atol=1e-5)
+    assert torch.allclose(predict_logits(lm.model, images, lm.normalizer, batch_size=5), one, atol=1e-5)
+    with pytest.raises(VisrecError, match="eval.batch_size"):
+        resolve_config(None, ["eval.batch_size=-1"])
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):

@@ -244,7 +244,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: AtLeast1 = 1024
+    batch_size: NonNegInt = 0  # 0 = automatic: 1024 on a GPU, on a CPU a batch that stays in the caches (64 at 28x28)
     tta: TTA = "auto"  # none | flip | crops | crops+flip | scales | scales+flip | auto (flip if trained with hflip)
     crop_pad: NonNegInt = 0  # crops: shift by this many pixels; 0 = the pad of a crop/translate augmentation, else 2
     feature_run: str = ""  # generate: FID/KID features: a classification run, inception:PATH, none, or "" (a

@@ -59,7 +59,7 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torc
             if states[0][k].is_floating_point() else states[0][k].clone() for k in states[0]}
 
 
-def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int = 1024,
+def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int = 0,
              tta: str | None = None) -> EnsembleReport:
     """Evaluate each member and their combinations on one split of their common dataset.
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,22 @@ from .plotting import figure_png, pyplot
 
 TTA_MODES = ("none", "flip", "crops", "crops+flip", "scales", "scales+flip")
 TTA_SCALES = (0.9, 1.0, 1.1)
+CPU_EVAL_VALUES = 98_304  # input values per evaluation batch on a CPU (eval.batch_size=0)
+
+
+def eval_batch_size(batch_size: int | None, device: torch.device | str, image_shape: Sequence[int],
+                    backend: str = "torch") -> int:
+    """`eval.batch_size` when it is set (> 0); for 0 (the default) the automatic one: 1024 on an accelerator or
+    through onnxruntime (its kernels run as fast at any batch, so fewer calls cost less), and for PyTorch on a CPU
+    the largest power of two that keeps a batch within 98,304 input values (64 images of 1x28x28, 32 of 3x32x32),
+    at least 16 and at most 1024: a batch whose activations stay in the caches evaluates 2.4-3.6x faster than one
+    of 1024 images (bench/eval_batch.txt)."""
+    if batch_size:
+        return int(batch_size)
+    if backend != "torch" or torch.device(device).type != "cpu":
+        return 1024
+    fits = max(1, CPU_EVAL_VALUES // max(1, math.prod(image_shape)))
+    return min(1024, max(16, 1 << (fits.bit_length() - 1)))
 
 
 def resolve_tta(setting: str, augment: list[str]) -> str:
@@ -185,14 +203,15 @@ def predict_logits(
     images: torch.Tensor,
     normalizer: Normalizer,
     *,
-    batch_size: int = 1024,
+    batch_size: int = 0,
     channels_last: bool = False,
     amp_dtype: torch.dtype | None = None,
     tta: str = "none",
     crop_pad: int = 2,
     shard: Dist | None = None,
 ) -> torch.Tensor:
-    """Logits (N, C) in float32 for uint8 images (N, C, H, W), in eval mode, batch by batch. With `shard` (training
+    """Logits (N, C) in float32 for uint8 images (N, C, H, W), in eval mode, batch by batch (`batch_size` 0: see
+    eval_batch_size). With `shard` (training
     across processes; every rank must call), each rank computes its contiguous share and every rank gets all N
     rows, each image computed once."""
     if tta not in TTA_MODES:
@@ -208,7 +227,8 @@ def predict_logits(
     was_training = model.training
     model.eval()
     out = []
-    for chunk in images.split(batch_size):
+    bs = eval_batch_size(batch_size, device, images.shape[1:], getattr(model, "backend", "torch"))
+    for chunk in images.split(bs):
         x = normalizer(chunk.to(device, non_blocking=True))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -231,7 +251,7 @@ def evaluate(
     normalizer: Normalizer,
     *,
     split: str = "test",
-    batch_size: int = 1024,
+    batch_size: int = 0,
     channels_last: bool = False,
     amp_dtype: torch.dtype | None = None,
     tta: str = "none",

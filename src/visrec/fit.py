@@ -97,6 +97,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, which: str = "auto
     """A run's split evaluated by its own task (`visrec eval` of a run whose task is not classification, which
     `Run.evaluate` covers with test-time augmentation and the confusion matrix)."""
     from .device import resolve_precision, use_channels_last
+    from .evaluate import eval_batch_size
     from .tasks import task_of_run
     from .training.task import EvalSettings
 
@@ -109,9 +110,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", *, which: str = "auto
         raise VisrecError(f"{run.path} was trained without a validation split (data.val_fraction=0)")
     lm = run.load_model(which, device)
     dev = next(lm.model.parameters()).device
-    settings = EvalSettings(cfg.eval.batch_size, use_channels_last(cfg.model.channels_last, lm.model),
+    data = ds.split(split)
+    settings = EvalSettings(eval_batch_size(cfg.eval.batch_size, dev, data.images.shape[1:]),
+                            use_channels_last(cfg.model.channels_last, lm.model),
                             resolve_precision(cfg.device.precision, dev))
-    return task.evaluate(lm.model, ds.split(split), lm.normalizer, split=split, settings=settings)
+    return task.evaluate(lm.model, data, lm.normalizer, split=split, settings=settings)
 
 
 def resume(run_dir: str | Path, *, callbacks: Sequence[Callback] = (), progress: bool | None = None) -> Run:

@@ -38,6 +38,7 @@ from ..device import (
 )
 from ..distributed import DistributedError
 from ..errors import VisrecError
+from ..evaluate import eval_batch_size
 from ..runs import Run, dataset_from_config, default_run_name
 from ..version import __version__
 from .averaging import WeightAverages
@@ -198,7 +199,8 @@ class Trainer:
         d = cfg.distill
         teachers = Teachers(d.teachers, ds, self.normalizer, device, d.temperature, d.alpha) if d.teachers else None
         self.loss_step = LossStep(task, self.model, teachers, device=device, amp_dtype=self.runtime.amp_dtype)
-        self.eval_settings = EvalSettings(cfg.eval.batch_size, self.channels_last, self.runtime.amp_dtype,
+        eval_bs = eval_batch_size(cfg.eval.batch_size, device, ds.train.images.shape[1:])
+        self.eval_settings = EvalSettings(eval_bs, self.channels_last, self.runtime.amp_dtype,
                                           shard=self.dist if self.dist.active else None)
         self.pos = Position()
         self.writer = RunWriter(self.run_dir, write=self.dist.main)
@@ -595,7 +597,7 @@ class Trainer:
                             "lr": self.schedule.lr, "seconds": round(pos.train_seconds, 3),
                             "images_per_s": n / max(ep_seconds, 1e-9)})
         self.averages.end_epoch(self.model, pos.step, self._final(), self.ds.train.images, self.normalizer,
-                                self.cfg.eval.batch_size)
+                                self.eval_settings.batch_size)
         if self.ds.val is not None:
             r = self._evaluate(self._eval_model(), "val")
             records.append({"epoch": pos.epoch + 1, "step": pos.step, "split": "val", "kind": "epoch",
