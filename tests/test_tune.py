@@ -198,7 +198,7 @@ def test_two_workers_share_one_study(tmp_path, storage):
 
 def test_a_killed_worker_leaves_its_trial_retried_and_the_study_complete(tmp_path, storage):
     name = f"kill-{os.getpid()}-{time.monotonic_ns()}"
-    spec = create_study(SYN, space=SPACE, trials=3, epochs=40, out=tmp_path / "k", overrides=FAST, storage=storage,
+    spec = create_study(SYN, space=SPACE, trials=3, epochs=20, out=tmp_path / "k", overrides=FAST, storage=storage,
                         study=name, seed=2, heartbeat=1)
     cmd = [sys.executable, "-m", "visrec.tune", "--storage", spec.storage, "--study", name]
     victim = subprocess.Popen([*cmd, "--index", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
