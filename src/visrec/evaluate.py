@@ -211,9 +211,8 @@ def predict_logits(
     shard: Dist | None = None,
 ) -> torch.Tensor:
     """Logits (N, C) in float32 for uint8 images (N, C, H, W), in eval mode, batch by batch (`batch_size` 0: see
-    eval_batch_size). With `shard` (training
-    across processes; every rank must call), each rank computes its contiguous share and every rank gets all N
-    rows, each image computed once."""
+    eval_batch_size). With `shard` (training across processes; every rank must call), each rank computes its
+    contiguous share and every rank gets all N rows, each image computed once."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta {tta!r} is not one of {TTA_MODES}")
     if shard is not None and shard.active:
