@@ -24,7 +24,7 @@ from ..errors import VisrecError
 class EvalSettings:
     """How the loop runs evaluation: a task may use them or not."""
 
-    batch_size: int = 0  # 0: evaluate.eval_batch_size's automatic choice for the device and image size
+    batch_size: int = 1024  # the loop and `visrec eval` pass evaluate.eval_batch_size(eval.batch_size, ...)
     channels_last: bool = False
     amp_dtype: torch.dtype | None = None
     shard: Dist | None = None  # across processes: each rank evaluates its share (a task that supports it)
