@@ -85,6 +85,17 @@ def test_cifar_networks_have_the_papers_sizes():
         assert abs(n - paper) / paper < 0.05, (name, n)
 
 
+def test_cifar_resnets_widen_by_stage_and_refuse_bad_widths():
+    base = model_summary("resnet20", (1, 28, 28), 10)
+    wide = model_summary("resnet20", (1, 28, 28), 10, widths=[16, 32, 128])
+    # only stage 3 (7x7 maps) widens: its two 3x3 convolutions per block grow 4x, the first one's input 2x
+    assert wide.params > 3 * base.params and wide.macs < 2 * base.macs
+    assert create_model("resnet20", 1, 10, 28, widths=(8, 16, 24))(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    for bad in ([16, 32], [16, 0, 64], [16, 32.5, 64]):
+        with pytest.raises(VisrecError, match=r"(?s)widths.*model.kwargs.widths"):
+            create_model("resnet20", 1, 10, 28, widths=bad)
+
+
 def test_every_model_summarizes_at_8x8_on_the_meta_device():
     for name in list_models():
         if model_entry(name).family in ("detection", "instance", "captioning", "style", "generative"):

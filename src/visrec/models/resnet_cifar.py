@@ -1,5 +1,8 @@
 """CIFAR-style ResNets (He et al., 2016, section 4.2): 6n+2 layers, widths 16/32/64.
 
+`widths` widens them in the manner of wide ResNets (Zagoruyko & Komodakis, 2016), keeping the basic blocks and
+option-A shortcuts: `model.kwargs.widths=[32,64,128]` is ResNet-20 twice as wide (about 4x the compute).
+
 Shortcuts that change shape use the paper's option A (stride-2 subsampling and zero-padded
 channels), so the networks have the paper's parameter counts: ResNet-20 0.27M, -56 0.85M, -110 1.7M.
 """
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VisrecError
 from ._registry import register_model
 from .layers import Classifier, DropPath, GlobalPool, init_residual
 
@@ -50,6 +54,10 @@ class CifarResNet(Classifier):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if len(widths) != 3 or any(int(w) != w or w < 1 for w in widths):
+            raise VisrecError(f"resnet{depth} widths {list(widths)} must be 3 positive whole numbers, one per stage",
+                              "e.g. model.kwargs.widths=[16,32,64] (the paper's) or [32,64,128] (twice as wide)")
+        widths = tuple(int(w) for w in widths)
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU(inplace=True))
@@ -68,8 +76,9 @@ class CifarResNet(Classifier):
 
 
 def _make(depth: int):
-    def build(*, in_chans: int, num_classes: int, image_size: tuple[int, int], drop_path: float = 0.0) -> nn.Module:
-        return CifarResNet(depth, in_chans, num_classes, drop_path=drop_path)
+    def build(*, in_chans: int, num_classes: int, image_size: tuple[int, int], drop_path: float = 0.0,
+              widths: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
+        return CifarResNet(depth, in_chans, num_classes, tuple(widths), drop_path=drop_path)
 
     build.__name__ = f"resnet{depth}"
     build.__doc__ = f"CIFAR-style ResNet-{depth} ({(depth - 2) // 6} basic blocks per stage, option-A shortcuts)."
