@@ -46,6 +46,28 @@ def test_cutout_zeroes_a_square():
     assert set(out.unique().tolist()) <= {0.0, 1.0}
 
 
+def test_random_erasing_fills_one_rectangle_of_the_papers_size_in_about_p_of_the_images():
+    x = torch.full((2000, 2, 20, 20), 100.0)  # far from any N(0, 1) value: the erased pixels stand out
+    y = torch.zeros(2000, dtype=torch.long)
+    out, t = Pipeline(["erase:0.5"], seed=0)(x, y)
+    assert torch.equal(t, y) and out.shape == x.shape
+    changed = out != 100.0
+    assert torch.equal(changed[:, 0], changed[:, 1])  # one rectangle through all channels
+    hit = changed.flatten(1).any(1)
+    assert 900 < int(hit.sum()) < 1100
+    mask = changed[hit, 0]
+    rows, cols = mask.any(2), mask.any(1)
+    h, w = rows.sum(1), cols.sum(1)
+    assert torch.equal(mask.sum((1, 2)), h * w)  # a full rectangle, not a scatter
+    share = (h * w).float() / 400
+    assert share.min() >= 0.01 and share.max() <= 0.45 and 0.15 < share.mean() < 0.25  # about U(0.02, 0.4)
+    assert (h > 2 * w).any() and (w > 2 * h).any()  # both orientations
+    assert abs(out[changed].mean().item()) < 0.05 and abs(out[changed].std().item() - 1) < 0.05
+    assert not Pipeline(["erase:0"], seed=0)(x, y)[0].ne(100.0).any()
+    with pytest.raises(VisrecError, match=r"(?s)erase:1.5.*within \[0, 1\]"):
+        Pipeline(["erase:1.5"])
+
+
 def test_mixup_and_cutmix_mix_labels():
     x, _ = batch()
     y = torch.arange(16)  # unique labels: t.b is the partner's index

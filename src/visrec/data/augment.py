@@ -8,6 +8,9 @@ Each augmentation is registered by name and built from a spec string `name` or `
     crop:PAD         pad by PAD pixels (default 2) with the mean (zero after normalization), then crop
                      back at a random offset: a random translation of up to PAD pixels (alias: translate)
     cutout:SIZE      zero a SIZE x SIZE square (default 8) at a random center, clipped at the border
+    erase:P          random erasing (Zhong et al., 2020): with probability P (default 0.5) an image gets a
+                     rectangle of 2-40% of its area, aspect ratio log-uniform in [0.3, 1/0.3], at a random place
+                     where it fits, filled with N(0, 1) noise in normalized units (random pixel values)
     mixup:ALPHA      blend pairs of images and their labels, weight ~ Beta(ALPHA, ALPHA) (default 0.2)
     cutmix:ALPHA     paste a box from a paired image, labels mixed by its area (default 1.0)
     color_jitter:B,C,S,H   per image, in this order: brightness x U(1-B, 1+B), contrast around the image's mean
@@ -200,6 +203,37 @@ class Cutout(Augmentation):
         inside_x = (xs[None, :] - cx[:, None]).abs() < half  # (N, W)
         keep = ~(inside_y[:, :, None] & inside_x[:, None, :])  # (N, H, W)
         return x * keep[:, None].to(x.dtype), y
+
+
+@register_augmentation
+class RandomErasing(Augmentation):
+    name = "erase"
+    default = 0.5
+    area = (0.02, 0.4)  # the paper's s_l and s_h: the rectangle's share of the image
+    ratio = 0.3  # aspect ratios in [r, 1/r], log-uniform
+
+    def __init__(self, arg=None):
+        super().__init__(arg)
+        if not 0 <= self.arg <= 1:
+            raise VisrecError(f"data.augment erase:{self.arg:g}: the probability must be within [0, 1]",
+                              "e.g. erase:0.5 (the paper's)")
+
+    def __call__(self, x, y, gen, rng):
+        n, c, h, w = x.shape
+        lo, hi = self.area
+        share = lo + (hi - lo) * _rand(n, gen)
+        aspect = torch.exp(math.log(self.ratio) * (1 - 2 * _rand(n, gen)))
+        eh = (share * h * w * aspect).sqrt().round().clamp(1, h)  # heights and widths that fit: clipped to
+        ew = (share * h * w / aspect).sqrt().round().clamp(1, w)  # the image instead of drawn again
+        y0 = (_rand(n, gen) * (h - eh + 1)).floor()
+        x0 = (_rand(n, gen) * (w - ew + 1)).floor()
+        rows = torch.arange(h, device=x.device)[None, :]
+        cols = torch.arange(w, device=x.device)[None, :]
+        in_y = (rows >= y0[:, None]) & (rows < (y0 + eh)[:, None])  # (N, H)
+        in_x = (cols >= x0[:, None]) & (cols < (x0 + ew)[:, None])  # (N, W)
+        erase = in_y[:, :, None] & in_x[:, None, :] & (_rand(n, gen) < self.arg)[:, None, None]  # (N, H, W)
+        noise = torch.randn(x.shape, generator=gen, device=gen.device).to(x.dtype)
+        return torch.where(erase[:, None], noise, x), y
 
 
 def _partner(n: int, gen: torch.Generator) -> torch.Tensor:
