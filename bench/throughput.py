@@ -8,8 +8,10 @@ FLOPs per image: 2 x the multiply-accumulates that `visrec.models.summary` count
 
 An entry `preset:NAME` measures that preset's model with its keyword arguments; `ENTRY@24` feeds it 24x24 inputs
 (what train.progressive_size costs); `ENTRY+muon` trains it with the Muon optimizer instead of Nesterov SGD (what
-orthogonalizing the conv kernels' updates costs). Inference is measured in torch (eager, channels_last for conv
-nets) and through onnxruntime (visrec's default CPU backend for predict and eval).
+orthogonalizing the conv kernels' updates costs); `ENTRY+compile` trains it through `torch.compile` (what
+`model.compile=true` gives a training step once compiled; its inference columns stay eager). Inference is measured
+in torch (eager, channels_last for conv nets) and through onnxruntime (visrec's default CPU backend for predict and
+eval).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def measure(entry: str, batch: int, seconds: float) -> dict:
     torch.manual_seed(0)
     kwargs = {}
     name, muon = entry.removesuffix("+muon"), entry.endswith("+muon")
+    name, compiled = name.removesuffix("+compile"), name.endswith("+compile")
     name, _, size = name.partition("@")
     size = int(size or 28)
     if name.startswith("preset:"):
@@ -71,13 +74,18 @@ def measure(entry: str, batch: int, seconds: float) -> dict:
             count += 1
         return batch * count / (time.perf_counter() - t0)
 
+    forward = torch.compile(model) if compiled else model
+
     def train_step():
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     model.train()
+    t0 = time.perf_counter()
+    train_step()  # with +compile, this first step compiles
+    first_step = time.perf_counter() - t0
     train_ips = timed(train_step)
     model.eval()
     with torch.inference_mode():
@@ -89,6 +97,7 @@ def measure(entry: str, batch: int, seconds: float) -> dict:
         xc = x.contiguous()
         onnx_ips = timed(lambda: net(xc))
     return {"model": name, "kwargs": kwargs, "size": size, "optimizer": "muon" if muon else "nesterov", "macs": macs,
+            "compiled": compiled, "first_step_seconds": first_step,
             "train_images_per_s": train_ips, "infer_images_per_s": infer_ips, "onnx_images_per_s": onnx_ips,
             "train_gflops": train_ips * macs * 2 * 3 / 1e9, "infer_gflops": infer_ips * macs * 2 / 1e9,
             "onnx_gflops": onnx_ips * macs * 2 / 1e9}
@@ -116,7 +125,9 @@ def main() -> None:
         print(f"{name:25s} {2 * r['macs'] / 1e6:9.1f} {r['train_images_per_s']:11.0f} {r['train_gflops']:8.1f} "
               f"{r['train_of_peak']:7.0%} {r['infer_images_per_s']:11.0f} {r['infer_gflops']:8.1f} "
               f"{r['infer_of_peak']:7.0%} {r['onnx_images_per_s']:11.0f} "
-              f"{r['onnx_images_per_s'] / r['infer_images_per_s']:7.2f}x", flush=True)
+              f"{r['onnx_images_per_s'] / r['infer_images_per_s']:7.2f}x"
+              + (f"  (training compiled: first step {r['first_step_seconds']:.1f} s)" if r["compiled"] else ""),
+              flush=True)
     args.out.write_text(json.dumps({"machine": machine(), "batch": args.batch, "matmul_peak_gflops": peak,
                                     "models": rows}, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
