@@ -8,6 +8,7 @@ import io
 import re
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -83,6 +84,44 @@ def test_visrec_report_regenerates_and_reports_bad_input(run, tmp_path):
     assert (run.path / "report.html").stat().st_mtime_ns > before
     with pytest.raises(VisrecError, match="not a visrec run folder"):
         visrec.write_report(tmp_path)
+
+
+def test_test_evaluation_writes_per_image_predictions_that_the_report_reuses(run, monkeypatch):
+    import csv
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    import visrec.evaluate as ev
+    from visrec.explain.run import test_predictions
+
+    rows = list(csv.DictReader((run.path / "predictions.csv").open()))
+    s = run.summary
+    assert len(rows) == s["n_test"] and [int(r["index"]) for r in rows] == list(range(s["n_test"]))
+    assert sum(r["true"] == r["predicted"] for r in rows) / len(rows) == pytest.approx(s["test_acc"])
+    confusion = list(csv.reader((run.path / "confusion.csv").open()))
+    classes = confusion[0][1:]
+    for true, *counts in confusion[1:]:  # the confusion matrix counts the same predictions
+        assert [int(c) for c in counts] == [sum(r["true"] == true and r["predicted"] == p for r in rows)
+                                            for p in classes]
+    assert all(1 / len(classes) - 1e-4 <= float(r["confidence"]) <= 1 for r in rows)
+
+    lm = run.load_model()
+    real = ev.predict_logits
+    recomputed = test_predictions(run, lm)  # what the model says now, computed
+    calls: list[int] = []
+    monkeypatch.setattr(ev, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    test, conf, pred = test_predictions(run, lm)
+    assert calls == [] and torch.equal(pred, recomputed[2]) and torch.allclose(conf, recomputed[1], atol=1e-4)
+    assert torch.equal(test.labels, recomputed[0].labels)
+    ckpt = os.stat(lm.checkpoint)  # weights newer than the file: the file is stale and the predictions recomputed
+    os.utime(run.path / "predictions.csv", (ckpt.st_atime, ckpt.st_mtime - 10))
+    try:
+        assert torch.equal(test_predictions(run, lm)[2], pred) and calls == [1]
+    finally:
+        os.utime(run.path / "predictions.csv")
+    other = dataclasses.replace(lm, checkpoint=str(Path(lm.checkpoint).with_name("snapshot1.json")))
+    assert torch.equal(test_predictions(run, other)[2], pred) and calls == [1, 1]  # other weights: computed
 
 
 def test_tensorboard_has_histograms_figures_and_hparams(run):

@@ -20,7 +20,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,17 +124,24 @@ class EvalResult:
     classes: list[str]
     tta: str = "none"
     backend: str = "torch"  # what ran the network (torch, or onnx: onnxruntime)
+    # per image, in the split's order (CPU): true and predicted class, and the predicted class's probability
+    labels: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    pred: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    confidence: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_predictions(cls, pred: torch.Tensor, labels: torch.Tensor, classes: list[str], *, split: str = "test",
-                         loss: float = float("nan"), top5: float = float("nan"), tta: str = "none") -> EvalResult:
-        """Accuracy, per-class accuracy and confusion matrix of predicted labels against true ones."""
+                         loss: float = float("nan"), top5: float = float("nan"), tta: str = "none",
+                         confidence: torch.Tensor | None = None) -> EvalResult:
+        """Accuracy, per-class accuracy and confusion matrix of predicted labels against true ones (`confidence`:
+        each prediction's probability, if the model gives one)."""
         c, n = len(classes), len(labels)
         conf = torch.bincount(labels * c + pred, minlength=c * c).view(c, c).cpu()
         per_class = (conf.diag().float() / conf.sum(1).clamp_min(1).float()).tolist()
         acc = (pred == labels).float().mean().item() if n else 0.0
         return cls(split=split, n=n, loss=loss, acc=acc, top5=top5, per_class_acc=per_class, confusion=conf,
-                   classes=classes, tta=tta)
+                   classes=classes, tta=tta, labels=labels.cpu(), pred=pred.cpu(),
+                   confidence=None if confidence is None else confidence.float().cpu())
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -155,7 +162,8 @@ class EvalResult:
                 if v > 0]
 
     def save(self, folder: Path, prefix: str = "") -> None:
-        """confusion.csv, confusion.png and per_class.csv in `folder`."""
+        """confusion.csv, confusion.png, per_class.csv and (with per-image predictions) predictions.csv in
+        `folder`."""
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["true \\ predicted", *self.classes])
@@ -169,6 +177,20 @@ class EvalResult:
             w.writerow([name, n, f"{a:.4f}"])
         write_text(folder / f"{prefix}per_class.csv", buf.getvalue())
         write_bytes(folder / f"{prefix}confusion.png", confusion_png(self))
+        if self.pred is not None and self.labels is not None:
+            write_text(folder / f"{prefix}predictions.csv", self.predictions_csv())
+
+    def predictions_csv(self) -> str:
+        """One row per image in the split's order: index, true class, predicted class, its probability (blank
+        where the model gives none)."""
+        assert self.pred is not None and self.labels is not None
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["index", "true", "predicted", "confidence"])
+        conf = self.confidence.tolist() if self.confidence is not None else [None] * len(self.pred)
+        for i, (t, p, c) in enumerate(zip(self.labels.tolist(), self.pred.tolist(), conf, strict=True)):
+            w.writerow([i, self.classes[t], self.classes[p], "" if c is None else f"{c:.5f}"])
+        return buf.getvalue()
 
     def __repr__(self) -> str:
         return f"EvalResult({self.split}, n={self.n}, acc={self.acc:.4f}, top5={self.top5:.4f}, loss={self.loss:.4f})"
@@ -266,5 +288,6 @@ def evaluate(
     k = min(5, data.num_classes)
     top5 = (logits.topk(k, 1).indices == labels[:, None]).any(1).float().mean().item() if n else 0.0
     loss = F.cross_entropy(logits, labels).item() if n else float("nan")
-    return EvalResult.from_predictions(logits.argmax(1), labels, data.classes, split=split, loss=loss, top5=top5,
-                                       tta=tta)
+    confidence, pred = logits.float().softmax(1).max(1)
+    return EvalResult.from_predictions(pred, labels, data.classes, split=split, loss=loss, top5=top5, tta=tta,
+                                       confidence=confidence)

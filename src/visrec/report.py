@@ -402,20 +402,20 @@ def _preprocessing_section(run, rep: Report) -> list[str]:
 
 def _explain_sections(run, rep: Report, per_class: int) -> list[str]:
     """Sections drawn with the model and the test split; each one that fails is listed under "Left out"."""
-    from .explain.run import _confused, _errors, filters_figure, maps_figure, test_probabilities
+    from .explain.run import _confused, _errors, filters_figure, maps_figure, test_predictions
 
     parts: list[str] = []
     try:
         lm = run.load_model()
-        test, probs_all = test_probabilities(run, lm)
-        x8 = _per_class_examples(test, lm.classes, per_class)
+        predictions = test_predictions(run, lm)
+        x8 = _per_class_examples(predictions[0], lm.classes, per_class)
     except (VisrecError, OSError) as e:
         rep.skipped.append(f"explanations: {getattr(e, 'message', e)}")
         return parts
     folder = run.path / "explain"
     for name, title, fn in (
-        ("confused", "Most confused pairs", lambda: _confused(run, lm, folder, 8, test=test, probs=probs_all)),
-        ("errors", "Most confidently wrong", lambda: _errors(run, lm, folder, 16, test=test, probs=probs_all)),
+        ("confused", "Most confused pairs", lambda: _confused(run, lm, folder, 8, predictions=predictions)),
+        ("errors", "Most confidently wrong", lambda: _errors(run, lm, folder, 16, predictions=predictions)),
     ):
         try:
             ex = fn()

@@ -108,26 +108,59 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
     return ex
 
 
-def test_probabilities(run, lm):
-    """The run's test split (in the model's class order) and the model's probabilities for it, with the run's own
-    test-time augmentation: the same predictions as its test evaluation, so every figure agrees with the confusion
-    matrix."""
+def test_predictions(run, lm) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The run's test split (in the model's class order) with each image's predicted class and its probability,
+    under the run's own test-time augmentation: the same predictions as its test evaluation, so every figure agrees
+    with the confusion matrix. They are read from the run's predictions.csv when the training's own test
+    evaluation wrote it for these weights and this split, and computed otherwise."""
     from ..evaluate import predict_logits, resolve_crop_pad, resolve_tta
     from ..runs import dataset_from_config, remap_classes
 
     cfg = run.config
     test = remap_classes(dataset_from_config(cfg).test, lm.classes)
+    saved = saved_predictions(run, lm, test.labels)
+    if saved is not None:
+        return test, *saved
     tta = run.summary.get("tta") or resolve_tta(cfg.eval.tta, cfg.data.augment)
     logits = predict_logits(lm.model, test.images, lm.normalizer, tta=tta,
                             crop_pad=resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment))
-    return test, logits.float().softmax(1)
+    conf, pred = logits.float().softmax(1).max(1)
+    return test, conf.cpu(), pred.cpu()
 
 
-def _errors(run, lm, folder: Path, n: int, test=None, probs=None) -> Explanation:
-    """The most confidently wrong test images, with their true and predicted classes and the confidence."""
-    if test is None:
-        test, probs = test_probabilities(run, lm)
-    conf, pred = probs.max(1)
+def saved_predictions(run, lm, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(confidence, predicted class) from the run's predictions.csv when it belongs to `lm`'s weights and this
+    split: `lm` holds the weights the run was evaluated with, the file was written no earlier than their
+    checkpoint, it has one row per image and every true class equals `labels`. None otherwise."""
+    import csv
+
+    path, ckpt = run.path / "predictions.csv", Path(lm.checkpoint)
+    try:
+        if (not path.is_file() or ckpt.stem != run.checkpoint_tag("auto")
+                or path.stat().st_mtime < ckpt.stat().st_mtime):
+            return None
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if not rows or rows[0] != ["index", "true", "predicted", "confidence"] or len(rows) - 1 != len(labels):
+        return None
+    index = {name: i for i, name in enumerate(lm.classes)}
+    try:
+        true = torch.tensor([index[r[1]] for r in rows[1:]], dtype=torch.long)
+        pred = torch.tensor([index[r[2]] for r in rows[1:]], dtype=torch.long)
+        conf = torch.tensor([float(r[3]) for r in rows[1:]])
+    except (KeyError, IndexError, ValueError):  # another class list, or a model that gave no probabilities
+        return None
+    if not torch.equal(true, labels.cpu().long()):
+        return None
+    return conf, pred
+
+
+def _errors(run, lm, folder: Path, n: int, predictions=None) -> Explanation:
+    """The most confidently wrong test images, with their true and predicted classes and the confidence
+    (`predictions`: test_predictions' answer, if already at hand)."""
+    test, conf, pred = predictions or test_predictions(run, lm)
     wrong = torch.nonzero(pred != test.labels).flatten()
     worst = wrong[conf[wrong].argsort(descending=True)][:n]
     ex = Explanation("errors", test.images[worst], pred[worst].tolist(), conf[worst].tolist(), None)
@@ -155,11 +188,10 @@ def confused_pairs(labels: torch.Tensor, pred: torch.Tensor, num_classes: int, k
     return [(int(i) // num_classes, int(i) % num_classes, int(cm.flatten()[i])) for i in order if cm.flatten()[i] > 0]
 
 
-def _confused(run, lm, folder: Path, n: int, pairs: int = 5, test=None, probs=None) -> Explanation:
-    """The most confused class pairs of the test split, each a row of its most confidently wrong images."""
-    if test is None:
-        test, probs = test_probabilities(run, lm)
-    conf, pred = probs.max(1)
+def _confused(run, lm, folder: Path, n: int, pairs: int = 5, predictions=None) -> Explanation:
+    """The most confused class pairs of the test split, each a row of its most confidently wrong images
+    (`predictions`: as in _errors)."""
+    test, conf, pred = predictions or test_predictions(run, lm)
     top = confused_pairs(test.labels, pred, len(lm.classes), pairs)
     cols = max(1, min(n, 8))
     plt = pyplot()
