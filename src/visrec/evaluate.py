@@ -192,6 +192,26 @@ class EvalResult:
             w.writerow([i, self.classes[t], self.classes[p], "" if c is None else f"{c:.5f}"])
         return buf.getvalue()
 
+    @staticmethod
+    def read_predictions_csv(path: Path, classes: list[str]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(true class, predicted class, probability) per image from a file predictions_csv wrote, in `classes`'
+        order; None when it cannot be read, names another class, or has no probabilities."""
+        try:
+            with path.open(newline="") as f:
+                rows = list(csv.reader(f))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return None
+        if not rows or rows[0] != ["index", "true", "predicted", "confidence"]:
+            return None
+        index = {name: i for i, name in enumerate(classes)}
+        try:
+            return (torch.tensor([index[r[1]] for r in rows[1:]], dtype=torch.long),
+                    torch.tensor([index[r[2]] for r in rows[1:]], dtype=torch.long),
+                    torch.tensor([float(r[3]) for r in rows[1:]]))
+        except (KeyError, IndexError, ValueError):
+            return None
+
     def __repr__(self) -> str:
         return f"EvalResult({self.split}, n={self.n}, acc={self.acc:.4f}, top5={self.top5:.4f}, loss={self.loss:.4f})"
 

@@ -113,7 +113,7 @@ def test_predictions(run, lm) -> tuple[Any, torch.Tensor, torch.Tensor]:
     under the run's own test-time augmentation: the same predictions as its test evaluation, so every figure agrees
     with the confusion matrix. They are read from the run's predictions.csv when the training's own test
     evaluation wrote it for these weights and this split, and computed otherwise."""
-    from ..evaluate import predict_logits, resolve_crop_pad, resolve_tta
+    from ..evaluate import evaluate, resolve_crop_pad, resolve_tta
     from ..runs import dataset_from_config, remap_classes
 
     cfg = run.config
@@ -121,40 +121,28 @@ def test_predictions(run, lm) -> tuple[Any, torch.Tensor, torch.Tensor]:
     saved = saved_predictions(run, lm, test.labels)
     if saved is not None:
         return test, *saved
-    tta = run.summary.get("tta") or resolve_tta(cfg.eval.tta, cfg.data.augment)
-    logits = predict_logits(lm.model, test.images, lm.normalizer, tta=tta,
-                            crop_pad=resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment))
-    conf, pred = logits.float().softmax(1).max(1)
-    return test, conf.cpu(), pred.cpu()
+    res = evaluate(lm.model, test, lm.normalizer, tta=run.summary.get("tta") or resolve_tta(cfg.eval.tta,
+                   cfg.data.augment), crop_pad=resolve_crop_pad(cfg.eval.crop_pad, cfg.data.augment))
+    return test, res.confidence, res.pred
 
 
 def saved_predictions(run, lm, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(confidence, predicted class) from the run's predictions.csv when it belongs to `lm`'s weights and this
     split: `lm` holds the weights the run was evaluated with, the file was written no earlier than their
     checkpoint, it has one row per image and every true class equals `labels`. None otherwise."""
-    import csv
+    from ..evaluate import EvalResult
 
     path, ckpt = run.path / "predictions.csv", Path(lm.checkpoint)
     try:
         if (not path.is_file() or ckpt.stem != run.checkpoint_tag("auto")
                 or path.stat().st_mtime < ckpt.stat().st_mtime):
             return None
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except OSError:
         return None
-    if not rows or rows[0] != ["index", "true", "predicted", "confidence"] or len(rows) - 1 != len(labels):
+    read = EvalResult.read_predictions_csv(path, lm.classes)
+    if read is None or not torch.equal(read[0], labels.cpu().long()):
         return None
-    index = {name: i for i, name in enumerate(lm.classes)}
-    try:
-        true = torch.tensor([index[r[1]] for r in rows[1:]], dtype=torch.long)
-        pred = torch.tensor([index[r[2]] for r in rows[1:]], dtype=torch.long)
-        conf = torch.tensor([float(r[3]) for r in rows[1:]])
-    except (KeyError, IndexError, ValueError):  # another class list, or a model that gave no probabilities
-        return None
-    if not torch.equal(true, labels.cpu().long()):
-        return None
-    return conf, pred
+    return read[2], read[1]
 
 
 def _errors(run, lm, folder: Path, n: int, predictions=None) -> Explanation:
