@@ -134,11 +134,32 @@ def test_errors_point_at_the_fix(tmp_path):
         (("config", "--set", "optim.lrr=0.1"), "Valid keys of section 'optim': alpha"),
         (("train", SYN, "--model", str(tmp_path / "missing.py")), "there is no file"),
         (("train", SYN, "--model", "resnet"), "resnet is a family"),
-        (("train", str(tmp_path)), f"give it as folder:{tmp_path}"),
+        (("train", "--set", f"data.name={tmp_path}"), f"give it as folder:{tmp_path}"),
         (("train", SYN, "--set", "data.augment=flip", *FAST), "did you mean 'hflip'?"),
     ]:
         code, out = invoke(*args)
         assert code == 2 and expected in out, (args, out)
+
+
+def test_a_folder_path_reads_as_an_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, level in [("dark", 40), ("light", 200)]:
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(8):
+            px = np.clip(level + rng.integers(-20, 20, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(px, "L").save(tmp_path / "imgs" / c / f"{i}.png")
+    code, out = invoke("train", "imgs", "--epochs", "1", "--out", "runs/f", *FAST)
+    assert code == 0, out
+    cfg = (tmp_path / "runs/f/config.yaml").read_text()
+    assert "name: folder:imgs" in cfg  # the run says what it read
+    from visrec.data.catalog import source_name
+
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "yolo").mkdir()
+    (tmp_path / "yolo" / "data.yaml").write_text("names: [a]\n")
+    assert source_name("coco") == "coco:coco" and source_name("yolo") == "yolo:yolo"
+    assert source_name("fashion-mnist") == "fashion-mnist" and source_name("folder:imgs") == "folder:imgs"
+    assert source_name("no-such-folder") == "no-such-folder"  # left for the catalog's error, with its names
 
 
 def test_run_files_follow_the_umask(tmp_path):

@@ -30,10 +30,22 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
 
+
+
+def _dataset_source(ctx: typer.Context, value: str | None) -> str | None:
+    """A dataset argument that is a path to a folder reads as folder:PATH (coco:PATH, yolo:PATH by its layout)."""
+    if value is None or ctx.resilient_parsing:  # shell completion: nothing to resolve
+        return value
+    from .data.catalog import source_name
+
+    return source_name(value)
+
+
 # Options shared by several commands, defined once.
 DatasetArg = Annotated[str | None, typer.Argument(
-    help="data.name: a catalog name (see `visrec datasets`), folder:PATH, coco:PATH, yolo:PATH or "
-         "synthetic[:k=v,...].")]
+    help="data.name: a catalog name (see `visrec datasets`), folder:PATH, coco:PATH, yolo:PATH, "
+         "synthetic[:k=v,...], or a folder's path (read as folder:PATH, or coco:/yolo: by its layout).",
+    callback=_dataset_source)]
 ModelOpt = Annotated[str | None, typer.Option(
     help="model.name: a registered model (see `visrec models`), timm:NAME or path/to/file.py:function.")]
 PresetOpt = Annotated[str | None, typer.Option(help="Shipped preset name or YAML file (see `visrec presets`).")]
@@ -327,7 +339,8 @@ def ensemble_cmd(
 @app.command()
 def finetune(
     source: Annotated[str, typer.Argument(help="Run folder (RUN, RUN:best), weight file (with --model) or timm:NAME.")],
-    dataset: Annotated[str, typer.Argument(help="Dataset to transfer to: name, folder:PATH, ...")],
+    dataset: Annotated[str, typer.Argument(help="Dataset to transfer to: name, folder:PATH, ... or a folder's path.",
+                                           callback=_dataset_source)],
     strategy: Annotated[str, typer.Option(help="linear, last, full or two_stage.")] = "last",
     model: Annotated[str | None, typer.Option(help="Architecture of a weight file.")] = None,
     stages: Annotated[int | None, typer.Option(help="finetune.stages: (last) final stages that train.")] = None,
@@ -761,7 +774,8 @@ def _floats(text: str | None, option: str) -> list[float] | None:
 
 @app.command()
 def baseline(
-    dataset: Annotated[str, typer.Argument(help="Dataset name, folder:PATH or synthetic[:k=v,...].")],
+    dataset: Annotated[str, typer.Argument(help="Dataset name, folder:PATH, synthetic[:k=v,...] or a folder's path.",
+                                           callback=_dataset_source)],
     method: Annotated[str, typer.Option(help="knn, svm, softmax or twolayer.")] = "knn",
     features: Annotated[str, typer.Option(help="raw, hog, color or hog+color.")] = "raw",
     k: Annotated[str, typer.Option("--k", help="kNN: values of k to cross-validate, e.g. 1,3,5,10.")] = "1,3,5,10",

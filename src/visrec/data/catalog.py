@@ -231,15 +231,27 @@ def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
+def _folder_kind(path: Path) -> str:
+    """The source prefix a folder's layout asks for: COCO (annotations/), YOLO (data.yaml) or class subfolders."""
+    return "coco" if (path / "annotations").is_dir() else "yolo" if (path / "data.yaml").is_file() else "folder"
+
+
+def source_name(name: str) -> str:
+    """A dataset as typed on the command line, made explicit: a path to a folder that is no catalog name becomes
+    `folder:PATH` (or `coco:PATH`, `yolo:PATH`, by its layout), so the run's config says what was read."""
+    if _base_name(name) in CATALOG or name.startswith(("folder:", "coco:", "yolo:")):
+        return name
+    path = Path(name).expanduser()
+    return f"{_folder_kind(path)}:{name}" if path.is_dir() else name
+
+
 def _entry(name: str) -> CatalogEntry:
     base = _base_name(name)
     if base not in CATALOG:
         path = Path(name).expanduser()
-        if path.is_dir():  # a folder given as a name
-            kind = ("coco" if (path / "annotations").is_dir() else "yolo" if (path / "data.yaml").is_file()
-                    else "folder")
+        if path.is_dir():  # a folder given as a name in a config
             raise VisrecError(f"dataset {name!r} is a folder, not a catalog name",
-                              f"give it as {kind}:{name} (image folders: one subfolder per class)")
+                              f"give it as {_folder_kind(path)}:{name} (image folders: one subfolder per class)")
         raise unknown_name("dataset", name, dataset_names())
     return CATALOG[base]
 
