@@ -888,7 +888,7 @@ def eval_(
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files, or folders of them (read recursively).")],
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
     resize: Annotated[bool | None, typer.Option(
         "--resize/--no-resize", help="Resize images to the model's size (default: as training did).")] = None,
@@ -914,8 +914,10 @@ def predict(
     normalization as in training); a detection or instance run finds their objects, a localization run boxes its
     object, a segmentation run labels every pixel. Files that cannot be predicted are reported and the exit code
     is 1."""
+    from .data.images import expand_image_paths
     from .runs import Run
 
+    images = expand_image_paths(images)
     fmt = output_format or ("json" if as_json else "text")
     if fmt not in ("text", "json", "coco"):
         raise VisrecError(f"--format {fmt} is not valid", "use text, json or coco")
