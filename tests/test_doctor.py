@@ -371,3 +371,12 @@ def test_rate_advice_improves_a_bad_rate_and_leaves_a_working_schedule_alone(pat
                             overrides={**BASE, "optim.lr": lr, "log.report": False}).summary["test_acc"]
 
     assert acc(fixed_lr) > acc(5.0) + 0.1
+
+
+def test_chance_is_judged_only_when_the_validation_images_can_tell():
+    from visrec.doctor.exam import at_chance
+
+    assert at_chance(1.0, 1 / 3, 3) is None  # 3 images: even all right is within guessing's noise
+    assert at_chance(0.34, 1 / 3, 1000) is True and at_chance(0.5, 1 / 3, 1000) is False
+    assert at_chance(1.0, 1 / 3, 30) is False and at_chance(0.4, 1 / 3, 30) is True
+    assert at_chance(0.12, 0.1, 10_000) is True  # at least 5 points of margin, however many images

@@ -758,6 +758,16 @@ PRIMARY = ("single-class", "bad-output", "input-not-normalized", "output-is-prob
            "gradient-check-failed", "train-test-overlap")
 
 
+def at_chance(val_acc: float, chance: float, n_val: int) -> bool | None:
+    """Whether a validation accuracy is within the noise of guessing: at most 3 standard errors of a chance-level
+    binomial over `n_val` images (and at least 5 points) above chance. None when the images are too few to tell:
+    even all of them right would be within that noise."""
+    margin = max(0.05, 3 * math.sqrt(chance * (1 - chance) / max(n_val, 1)))
+    if chance + margin >= 1:
+        return None
+    return val_acc <= chance + margin
+
+
 def reconcile(ex: Exam) -> None:
     """Join the evidence of separate checks into conclusions no single check can draw."""
     _judge_sweep(ex)
@@ -771,13 +781,20 @@ def reconcile(ex: Exam) -> None:
         cannot.severity = "warn"
         cannot.message += f" (explained by: {', '.join(dict.fromkeys(errors))})"
     if "val_acc" in trial and not errors:
-        n_val = max(trial["n_val"], 1)
-        margin = max(0.05, 3 * math.sqrt(chance * (1 - chance) / n_val))
-        at_chance = trial["val_acc"] <= chance + margin
+        guessing = at_chance(trial["val_acc"], chance, trial["n_val"])  # None: too few images to tell
         weak = trial["train_acc"] < chance + 0.5 * (1 - chance) and trial["train_acc"] - trial["val_acc"] < 0.1
         ev = {"val_acc": round(trial["val_acc"], 4), "train_acc": round(trial["train_acc"], 4),
               "chance": round(chance, 4), "overfits_tiny_subset": bool(can_fit)}
-        if at_chance and can_fit:
+        if guessing is None:
+            ex.add("reconcile", Finding(
+                "small-val-set", "info",
+                f"the trial run's {trial['n_val']} validation image(s) are too few to tell its accuracy "
+                f"({trial['val_acc']:.1%}) from guessing ({chance:.1%}): whether the labels can be learned, and how "
+                f"well the model generalizes, is not judged", {**ev, "n_val": trial["n_val"]},
+                "collect more images per class (a few dozen at least), or give a larger validation split "
+                "(--set data.val_fraction=0.2)",
+            ))
+        if guessing and can_fit:
             ex.findings = [f for f in ex.findings if f.id not in ("underfitting", "loss-flat")]
             ex.add("reconcile", Finding(
                 "labels-not-learnable", "error",

@@ -47,6 +47,7 @@ FINDINGS: dict[str, str] = {
     "overfitting": "training accuracy far above validation accuracy",
     "underfitting": "training accuracy itself stays low: the model (or training) is too weak",
     "labels-not-learnable": "validation accuracy stays at chance while optimization works: labels look random",
+    "small-val-set": "too few validation images to tell the model's accuracy from guessing",
 }
 
 
