@@ -170,6 +170,12 @@ def test_a_folder_path_reads_as_an_image_folder(tmp_path):
     assert source_name("coco") == "coco:coco" and source_name("yolo") == "yolo:yolo"
     assert source_name("fashion-mnist") == "fashion-mnist" and source_name("folder:imgs") == "folder:imgs"
     assert source_name("no-such-folder") == "no-such-folder"  # left for the catalog's error, with its names
+    from visrec.runs import run_label  # run folders and studies are named after the folder, not its kind
+
+    assert run_label("folder:imgs", "convnet") == "imgs-convnet"
+    assert run_label("coco:/data/coco2017/", "fasterrcnn_mobilenet") == "coco2017-fasterrcnn_mobilenet"
+    assert run_label("synthetic:classes=3", "nets/my.py:build") == "synthetic-my"
+    assert run_label("fashion-mnist", "timm:resnet18") == "fashion-mnist-resnet18"
 
 
 def test_run_files_follow_the_umask(tmp_path):

@@ -83,12 +83,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
 
 
+def run_label(data_name: str, model_name: str) -> str:
+    """`<dataset>-<model>`, with folder and file paths reduced to their last name (folder:, coco: and yolo: data
+    by their folder's name, so two folders get two labels)."""
+    prefix, _, rest = data_name.partition(":")
+    data = Path(rest.rstrip("/")).name or prefix if prefix in ("folder", "coco", "yolo") else prefix
+    model = (model_name.split(":", 1)[1] if model_name.startswith("timm:")
+             else Path(model_name.rsplit(":", 1)[0]).stem if ":" in model_name else model_name)
+    return f"{_slug(data)}-{_slug(model)}"
+
+
 def default_run_name(data_name: str, model_name: str) -> str:
-    """`<dataset>-<model>-<YYYYmmdd-HHMMSS>`, with folder and file paths reduced to their last name."""
-    data = Path(data_name.split(":", 1)[1]).name if data_name.startswith("folder:") else data_name.split(":", 1)[0]
-    model = Path(model_name.rsplit(":", 1)[0]).stem if ":" in model_name else model_name
+    """`<dataset>-<model>-<YYYYmmdd-HHMMSS>` (see `run_label`)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{_slug(data)}-{_slug(model)}-{stamp}"
+    base = Path("runs") / f"{run_label(data_name, model_name)}-{stamp}"
     name, i = base.name, 2
     while (base.parent / name).exists():
         name, i = f"{base.name}-{i}", i + 1

@@ -48,6 +48,7 @@ import yaml
 from .config import Config, bounds, resolve_config
 from .errors import VisrecError, unknown_name
 from .io import write_bytes, write_json, write_text, write_yaml
+from .runs import run_label
 
 STRATEGIES = ("random", "grid", "tpe", "coarse-to-fine")
 PRUNERS = ("median", "asha", "none")
@@ -449,7 +450,7 @@ def create_study(data: str, *, space: dict[str, Any] | str | Path | None = None,
     if cfg.data.val_fraction == 0:
         raise VisrecError("hyperparameter search judges trials on the validation split, but data.val_fraction=0",
                           "set data.val_fraction > 0 (the test split is never used during the search)")
-    name = study or f"{data.split(':')[0]}-{cfg.model.name}".replace("/", "-")
+    name = study or run_label(data, cfg.model.name)
     folder = Path(out) if out else Path("runs") / f"tune-{name}"
     folder.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
