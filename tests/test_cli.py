@@ -151,7 +151,7 @@ def test_errors_point_at_the_fix(tmp_path):
         assert code == 2 and expected in out, (args, out)
 
 
-def test_a_folder_path_reads_as_an_image_folder(tmp_path):
+def test_a_folder_path_reads_as_an_image_folder(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for c, level in [("dark", 40), ("light", 200)]:
         (tmp_path / "imgs" / c).mkdir(parents=True)
@@ -161,7 +161,12 @@ def test_a_folder_path_reads_as_an_image_folder(tmp_path):
     code, out = invoke("train", "imgs", "--epochs", "1", "--out", "runs/f", *FAST)
     assert code == 0, out
     cfg = (tmp_path / "runs/f/config.yaml").read_text()
-    assert "name: folder:imgs" in cfg  # the run says what it read
+    assert f"name: folder:{tmp_path / 'imgs'}" in cfg  # the run says what it read, from anywhere
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out = invoke("eval", str(tmp_path / "runs/f"), "--json")
+    assert code == 0, out
+    monkeypatch.chdir(tmp_path)
     from visrec.data.catalog import source_name
 
     (tmp_path / "coco" / "annotations").mkdir(parents=True)

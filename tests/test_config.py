@@ -162,3 +162,22 @@ def test_an_explicit_epoch_count_replaces_a_presets_time_budget():
     assert resolve_config("fmnist-best", ["train.epochs=3"]).train.time_budget == ""
     kept = resolve_config("fmnist-best", ["train.epochs=3", "train.time_budget=2m"])
     assert (kept.train.epochs, kept.train.time_budget) == (3, "2m")
+
+
+def test_anchored_makes_existing_relative_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "net.py").write_text("")
+    (tmp_path / "teacher").mkdir()
+    cfg = Config()
+    cfg.data.name, cfg.data.data_dir, cfg.model.name = "folder:photos", "photos", "net.py:build"
+    cfg.distill.teachers = ["teacher:best", "teacher", "gone:last"]
+    a = cfg.anchored()
+    assert a.data.name == f"folder:{tmp_path / 'photos'}" and a.data.data_dir == str(tmp_path / "photos")
+    assert a.model.name == f"{tmp_path / 'net.py'}:build"
+    assert a.distill.teachers == [f"{tmp_path / 'teacher'}:best", str(tmp_path / "teacher"), "gone:last"]
+    assert cfg.data.name == "folder:photos"  # a copy: the config itself is unchanged
+    for name in ("fashion-mnist", "synthetic:classes=3", "folder:missing"):  # no path, or none that exists
+        cfg.data.name = name
+        assert cfg.anchored().data.name == name
+    assert cfg.anchored().task.style_net == "random_vgg" and Config().anchored().model.name == "convnet"

@@ -7,8 +7,10 @@ keys are errors that list the valid ones. The resolved config is written into ev
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import os
 import re
 import types
 import typing
@@ -312,6 +314,26 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def anchored(self) -> Config:
+        """A copy whose relative paths to files and folders that exist (a folder:, coco: or yolo: dataset, the data
+        folder, a model or task file, weights, teacher runs, a style network's weights) are made absolute, so a run's
+        config.yaml means the same from any working folder."""
+        cfg = copy.deepcopy(self)
+        prefix, sep, rest = cfg.data.name.partition(":")
+        if sep and prefix in ("folder", "coco", "yolo"):
+            cfg.data.name = f"{prefix}:{_absolute(rest)}"
+        if cfg.data.data_dir:
+            cfg.data.data_dir = _absolute(cfg.data.data_dir)
+        cfg.model.name = _absolute_file_ref(cfg.model.name)
+        cfg.task.name = _absolute_file_ref(cfg.task.name)
+        if cfg.model.weights:
+            cfg.model.weights = _absolute(cfg.model.weights)
+        cfg.distill.teachers = [_absolute_run_ref(t) for t in cfg.distill.teachers]
+        net, sep, path = cfg.task.style_net.partition(":")
+        cfg.task.style_net = f"{net}:{_absolute(path)}" if sep and net.startswith("vgg") else \
+            _absolute_run_ref(cfg.task.style_net)
+        return cfg
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -329,6 +351,26 @@ class Config:
         """Every valid `section.key`."""
         sections = dataclasses.fields(self)
         return [f"{s.name}.{f.name}" for s in sections for f in dataclasses.fields(getattr(self, s.name))]
+
+
+def _absolute(path: str) -> str:
+    """`path` made absolute (a leading ~ expanded) when it exists from here; else as given."""
+    p = Path(path).expanduser()
+    return os.path.abspath(p) if p.exists() else path
+
+
+def _absolute_file_ref(ref: str) -> str:
+    """`path/to/file.py:name` with its file made absolute; other references (registered names, timm:NAME) as given."""
+    file, sep, name = ref.rpartition(":")
+    return f"{_absolute(file)}:{name}" if sep and file.endswith(".py") else ref
+
+
+def _absolute_run_ref(ref: str) -> str:
+    """A run folder, or `RUN:last`/`RUN:best`, with the folder made absolute when it exists."""
+    run, sep, tag = ref.rpartition(":")
+    if sep and tag in ("last", "best", "auto") and Path(run).expanduser().is_dir():
+        return f"{_absolute(run)}:{tag}"
+    return _absolute(ref) if ref and Path(ref).expanduser().is_dir() else ref
 
 
 def _field_types(obj: Any) -> dict[str, Any]:

@@ -455,8 +455,9 @@ def create_study(data: str, *, space: dict[str, Any] | str | Path | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
     stages = [f"{name}.coarse", name] if strategy == "coarse-to-fine" else [name]
-    spec = StudySpec(name, url, str(folder.resolve()), data, cfg.to_dict(), {p.key: p.to_spec() for p in params},
-                     strategy, trials, cfg.train.epochs, pruner, seed, heartbeat, stages)
+    spec = StudySpec(name, url, str(folder.resolve()), data, cfg.anchored().to_dict(),
+                     {p.key: p.to_spec() for p in params}, strategy, trials, cfg.train.epochs, pruner, seed,
+                     heartbeat, stages)
     main = open_stage(spec, name)
     spec.previous_trials = sum(len(open_stage(spec, s).trials) for s in stages)
     old = main.user_attrs.get("visrec")
@@ -743,7 +744,7 @@ def write_results(spec: StudySpec) -> dict[str, Any]:
         values = {p.key: best[p.key] for p in params if p.key in best}
         cfg = trial_config(spec, values, best["epochs"] or spec.epochs)
         cfg.log.every = Config.from_dict(copy.deepcopy(spec.base), "study config").log.every
-        write_yaml(folder / "best.yaml", cfg.to_dict())
+        write_yaml(folder / "best.yaml", cfg.anchored().to_dict())
         result["best"] = {"number": best["number"], "stage": best["stage"], "val_acc": best["val_acc"],
                           "params": values, "run": best["run"]}
         result["warnings"] = edge_warnings(params, values)

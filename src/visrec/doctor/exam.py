@@ -883,7 +883,7 @@ def examine(
                               "choose another --out for the doctor")
         shutil.rmtree(out / "trial")  # an earlier examination's trial run, replaced by this one
     out.mkdir(parents=True, exist_ok=True)
-    write_yaml(out / "config.yaml", cfg.to_dict())
+    write_yaml(out / "config.yaml", cfg.anchored().to_dict())
     ex = Exam(cfg, ds, out, opts, device=device)
     timings: dict[str, dict[str, Any]] = {}
     if cfg.task.name != "classification":  # the checks that carry over, through the task's own loss and metric

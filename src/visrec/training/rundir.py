@@ -36,7 +36,7 @@ class RunWriter(Callback):
         if not self.write:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(self.run_dir / "config.yaml", cfg.to_dict())
+        write_yaml(self.run_dir / "config.yaml", cfg.anchored().to_dict())  # its paths mean the same from anywhere
         write_json(self.run_dir / "splits.json", {"dataset": ds.name, "source": ds.source, "classes": ds.classes,
                                                   **ds.splits})
         write_text(self.run_dir / "model.txt", model_text)
