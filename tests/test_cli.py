@@ -167,6 +167,12 @@ def test_a_folder_path_reads_as_an_image_folder(tmp_path, monkeypatch):
     code, out = invoke("eval", str(tmp_path / "runs/f"), "--json")
     assert code == 0, out
     monkeypatch.chdir(tmp_path)
+    code, out = invoke("explain", "runs/f", "imgs/dark", "--method", "gradcam")  # a folder of images
+    assert code == 0 and "gradcam.png" in out, out
+    from visrec.runs import Run
+
+    run = Run(tmp_path / "runs/f")  # files are converted as training did; resized only when training resized
+    assert run.input_fixes(None, None) == (False, True) and run.input_fixes(True, False) == (True, False)
     from visrec.data.catalog import source_name
 
     (tmp_path / "coco" / "annotations").mkdir(parents=True)

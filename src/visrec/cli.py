@@ -520,8 +520,8 @@ def _print_leaderboard(spec) -> None:
 @app.command()
 def explain(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    images: Annotated[list[Path] | None, typer.Argument(help="Image files (default: test images of each class).")
-                      ] = None,
+    images: Annotated[list[Path] | None, typer.Argument(
+        help="Image files, or folders of them (default: test images of each class).")] = None,
     method: Annotated[str, typer.Option(help="filters, activations, errors, confused, tsne, neighbors, class_model, "
                                              "fooling, inversion, saliency, smoothgrad, guided_backprop, gradcam "
                                              "or occlusion.")] = "gradcam",
@@ -531,17 +531,21 @@ def explain(
     layer: Annotated[str | None, typer.Option(help="gradcam: module path (default: the last feature map); "
                                                    "inversion: one stage (default: every stage).")] = None,
     out_dir: Annotated[Path | None, out_option("Folder for the PNGs (default RUN/explain).")] = None,
-    resize: Annotated[bool, typer.Option("--resize", help="Resize images to the model's input size.")] = False,
-    convert: Annotated[bool, typer.Option("--convert", help="Convert color images for a grayscale model.")] = False,
+    resize: Annotated[bool | None, typer.Option(
+        "--resize/--no-resize", help="Resize images to the model's input size (default: as training did).")] = None,
+    convert: Annotated[bool | None, typer.Option(
+        "--convert/--no-convert", help="Convert color images for a grayscale model (default: as training did).")
+    ] = None,
 ) -> None:
     """Explain a run's model: filters, activations, attribution maps, errors, feature space, synthesized images.
 
     --class picks the explained class (attribution maps), the class drawn (class_model) or the target of the
     attack (fooling; default: each image's runner-up class)."""
+    from .data.images import expand_image_paths
     from .explain import explain as run_explain
 
-    ex = run_explain(run, method, [str(i) for i in images] if images else None, target=class_, n=n, layer=layer,
-                     out=out_dir, resize=resize, convert=convert)
+    files = [str(i) for i in expand_image_paths(images)] if images else None
+    ex = run_explain(run, method, files, target=class_, n=n, layer=layer, out=out_dir, resize=resize, convert=convert)
     for f in ex.files:
         out.print(f"wrote {f}")
 
@@ -579,7 +583,7 @@ def _wrote(result, path: Path) -> None:
 @app.command()
 def stylize(
     images: Annotated[list[Path], typer.Argument(
-        help="CONTENT STYLE (optimization), or with --model: one or more content images.")],
+        help="CONTENT STYLE (optimization), or with --model: one or more content images, or folders of them.")],
     model: Annotated[Path | None, typer.Option(
         "--model", help="A fast style run (visrec train folder:PHOTOS --task style --style S.jpg): one forward pass "
                         "per image.")] = None,
@@ -615,6 +619,9 @@ def stylize(
         if net is not None:
             raise VisrecError("--net is for stylizing by optimization; a --model run has its own network",
                               "leave out --net")
+        from .data.images import expand_image_paths
+
+        images = expand_image_paths(images)
         results = stylize_with_run(model, images, size=size, max_pixels=max_pixels)
         for image, r in zip(images, results, strict=True):
             if out_path is not None and len(images) == 1 and out_path.suffix.lower() == ".png":

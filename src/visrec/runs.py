@@ -316,9 +316,7 @@ class Run:
                               f"`visrec predict {self.path} IMAGE...` answers for every task (in Python: "
                               "visrec.serve.model.ServedModel); see its test images in "
                               f"{self.path / 'report.html'}, or score it with visrec eval {self.path}")
-        folder = cfg.data.name.startswith("folder:")
-        resize = (folder and cfg.data.image_size is not None) if resize is None else resize
-        convert = folder if convert is None else convert
+        resize, convert = self.input_fixes(resize, convert)
         lm = self.load_model(which, device, backend)
         items = images if isinstance(images, list | tuple) else [images]
         batch, names, failed = [], [], {}
@@ -345,6 +343,14 @@ class Run:
                     for n, pr, ix in zip(names, p, idx, strict=True)]
         it = iter(good)
         return [failed[i] if i in failed else next(it) for i in range(len(items))]
+
+    def input_fixes(self, resize: bool | None, convert: bool | None) -> tuple[bool, bool]:
+        """Whether image files are resized and converted to the model's input; None: as training did (a run trained
+        on an image folder converted every file to its channels and, with `data.image_size`, resized it)."""
+        cfg = self.config
+        folder = cfg.data.name.startswith("folder:")
+        return ((folder and cfg.data.image_size is not None) if resize is None else resize,
+                folder if convert is None else convert)
 
     @staticmethod
     def _to_tensor(item: Any, lm: LoadedModel, resize: bool, convert: bool, max_pixels: int | None = None,

@@ -56,8 +56,8 @@ def _pick_test_images(run, n: int) -> torch.Tensor:
 
 
 def explain(run, method: str, images: list[Any] | None = None, *, target: str | int | None = None, n: int = 8,
-            layer: str | None = None, out: str | Path | None = None, which: str = "auto", resize: bool = False,
-            convert: bool = False, **options) -> Explanation:
+            layer: str | None = None, out: str | Path | None = None, which: str = "auto", resize: bool | None = None,
+            convert: bool | None = None, **options) -> Explanation:
     """Explain `run`'s model (a Run or a run folder) with `method` for image files (decoded as in training) or,
     by default, `n` test images; `target` is a class name or index (default: each image's predicted class)."""
     from ..runs import Run
@@ -84,6 +84,7 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
     if method == "class_model":
         return _class_model(lm, folder, None if target is None else _target_index(target, lm.classes), n, options)
     if images:
+        resize, convert = run.input_fixes(resize, convert)  # default: as training did, as predict does
         x8 = torch.stack([run._to_tensor(i, lm, resize, convert) for i in images])
     else:
         x8 = _pick_test_images(run, n)
