@@ -68,3 +68,12 @@ def test_seeds_train_members_and_the_ensemble_reports_each_combination(tmp_path)
     assert "parameter average" in one.combined and one.combined["parameter average"] > 0.5
     with pytest.raises(VisrecError, match="at least two"):
         ensemble(folders[:1])
+    import shutil  # a member read with other settings is refused, naming each difference
+
+    other = tmp_path / "other"
+    shutil.copytree(folders[1], other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["data"]["image_size"], cfg["data"]["split_seed"] = 16, 3
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(VisrecError, match=r"data.split_seed \(3 against 0\), data.image_size \(16 against None\)"):
+        ensemble([folders[0], str(other)])

@@ -75,11 +75,13 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
                           "probabilities of classification runs", "give classification runs")
     first = loaded[0][0].config
     for run, _ in loaded[1:]:
-        a, b = first.data, run.config.data
-        if (a.name, a.split_seed, a.val_fraction, a.test_fraction, a.subset) != \
-                (b.name, b.split_seed, b.val_fraction, b.test_fraction, b.subset):
-            raise VisrecError(f"{run.path} was trained on other data or splits than {loaded[0][0].path}",
-                              "ensemble runs of one dataset with the same data.split_seed and fractions")
+        a, b = first.anchored().data, run.config.anchored().data  # one folder, however each run named it
+        differ = [f"data.{k} ({getattr(b, k)!r} against {getattr(a, k)!r})" for k in SAME_DATA
+                  if getattr(a, k) != getattr(b, k)]
+        if differ:
+            raise VisrecError(f"{run.path} was trained on other data, splits or inputs than {loaded[0][0].path}: "
+                              + ", ".join(differ),
+                              "ensemble runs of one dataset with the same splits, image size and channels")
     ds = dataset_from_config(first)
     data = ds.split(split) if split != "val" or ds.val is not None else None
     if data is None:
@@ -111,6 +113,10 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
                                 crop_pad=pad)
         report.combined["parameter average"] = _acc(logits.argmax(1), data.labels)
     return report
+
+
+# What members must share: the data evaluated is read once, with the first member's settings.
+SAME_DATA = ("name", "split_seed", "val_fraction", "test_fraction", "subset", "image_size", "channels", "classes")
 
 
 def _acc(pred: torch.Tensor, labels: torch.Tensor) -> float:
