@@ -186,3 +186,17 @@ def test_finetune_from_a_torchvision_weight_file(tmp_path):
     original = torch.load(file, weights_only=True)
     assert w["fc.weight"].shape == (3, 512)  # a new head for the new classes
     assert torch.equal(w["layer1.0.conv1.weight"], original["layer1.0.conv1.weight"])  # frozen stage kept
+
+
+def test_finetuning_from_a_run_keeps_the_input_it_learned(tmp_path):
+    from visrec.config import Config
+    from visrec.transfer import finetune_config
+
+    cfg = Config()
+    cfg.data.name, cfg.data.image_size, cfg.data.channels = "folder:photos", 20, 1
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.yaml").write_text(cfg.to_yaml())
+    ft = finetune_config(str(tmp_path / "src"), "folder:other", "last")
+    assert (ft.data.image_size, ft.data.channels, ft.data.name) == (20, 1, "folder:other")
+    ft = finetune_config(str(tmp_path / "src"), "folder:other", "last", overrides=["data.image_size=24"])
+    assert ft.data.image_size == 24  # an override still wins

@@ -30,8 +30,8 @@ from .runs import RunRef
 
 def finetune_config(source: str, data: str, strategy: str, *, model: str | None = None, preset: str | None = None,
                     overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """The config of a fine-tuning run: the preset (default recipe), then the source's architecture and
-    preprocessing mode, then overrides."""
+    """The config of a fine-tuning run: the preset (default recipe), then the source's architecture, preprocessing
+    mode and (when it set them) image size and channels, then overrides."""
     cfg = resolve_config(preset, None)
     cfg.data.name = data
     ref = RunRef.parse(source)
@@ -43,6 +43,8 @@ def finetune_config(source: str, data: str, strategy: str, *, model: str | None 
         src = ref.run.config
         cfg.model.name, cfg.model.kwargs = src.model.name, dict(src.model.kwargs)
         cfg.data.normalize = src.data.normalize
+        # the input the network learned: its image size and channels, when the source chose them (--set overrides)
+        cfg.data.image_size, cfg.data.channels = src.data.image_size, src.data.channels
         cfg.model.weights = source
     elif path.is_file():
         if not model:
