@@ -45,12 +45,12 @@ def test_train_eval_predict_round_trip(tmp_path):
     assert abs(sum(t["prob"] for t in preds[0]["top"]) - 1) < 1  # probabilities, best first
     assert preds[0]["top"][0]["prob"] >= preds[0]["top"][1]["prob"]
     (tmp_path / "more" / "sub").mkdir(parents=True)
-    for name in ("more/b.png", "more/sub/a.png"):
+    for name in ("more/b10.png", "more/b2.png", "more/sub/a.png"):
         Image.fromarray(np.full((10, 10), 60, np.uint8), "L").save(tmp_path / name)
     (tmp_path / "more" / "notes.txt").write_text("not an image")
     code, out = invoke("predict", "runs/c", "more", str(img), "--json")  # a folder: its images, recursively
     assert code == 0, out
-    assert [p["image"] for p in json.loads(out)] == ["more/b.png", "more/sub/a.png", str(img)]
+    assert [p["image"] for p in json.loads(out)] == ["more/b2.png", "more/b10.png", "more/sub/a.png", str(img)]
     (tmp_path / "none").mkdir()
     code, out = invoke("predict", "runs/c", "none")
     assert code == 2 and "folder none holds no image file" in out

@@ -32,16 +32,21 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def _natural(path: Path) -> list:
+    """Sort key in reading order: the numbers in a path compare as numbers (img2 before img10)."""
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", str(path)))]
+
+
 def expand_image_paths(paths: list[Path]) -> list[Path]:
-    """Files as given, and each folder as the image files under it (recursively, sorted; hidden files and other
-    extensions skipped). A folder with no image file is an error that names it."""
+    """Files as given, and each folder as the image files under it (recursively, in natural order; hidden files and
+    other extensions skipped). A folder with no image file is an error that names it."""
     out: list[Path] = []
     for p in paths:
         if not p.is_dir():
             out.append(p)  # a missing or unreadable file is reported where it is read, with the others
             continue
-        found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        found = sorted((f for f in p.rglob("*") if f.is_file() and is_image_file(f)
+                        and not any(part.startswith(".") for part in f.relative_to(p).parts)), key=_natural)
         if not found:
             raise VisrecError(f"folder {p} holds no image file ({', '.join(sorted(IMAGE_EXTENSIONS))})",
                               "give image files, or a folder that holds some")
