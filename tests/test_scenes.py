@@ -111,7 +111,6 @@ def test_a_users_coco_folder_category_zero_polygons_and_negatives(tmp_path):
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda im, an, ca: im[0].update(_missing=True), "image 1: file '1.png' not found"),
     (lambda im, an, ca: an[0].update(bbox=[15, 2, 10, 4]), "annotation 1 (image 1): bbox [15, 2, 10, 4] lies outside"),
-    (lambda im, an, ca: an[0].update(bbox=[1, 2, 0, 4]), "annotation 1 (image 1): bbox [1, 2, 0, 4] has zero or neg"),
     (lambda im, an, ca: an[0].update(category_id=5), "annotation 1 (image 1): unknown category_id 5"),
     (lambda im, an, ca: an.append(dict(an[0])), "annotation 1 (image 1): duplicate annotation id"),
     (lambda im, an, ca: im.append(_img(1)), "image 1: duplicate image id"),
@@ -131,6 +130,41 @@ def test_coco_problems_name_the_file_the_id_and_the_fix(tmp_path, mutate, messag
         load_dataset(f"coco:{root}")
     r = CliRunner().invoke(app, ["validate", f"coco:{root}"])
     assert r.exit_code == 1 and message.split(":")[0] in r.output
+
+
+def test_zero_size_boxes_are_left_out_and_crowd_regions_are_ignored(tmp_path):
+    from visrec.tasks.detection import coco_evaluate, coco_ground_truth, coco_results, to_torchvision
+
+    # as in COCO 2017's own train file: a box of height 0 (left out), and a crowd region (ignored)
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 6, 5], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [10, 2, 8, 12], "iscrowd": 1},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [3, 3, 5, 0], "iscrowd": 0},
+            {"id": 4, "image_id": 2, "category_id": 1, "bbox": [2, 2, 4, 4], "iscrowd": 0}]
+    root = _coco(tmp_path, [_img(1), _img(2)], anns, [{"id": 1, "name": "a"}])
+    found = {p.severity: str(p) for p in validate_coco(root)}
+    assert "error" not in found and "annotation 3 (image 2)" in found["warning"] and "crowd" in found["note"]
+    ds = load_dataset(f"coco:{root}", val_fraction=0, test_fraction=0.5, split_seed=0)
+    both = visrec.ImageSet(torch.cat([ds.train.images, ds.test.images]), torch.cat([ds.train.labels, ds.test.labels]),
+                           ds.classes, targets={k: torch.cat([ds.train.targets[k], ds.test.targets[k]])
+                                                for k in ("boxes", "box_labels", "crowd")})
+    first = int((both.targets["crowd"].any(1)).nonzero()[0])  # the image with the crowd region
+    assert (both.targets["box_labels"] >= 0).sum().item() == 3  # the zero-height box is gone
+    tv = to_torchvision(both.targets, masks=False)
+    assert len(tv[first]["boxes"]) == 1  # the crowd region is not an object to learn
+    gt = coco_ground_truth(both, ["a"], masks=False)
+    assert sorted(a["iscrowd"] for a in gt["annotations"]) == [0, 0, 1]
+    # COCO's scoring: missing the crowd costs nothing (it is no object), and a box on it is no false positive
+    real = (both.targets["box_labels"] >= 0) & ~both.targets["crowd"]
+    for on_crowd in (False, True):
+        dets = []
+        for i in range(2):
+            boxes = both.targets["boxes"][i][real[i] | (on_crowd & both.targets["crowd"][i])]
+            scores = torch.linspace(0.8, 0.7, len(boxes))
+            if on_crowd and i == first:
+                scores[both.targets["crowd"][i][both.targets["box_labels"][i] >= 0]] = 0.99  # the top score
+            dets.append({"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long), "scores": scores})
+        metrics, _ = coco_evaluate(gt, coco_results(dets), "bbox")
+        assert metrics["map50"] == pytest.approx(1.0), on_crowd
 
 
 def _yolo(tmp_path, lines: dict[str, str]):

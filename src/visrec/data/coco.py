@@ -8,7 +8,9 @@
 
 Categories map to contiguous class indices by name, in the train file's id order (any id, 0 included, is an
 ordinary category). Images without annotations are kept as negatives. Masks are decoded with pycocotools into one
-instance map per image (the later of two overlapping instances owns the shared pixels). Every problem is
+instance map per image (the later of two overlapping instances owns the shared pixels). Boxes of zero width or
+height are left out (a warning); crowd regions (iscrowd=1) are kept with a `crowd` flag, so training leaves them
+out and evaluation ignores what is detected on them, as COCO's evaluation does (a note). Every problem is
 reported with the file, the image or annotation id, and what to do (`validate_coco` lists them all).
 """
 
@@ -33,7 +35,7 @@ NO_OBJECT = "(no object)"  # visrec's own class for images without objects, when
 
 @dataclass
 class CocoProblem:
-    severity: str  # error | warning
+    severity: str  # error | warning | note
     file: str
     where: str  # "image 12", "annotation 7", ...
     detail: str
@@ -52,6 +54,7 @@ class CocoSplit:
     labels: list[np.ndarray]  # (m,) contiguous class index
     instances: torch.Tensor | None  # (N, H, W) uint8, 0 = none, k = k-th box; None without segmentation
     captions: list[list[str]] = field(default_factory=list)
+    crowd: list[np.ndarray] = field(default_factory=list)  # (m,) bool per image: the box is a crowd region
 
 
 def split_of(path: Path) -> str | None:
@@ -128,7 +131,10 @@ def check_split(root: Path, path: Path, d: dict[str, Any]) -> tuple[list[CocoPro
         else:
             files[iid] = f
     seen: set = set()
+    degenerate: list[str] = []
+    crowd = 0
     for a in d.get("annotations") or []:
+        crowd += bool(a.get("iscrowd"))
         aid = a.get("id")
         where = f"annotation {aid} (image {a.get('image_id')})"
         if aid in seen:
@@ -146,7 +152,7 @@ def check_split(root: Path, path: Path, d: dict[str, Any]) -> tuple[list[CocoPro
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
             bad(where, f"bbox {box!r} is not [x, y, width, height]", "write the box as four numbers")
         elif box[2] <= 0 or box[3] <= 0:
-            bad(where, f"bbox {box} has zero or negative size", "drop the annotation or fix its width/height")
+            degenerate.append(where)  # COCO 2017's own train file has two (height 0): left out, as torchvision does
         elif box[0] < -1 or box[1] < -1 or box[0] + box[2] > w + 1 or box[1] + box[3] > h + 1:
             bad(where, f"bbox {box} lies outside the {w}x{h} image", "clip the box to the image")
         seg = a.get("segmentation")
@@ -160,6 +166,14 @@ def check_split(root: Path, path: Path, d: dict[str, Any]) -> tuple[list[CocoPro
             if list(size or []) != [h, w]:
                 bad(where, f"RLE mask of size {size} on a {w}x{h} image (size is [height, width])",
                     "encode the mask at the image's size")
+    if degenerate:
+        bad(f"{len(degenerate)} annotation(s)", f"have a box of zero width or height ({', '.join(degenerate[:3])}"
+            + (" ..." if len(degenerate) > 3 else "") + ")",
+            "they are left out: nothing can be learned or matched there; fix the boxes to keep them", "warning")
+    if crowd:
+        bad(f"{crowd} annotation(s)", "are crowd regions (iscrowd=1)",
+            "they are left out of training, and evaluation ignores detections on them, as COCO's evaluation does",
+            "note")
     return problems, files
 
 
@@ -231,12 +245,13 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
     cat = {c["id"]: by_name[str(c["name"])] for c in d.get("categories") or []}
     anns: dict[int, list[dict]] = {}
     for a in d.get("annotations") or []:
-        anns.setdefault(a["image_id"], []).append(a)
+        if a["bbox"][2] > 0 and a["bbox"][3] > 0:  # zero-size boxes are left out (validation warns of them)
+            anns.setdefault(a["image_id"], []).append(a)
     sizes = {(im["height"], im["width"]) for im in d["images"]}
     if image_size is None and len(sizes) > 1:
         raise VisrecError(f"{path}: images come in {len(sizes)} sizes ({sorted(sizes)[:4]} ...)",
                           "set data.image_size to resize them all to one square size")
-    images, boxes, labels, inst_maps = [], [], [], []
+    images, boxes, labels, crowd, inst_maps = [], [], [], [], []
     has_masks = any(a.get("segmentation") for a in d.get("annotations") or [])
     for im in d["images"]:
         h, w = im["height"], im["width"]
@@ -254,6 +269,7 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
         images.append(torch.from_numpy(a).permute(2, 0, 1))
         boxes.append(b)
         labels.append(np.array([cat[o["category_id"]] for o in own], dtype=np.int64))
+        crowd.append(np.array([bool(o.get("iscrowd")) for o in own], dtype=bool))
         if has_masks:
             inst = np.zeros((h, w), np.uint8)
             for k, o in enumerate(own[:255], 1):
@@ -266,7 +282,8 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
             inst_maps.append(t.to(torch.uint8))
     split = CocoSplit(torch.stack(images) if images else torch.zeros(0, channels, image_size or 1, image_size or 1,
                                                                      dtype=torch.uint8),
-                      boxes, labels, torch.stack(inst_maps) if has_masks and inst_maps else None)
+                      boxes, labels, torch.stack(inst_maps) if has_masks and inst_maps else None,
+                      crowd=crowd if any(c.any() for c in crowd) else [])
     cap_file = path.parent / path.name.replace("instances_", "captions_", 1)
     if cap_file.is_file():
         caps: dict[int, list[str]] = {}
@@ -311,17 +328,26 @@ def write_coco(root: Path, split: str, file_names: list[str], sizes: list[tuple[
 def to_targets(split: CocoSplit, no_object: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """(labels, targets) of a split as an ImageSet holds them: the label of each image is the class of its
     largest object (by box area), `no_object` for an image without one; boxes and their labels padded to the
-    most objects any image has (labels -1 where there is none), the instance maps and the captions."""
+    most objects any image has (labels -1 where there is none), the instance maps, the captions, and where a split
+    has crowd regions, `crowd` (N, M) bool: those boxes are ignored, not objects (an image's label is its largest
+    other object's)."""
     n, m = len(split.boxes), max([len(b) for b in split.boxes] + [1])
     boxes = torch.zeros(n, m, 4)
     box_labels = torch.full((n, m), -1, dtype=torch.long)
     labels = torch.full((n,), no_object, dtype=torch.long)
+    crowd = torch.zeros(n, m, dtype=torch.bool)
     for i, (b, lab) in enumerate(zip(split.boxes, split.labels, strict=True)):
         if len(b):
             boxes[i, : len(b)] = torch.from_numpy(b)
             box_labels[i, : len(b)] = torch.from_numpy(lab)
-            labels[i] = int(lab[np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))])
+            area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+            if split.crowd:
+                crowd[i, : len(b)] = torch.from_numpy(split.crowd[i])
+                area = np.where(split.crowd[i], -1.0, area)  # a crowd region names the image only when alone
+            labels[i] = int(lab[np.argmax(area)])
     targets: dict[str, Any] = {"boxes": boxes, "box_labels": box_labels}
+    if split.crowd:
+        targets["crowd"] = crowd
     if split.instances is not None:
         targets["instances"] = split.instances
     if split.captions:

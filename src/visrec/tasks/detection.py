@@ -48,10 +48,13 @@ def object_classes(classes: list[str]) -> list[str]:
 
 def to_torchvision(targets: dict[str, torch.Tensor], masks: bool) -> list[dict[str, torch.Tensor]]:
     """Padded batch targets -> torchvision's list of {boxes, labels(, masks)}; cut-away and sub-pixel boxes left
-    out (torchvision refuses boxes without area)."""
+    out (torchvision refuses boxes without area), and crowd regions (no object to learn, as in torchvision's COCO
+    reference)."""
     boxes, labels = targets["boxes"].float(), targets["box_labels"]
     wh = boxes[..., 2:] - boxes[..., :2]
     keep = (labels >= 0) & (wh >= 1).all(-1)
+    if "crowd" in targets:
+        keep &= ~targets["crowd"]
     out = []
     for i in range(len(boxes)):
         k = keep[i]
@@ -73,8 +76,10 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
 
 def coco_ground_truth(data: ImageSet, classes: list[str], masks: bool) -> dict[str, Any]:
     """The split as a COCO instances document: image i is id i + 1, class k is category k + 1; the area of an
-    object is its mask's when it has one (COCO's small/medium/large split by it), else its box's."""
+    object is its mask's when it has one (COCO's small/medium/large split by it), else its box's; crowd regions
+    keep iscrowd=1, so COCOeval ignores the detections that fall on them."""
     t = data.targets or {}
+    crowd = t.get("crowd")
     h, w = data.images.shape[-2:]
     images, anns = [], []
     inst = t.get("instances")
@@ -83,7 +88,8 @@ def coco_ground_truth(data: ImageSet, classes: list[str], masks: bool) -> dict[s
         for slot in (t["box_labels"][i] >= 0).nonzero()[:, 0].tolist():
             x0, y0, x1, y1 = t["boxes"][i, slot].tolist()
             a = {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(t["box_labels"][i, slot]) + 1,
-                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                 "iscrowd": int(crowd is not None and bool(crowd[i, slot]))}
             if inst is not None:
                 m = (inst[i] == slot + 1).numpy()
                 if m.any():
@@ -270,6 +276,8 @@ class DetectionTask(Task):
     def targets(self, data: ImageSet) -> dict[str, torch.Tensor]:
         t = data.targets
         out = {"boxes": t["boxes"].float(), "box_labels": t["box_labels"]}
+        if "crowd" in t:
+            out["crowd"] = t["crowd"]
         if self.masks:
             out["instances"] = t["instances"]
         return out
@@ -369,7 +377,10 @@ def fit_sizes(train: ImageSet, head: str, min_size: int | None = None) -> dict[s
     if "boxes" not in t:
         return {}  # nothing to fit to: the task's data check says what is missing
     h, w = train.images.shape[-2:]
-    boxes = t["boxes"][t["box_labels"] >= 0].float()
+    real = t["box_labels"] >= 0
+    if "crowd" in t:
+        real &= ~t["crowd"]
+    boxes = t["boxes"][real].float()
     short = min(h, w)
     if len(boxes) == 0:
         return {}
