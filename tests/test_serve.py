@@ -176,6 +176,10 @@ def test_errors_have_the_right_status_and_a_json_body(client, images, tmp_path):
     error_of(client.post("/v1/predict", content=b""), 400, "no_image")
     error_of(client.post("/v1/predict", content=b"{}", headers={"Content-Type": "application/json"}), 415,
              "unsupported_media_type")
+    body = error_of(client.post("/v1/predict", content=png_bytes(images[0]),  # curl --data-binary's default
+                                headers={"Content-Type": "application/x-www-form-urlencoded"}), 415,
+                    "unsupported_media_type")
+    assert "-H 'Content-Type: image/jpeg'" in body["hint"]
     error_of(client.post("/v1/predict?top_k=0", content=png_bytes(images[0])), 422, "bad_parameter")
     error_of(client.post("/v1/predict?explain=lime", content=png_bytes(images[0])), 422, "bad_parameter")
     error_of(client.post("/v1/predict?model=../../etc/passwd", content=png_bytes(images[0])), 422, "unknown_model")

@@ -540,9 +540,11 @@ async def _read_images(request: Request, max_images: int) -> list[tuple[str, byt
         finally:
             await form.close()
     if ctype and ctype != "application/octet-stream" and not ctype.startswith("image/"):
+        curl = (" (curl --data-binary sends that unless told: add -H 'Content-Type: image/jpeg', or use "
+                "-F images=@FILE)" if ctype == "application/x-www-form-urlencoded" else "")
         raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype} is not an image upload",
                        "send the image's bytes as the body (Content-Type image/... or application/octet-stream), "
-                       "or multipart/form-data with image files")
+                       "or multipart/form-data with image files" + curl)
     body = await request.body()
     if not body:
         raise ApiError(400, "no_image", "the request has no body", "send the image's bytes as the body")
