@@ -100,6 +100,8 @@ def test_run_evaluate_and_predict_match_training():
     mixed = run.predict([files[0], str(broken), files[1]], errors="collect")
     assert [p.error is None for p in mixed] == [True, False, True] and "cannot read image" in mixed[1].error
     assert [p.label for p in (mixed[0], mixed[2])] == [preds[0].label, preds[1].label]
+    (run.path.parent / "empty.png").write_bytes(b"")
+    assert "the file is empty (0 bytes" in run.predict([str(run.path.parent / "empty.png")], errors="collect")[0].error
 
 
 def test_the_automatic_evaluation_batch_fits_the_device_and_image_size():

@@ -78,7 +78,9 @@ def open_checked(path: Path | BinaryIO, max_pixels: int | None = None, limit_opt
                           "(a decompression bomb, or a genuinely huge image)",
                           f"remove it, downscale it, or raise the limit with {limit_option}") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise VisrecError(f"cannot read image {name}: {e}", "remove or replace the file (visrec validate DATA "
+        empty = isinstance(path, str | Path) and Path(path).is_file() and Path(path).stat().st_size == 0
+        why = "the file is empty (0 bytes: an interrupted copy or download?)" if empty else str(e)
+        raise VisrecError(f"cannot read image {name}: {why}", "remove or replace the file (visrec validate DATA "
                           "lists every bad file at once)") from None
     with im:
         w, h = im.size
