@@ -203,6 +203,14 @@ def test_yolo_problems_name_the_file_and_line(tmp_path, text, message):
         load_dataset(f"yolo:{root}")
 
 
+def test_a_yolo_box_of_zero_size_is_left_out_with_a_warning(tmp_path):
+    root = _yolo(tmp_path, {"train/0.txt": "1 0.5 0.5 0.5 0.4\n0 0.2 0.2 0 0.1\n"})
+    found = [(p.severity, p.where) for p in validate_yolo(root)]
+    assert found == [("warning", "line 2")]
+    ds = load_dataset(f"yolo:{root}", val_fraction=0)
+    assert int((ds.train.targets["box_labels"] >= 0).sum()) == 1
+
+
 def test_flips_and_crops_move_boxes_and_masks_with_the_pixels():
     x = torch.zeros(6, 1, 10, 12)
     x[:, :, 2:5, 1:4] = 1

@@ -97,8 +97,10 @@ def _read_labels(path: Path, n_classes: int) -> tuple[np.ndarray, list[CocoProbl
         elif any(not 0 <= x <= 1 for x in v):
             problems.append(CocoProblem("error", str(path), where, f"values {v} are outside [0, 1]",
                                         "YOLO coordinates are normalized by the image's width and height"))
-        elif v[2] <= 0 or v[3] <= 0:
-            problems.append(CocoProblem("error", str(path), where, f"box of zero size {v}", "drop the line"))
+        elif v[2] <= 0 or v[3] <= 0:  # left out, as COCO folders' zero-size boxes are
+            problems.append(CocoProblem("warning", str(path), where, f"box of zero size {v}",
+                                        "it is left out: nothing can be learned or matched there; fix or drop "
+                                        "the line"))
         else:
             rows.append([c, *v])
     return np.array(rows, np.float32).reshape(-1, 5), problems
@@ -132,8 +134,9 @@ def read_yolo(root: str | Path, image_size: int | None = None, channels: int | N
               ) -> tuple[list[str], dict[str, CocoSplit]]:
     root = Path(root).expanduser()
     classes, splits, problems = scan_yolo_folder(root)
-    if problems:
-        raise problems_error("yolo", root, problems)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise problems_error("yolo", root, errors)
     channels = channels or guess_channels([p for p, _ in splits["train"]])
     out = {}
     for s, items in splits.items():
