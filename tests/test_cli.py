@@ -181,6 +181,9 @@ def test_a_folder_path_reads_as_an_image_folder(tmp_path, monkeypatch):
     assert source_name("coco") == "coco:coco" and source_name("yolo") == "yolo:yolo"
     assert source_name("fashion-mnist") == "fashion-mnist" and source_name("folder:imgs") == "folder:imgs"
     assert source_name("no-such-folder") == "no-such-folder"  # left for the catalog's error, with its names
+    from visrec.runs import setup_config  # visrec.train("imgs") reads it the same way
+
+    assert setup_config(tmp_path / "imgs")[0].data.name == f"folder:{tmp_path / 'imgs'}"
     from visrec.runs import run_label  # run folders and studies are named after the folder, not its kind
 
     assert run_label("folder:imgs", "convnet") == "imgs-convnet"

@@ -68,12 +68,16 @@ def setup_config(
 ) -> tuple[Config, Dataset | None]:
     """The config of a library call: defaults < preset < overrides < explicit arguments.
 
-    `data` is a dataset name or an already loaded Dataset (returned as is); `keys` maps dotted config
-    keys (with `_` for `.`, e.g. `optim_lr`) to values, None meaning "not given".
+    `data` is a dataset name, a folder's path (read as folder:PATH, coco: or yolo: by its layout, as on the
+    command line) or an already loaded Dataset (returned as is); `keys` maps dotted config keys (with `_` for
+    `.`, e.g. `optim_lr`) to values, None meaning "not given".
     """
     from .config import resolve_config
+    from .data.catalog import source_name
 
     dataset = data if isinstance(data, Dataset) else None
+    if isinstance(data, str | Path) and dataset is None:
+        data = source_name(str(data))
     options = {"data.name": data.name if dataset is not None else data,
                **{key.replace("_", ".", 1): value for key, value in keys.items()}}
     return resolve_config(preset, overrides, base=config, options=options), dataset
