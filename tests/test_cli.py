@@ -56,6 +56,15 @@ def test_train_eval_predict_round_trip(tmp_path):
     assert code == 2 and "folder none holds no image file" in out
     code, out = invoke("runs", "runs")
     assert code == 0 and "completed" in out
+    (tmp_path / "runs/det").mkdir()  # another task's run shows its primary metric; a doctor folder says so
+    (tmp_path / "runs/det/config.yaml").write_text((tmp_path / "runs/c/config.yaml").read_text())
+    (tmp_path / "runs/det/summary.json").write_text(json.dumps({"status": "completed", "primary_metric": "map",
+                                                                "test_map": 0.4321}))
+    (tmp_path / "runs/doc").mkdir()
+    (tmp_path / "runs/doc/config.yaml").write_text((tmp_path / "runs/c/config.yaml").read_text())
+    (tmp_path / "runs/doc/doctor.md").write_text("# doctor")
+    code, out = invoke("runs", "runs")
+    assert code == 0 and "map 0.432" in out and "doctor report" in out
 
 
 def test_train_json_summary(tmp_path):

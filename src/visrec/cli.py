@@ -1326,18 +1326,29 @@ def config(
 
 @app.command()
 def runs(root: Annotated[Path, typer.Argument(help="Folder of runs.")] = Path("runs")) -> None:
-    """List run folders with their status, test accuracy and training time."""
+    """List run folders with their status, test metric (accuracy, or the task's primary metric) and training time;
+    doctor examinations are marked as such."""
     from .runs import list_runs
 
     t = Table(title=None)
     t.add_column("run", overflow="fold")  # names to copy: wrapped, never cut
-    for name in ("status", "model", "epochs", "test acc", "train s"):
+    for name in ("status", "model", "epochs", "test", "train s"):
         t.add_column(name, overflow="fold")
     for r in list_runs(root):
         s = r.summary
-        t.add_row(r.name, r.status, s.get("model", "-"), str(s.get("epochs", "-")), _pct(s.get("test_acc")),
+        status = "doctor report" if not s and (r.path / "doctor.md").is_file() else r.status
+        t.add_row(r.name, status, s.get("model", "-"), str(s.get("epochs", "-")), _test_metric(s),
                   f"{s['train_seconds']:.1f}" if s.get("train_seconds") else "-")
     out.print(t)
+
+
+def _test_metric(summary: dict) -> str:
+    """A run's test result in a word: accuracy as a percentage, another task's primary metric by name."""
+    primary = summary.get("primary_metric", "acc")
+    v = summary.get(f"test_{primary}")
+    if not isinstance(v, int | float) or v != v:  # missing, or NaN
+        return "-"
+    return _pct(v) if primary == "acc" else f"{primary} {v:.3f}" if abs(v) < 10 else f"{primary} {v:.4g}"
 
 
 def main() -> None:
