@@ -271,3 +271,13 @@ def test_two_workers_claiming_at_the_same_moment_get_different_trials(tmp_path, 
     for t in threads:
         t.join(60)
     assert len(claimed) == 2 and len(set(claimed)) == 2, claimed
+
+
+def test_a_lead_within_the_validation_noise_is_flagged():
+    from visrec.tune import noise_warning
+
+    best, second = {"number": 4, "val_acc": 0.93}, {"number": 2, "val_acc": 0.91}
+    assert noise_warning(best, second, 10_000) is None  # 2 points on 10,000 images: well outside the noise
+    w = noise_warning(best, second, 100)  # on 100 images a 2-point lead is a coin flip
+    assert w is not None and "#4" in w and "#2" in w and "100 validation images" in w
+    assert noise_warning(best, None, 100) is None

@@ -293,6 +293,22 @@ def edge_warnings(params: list[Param], best: dict[str, Any], margin: float = 0.1
     return out
 
 
+def noise_warning(best: dict[str, Any], runner_up: dict[str, Any] | None, n_val: int) -> str | None:
+    """Whether the best trial's lead over the runner-up is within the sampling noise of `n_val` validation images
+    (two standard errors of the difference of two accuracies measured on them); the warning says what to do."""
+    if runner_up is None or n_val <= 0:
+        return None
+    a, b = best["val_acc"], runner_up["val_acc"]
+    p = (a + b) / 2
+    noise = 2 * math.sqrt(max(2 * p * (1 - p), 1e-12) / n_val)
+    if a - b >= noise:
+        return None
+    return (f"the best trial (#{best['number']}, {a:.2%}) leads the runner-up (#{runner_up['number']}, {b:.2%}) by "
+            f"{a - b:.2%}, within the noise of {n_val} validation images (a lead under {noise:.1%} can be chance): "
+            "retrain the two (or the top few) with other seeds, or give more validation images "
+            "(data.val_fraction), before trusting the choice")
+
+
 # ---------------------------------------------------------------- the study
 
 @dataclass
@@ -748,6 +764,13 @@ def write_results(spec: StudySpec) -> dict[str, Any]:
         result["best"] = {"number": best["number"], "stage": best["stage"], "val_acc": best["val_acc"],
                           "params": values, "run": best["run"]}
         result["warnings"] = edge_warnings(params, values)
+        summary = Path(best["run"]) / "summary.json" if best["run"] else None
+        if cfg.task.name == "classification" and summary is not None and summary.is_file():
+            others = sorted((r for r in rows if r["state"] == "COMPLETE" and r["stage"] == best["stage"]
+                             and r["number"] != best["number"]), key=lambda r: -r["val_acc"])
+            n_val = int(json.loads(summary.read_text()).get("n_val") or 0)
+            if w := noise_warning(best, others[0] if others else None, n_val):
+                result["warnings"].append(w)
     write_json(folder / "results.json", result)
     if any(r["state"] == "COMPLETE" for r in rows):
         write_bytes(folder / "scatter.png", _scatter_png(rows, params))
