@@ -437,6 +437,27 @@ def test_serve_refuses_bad_settings_and_folders(run, tmp_path):
     assert r.returncode != 0 and "--token is shorter" in r.stderr
 
 
+def test_two_runs_of_one_folder_name_are_served_under_names_of_their_own(run, tmp_path, images):
+    import shutil
+
+    from visrec.serve.app import Server, ServeSettings, served_name
+
+    twin = tmp_path / "twin" / run.path.name
+    shutil.copytree(run.path, twin)
+    with pytest.raises(VisrecError, match=f"name them for the API: visrec serve {run.path.name}="):
+        Server([run.path, twin], ServeSettings())
+    s = ServerProcess([f"prod={run.path}", f"next={twin}"], tmp_path / "named.log")
+    try:
+        assert [m["name"] for m in httpx.get(s.url + "/v1/models").json()["models"]] == ["prod", "next"]
+        r = httpx.post(s.url + "/v1/predict?model=next", content=png_bytes(images[0]), timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == "next"
+    finally:
+        s.stop()
+    assert served_name(run.path) == (None, run.path)
+    with pytest.raises(VisrecError, match="not valid"):
+        served_name(f"../x={run.path}")
+
+
 def test_a_segmentation_run_answers_with_a_mask(tmp_path):
     from visrec.data.scenes import generate_scenes
 

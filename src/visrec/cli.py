@@ -1130,7 +1130,8 @@ def export(
 
 @app.command()
 def serve(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders to serve (the first answers by default).")],
+    runs: Annotated[list[str], typer.Argument(
+        help="Run folders to serve (the first answers by default); NAME=FOLDER names one for ?model=NAME.")],
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     token: Annotated[str | None, typer.Option(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -123,6 +124,19 @@ class Metrics:
         return found
 
 
+def served_name(ref: str | Path) -> tuple[str | None, str | Path]:
+    """(name, run folder) of a served run: `NAME=PATH` names it for the API (`?model=NAME`), a plain path is named
+    after its folder (None here). A path that exists is never split, even with a `=` in it."""
+    text = str(ref)
+    name, sep, path = text.partition("=")
+    if not sep or Path(text).exists():
+        return None, ref
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise VisrecError(f"served run name {name!r} (in {text!r}) is not valid",
+                          "use letters, digits, '.', '_' and '-', starting with a letter or digit: NAME=runs/FOLDER")
+    return name, path
+
+
 class Server:
     """The models, their batchers and the settings: what the app's endpoints share."""
 
@@ -133,10 +147,14 @@ class Server:
         self.settings = settings
         self.models: dict[str, ServedModel] = {}
         for r in runs:
-            m = ServedModel(r, backend=settings.backend, which=settings.which, tta=settings.tta,
+            name, path = served_name(r)
+            m = ServedModel(path, backend=settings.backend, which=settings.which, tta=settings.tta,
                             max_pixels=settings.max_pixels, min_score=settings.min_score)
+            m.name = name or m.name
             if m.name in self.models:
-                raise VisrecError(f"two runs are named {m.name}", "serve folders with different names")
+                raise VisrecError(f"two runs are named {m.name}",
+                                  f"name them for the API: visrec serve {m.name}={self.models[m.name].run.path} "
+                                  f"other={path}")
             self.models[m.name] = m
         self.batchers: dict[str, Batcher] = {}
         self.metrics = Metrics()
