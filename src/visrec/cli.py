@@ -1345,11 +1345,11 @@ def runs(root: Annotated[Path, typer.Argument(help="Folder of runs.")] = Path("r
 
 def _test_metric(summary: dict) -> str:
     """A run's test result in a word: accuracy as a percentage, another task's primary metric by name."""
+    from .training.callbacks import format_metric
+
     primary = summary.get("primary_metric", "acc")
-    v = summary.get(f"test_{primary}")
-    if not isinstance(v, int | float) or v != v:  # missing, or NaN
-        return "-"
-    return _pct(v) if primary == "acc" else f"{primary} {v:.3f}" if abs(v) < 10 else f"{primary} {v:.4g}"
+    value = format_metric(primary, summary.get(f"test_{primary}"))
+    return value if primary == "acc" or value == "-" else f"{primary} {value}"
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ import yaml
 from .config import Config, bounds, resolve_config
 from .errors import VisrecError, unknown_name
 from .io import write_bytes, write_json, write_text, write_yaml
-from .runs import run_label
+from .runs import Run, run_label
 
 STRATEGIES = ("random", "grid", "tpe", "coarse-to-fine")
 PRUNERS = ("median", "asha", "none")
@@ -764,11 +764,10 @@ def write_results(spec: StudySpec) -> dict[str, Any]:
         result["best"] = {"number": best["number"], "stage": best["stage"], "val_acc": best["val_acc"],
                           "params": values, "run": best["run"]}
         result["warnings"] = edge_warnings(params, values)
-        summary = Path(best["run"]) / "summary.json" if best["run"] else None
-        if cfg.task.name == "classification" and summary is not None and summary.is_file():
+        if cfg.task.name == "classification" and best["run"] and (Path(best["run"]) / "summary.json").is_file():
             others = sorted((r for r in rows if r["state"] == "COMPLETE" and r["stage"] == best["stage"]
                              and r["number"] != best["number"]), key=lambda r: -r["val_acc"])
-            n_val = int(json.loads(summary.read_text()).get("n_val") or 0)
+            n_val = int(Run(best["run"]).summary.get("n_val") or 0)
             if w := noise_warning(best, others[0] if others else None, n_val):
                 result["warnings"].append(w)
     write_json(folder / "results.json", result)
