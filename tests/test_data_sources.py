@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import visrec
 from conftest import make_cifar_folder, make_image_folder, make_mnist_folder, write_idx
 from visrec.data import load_dataset
 from visrec.data.catalog import dataset_status, locate
@@ -175,8 +176,15 @@ def test_image_folder_errors_name_the_file(tmp_path):
 
 def test_image_folder_structure_errors(tmp_path):
     (tmp_path / "one" / "only").mkdir(parents=True)
-    with pytest.raises(VisrecError, match="at least 2"):
+    with pytest.raises(VisrecError, match="class folder .*only has no images"):
         load_dataset(f"folder:{tmp_path / 'one'}")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(VisrecError, match="holds no images and no class folders"):
+        load_dataset(f"folder:{tmp_path / 'none'}")
+    make_image_folder(tmp_path / "single", classes=("cat",))  # one class: data for generative models and style
+    assert load_dataset(f"folder:{tmp_path / 'single'}").classes == ["cat"]
+    with pytest.raises(VisrecError, match="a classifier needs at least 2"):  # the classification task refuses it
+        visrec.train(f"folder:{tmp_path / 'single'}", epochs=1, out=str(tmp_path / "r"), progress=False)
     make_image_folder(tmp_path / "p", splits=("train", "test"))
     (tmp_path / "p" / "test" / "yak").mkdir()
     (tmp_path / "p" / "test" / "yak" / "a.png").write_bytes((tmp_path / "p" / "train" / "cat" / "000.png").read_bytes())

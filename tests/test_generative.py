@@ -157,6 +157,17 @@ def test_bad_input_is_named_with_the_fix(feature_run, tmp_path):
     with pytest.raises(VisrecError, match="judged by FID"):
         visrec.train(SYN, task="generate", model="dcgan", epochs=1, out=str(tmp_path / "f"), progress=False,
                      overrides={**FAST, "eval.feature_run": "none"})
+    folder = tmp_path / "photos" / "all"  # a user's folder has no default FID network: said before training
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(VisrecError, match="FID needs a feature network, and folder:.* has no default one"):
+        visrec.train(f"folder:{tmp_path / 'photos'}", task="generate", model="dcgan", epochs=1,
+                     out=str(tmp_path / "u"), progress=False, overrides=FAST)
+    assert not (tmp_path / "u").exists()
+    with pytest.raises(VisrecError, match="eval.feature_run=none to leave FID out"):
+        visrec.train(f"folder:{tmp_path / 'photos'}", task="generate", model="vae", epochs=1,
+                     out=str(tmp_path / "v"), progress=False, overrides={**FAST, "model.kwargs": MODELS["vae"]})
     with pytest.raises(VisrecError, match="not a generative model"):
         visrec.train(SYN, task="generate", model="convnet", epochs=1, out=str(tmp_path / "g"), progress=False,
                      overrides=FAST)

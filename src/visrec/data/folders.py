@@ -31,13 +31,12 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     scanned = {s: _scan(d) for s, d in layout.items()}
     skipped = _drop_bad_files(scanned, max_pixels) if skip_bad else []
     classes = list(scanned["train"][0])
-    if classes == [UNLABELED]:  # a flat folder of images: one class; a classifier refuses it, other tasks use it
-        pass
-    elif len(classes) < 2:
-        raise VisrecError(
-            f"{layout['train']} has {len(classes)} class folder(s); a classifier needs at least 2",
-            "put each class's images in its own subfolder",
-        )
+    # one class (a flat folder of images, or a single class folder) is data for generative models and style; the
+    # classification task refuses it, with its own message
+    if not classes:
+        raise VisrecError(f"{layout['train']} holds no images and no class folders",
+                          "put each class's images in its own subfolder (or, for generative models and style, the "
+                          "images themselves)")
     for split, (found, _) in scanned.items():
         for name, files in found.items():
             if not files:

@@ -1,11 +1,12 @@
 """`visrec validate`: scan an image-folder dataset before training and report every problem at once.
 
 Errors are what would stop training: files that are empty, unreadable or truncated, images above the
-pixel limit (decompression bombs, caught from the header before any decoding), empty class folders, fewer
-than two classes, val/test classes missing from train. Warnings are what would train but mislead: the same
-file in two splits (a leak into the evaluation), class names whose sorted order is not their numeric order
-(`1, 10, 2`: labels by position would be off), image modes visrec has no documented conversion for.
-Notes: hidden folders and non-image files that are ignored, and mixed image sizes (set data.image_size).
+pixel limit (decompression bombs, caught from the header before any decoding), empty class folders, val/test
+classes missing from train. Warnings are what would train but mislead: fewer than two classes (what generative
+models and style take, and a classifier refuses), the same file in two splits (a leak into the evaluation), class
+names whose sorted order is not their numeric order (`1, 10, 2`: labels by position would be off), image modes
+visrec has no documented conversion for. Notes: hidden folders and non-image files that are ignored, and mixed
+image sizes (set data.image_size).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def validate_folder(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> R
                        "will disagree: pad them (01, 02, 10)")
     train = report.classes.get("train", {})
     if len([c for c in train if train[c]]) < 2 and "train" in report.classes:
-        report.add("error", "too-few-classes", layout["train"], f"{len(train)} class folder(s); a classifier needs 2+")
+        report.add("warning", "too-few-classes", layout["train"],
+                   f"{len(train)} class folder(s): a classifier needs 2+ (generative models and style take one)")
     for split in ("val", "test"):
         for c in report.classes.get(split, {}):
             if c not in train:

@@ -130,13 +130,20 @@ def _inception(path: str) -> FeatureNet:
                       f"Inception-v3 from {path} (pool features, 2048)")
 
 
+def has_default_feature_run(dataset: str) -> bool:
+    """Whether `dataset` gets a cached default FID network: catalog datasets do; a user's folder does not (give
+    eval.feature_run)."""
+    return not (dataset.startswith(("folder:", "coco:", "yolo:"))
+                or ":" in dataset and not dataset.startswith("synthetic"))
+
+
 def default_feature_run(dataset: str, data_dir: str | None = None) -> Path:
     """A convnet trained once (3 epochs) on `dataset` and cached under the user cache, for FID and class coverage."""
     import re
 
     from ..io import user_cache_dir
 
-    if dataset.startswith(("folder:", "coco:", "yolo:")) or ":" in dataset and not dataset.startswith("synthetic"):
+    if not has_default_feature_run(dataset):
         raise VisrecError(f"no default feature network for {dataset}",
                           "give eval.feature_run=RUN: a classification run on images like these (visrec train DATA)")
     folder = user_cache_dir() / "feature_runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)
@@ -329,6 +336,12 @@ class GenerateTask(Task):
                 raise VisrecError("a GAN has no likelihood: it is judged by FID, which needs a feature network, and "
                                   "eval.feature_run=none", "leave eval.feature_run empty (a cached default), or give "
                                   "a classification run")
+        if self.kind != "autoregressive" and not cfg.eval.feature_run and not has_default_feature_run(cfg.data.name):
+            # said before training: the first evaluation would find it out after an epoch
+            skip = "" if self.kind == "gan" else ", or eval.feature_run=none to leave FID out"
+            raise VisrecError(f"FID needs a feature network, and {cfg.data.name} has no default one (catalog datasets "
+                              "get a cached convnet)", "give eval.feature_run=RUN, a classification run on images like "
+                              f"these (visrec train {cfg.data.name} first), or inception:PATH{skip}")
 
     def num_outputs(self, ds: Dataset) -> int:
         return ds.train.images.shape[1]
