@@ -148,6 +148,29 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
         visrec.resume(resumed.path)
 
 
+def test_a_failed_validation_keeps_the_epochs_training(monkeypatch):
+    from visrec.tasks.classification import ClassificationTask
+
+    real, calls = ClassificationTask.evaluate, []
+
+    def flaky(self, *args, split, **kw):  # the second validation fails (a full disk, a lost device...)
+        calls.append(split)
+        if split == "val" and calls.count("val") == 2:
+            raise RuntimeError("validation failed")
+        return real(self, *args, split=split, **kw)
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", flaky)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        quick(out="runs/flaky", epochs=3)
+    with open("runs/flaky/checkpoints/last.json") as f:
+        meta = json.load(f)
+    steps_per_epoch = 384 * 9 // 10 // 32
+    assert meta["step"] == 2 * steps_per_epoch  # epoch 2's training is saved, although its validation failed
+    monkeypatch.setattr(ClassificationTask, "evaluate", real)
+    resumed = visrec.resume("runs/flaky", progress=False)
+    assert resumed.status == "completed" and resumed.summary["steps"] == 3 * steps_per_epoch
+
+
 def test_nonfinite_loss_stops_and_names_the_step():
     with pytest.raises(NonFiniteLoss) as e:
         quick(out="runs/nan", **{"optim.lr": 1e12, "schedule.name": "constant", "loss.label_smoothing": 0.0,

@@ -599,7 +599,12 @@ class Trainer:
         self.averages.end_epoch(self.model, pos.step, self._final(), self.ds.train.images, self.normalizer,
                                 self.eval_settings.batch_size)
         if self.ds.val is not None:
-            r = self._evaluate(self._eval_model(), "val")
+            try:
+                r = self._evaluate(self._eval_model(), "val")
+            except Exception:
+                pos.epoch, pos.batch = pos.epoch + 1, 0
+                self._save_last()  # the epoch's training is kept: --resume goes on from its end, unvalidated
+                raise
             records.append({"epoch": pos.epoch + 1, "step": pos.step, "split": "val", "kind": "epoch",
                             **r.metrics, "lr": self.schedule.lr, "seconds": round(pos.train_seconds, 3)})
             value = r.metrics[self.task.primary]
