@@ -199,6 +199,10 @@ def test_a_folder_path_reads_as_an_image_folder(tmp_path, monkeypatch):
     assert run_label("coco:/data/coco2017/", "fasterrcnn_mobilenet") == "coco2017-fasterrcnn_mobilenet"
     assert run_label("synthetic:classes=3", "nets/my.py:build") == "synthetic-my"
     assert run_label("fashion-mnist", "timm:resnet18") == "fashion-mnist-resnet18"
+    code, out = invoke("baseline", "imgs", "--method", "knn", "--k", "1", "--folds", "2", "--image-size", "6",
+                       "--json")  # the classic baselines name runs the same way, and can resize a folder
+    assert code == 0, out
+    assert "baseline-imgs-knn-raw-" in json.loads(out)["run"]
 
 
 def test_run_files_follow_the_umask(tmp_path):

@@ -795,6 +795,8 @@ def baseline(
     solver: Annotated[str, typer.Option(
         help="softmax: sgd (minibatches), or newton (full-batch Newton's method; small problems).")] = "sgd",
     subset: Annotated[int | None, typer.Option(help="Use a stratified subset of this many training images.")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="Resize every image to this square size (an image folder of mixed sizes needs it).")] = None,
     data_dir: DataDirOpt = None,
     out_dir: Annotated[Path | None, out_option("Run folder (default runs/baseline-...).")] = None,
     as_json: JsonOpt = False,
@@ -808,7 +810,7 @@ def baseline(
         raise VisrecError(f"--k {k!r} is not a comma-separated list of integers", "e.g. --k 1,3,5,10") from None
     s = run_baseline(dataset, method=method, features=features, ks=ks, folds=folds, metric=metric,
                      lrs=_floats(lr, "--lr"), regs=_floats(reg, "--reg"), epochs=epochs, subset=subset,
-                     data_dir=str(data_dir) if data_dir else None, out=out_dir, solver=solver)
+                     data_dir=str(data_dir) if data_dir else None, out=out_dir, solver=solver, image_size=image_size)
     if as_json:
         print(json.dumps(s, indent=2))
         return

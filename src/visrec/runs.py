@@ -90,8 +90,9 @@ def _slug(text: str) -> str:
 def run_label(data_name: str, model_name: str) -> str:
     """`<dataset>-<model>`, with folder and file paths reduced to their last name (folder:, coco: and yolo: data
     by their folder's name, so two folders get two labels)."""
-    prefix, _, rest = data_name.partition(":")
-    data = Path(rest.rstrip("/")).name or prefix if prefix in ("folder", "coco", "yolo") else prefix
+    from .data.catalog import source_label
+
+    data = source_label(data_name)
     model = (model_name.split(":", 1)[1] if model_name.startswith("timm:")
              else Path(model_name.rsplit(":", 1)[0]).stem if ":" in model_name else model_name)
     return f"{_slug(data)}-{_slug(model)}"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..data import load_dataset
+from ..data.catalog import source_label
 from ..errors import VisrecError, unknown_name
 from ..evaluate import EvalResult
 from ..io import write_json
@@ -89,9 +90,11 @@ def baseline(
     seed: int = 0,
     out: str | Path | None = None,
     solver: str = "sgd",
+    image_size: int | None = None,
 ) -> dict[str, Any]:
     """Run one classic method; write a run folder; return its summary (also in summary.json). `solver`: sgd, or
-    newton (softmax only: full-batch Newton's method, no learning rate to search)."""
+    newton (softmax only: full-batch Newton's method, no learning rate to search). `image_size`: resize every image
+    to this square size first (an image folder of mixed sizes needs it)."""
     if method not in METHODS:
         raise unknown_name("baseline method", method, METHODS, "--method")
     if solver not in ("sgd", "newton"):
@@ -99,7 +102,7 @@ def baseline(
     if solver == "newton" and method != "softmax":
         raise VisrecError(f"--solver newton is for --method softmax, not {method}", "use --method softmax")
     t_start = time.perf_counter()
-    ds = load_dataset(data, data_dir=data_dir, val_fraction=0.1, subset=subset)
+    ds = load_dataset(data, data_dir=data_dir, val_fraction=0.1, subset=subset, image_size=image_size)
     counts = ds.train.class_counts()
     empty = [ds.classes[i] for i, n in enumerate(counts) if n == 0]
     if empty:
@@ -112,7 +115,7 @@ def baseline(
     ytr, yval, yte = ds.train.labels, ds.val.labels, ds.test.labels
     c = ds.num_classes
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"baseline-{ds.name.split(':')[0]}-{method}-{features.replace('+', '_')}-{stamp}"
+    name = f"baseline-{source_label(ds.name)}-{method}-{features.replace('+', '_')}-{stamp}"
     run = Path(out) if out else Path("runs") / name
     run.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"method": method, "features": features, "dataset": ds.name,

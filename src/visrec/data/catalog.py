@@ -9,6 +9,7 @@ downloads are allowed, the official files are fetched into the cache and checked
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,6 +244,15 @@ def source_name(name: str) -> str:
         return name
     path = Path(name).expanduser()
     return f"{_folder_kind(path)}:{name}" if path.is_dir() else name
+
+
+def source_label(name: str) -> str:
+    """A dataset's short name for folder names (letters, digits, `.`, `_`, `-`): a folder:, coco: or yolo: source by
+    its folder's name (two folders, two labels), any other by its name before options (`synthetic:classes=3` ->
+    synthetic)."""
+    prefix, _, rest = name.partition(":")
+    label = Path(rest.rstrip("/")).name or prefix if prefix in ("folder", "coco", "yolo") else prefix
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "data"
 
 
 def _entry(name: str) -> CatalogEntry:

@@ -172,7 +172,8 @@ def load_images(
             more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
             raise VisrecError(
                 f"images differ in size: most are {common[0]}x{common[1]} (width x height), but {listed}{more}",
-                "resize them all with --set data.image_size=N (square), or fix those files",
+                "resize them all with --set data.image_size=N (square; visrec baseline: --image-size N), or fix "
+                "those files",
             )
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
