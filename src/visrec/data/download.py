@@ -50,5 +50,7 @@ def download(url: str, dest: Path, md5: str | None, timeout: float = 60.0) -> Pa
                 )
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
-        raise VisrecError(f"could not download {url}: {reason}") from None
+        raise VisrecError(f"could not download {url}: {reason}",
+                          f"check the network (a proxy is read from $https_proxy), or download the file by hand into "
+                          f"{dest.parent} (visrec checks its md5 and uses it)") from None
     return dest
