@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import datetime as _dt
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,19 +82,14 @@ def setup_config(
     return resolve_config(preset, overrides, base=config, options=options), dataset
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
-
-
 def run_label(data_name: str, model_name: str) -> str:
     """`<dataset>-<model>`, with folder and file paths reduced to their last name (folder:, coco: and yolo: data
     by their folder's name, so two folders get two labels)."""
-    from .data.catalog import source_label
+    from .data.catalog import slug, source_label
 
-    data = source_label(data_name)
     model = (model_name.split(":", 1)[1] if model_name.startswith("timm:")
              else Path(model_name.rsplit(":", 1)[0]).stem if ":" in model_name else model_name)
-    return f"{_slug(data)}-{_slug(model)}"
+    return f"{source_label(data_name)}-{slug(model, 'run')}"
 
 
 def default_run_name(data_name: str, model_name: str) -> str:

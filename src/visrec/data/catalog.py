@@ -251,8 +251,13 @@ def source_label(name: str) -> str:
     its folder's name (two folders, two labels), any other by its name before options (`synthetic:classes=3` ->
     synthetic)."""
     prefix, _, rest = name.partition(":")
-    label = Path(rest.rstrip("/")).name or prefix if prefix in ("folder", "coco", "yolo") else prefix
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "data"
+    return slug(Path(rest.rstrip("/")).name or prefix if prefix in ("folder", "coco", "yolo") else prefix, "data")
+
+
+def slug(text: str, empty: str) -> str:
+    """`text` as a piece of a folder name: runs of other characters than letters, digits, `.`, `_`, `-` become one
+    `-`; `empty` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or empty
 
 
 def _entry(name: str) -> CatalogEntry:
