@@ -175,7 +175,9 @@ def test_predict_draws_boxes_and_writes_coco_results(instance_run, tmp_path):
                               "--draw", str(tmp_path / "drawn")])
     assert res.exit_code == 0, res.output
     coco = json.loads(res.stdout)
-    assert all(r["image_id"] == 1 and len(r["bbox"]) == 4 and "segmentation" in r for r in coco)
+    assert all(len(r["bbox"]) == 4 and "segmentation" in r for r in coco)
+    # an image the run's COCO folder does not know is numbered after the folder's largest image id
+    assert len({r["image_id"] for r in coco}) == 1 and "0 of 1 input(s) found" in res.stderr
     assert (tmp_path / "drawn" / "scene.png").is_file()
     res = runner.invoke(app, ["predict", str(instance_run.path), str(img), str(tmp_path / "missing.png"), "--json",
                               "--min-score", "0"])
@@ -270,36 +272,113 @@ def test_the_doctor_examines_detection_through_the_task(scenes, tmp_path):
                 overrides={"task.name": "detection"}, out=tmp_path / "doc2")
 
 
-def test_a_users_coco_folder_with_category_zero_and_negatives_trains_a_detector(tmp_path):
+def _users_coco_folder(root, captions: bool = False):
+    """A COCO folder as a user has one: image ids from 1131, category ids 0 and 7 listed out of order and a third
+    category (3) with no object, two image sizes, negatives, and a test file of its own."""
     import numpy as np
 
-    root = tmp_path / "mine"
     (root / "images").mkdir(parents=True)
     (root / "annotations").mkdir()
     rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("val", 4)):
-        images, anns = [], []
+    cats = [{"id": 7, "name": "seven"}, {"id": 0, "name": "zero"}, {"id": 3, "name": "three"}]
+    next_id = 1131
+    for split, n in (("train", 12), ("test", 6)):
+        images, anns, caps = [], [], []
         for i in range(1, n + 1):
             w, h = (40, 32) if i % 2 else (48, 36)  # two sizes: data.image_size resizes them, boxes with them
             a = rng.integers(0, 40, (h, w), dtype=np.uint8)
+            iid, next_id = next_id, next_id + 1
             if i % 4:  # every fourth image is a negative
                 a[4:20, 6:22] = 220
-                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 0 if i % 3 else 7,
-                             "bbox": [6, 4, 16, 16], "area": 256, "iscrowd": 0})
+                anns.append({"id": 500 + len(anns), "image_id": iid, "category_id": 0 if i % 3 else 7,
+                             "bbox": [6, 4, 16, 16], "area": 250.5, "iscrowd": 0})
+            caps.append({"id": 900 + len(caps), "image_id": iid, "caption": "a square" if i % 4 else "nothing"})
             Image.fromarray(a).save(root / "images" / f"{split}{i}.png")
-            images.append({"id": i, "file_name": f"{split}{i}.png", "width": w, "height": h})
+            images.append({"id": iid, "file_name": f"{split}{i}.png", "width": w, "height": h})
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
-            {"images": images, "annotations": anns,
-             "categories": [{"id": 0, "name": "zero"}, {"id": 7, "name": "seven"}]}))
-    run = visrec.train(f"coco:{root}", model="fasterrcnn_resnet18", task="detection", epochs=1, out="runs/mine",
+            {"images": images, "annotations": anns, "categories": cats}))
+        if captions:
+            (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(
+                {"images": images, "annotations": caps}))
+    return root
+
+
+def _pycocotools_map(gt_file, results) -> float:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_file))
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0])
+
+
+def test_a_users_coco_folder_is_scored_by_pycocotools_against_its_own_annotation_file(tmp_path):
+    root = _users_coco_folder(tmp_path / "mine")
+    run = visrec.train(f"coco:{root}", model="fasterrcnn_resnet18", task="detection", epochs=3, out="runs/mine",
                        progress=False, overrides={**FAST, "model.kwargs": SMALL_INPUT, "data.image_size": 32})
-    assert run.summary["status"] == "completed"
+    s = run.summary
+    assert s["status"] == "completed"
     gt = json.loads((run.path / "ground_truth_test.json").read_text())
-    assert [c["name"] for c in gt["categories"]] == ["zero", "seven"]  # visrec's "(no object)" is not a category
-    assert len(gt["images"]) == 4 and len(gt["annotations"]) == 3  # the val file is the test split; one negative
-    assert all(a["bbox"][2] == pytest.approx(16 * 32 / 40, abs=0.01) or a["bbox"][2] == pytest.approx(16 * 32 / 48,
-                                                                                                       abs=0.01)
-               for a in gt["annotations"])  # boxes resized with their images, written as xywh
+    assert [(c["id"], c["name"]) for c in gt["categories"]] == [(0, "zero"), (3, "three"), (7, "seven")]
+    assert [im["id"] for im in gt["images"]] == list(range(1143, 1149))  # the file's own ids, names and sizes
+    assert gt["images"][0] == {"id": 1143, "file_name": "test1.png", "width": 40, "height": 32}
+    assert {a["category_id"] for a in gt["annotations"]} == {0, 7} and len(gt["annotations"]) == 5
+    for a in gt["annotations"]:  # in the annotation's pixels, though the images were resized to 32x32
+        assert a["bbox"] == pytest.approx([6, 4, 16, 16], abs=0.01) and a["area"] == 250.5
+    results = json.loads((run.path / "predictions_test.json").read_text())
+    assert results and {r["image_id"] for r in results} <= set(range(1143, 1149))
+    assert {r["category_id"] for r in results} <= {0, 3, 7}
+    # the user's own file scores the run's results to the run's own number
+    assert _pycocotools_map(root / "annotations" / "instances_test.json", results) == pytest.approx(s["test_map"],
+                                                                                                    abs=1e-9)
+    assert json.loads((run.path / "splits.json").read_text())["category_ids"] == [0, 3, 7]
+    # predict --format coco names the inputs by the run's data, keeps detections down to 0.05, scores likewise
+    files = sorted((root / "images").glob("test*.png"))
+    res = CliRunner().invoke(app, ["predict", str(run.path), *map(str, files), "--format", "coco"])
+    assert res.exit_code == 0, res.output
+    assert "all 6 input(s) found" in res.stderr
+    coco = json.loads(res.stdout)
+    assert coco and {r["image_id"] for r in coco} <= set(range(1143, 1149)) and min(r["score"] for r in coco) >= 0.05
+    assert {r["category_id"] for r in coco} <= {0, 3, 7}
+    assert 0 <= _pycocotools_map(root / "annotations" / "instances_test.json", coco) <= 1
+    # a copy of the images elsewhere, named by --annotations; an unknown file is numbered after the largest id
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "test2.png").write_bytes(files[1].read_bytes())
+    (other / "new.png").write_bytes(files[1].read_bytes())
+    res = CliRunner().invoke(app, ["predict", str(run.path), str(other / "test2.png"), str(other / "new.png"),
+                                   "--format", "coco", "--min-score", "0",
+                                   "--annotations", str(root / "annotations" / "instances_test.json")])
+    assert res.exit_code == 0, res.output
+    assert "1 of 2 input(s) found" in res.stderr
+    assert {r["image_id"] for r in json.loads(res.stdout)} <= {1144, 1149}
+    res = CliRunner().invoke(app, ["predict", str(run.path), str(files[0]), "--annotations", str(tmp_path / "no")])
+    assert res.exit_code != 0 and "add --format coco" in str(res.exception)
+
+
+def test_a_users_coco_captions_are_scored_by_sacrebleu_against_its_own_captions_file(tmp_path):
+    from sacrebleu.metrics import BLEU
+
+    from visrec.data.text import normalize_caption
+
+    root = _users_coco_folder(tmp_path / "mine", captions=True)
+    run = visrec.train(f"coco:{root}", model="rnn", task="captioning", epochs=1, out="runs/cap", progress=False,
+                       overrides={**FAST, "data.image_size": 16, "model.kwargs": {"hidden": 16, "embed": 8}})
+    hyps = json.loads((run.path / "captions_test.json").read_text())
+    assert [h["image_id"] for h in hyps] == list(range(1143, 1149))
+    refs_doc = json.loads((root / "annotations" / "captions_test.json").read_text())
+    refs = {}
+    for a in refs_doc["annotations"]:
+        refs.setdefault(a["image_id"], []).append(normalize_caption(a["caption"]))
+    streams = [[refs[h["image_id"]][0] for h in hyps]]
+    bleu = BLEU(tokenize="none", max_ngram_order=4).corpus_score([h["caption"] for h in hyps], streams).score / 100
+    assert bleu == pytest.approx(run.summary["test_bleu4"], abs=1e-9)
+    written = json.loads((run.path / "captions_test_references.json").read_text())
+    assert written[0]["file_name"] == "test1.png" and written[0]["image_id"] == 1143
 
 
 def test_a_search_tunes_a_detector_by_its_map(scenes, tmp_path):

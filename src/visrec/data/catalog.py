@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import VisrecError, unknown_name
+from ..errors import VisrecError, closest, unknown_name
 from .download import cache_dir, download
 from .folders import read_image_folder
 from .imageset import Dataset, ImageSet, stratified_split, stratified_subset
@@ -193,6 +193,8 @@ def read_scene_source(name: str, data_dir=None, image_size: int | None = None, c
         raw.test_images, raw.test_labels, raw.test_targets = test
     if "test" in converted and "val" in converted:
         raw.val_images, raw.val_labels, raw.val_targets = converted["val"]
+    scored = splits.get("test") or splits.get("val") or splits["train"]  # results files name the test file's ids
+    raw.category_ids = scored.category_ids or None
     return raw, where
 
 
@@ -260,6 +262,11 @@ def slug(text: str, empty: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or empty
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a dataset name is written as a path (`./photos`, `~/data`, `a/b`, `C:\\x`) rather than a catalog name."""
+    return name.startswith((".", "~", "/")) or "/" in name or "\\" in name
+
+
 def _entry(name: str) -> CatalogEntry:
     base = _base_name(name)
     if base not in CATALOG:
@@ -267,6 +274,13 @@ def _entry(name: str) -> CatalogEntry:
         if path.is_dir():  # a folder given as a name in a config
             raise VisrecError(f"dataset {name!r} is a folder, not a catalog name",
                               f"give it as {_folder_kind(path)}:{name} (image folders: one subfolder per class)")
+        if looks_like_path(name):
+            near = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+            close = closest(path.name, near)
+            raise VisrecError(f"folder {path} does not exist",
+                              (f"did you mean {path.parent / close}? " if close else "") + "give the path of a folder "
+                              "of images (one subfolder per class), a COCO folder (annotations/) or a YOLO folder "
+                              "(data.yaml)")
         raise unknown_name("dataset", name, dataset_names())
     return CATALOG[base]
 
@@ -390,7 +404,7 @@ def load_dataset(
                               "leave data.classes empty for scenes, COCO and YOLO data")
         _keep_classes(raw, classes, name)
     x, y, classes = raw.train_images, raw.train_labels, raw.classes
-    full = ImageSet(x, y, classes, name, raw.train_targets)
+    full = ImageSet(x, y, classes, name, raw.train_targets, raw.category_ids)
     if not classes:  # one class is data for tasks that need no labels (style); classification refuses it
         raise VisrecError(f"dataset {name!r} has no classes", "give data with at least one class of images")
     splits: dict = {"seed": split_seed}
@@ -399,7 +413,7 @@ def load_dataset(
     pool = torch.arange(len(y))
 
     if raw.test_images is not None:
-        test = ImageSet(raw.test_images, raw.test_labels, classes, name, raw.test_targets)
+        test = ImageSet(raw.test_images, raw.test_labels, classes, name, raw.test_targets, raw.category_ids)
         splits["test"] = {"kind": "official", "n": len(test)}
     else:
         keep, held = stratified_split(y, test_fraction, split_seed)
@@ -409,7 +423,7 @@ def load_dataset(
                           "indices": held.tolist()}
 
     if raw.val_images is not None:
-        val = ImageSet(raw.val_images, raw.val_labels, classes, name, raw.val_targets)
+        val = ImageSet(raw.val_images, raw.val_labels, classes, name, raw.val_targets, raw.category_ids)
         splits["val"] = {"kind": "official", "n": len(val)}
     elif val_fraction > 0:
         keep, held = stratified_split(y[pool], val_fraction, split_seed + 1)

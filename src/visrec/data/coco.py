@@ -55,6 +55,14 @@ class CocoSplit:
     instances: torch.Tensor | None  # (N, H, W) uint8, 0 = none, k = k-th box; None without segmentation
     captions: list[list[str]] = field(default_factory=list)
     crowd: list[np.ndarray] = field(default_factory=list)  # (m,) bool per image: the box is a crowd region
+    # the dataset's own names for what visrec numbers: each image's id and file name, its size in the annotations
+    # (height, width: boxes are scaled back to it for results files), each object's area there, and each class's
+    # category id (COCO: the file's ids; YOLO: the class indices as given)
+    image_ids: list[int] = field(default_factory=list)
+    file_names: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    areas: list[np.ndarray] = field(default_factory=list)
+    category_ids: list[int] = field(default_factory=list)
 
 
 def split_of(path: Path) -> str | None:
@@ -234,15 +242,20 @@ def read_coco(root: str | Path, image_size: int | None = None, channels: int | N
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise problems_error("coco", root, errors)
-    classes = [str(c["name"]) for c in sorted(docs["train"].get("categories") or [], key=lambda c: c.get("id", 0))]
+    train_cats = sorted(docs["train"].get("categories") or [], key=lambda c: c.get("id", 0))
+    classes = [str(c["name"]) for c in train_cats]
     channels = channels or guess_channels(list(located["train"].values()))
-    return classes, {s: _read_split(files[s], d, located[s], classes, image_size, channels) for s, d in docs.items()}
+    out = {s: _read_split(files[s], d, located[s], classes, image_size, channels) for s, d in docs.items()}
+    for sp in out.values():  # a class the split's file does not list keeps the train file's id
+        sp.category_ids = [i if i is not None else c["id"] for i, c in zip(sp.category_ids, train_cats, strict=True)]
+    return classes, out
 
 
 def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str],
                 image_size: int | None, channels: int) -> CocoSplit:
     by_name = {str(c["name"]): classes.index(str(c["name"])) for c in d.get("categories") or []}
     cat = {c["id"]: by_name[str(c["name"])] for c in d.get("categories") or []}
+    ids_here = {str(c["name"]): c["id"] for c in d.get("categories") or []}
     anns: dict[int, list[dict]] = {}
     for a in d.get("annotations") or []:
         if a["bbox"][2] > 0 and a["bbox"][3] > 0:  # zero-size boxes are left out (validation warns of them)
@@ -251,7 +264,7 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
     if image_size is None and len(sizes) > 1:
         raise VisrecError(f"{path}: images come in {len(sizes)} sizes ({sorted(sizes)[:4]} ...)",
                           "set data.image_size to resize them all to one square size")
-    images, boxes, labels, crowd, inst_maps = [], [], [], [], []
+    images, boxes, labels, crowd, inst_maps, areas = [], [], [], [], [], []
     has_masks = any(a.get("segmentation") for a in d.get("annotations") or [])
     for im in d["images"]:
         h, w = im["height"], im["width"]
@@ -270,6 +283,8 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
         boxes.append(b)
         labels.append(np.array([cat[o["category_id"]] for o in own], dtype=np.int64))
         crowd.append(np.array([bool(o.get("iscrowd")) for o in own], dtype=bool))
+        areas.append(np.array([float(o["area"]) if isinstance(o.get("area"), int | float)
+                               else o["bbox"][2] * o["bbox"][3] for o in own], dtype=np.float64))
         if has_masks:
             inst = np.zeros((h, w), np.uint8)
             for k, o in enumerate(own[:255], 1):
@@ -283,7 +298,11 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
     split = CocoSplit(torch.stack(images) if images else torch.zeros(0, channels, image_size or 1, image_size or 1,
                                                                      dtype=torch.uint8),
                       boxes, labels, torch.stack(inst_maps) if has_masks and inst_maps else None,
-                      crowd=crowd if any(c.any() for c in crowd) else [])
+                      crowd=crowd if any(c.any() for c in crowd) else [],
+                      image_ids=[im["id"] for im in d["images"]],
+                      file_names=[str(im["file_name"]) for im in d["images"]],
+                      sizes=[(int(im["height"]), int(im["width"])) for im in d["images"]], areas=areas,
+                      category_ids=[ids_here.get(c) for c in classes])
     cap_file = path.parent / path.name.replace("instances_", "captions_", 1)
     if cap_file.is_file():
         caps: dict[int, list[str]] = {}
@@ -352,4 +371,12 @@ def to_targets(split: CocoSplit, no_object: int) -> tuple[torch.Tensor, dict[str
         targets["instances"] = split.instances
     if split.captions:
         targets["captions"] = split.captions
+    if split.image_ids:  # the dataset's own ids, names and sizes, for results files its own tools can score
+        targets["image_id"] = torch.tensor(split.image_ids, dtype=torch.long)
+        targets["file_name"] = list(split.file_names)
+        targets["orig_size"] = torch.tensor(split.sizes, dtype=torch.long).reshape(-1, 2)
+        area = torch.zeros(n, m, dtype=torch.float64)
+        for i, a in enumerate(split.areas):
+            area[i, : len(a)] = torch.from_numpy(a)
+        targets["area"] = area
     return labels, targets

@@ -38,6 +38,9 @@ class ImageSet:
     classes: list[str]
     name: str = ""
     targets: dict[str, Any] | None = None
+    # the dataset's own id of each object class (COCO category ids, YOLO class indices), for results files that
+    # its own tools score; None: class k is category k + 1
+    category_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -68,11 +71,11 @@ class ImageSet:
 
     def subset(self, index: torch.Tensor) -> ImageSet:
         t = index_targets(self.targets, index) if self.targets is not None else None
-        return ImageSet(self.images[index], self.labels[index], self.classes, self.name, t)
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.name, t, self.category_ids)
 
     def to(self, device: torch.device | str) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name,
-                        move_targets(self.targets, device))
+                        move_targets(self.targets, device), self.category_ids)
 
     def __repr__(self) -> str:
         c, h, w = self.images.shape[1:]

@@ -35,6 +35,7 @@ class RawSplits:
     train_targets: dict | None = None  # scenes: boxes, masks and captions per image (see ImageSet)
     test_targets: dict | None = None
     val_targets: dict | None = None
+    category_ids: list[int] | None = None  # COCO/YOLO: the dataset's own id of each object class
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)

@@ -5,8 +5,8 @@ pixel limit (decompression bombs, caught from the header before any decoding), e
 classes missing from train. Warnings are what would train but mislead: fewer than two classes (what generative
 models and style take, and a classifier refuses), the same file in two splits (a leak into the evaluation), class
 names whose sorted order is not their numeric order (`1, 10, 2`: labels by position would be off), image modes
-visrec has no documented conversion for. Notes: hidden folders and non-image files that are ignored, and mixed
-image sizes (set data.image_size).
+visrec has no documented conversion for. Notes: hidden folders and non-image files that are ignored. Images of
+several sizes are an error without an image size (training refuses them), a note with one (they are resized).
 """
 
 from __future__ import annotations
@@ -79,8 +79,27 @@ def _numeric_order_differs(names: list[str]) -> bool:
     return len(nums) > 1 and sorted(nums) != sorted(nums, key=int)
 
 
-def validate_folder(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Report:
-    """Scan `root/<class>/*` or `root/{train,val,test}/<class>/*` and report every problem found."""
+def mixed_sizes(report: Report, where: Path | str, sizes: dict[tuple[int, int], int], image_size: int | None) -> None:
+    """Images of several (width, height) sizes: training refuses them unless data.image_size resizes them."""
+    if len(sizes) < 2:
+        return
+    common = max(sizes, key=sizes.get)
+    if sizes[common] > 1:
+        which = f"most often {common[0]}x{common[1]}, {sizes[common]} images"
+    else:
+        small, large = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
+        which = f"no two alike, from {small[0]}x{small[1]} to {large[0]}x{large[1]}"
+    if image_size is None:
+        report.add("error", "mixed-sizes", where, f"{len(sizes)} image sizes ({which}): training refuses them; "
+                   "resize them in training with --set data.image_size=N (validate --image-size N checks that)")
+    else:
+        report.add("note", "mixed-sizes", where, f"{len(sizes)} image sizes ({which}); training resizes them to "
+                   f"{image_size}x{image_size}")
+
+
+def validate_folder(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int | None = None) -> Report:
+    """Scan `root/<class>/*` or `root/{train,val,test}/<class>/*` and report every problem found; `image_size` is
+    the data.image_size training will use (None: images must share one size)."""
     root = Path(str(root).removeprefix("folder:")).expanduser()
     if not root.is_dir():
         raise VisrecError(f"{root} is not a folder", "give the folder that holds one subfolder per class")
@@ -137,28 +156,32 @@ def validate_folder(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> R
         if len(found_in) > 1:
             report.add("warning", "duplicate-across-splits", first_path[digest],
                        f"the same file is in {' and '.join(sorted(found_in))}: evaluation would see training images")
-    if len(sizes) > 1:
-        common = max(sizes, key=sizes.get)
-        report.add("note", "mixed-sizes", root, f"{len(sizes)} image sizes (most {common[0]}x{common[1]}); set "
-                   "data.image_size to resize them")
+    mixed_sizes(report, root, sizes, image_size)
     return report
 
 
-def validate_objects(name: str) -> Report:
+def validate_objects(name: str, image_size: int | None = None) -> Report:
     """`coco:PATH` or `yolo:PATH`: every annotation problem, each naming the file, the image or annotation id (or
-    line) and what to do."""
+    line) and what to do; COCO images of several sizes without `image_size`, as training refuses them."""
     from .coco import check_coco_folder
     from .yolo import scan_yolo_folder
 
     kind, _, path = name.partition(":")
     root = Path(path).expanduser()
+    sizes: dict[str, dict[tuple[int, int], int]] = {}
     if kind == "coco":
-        _, _, problems, located = check_coco_folder(root)
+        files, docs, problems, located = check_coco_folder(root)
         n = sum(len(files) for files in located.values())
+        for split, d in docs.items():
+            for im in d["images"]:
+                size = (im.get("width"), im.get("height"))
+                sizes.setdefault(split, defaultdict(int))[size] += 1
     else:
         _, splits, problems = scan_yolo_folder(root)
         n = sum(len(items) for items in splits.values())
     report = Report(path, files=n)
     for p in problems:
         report.add(p.severity, p.where, p.file, f"{p.detail}: {p.fix}")
+    for split, counts in sizes.items():  # read_coco refuses a split whose images differ in size
+        mixed_sizes(report, files[split], counts, image_size)
     return report

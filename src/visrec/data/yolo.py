@@ -20,7 +20,7 @@ import yaml
 
 from ..errors import VisrecError
 from .coco import CocoProblem, CocoSplit, guess_channels, problems_error
-from .images import decode, is_image_file
+from .images import decode, is_image_file, peek
 
 
 def _config(root: Path) -> tuple[Path, dict]:
@@ -140,10 +140,13 @@ def read_yolo(root: str | Path, image_size: int | None = None, channels: int | N
     channels = channels or guess_channels([p for p, _ in splits["train"]])
     out = {}
     for s, items in splits.items():
-        images, boxes, labels = [], [], []
+        images, boxes, labels, orig, areas = [], [], [], [], []
         for path, rows in items:
             a = decode(path, channels, image_size)
             h, w = a.shape[:2]
+            h0, w0 = (h, w) if image_size is None else peek(path)[1][::-1]
+            orig.append((h0, w0))
+            areas.append((rows[:, 3] * w0 * rows[:, 4] * h0).astype(np.float64))
             cx, cy, bw, bh = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
             boxes.append(np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
                                   1).astype(np.float32).reshape(-1, 4))
@@ -153,5 +156,15 @@ def read_yolo(root: str | Path, image_size: int | None = None, channels: int | N
         if len(sizes) > 1:
             raise VisrecError(f"YOLO folder {root}: {s} images come in {len(sizes)} sizes",
                               "set data.image_size to resize them all to one square size")
-        out[s] = CocoSplit(torch.stack(images), boxes, labels, None)
+        # image ids number the split's files from 1 in reading order; category ids are YOLO's class indices
+        out[s] = CocoSplit(torch.stack(images), boxes, labels, None, image_ids=list(range(1, len(items) + 1)),
+                           file_names=[_relative(p, root) for p, _ in items], sizes=orig, areas=areas,
+                           category_ids=list(range(len(classes))))
     return classes, out
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root if root.is_dir() else root.parent).as_posix()
+    except ValueError:
+        return str(path)

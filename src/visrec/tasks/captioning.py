@@ -9,8 +9,9 @@ Evaluation decodes greedily (or with `task.beam`) and scores against all referen
 sacrebleu (on the normalized words, tokenize=none) and CIDEr-D; `bleu4` is the primary metric. On data whose
 references follow the scenes grammar, also object precision and recall, relation accuracy and size accuracy
 (BLEU saturates on templated text; these say what is wrong). The test
-evaluation writes `captions_test.json` in COCO results format ([{image_id, caption}], image ids from 1 in split
-order) and `captions_test_references.json` beside it.
+evaluation writes `captions_test.json` in COCO results format ([{image_id, caption}]: a COCO folder's own image ids,
+so its captions file scores it; other data numbers images from 1 in split order) and
+`captions_test_references.json` beside it (with each image's file_name where the data has one).
 """
 
 from __future__ import annotations
@@ -125,15 +126,20 @@ def scene_scores(hyps: list[str], refs: list[list[str]]) -> dict[str, float] | N
 
 
 class CaptionEvaluation(Evaluation):
-    def __init__(self, split: str, metrics: dict[str, float], hyps: list[str], refs: list[list[str]]):
+    def __init__(self, split: str, metrics: dict[str, float], hyps: list[str], refs: list[list[str]],
+                 image_ids: list[int] | None = None, file_names: list[str] | None = None):
         super().__init__(split, metrics)
         self.hyps, self.refs = hyps, refs
+        self.image_ids = image_ids or list(range(1, len(hyps) + 1))
+        self.file_names = file_names
 
     def save(self, folder: Path) -> None:
         write_json(folder / f"captions_{self.split}.json",
-                   [{"image_id": i, "caption": h} for i, h in enumerate(self.hyps, 1)])
+                   [{"image_id": i, "caption": h} for i, h in zip(self.image_ids, self.hyps, strict=True)])
+        names = self.file_names or [None] * len(self.refs)
         write_json(folder / f"captions_{self.split}_references.json",
-                   [{"image_id": i, "captions": r} for i, r in enumerate(self.refs, 1)])
+                   [{"image_id": i, **({"file_name": f} if f else {}), "captions": r}
+                    for i, f, r in zip(self.image_ids, names, self.refs, strict=True)])
 
 
 class CaptioningTask(Task):
@@ -244,7 +250,9 @@ class CaptioningTask(Task):
         metrics = {**corpus_bleu(hyps, refs), "cider": cider_d(hyps, refs), **(scene_scores(hyps, refs) or {})}
         metrics["loss"] = self._teacher_forced_loss(model, data, normalizer, settings.batch_size)
         metrics["n"] = len(hyps)
-        return CaptionEvaluation(split, metrics, hyps, refs)
+        t = data.targets
+        ids = t["image_id"].tolist() if "image_id" in t else None
+        return CaptionEvaluation(split, metrics, hyps, refs, ids, t.get("file_name"))
 
     @torch.no_grad()
     def _teacher_forced_loss(self, model, data: ImageSet, normalizer: Normalizer, batch_size: int) -> float:

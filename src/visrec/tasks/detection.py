@@ -74,49 +74,100 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": list(r["size"]), "counts": r["counts"].decode()}
 
 
+@dataclass
+class CocoNames:
+    """How a split's images and classes are named in the COCO files visrec writes: the dataset's own image ids,
+    file names, sizes and category ids when it has them (COCO and YOLO folders), so that its own tools score the
+    files against its own annotations; else image i is id i + 1 and class k is category k + 1."""
+
+    image_ids: list[int]
+    file_names: list[str] | None
+    sizes: list[tuple[int, int]]  # (height, width) in the annotations: boxes and masks are written at that size
+    category_ids: list[int]
+
+    @classmethod
+    def of(cls, data: ImageSet, n_classes: int) -> CocoNames:
+        t = data.targets or {}
+        cats = list(data.category_ids) if data.category_ids else [k + 1 for k in range(n_classes)]
+        if "image_id" in t:
+            return cls(t["image_id"].tolist(), list(t["file_name"]), [tuple(s) for s in t["orig_size"].tolist()],
+                       cats)
+        h, w = (int(v) for v in data.images.shape[-2:])
+        return cls(list(range(1, len(data) + 1)), None, [(h, w)] * len(data), cats)
+
+    def image(self, i: int, stored: tuple[int, int]) -> tuple[dict[str, Any], float, float]:
+        """Image i's COCO entry, and the scale (sx, sy) from the stored pixels to the annotation's."""
+        h, w = self.sizes[i]
+        entry: dict[str, Any] = {"id": self.image_ids[i], "width": w, "height": h}
+        if self.file_names is not None:
+            entry["file_name"] = self.file_names[i]
+        return entry, w / stored[1], h / stored[0]
+
+
+def _resized_mask(mask: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """A (H, W) mask or probability map at another (height, width)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return torch.nn.functional.interpolate(mask[None, None].float(), size=size, mode=mode, **kw)[0, 0]
+
+
 def coco_ground_truth(data: ImageSet, classes: list[str], masks: bool) -> dict[str, Any]:
-    """The split as a COCO instances document: image i is id i + 1, class k is category k + 1; the area of an
-    object is its mask's when it has one (COCO's small/medium/large split by it), else its box's; crowd regions
-    keep iscrowd=1, so COCOeval ignores the detections that fall on them."""
+    """The split as a COCO instances document, in the dataset's own ids and pixels (`CocoNames`); the area of an
+    object is the annotation's where the data has it (COCO's small/medium/large split by it), else its mask's or
+    box's; crowd regions keep iscrowd=1, so COCOeval ignores the detections that fall on them."""
     t = data.targets or {}
-    crowd = t.get("crowd")
-    h, w = data.images.shape[-2:]
+    crowd, area, inst = t.get("crowd"), t.get("area"), t.get("instances")
+    names = CocoNames.of(data, len(classes))
+    stored = tuple(int(v) for v in data.images.shape[-2:])
     images, anns = [], []
-    inst = t.get("instances")
     for i in range(len(data)):
-        images.append({"id": i + 1, "width": int(w), "height": int(h)})
+        entry, sx, sy = names.image(i, stored)
+        images.append(entry)
+        full = (entry["height"], entry["width"])
         for slot in (t["box_labels"][i] >= 0).nonzero()[:, 0].tolist():
             x0, y0, x1, y1 = t["boxes"][i, slot].tolist()
-            a = {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(t["box_labels"][i, slot]) + 1,
+            x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+            a = {"id": len(anns) + 1, "image_id": entry["id"],
+                 "category_id": names.category_ids[int(t["box_labels"][i, slot])],
                  "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                  "iscrowd": int(crowd is not None and bool(crowd[i, slot]))}
+            m = None
             if inst is not None:
-                m = (inst[i] == slot + 1).numpy()
+                m = _resized_mask((inst[i] == slot + 1).to(torch.uint8), full, "nearest").bool().numpy()
                 if m.any():
                     a["area"] = float(m.sum())
-                if masks:
-                    a["segmentation"] = _rle(m)
+            if area is not None and float(area[i, slot]) > 0:
+                a["area"] = float(area[i, slot])
+            if masks and m is not None:
+                a["segmentation"] = _rle(m)
             anns.append(a)
-    cats = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]
+    cats = [{"id": cid, "name": c, "supercategory": "object"}
+            for cid, c in zip(names.category_ids, classes, strict=True)]
     return {"info": {"description": "visrec evaluation ground truth"}, "images": images, "annotations": anns,
             "categories": cats}
 
 
-def coco_results(detections: list[dict[str, torch.Tensor]], image_ids: list[int] | None = None
-                 ) -> list[dict[str, Any]]:
-    """Detections (one dict per image, visrec class indices) -> the COCO results format: xywh boxes, category
-    k + 1, and for masks an RLE of the mask thresholded at 0.5."""
+def coco_results(detections: list[dict[str, torch.Tensor]], names: CocoNames | None = None,
+                 stored: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """Detections (one dict per image, visrec class indices, `stored` pixels) -> the COCO results format in the
+    dataset's ids and pixels (`names`; default: image i + 1, category k + 1, as detected): xywh boxes, and for masks
+    an RLE of the mask thresholded at 0.5."""
     out = []
     for i, d in enumerate(detections):
-        image_id = image_ids[i] if image_ids else i + 1
-        boxes = d["boxes"].tolist()
+        image_id, sx, sy, full = i + 1, 1.0, 1.0, None
+        if names is not None:
+            entry, sx, sy = names.image(i, stored)
+            image_id, full = entry["id"], (entry["height"], entry["width"])
+        boxes = (d["boxes"] * torch.tensor([sx, sy, sx, sy])).tolist()
         masks = d.get("masks")
         for j, ((x0, y0, x1, y1), lab, s) in enumerate(zip(boxes, d["labels"].tolist(), d["scores"].tolist(),
                                                          strict=True)):
-            r = {"image_id": image_id, "category_id": int(lab) + 1,
+            r = {"image_id": image_id, "category_id": names.category_ids[int(lab)] if names else int(lab) + 1,
                  "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(s, 5)}
             if masks is not None:
-                r["segmentation"] = _rle((masks[j, 0] > 0.5).numpy())
+                m = masks[j, 0] if full is None else _resized_mask(masks[j, 0], full, "bilinear")
+                r["segmentation"] = _rle((m > 0.5).numpy())
             out.append(r)
     return out
 
@@ -309,7 +360,7 @@ class DetectionTask(Task):
         t1 = time.perf_counter()
         classes = self.classes or object_classes(data.classes)
         gt = coco_ground_truth(data, classes, self.masks)
-        results = coco_results(dets)
+        results = coco_results(dets, CocoNames.of(data, len(classes)), tuple(data.images.shape[-2:]))
         metrics, precision = coco_evaluate(gt, results, "bbox")
         per_ap = [per_class_ap(precision, k) for k in range(len(classes))]
         per_ap50 = [per_class_ap(precision, k, 0) for k in range(len(classes))]
@@ -484,15 +535,77 @@ def _draw_prediction(x: torch.Tensor, d: dict[str, torch.Tensor], classes: list[
     return path
 
 
-def coco_results_of(preds: list[ObjectPrediction], classes: list[str]) -> list[dict[str, Any]]:
-    """Predictions as a COCO results file: image i of the inputs is image_id i + 1, class k is category k + 1."""
+def coco_results_of(preds: list[ObjectPrediction], category_ids: dict[str, int], image_ids: list[int]
+                    ) -> list[dict[str, Any]]:
+    """Predictions as a COCO results file: input i is `image_ids[i]`, a class is its dataset category id."""
     out = []
-    for i, p in enumerate(preds):
+    for p, image_id in zip(preds, image_ids, strict=True):
         for o in p.objects:
             x0, y0, x1, y1 = o["box"]
-            r = {"image_id": i + 1, "category_id": classes.index(o["class"]) + 1,
+            r = {"image_id": image_id, "category_id": category_ids[o["class"]],
                  "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "score": o["score"]}
             if "mask" in o:
                 r["segmentation"] = o["mask"]
             out.append(r)
     return out
+
+
+def run_category_ids(run, classes: list[str]) -> dict[str, int]:
+    """Each object class's category id in the run's data (recorded in splits.json at training; runs from before
+    it, and data without ids: class k is category k + 1)."""
+    import json
+
+    ids = None
+    with contextlib.suppress(OSError, ValueError):
+        ids = json.loads((Path(run.path) / "splits.json").read_text()).get("category_ids")
+    if not ids or len(ids) != len(classes):
+        ids = [k + 1 for k in range(len(classes))]
+    return dict(zip(classes, ids, strict=True))
+
+
+def annotated_images(annotations: str | Path) -> tuple[dict[Path, int], dict[str, int], dict[str, int]]:
+    """From a COCO annotation file: (each image file found on disk -> its id, each file_name -> its id, each
+    category name -> its id); the files are looked for where a COCO folder keeps them (see `visrec.data.coco`)."""
+    from ..data.coco import _load_json, find_image
+
+    path = Path(annotations).expanduser()
+    if not path.is_file():
+        raise VisrecError(f"--annotations {path} does not exist", "give a COCO annotation file (instances_*.json)")
+    d = _load_json(path)
+    root = path.parent.parent if path.parent.name == "annotations" else path.parent
+    located, by_name = {}, {}
+    for im in d["images"]:
+        name = str(im.get("file_name", ""))
+        by_name[name] = im["id"]
+        f = find_image(root, path, name)
+        if f is not None:
+            located[f.resolve()] = im["id"]
+    return located, by_name, {str(c.get("name")): c.get("id") for c in d.get("categories") or []}
+
+
+def image_ids_of(inputs: list[str | Path], annotation_files: list[Path]) -> tuple[list[int], int]:
+    """Each input's image id in the annotation files (by the file itself, else by its path ending in a file_name
+    of theirs), and how many were found there; inputs they do not name are numbered after the files' largest id,
+    in order."""
+    located, by_name = {}, {}
+    for f in annotation_files:
+        a, b, _ = annotated_images(f)
+        located.update(a)
+        by_name.update(b)
+    ids: list[int | None] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        found = located.get(p.resolve())
+        if found is None:
+            posix = p.as_posix()
+            matches = [i for n, i in by_name.items() if posix == n or posix.endswith("/" + n.lstrip("/"))]
+            found = matches[0] if len(set(matches)) == 1 else None
+        ids.append(found)
+    known = [i for i in ids if i is not None]
+    nxt = max([i for i in (*by_name.values(), *located.values()) if isinstance(i, int)] + [0]) + 1
+    out = []
+    for i in ids:
+        if i is None:
+            i, nxt = nxt, nxt + 1
+        out.append(i)
+    return out, len(known)

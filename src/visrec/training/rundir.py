@@ -37,8 +37,9 @@ class RunWriter(Callback):
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(self.run_dir / "config.yaml", cfg.anchored().to_dict())  # its paths mean the same from anywhere
+        ids = {"category_ids": ds.test.category_ids} if ds.test.category_ids else {}  # results files name them
         write_json(self.run_dir / "splits.json", {"dataset": ds.name, "source": ds.source, "classes": ds.classes,
-                                                  **ds.splits})
+                                                  **ids, **ds.splits})
         write_text(self.run_dir / "model.txt", model_text)
         skipped = ds.splits.get("skipped_images")
         if skipped:
