@@ -194,6 +194,59 @@ def test_the_default_feature_network_is_trained_once_and_cached(tmp_path):
         feature_net("", f"folder:{tmp_path}")
 
 
+def test_an_interrupted_feature_network_is_never_cached_and_a_broken_entry_is_rebuilt(tmp_path, monkeypatch):
+    from visrec.io import user_cache_dir
+    from visrec.tasks import generate
+    from visrec.training.loop import Trainer
+
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, **kw: fit(self, stop_after_steps=2))  # as a SIGTERM would
+    said = []
+    with pytest.raises(VisrecError, match="was interrupted .*nothing was cached"):
+        generate.default_feature_run(SYN, say=said.append)
+    assert said and "training the feature network for FID once" in said[0] and "cached in" in said[0]
+    folder = user_cache_dir() / "feature_runs"
+    assert [p.name for p in folder.iterdir()] == []  # no entry, and no temporary folder left behind
+    # an entry left by an older visrec from an interrupted run is rebuilt, and said so
+    monkeypatch.setattr(Trainer, "fit", fit)
+    stale = folder / "synthetic_classes_3_size_8_train_96_test_24"
+    stale.mkdir(parents=True)
+    (stale / "summary.json").write_text(json.dumps({"status": "interrupted", "test_acc": None}))
+    said.clear()
+    got = generate.default_feature_run(SYN, say=said.append)
+    assert got == stale and "rebuilt: its training did not complete (status 'interrupted')" in said[0]
+    assert Run(got).summary["status"] == "completed" and isinstance(Run(got).summary["test_acc"], float)
+    assert [p.name for p in folder.iterdir()] == [stale.name]
+
+
+def test_a_signal_during_the_test_evaluation_keeps_the_training_and_resuming_finishes_it(feature_run, tmp_path,
+                                                                                        monkeypatch):
+    import os
+    import signal
+
+    from visrec.tasks.generate import GenerateTask
+
+    evaluate = GenerateTask.evaluate
+
+    def stopped_in_test(self, model, data, normalizer, *, split, settings):
+        if split == "test":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, model, data, normalizer, split=split, settings=settings)
+
+    monkeypatch.setattr(GenerateTask, "evaluate", stopped_in_test)
+    sets = {**FAST, "eval.feature_run": str(feature_run), "model.kwargs.latent": 2, "model.kwargs.width": 8}
+    r = CliRunner().invoke(app, ["train", SYN, "--task", "generate", "--model", "vae", "--epochs", "1", "--out",
+                                 str(tmp_path / "v"), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]])
+    assert r.exit_code == 130, r.output  # interrupted
+    s = Run(tmp_path / "v").summary
+    assert s["status"] == "interrupted" and "during the test evaluation" in s["error"] and s["test_bpd"] is None
+    assert "continue with: visrec train --resume" in r.stderr and "evaluating the test split" in r.stderr
+    monkeypatch.setattr(GenerateTask, "evaluate", evaluate)
+    run = visrec.resume(tmp_path / "v", progress=False)
+    assert run.summary["status"] == "completed" and math.isfinite(run.summary["test_bpd"])
+    assert run.summary["steps"] == s["steps"]  # nothing trained again
+
+
 def test_the_doctor_examines_a_generative_model_through_the_task(tmp_path):
     from visrec.doctor import ExamOptions, examine
 

@@ -22,6 +22,7 @@ The primary metric is `bpd` for likelihood models, `fid` for GANs, `loss` (the n
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,31 @@ def has_default_feature_run(dataset: str) -> bool:
                 or ":" in dataset and not dataset.startswith("synthetic"))
 
 
-def default_feature_run(dataset: str, data_dir: str | None = None) -> Path:
-    """A convnet trained once (3 epochs) on `dataset` and cached under the user cache, for FID and class coverage."""
+def cached_feature_run(folder: Path) -> str | None:
+    """Why a cached default feature run cannot be used (None: it can): only a completed classification run with a
+    test accuracy is ever cached, and an entry that is not one (from an older visrec, or damaged) is rebuilt."""
+    import json
+
+    try:
+        s = json.loads((folder / "summary.json").read_text())
+    except FileNotFoundError:
+        return "not cached yet"
+    except (OSError, ValueError) as e:
+        return f"its summary.json is unreadable ({e})"
+    if s.get("status") != "completed" or not isinstance(s.get("test_acc"), int | float):
+        return f"its training did not complete (status {s.get('status')!r})"
+    if not any((folder / "checkpoints").glob("*.safetensors")):
+        return "it has no weights"
+    return None
+
+
+def default_feature_run(dataset: str, data_dir: str | None = None, say=None) -> Path:
+    """A convnet trained once (3 epochs) on `dataset` and cached under the user cache, for FID and class coverage.
+    It trains in a temporary folder beside the cache and is moved into place only once it has completed; an entry
+    that is not a completed run is rebuilt. `say` (a function of one string) is told what happens, and shown the
+    training's progress."""
     import re
+    import tempfile
 
     from ..io import user_cache_dir
 
@@ -147,7 +170,8 @@ def default_feature_run(dataset: str, data_dir: str | None = None) -> Path:
         raise VisrecError(f"no default feature network for {dataset}",
                           "give eval.feature_run=RUN: a classification run on images like these (visrec train DATA)")
     folder = user_cache_dir() / "feature_runs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)
-    if (folder / "summary.json").is_file():
+    why = cached_feature_run(folder)
+    if why is None:
         return folder
     from ..data import load_dataset
 
@@ -155,26 +179,36 @@ def default_feature_run(dataset: str, data_dir: str | None = None) -> Path:
     if ds.num_classes < 2:
         raise VisrecError(f"{dataset} has no classes to train the default feature network on",
                           "give eval.feature_run=RUN (a classification run) or eval.feature_run=none")
-    import shutil
-    import tempfile
-
     from ..config import resolve_config
     from ..training.loop import Trainer
     from .classification import ClassificationTask
 
     cfg = resolve_config(None, {"data.name": dataset, "model.name": "convnet", "train.epochs": 3,
                                 "data.data_dir": data_dir, "log.report": False})
+    if say is not None:
+        rebuilt = "" if why == "not cached yet" else f" (the cached one is rebuilt: {why})"
+        # about 8 s per 10,000 images and epoch for this convnet on a 2-core CPU (bench/default_job.txt)
+        minutes = max(1, round(3 * len(ds.train) * 8e-4 / 60))
+        say(f"training the feature network for FID once: a convnet, 3 epochs on {len(ds.train):,} images of "
+            f"{dataset}, about {minutes} min on a CPU{rebuilt}; cached in {folder}")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # a finished run, or none: renamed when done; gradients on, as this may be called from an evaluation
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp, torch.enable_grad():
-        Trainer(cfg, ClassificationTask(cfg), out=Path(tmp) / "run", dataset=ds, progress=False, quiet=True).fit()
-        if not (folder / "summary.json").is_file():
-            shutil.rmtree(folder, ignore_errors=True)
+    # gradients on, as this may be called from an evaluation
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp, torch.enable_grad():
+        run = Trainer(cfg, ClassificationTask(cfg), out=Path(tmp) / "run", dataset=ds, progress=False,
+                      quiet=say is None).fit()
+        if run.status != "completed":
+            raise VisrecError(f"training the default FID feature network for {dataset} was {run.status} "
+                              f"({run.summary.get('error', 'no reason recorded')}); nothing was cached",
+                              "run the command again to train it, or give eval.feature_run=RUN")
+        if cached_feature_run(folder) is not None:  # another process may have finished one meanwhile
+            if folder.exists():
+                stale = Path(tmp) / "stale"
+                folder.rename(stale)  # out of the way in one step, removed with the temporary folder
             (Path(tmp) / "run").rename(folder)
     return folder
 
 
-def feature_net(spec: str, dataset: str, data_dir: str | None = None) -> FeatureNet | None:
+def feature_net(spec: str, dataset: str, data_dir: str | None = None, say=None) -> FeatureNet | None:
     """The FID feature network of `eval.feature_run`: none, inception:PATH, a run folder, or '' for the default."""
     if spec == "none":
         return None
@@ -182,7 +216,7 @@ def feature_net(spec: str, dataset: str, data_dir: str | None = None) -> Feature
         return _inception(spec.split(":", 1)[1])
     from ..runs import Run
 
-    path = Path(spec) if spec else default_feature_run(dataset, data_dir)
+    path = Path(spec) if spec else default_feature_run(dataset, data_dir, say)
     run = Run(path)
     if run.config.task.name != "classification":
         raise VisrecError(f"eval.feature_run={spec}: {path} is a {run.config.task.name} run",
@@ -376,9 +410,9 @@ class GenerateTask(Task):
 
     # ------------------------------------------------------------------ evaluation
 
-    def features(self) -> FeatureNet | None:
+    def features(self, say=None) -> FeatureNet | None:
         if self._fnet is False:
-            self._fnet = feature_net(self.cfg.eval.feature_run, self.cfg.data.name, self.cfg.data.data_dir)
+            self._fnet = feature_net(self.cfg.eval.feature_run, self.cfg.data.name, self.cfg.data.data_dir, say)
         return self._fnet
 
     def sample(self, model: nn.Module, n: int, seed: int = 0, steps: int | None = None) -> torch.Tensor:
@@ -411,7 +445,7 @@ class GenerateTask(Task):
                 if self.kind == "vae":
                     m["elbo_nats"] = -m["bpd"] * data.images[0].numel() * math.log(2)
                     if split == "test":
-                        m.update(self._importance(core, data, g))
+                        m.update(self._importance(core, data, g, settings))
             elif self.kind == "diffusion":
                 m["loss"] = float(torch.cat([core(c.to(dev).float())["loss"].view(1) * len(c)
                                              for c in data.images.split(bs)]).sum()) / len(data.images)
@@ -426,7 +460,7 @@ class GenerateTask(Task):
             # autoregressive sampling costs H·W·C network passes: 16 at the end, for the report, and no FID
             steps = self.cfg.eval.sample_steps or None if self.kind == "diffusion" else None
             n = min(self.cfg.eval.samples, len(data.images))
-            fnet = self.features() if self.kind != "autoregressive" else None
+            fnet = self.features(settings.say) if self.kind != "autoregressive" else None
             sampled = self.sample(core, n if fnet is not None else 16 if self.kind == "autoregressive" else 64,
                                   seed=0, steps=steps)
             name = "test" if split == "test" else f"epoch_{self._evals:03d}"
@@ -437,11 +471,18 @@ class GenerateTask(Task):
         core.train(was)
         return GenerateEvaluation(split, m, grids, sampled)
 
-    def _importance(self, core, data: ImageSet, g: torch.Generator) -> dict[str, float]:
+    def _importance(self, core, data: ImageSet, g: torch.Generator, settings: EvalSettings) -> dict[str, float]:
         k, n = self.cfg.eval.importance_samples, min(self.cfg.eval.nll_images, len(data.images))
         x = data.images[:n].float().to(core.device)
         target = core.prepare(x, g)
-        nll = torch.cat([core.importance_nll(c, k=k) for c in target.split(32)])
+        chunks, nll, t0 = target.split(32), [], time.perf_counter()
+        for i, c in enumerate(chunks, 1):
+            nll.append(core.importance_nll(c, k=k))
+            if i == 1 or i == len(chunks) or i % max(1, len(chunks) // 4) == 0:  # about four lines in all
+                left = (time.perf_counter() - t0) / i * (len(chunks) - i)
+                settings.note(f"  importance-sampled NLL (eval.importance_samples={k}): {min(i * 32, n):,}/{n:,} "
+                              f"test images" + (f", about {left:.0f} s left" if i < len(chunks) else ""))
+        nll = torch.cat(nll)
         d = data.images[0].numel() * math.log(2)
         return {"nll_nats": float(nll.mean()), "nll_bpd": float(nll.mean()) / d, "nll_images": n,
                 "importance_samples": k}

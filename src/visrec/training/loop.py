@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -60,7 +61,7 @@ from .setup import (
     start_distributed,
     wrap_ddp,
 )
-from .state import Position, all_finite, capture_rng, now, restore_rng, stop_signals
+from .state import Position, Stopped, all_finite, capture_rng, now, restore_rng, stop_at_once, stop_signals
 from .step import LossStep, NonFiniteLoss, nonfinite_error
 from .task import EvalSettings, Evaluation, Task
 
@@ -73,6 +74,11 @@ def detached(out: Any) -> Any:
     if isinstance(out, dict):
         return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
     return out.detach() if isinstance(out, torch.Tensor) else out
+
+
+def _say(text: str) -> None:
+    """A line about the work in progress, on stderr beside the progress output."""
+    print(text, file=sys.stderr, flush=True)
 
 
 class Trainer:
@@ -201,7 +207,8 @@ class Trainer:
         self.loss_step = LossStep(task, self.model, teachers, device=device, amp_dtype=self.runtime.amp_dtype)
         eval_bs = eval_batch_size(cfg.eval.batch_size, device, ds.train.images.shape[1:])
         self.eval_settings = EvalSettings(eval_bs, self.channels_last, self.runtime.amp_dtype,
-                                          shard=self.dist if self.dist.active else None)
+                                          shard=self.dist if self.dist.active else None,
+                                          say=None if self.quiet or not self.dist.main else _say)
         self.pos = Position()
         self.writer = RunWriter(self.run_dir, write=self.dist.main)
         self.probe_features: dict[str, Any] = {}  # the linear probe's feature extraction: cache hit, seconds
@@ -400,9 +407,19 @@ class Trainer:
             self.model.load_state_dict(best.weights)
             if self.averages.ema is not None and best.ema is not None:
                 self.averages.ema.module.load_state_dict(best.ema)
-        result = self._evaluate(self._eval_model(), "test") if test else None
-        if result is not None and self.dist.main:
-            result.save(self.run_dir)
+        try:  # a signal now stops the evaluation at once; the trained weights are in the last checkpoint
+            with stop_at_once():
+                if test:
+                    self.eval_settings.note(f"evaluating the test split ({len(self.ds.test):,} images)")
+                result = self._evaluate(self._eval_model(), "test") if test else None
+                if result is not None and self.dist.main:
+                    result.save(self.run_dir)
+        except Stopped as e:
+            self._end(callbacks, "interrupted", None,
+                      error=f"stopped by {e.signal_name} during the test evaluation; the training is complete and "
+                            "saved, resuming evaluates it")
+            self.dist.barrier()
+            return Run(self.run_dir)
         self._end(callbacks, "completed", result, compared=self._compare_averages(result))
         self.dist.barrier()
         return Run(self.run_dir)

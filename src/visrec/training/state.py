@@ -65,6 +65,33 @@ def all_finite(model: nn.Module, params_only: bool) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in state]).all())
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM during work that has no step to stop after (an evaluation): raised where the work is, so
+    the caller saves what it has and says what happened. A BaseException, so `except Exception` lets it pass."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def stop_at_once() -> Iterator[None]:
+    """SIGINT/SIGTERM raise `Stopped` where the code is (in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def stop_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
     """SIGINT/SIGTERM ask to stop after the current step; a second SIGINT stops at once."""

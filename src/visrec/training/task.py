@@ -7,6 +7,7 @@ statistics (summed on the device, no host syncs), how a split is evaluated and w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +29,11 @@ class EvalSettings:
     channels_last: bool = False
     amp_dtype: torch.dtype | None = None
     shard: Dist | None = None  # across processes: each rank evaluates its share (a task that supports it)
+    say: Callable[[str], None] | None = None  # where a long evaluation tells what it is doing (None: silent)
+
+    def note(self, text: str) -> None:
+        if self.say is not None:
+            self.say(text)
 
 
 @dataclass
