@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -403,3 +404,23 @@ def test_progressive_resizing_trains_small_first_then_at_full_size():
         quick(out="runs/p2", **{"train.progressive_size": 12})
     with pytest.raises(VisrecError, match="data.normalize=pca"):
         quick(out="runs/p3", **{"train.progressive_size": 8, "data.normalize": "pca"})
+
+
+def test_flip_tta_keeps_the_loss_finite_where_a_view_is_certain_and_wrong():
+    """Averaging the views' softmaxes and then taking the log gave -inf for a class whose probability underflows
+    in every view, and the validation loss printed as inf; log space keeps the same mean, finite."""
+    from visrec.data import Normalizer
+    from visrec.evaluate import evaluate
+
+    class Sure(torch.nn.Module):  # certain of class 0 on every view
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.tensor([[200.0, -200.0, 0.0]]).expand(len(x), 3) + self.w
+
+    data = visrec.data.ImageSet(torch.zeros(4, 1, 4, 4, dtype=torch.uint8), torch.tensor([1, 1, 0, 2]), ["a", "b", "c"])
+    r = evaluate(Sure(), data, Normalizer("none", torch.zeros(1, 1, 1), torch.ones(1, 1, 1)), tta="flip")
+    assert math.isfinite(r.loss) and r.loss == pytest.approx((400 + 400 + 0 + 200) / 4, rel=1e-4)
+    assert r.acc == 0.25

@@ -277,10 +277,12 @@ def predict_logits(
             if tta == "none":
                 logits = model(x).float()
             else:
+                # the views' mean probability, as log-probabilities computed in log space: a class whose probability
+                # underflows in one view stays finite (averaging softmaxes, then log, gave -inf and an infinite loss)
                 views = tta_views(tta, x, crop_pad)
-                probs = sum(model(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
-                            .float().softmax(1) for v in views)
-                logits = (probs / len(views)).log()
+                logp = torch.stack([model(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
+                                    .float().log_softmax(1) for v in views])
+                logits = torch.logsumexp(logp, 0) - math.log(len(views))
         out.append(logits)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

@@ -82,13 +82,21 @@ def curves_png(metrics: list[dict[str, Any]], title: str, primary: str = "acc") 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, name in ((axes[0], "loss", "loss"), (axes[1], primary, "accuracy" if primary == "acc" else primary)):
-        ax.plot([ep(r) for r in train], [r.get(key, math.nan) for r in train], lw=1, label="train (windows)")
-        if val:
-            ax.plot([ep(r) for r in val], [r.get(key, math.nan) for r in val], "o-", ms=4, label="val")
+        hidden = []  # a split's points that cannot be drawn (inf, NaN) are counted in the title, never dropped silently
+        for rows, split, style in ((train, "train (windows)", {"lw": 1}), (val, "val", {"marker": "o", "ms": 4})):
+            ys = [r.get(key) for r in rows]
+            if not any(isinstance(y, int | float) for y in ys):
+                continue  # no such metric for this split (a detector's training windows have no mAP): no legend entry
+            ax.plot([ep(r) for r in rows], [y if isinstance(y, int | float) else math.nan for y in ys], label=split,
+                    **style)
+            bad = sum(isinstance(y, int | float) and not math.isfinite(y) for y in ys)
+            if bad:
+                hidden.append(f"{bad} {split.split()[0]} point{'s' * (bad > 1)} not finite")
         ax.set_xlabel("epoch")
-        ax.set_title(name)
+        ax.set_title(name + (f" ({', '.join(hidden)})" if hidden else ""), fontsize=10 if hidden else None)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     axes[2].plot([ep(r) for r in train], [r["lr"] for r in train], lw=1.2)
     axes[2].set_xlabel("epoch")
     axes[2].set_title("learning rate")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +156,8 @@ class OnnxBackend(Backend):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.tta == "none":
             return self._run(x)
-        probs = self._run(x).softmax(1) + self._run(x.flip(-1)).softmax(1)
-        return (probs / 2).log()
+        logp = torch.stack([self._run(x).log_softmax(1), self._run(x.flip(-1)).log_softmax(1)])
+        return torch.logsumexp(logp, 0) - math.log(2)  # the views' mean probability, finite where one underflows
 
 
 def onnx_export_for(run, which: str) -> Path:
