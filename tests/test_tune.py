@@ -276,8 +276,26 @@ def test_two_workers_claiming_at_the_same_moment_get_different_trials(tmp_path, 
 def test_a_lead_within_the_validation_noise_is_flagged():
     from visrec.tune import noise_warning
 
-    best, second = {"number": 4, "val_acc": 0.93}, {"number": 2, "val_acc": 0.91}
+    best, second = {"number": 4, "value": 0.93}, {"number": 2, "value": 0.91}
     assert noise_warning(best, second, 10_000) is None  # 2 points on 10,000 images: well outside the noise
     w = noise_warning(best, second, 100)  # on 100 images a 2-point lead is a coin flip
     assert w is not None and "#4" in w and "#2" in w and "100 validation images" in w
     assert noise_warning(best, None, 100) is None
+
+
+def test_a_study_is_judged_by_its_tasks_primary_metric_in_its_direction(tmp_path):
+    """A task whose primary metric falls when it improves (bits per dimension) is minimized, and the study's files
+    name the metric they hold."""
+    from visrec.tune import StudySpec
+
+    spec = create_study(SYN, space=SPACE, trials=2, epochs=1, out=tmp_path / "a", overrides=FAST)
+    assert spec.objective() == ("acc", True)
+    Worker(spec).run(poll=0.05)
+    result = write_results(spec)
+    assert result["metric"] == "val_acc" and (tmp_path / "a" / "trials.csv").read_text().split(",")[3] == "val_acc"
+    gen = StudySpec(**{**spec.to_json(), "base": {**spec.base, "task": {"name": "generate"}}})
+    assert gen.objective() == ("bpd", False)
+    import optuna
+
+    gen.name, gen.stages = "gen", ["gen"]
+    assert open_stage(gen, "gen").direction == optuna.study.StudyDirection.MINIMIZE

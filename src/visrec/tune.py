@@ -298,7 +298,7 @@ def noise_warning(best: dict[str, Any], runner_up: dict[str, Any] | None, n_val:
     (two standard errors of the difference of two accuracies measured on them); the warning says what to do."""
     if runner_up is None or n_val <= 0:
         return None
-    a, b = best["val_acc"], runner_up["val_acc"]
+    a, b = best["value"], runner_up["value"]
     p = (a + b) / 2
     noise = 2 * math.sqrt(max(2 * p * (1 - p), 1e-12) / n_val)
     if a - b >= noise:
@@ -332,6 +332,13 @@ class StudySpec:
 
     def params(self) -> list[Param]:
         return parse_space(self.space)
+
+    def objective(self) -> tuple[str, bool]:
+        """(the task's primary validation metric the trials are judged by, whether higher is better)."""
+        from .tasks import TASKS
+
+        task = TASKS.get((self.base.get("task") or {}).get("name", "classification"))
+        return (task.primary, task.maximize) if task is not None else ("acc", True)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -418,7 +425,8 @@ def open_stage(spec: StudySpec, stage: str, worker: int = 0):
     import optuna
 
     return optuna.create_study(storage=_storage(spec.storage, spec.heartbeat), study_name=stage,
-                               sampler=_sampler(spec, worker), pruner=_pruner(spec.pruner), direction="maximize",
+                               sampler=_sampler(spec, worker), pruner=_pruner(spec.pruner),
+                               direction="maximize" if spec.objective()[1] else "minimize",
                                load_if_exists=True)
 
 
@@ -724,7 +732,7 @@ def trial_rows(spec: StudySpec) -> list[dict[str, Any]]:
                 continue
             rows.append({
                 "stage": t.user_attrs.get("stage", ""), "number": t.number, "state": t.state.name,
-                "val_acc": t.value, "epochs": t.user_attrs.get("epochs"),
+                "value": t.value, "epochs": t.user_attrs.get("epochs"),
                 "seconds": round(t.duration.total_seconds(), 2) if t.duration else None,
                 "retry_of": t.system_attrs.get("failed_trial"), "stopped": t.user_attrs.get("stopped", ""),
                 "run": t.user_attrs.get("run", ""), **{k: _unhashable(v) for k, v in t.params.items()},
@@ -735,7 +743,7 @@ def trial_rows(spec: StudySpec) -> list[dict[str, Any]]:
 def best_trial(spec: StudySpec) -> dict[str, Any] | None:
     """The best complete trial of the last stage (coarse trials ran fewer epochs and are not comparable)."""
     rows = [r for r in trial_rows(spec) if r["state"] == "COMPLETE" and r["stage"] != "coarse"]
-    return max(rows, key=lambda r: r["val_acc"]) if rows else None
+    return max(rows, key=lambda r: r["value"] if spec.objective()[1] else -r["value"]) if rows else None
 
 
 def write_results(spec: StudySpec) -> dict[str, Any]:
@@ -743,17 +751,20 @@ def write_results(spec: StudySpec) -> dict[str, Any]:
     folder = Path(spec.folder)
     rows = trial_rows(spec)
     params = spec.params()
-    keys = ["stage", "number", "state", "val_acc", "epochs", "seconds", "retry_of", "stopped", "run",
+    metric, maximize = spec.objective()
+    column = f"val_{metric}"  # each trial's value is the task's primary validation metric, named as such
+    keys = ["stage", "number", "state", column, "epochs", "seconds", "retry_of", "stopped", "run",
             *[p.key for p in params]]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in r.items()})
+        w.writerow({(column if k == "value" else k): json.dumps(v) if isinstance(v, list | dict) else v
+                    for k, v in r.items()})
     write_text(folder / "trials.csv", buf.getvalue())
     best = best_trial(spec)
     result: dict[str, Any] = {"study": spec.name, "strategy": spec.strategy, "trials": len(rows),
-                              "states": {}, "best": None, "warnings": []}
+                              "metric": column, "maximize": maximize, "states": {}, "best": None, "warnings": []}
     for r in rows:
         result["states"][r["state"]] = result["states"].get(r["state"], 0) + 1
     if best is not None:
@@ -761,67 +772,74 @@ def write_results(spec: StudySpec) -> dict[str, Any]:
         cfg = trial_config(spec, values, best["epochs"] or spec.epochs)
         cfg.log.every = Config.from_dict(copy.deepcopy(spec.base), "study config").log.every
         write_yaml(folder / "best.yaml", cfg.anchored().to_dict())
-        result["best"] = {"number": best["number"], "stage": best["stage"], "val_acc": best["val_acc"],
+        result["best"] = {"number": best["number"], "stage": best["stage"], column: best["value"],
                           "params": values, "run": best["run"]}
         result["warnings"] = edge_warnings(params, values)
         if cfg.task.name == "classification" and best["run"] and (Path(best["run"]) / "summary.json").is_file():
             others = sorted((r for r in rows if r["state"] == "COMPLETE" and r["stage"] == best["stage"]
-                             and r["number"] != best["number"]), key=lambda r: -r["val_acc"])
+                             and r["number"] != best["number"]), key=lambda r: -r["value"])
             n_val = int(Run(best["run"]).summary.get("n_val") or 0)
             if w := noise_warning(best, others[0] if others else None, n_val):
                 result["warnings"].append(w)
     write_json(folder / "results.json", result)
     if any(r["state"] == "COMPLETE" for r in rows):
-        write_bytes(folder / "scatter.png", _scatter_png(rows, params))
-        write_bytes(folder / "progress.png", _progress_png(rows))
+        write_bytes(folder / "scatter.png", _scatter_png(rows, params, metric))
+        write_bytes(folder / "progress.png", _progress_png(rows, metric, maximize))
     return result
 
 
-def _scatter_png(rows: list[dict[str, Any]], params: list[Param]) -> bytes:
+def _axis(metric: str) -> tuple[str, float]:
+    """The y label of a metric and the factor its values are drawn at (accuracy in percent)."""
+    return ("val accuracy (%)", 100.0) if metric == "acc" else (f"val {metric}", 1.0)
+
+
+def _scatter_png(rows: list[dict[str, Any]], params: list[Param], metric: str) -> bytes:
     from .plotting import figure_png, pyplot
 
     plt = pyplot()
     done = [r for r in rows if r["state"] == "COMPLETE"]
+    label, scale = _axis(metric)
     n = len(params)
     cols = min(n, 3)
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(n / cols)), squeeze=False)
     for ax, p in zip(axes.flat, params, strict=False):
         stages = sorted({r["stage"] for r in done})
         for stage in stages:
-            pts = [(r[p.key], r["val_acc"]) for r in done if r["stage"] == stage and p.key in r]
+            pts = [(r[p.key], r["value"]) for r in done if r["stage"] == stage and p.key in r]
             if p.kind == "categorical":
                 labels = [json.dumps(c) if isinstance(c, list) else str(c) for c in p.choices]
                 xs = [labels.index(json.dumps(x) if isinstance(x, list) else str(x)) for x, _ in pts]
                 ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
             else:
                 xs = [x for x, _ in pts]
-            ax.scatter(xs, [y * 100 for _, y in pts], s=18, alpha=0.8, label=stage)
+            ax.scatter(xs, [y * scale for _, y in pts], s=18, alpha=0.8, label=stage)
         if p.log:
             ax.set_xscale("log")
         ax.set_xlabel(p.key)
-        ax.set_ylabel("val accuracy (%)")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if len(stages) > 1:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("validation accuracy against each hyperparameter")
+    fig.suptitle(f"{label.removesuffix(' (%)')} against each hyperparameter")
     fig.tight_layout()
     return figure_png(fig, dpi=100)
 
 
-def _progress_png(rows: list[dict[str, Any]]) -> bytes:
+def _progress_png(rows: list[dict[str, Any]], metric: str, maximize: bool) -> bytes:
     from .plotting import figure_png, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     done = [r for r in rows if r["state"] == "COMPLETE"]
+    label, scale = _axis(metric)
     xs = list(range(1, len(done) + 1))
-    ys = [r["val_acc"] * 100 for r in done]
+    ys = [r["value"] * scale for r in done]
     ax.scatter(xs, ys, s=16, label="trial")
-    ax.plot(xs, np.maximum.accumulate(ys), color="C1", label="best so far")
+    ax.plot(xs, (np.maximum if maximize else np.minimum).accumulate(ys), color="C1", label="best so far")
     ax.set_xlabel("completed trial")
-    ax.set_ylabel("val accuracy (%)")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend()
     return figure_png(fig, dpi=100)
@@ -846,7 +864,8 @@ def final(spec: StudySpec, out: str | Path | None = None):
 
 def leaderboard(spec: StudySpec, top: int = 10) -> list[dict[str, Any]]:
     rows = [r for r in trial_rows(spec) if r["state"] == "COMPLETE"]
-    return sorted(rows, key=lambda r: (r["stage"] != "coarse" or len(spec.stages) == 1, r["val_acc"]),
+    sign = 1 if spec.objective()[1] else -1
+    return sorted(rows, key=lambda r: (r["stage"] != "coarse" or len(spec.stages) == 1, sign * r["value"]),
                   reverse=True)[:top]
 
 
