@@ -61,6 +61,18 @@ def test_unknown_key_lists_valid_ones_and_suggests():
     assert "weight_decay" in str(e.value) and "did you mean 'lr'" in str(e.value)
 
 
+@pytest.mark.parametrize("given,hint", [("optim.learning_rate=0.1", "did you mean optim.lr?"),
+                                        ("optim.wd=0.1", "did you mean optim.weight_decay?"),
+                                        ("train.bs=8", "did you mean train.batch_size?"),
+                                        ("data.batch=8", "did you mean train.batch_size or eval.batch_size?"),
+                                        ("optim.epochs=3", "did you mean train.epochs?"),
+                                        ("learning_rate=0.1", "did you mean optim.lr?")])
+def test_other_tools_names_for_a_key_are_suggested_never_applied(given, hint):
+    with pytest.raises(VisrecError) as e:
+        resolve_config(None, [given])
+    assert hint in str(e.value)
+
+
 def test_unknown_preset_lists_presets(tmp_path):
     with pytest.raises(VisrecError, match="unknown preset 'fastest'.*default"):
         load_preset("fastest")

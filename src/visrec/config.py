@@ -539,6 +539,22 @@ def _canonical(key: str) -> str:
     return RENAMED[head] + key[len(head):] if head in RENAMED else key
 
 
+# what other tools call visrec's keys: suggested, never applied silently
+SYNONYMS = {"learning_rate": "lr", "learningrate": "lr", "wd": "weight_decay", "decay": "weight_decay",
+            "l2": "weight_decay", "bs": "batch_size", "batch": "batch_size", "batchsize": "batch_size",
+            "n_epochs": "epochs", "num_epochs": "epochs", "max_epochs": "epochs", "epoch": "epochs",
+            "optimizer": "name", "arch": "name", "architecture": "name", "size": "image_size", "img_size": "image_size",
+            "imgsz": "image_size", "input_size": "image_size", "workers": "num_workers"}
+
+
+def _owners(cfg: Config, name: str, prefer: str | None = None) -> list[str]:
+    """`section.key` of every section with key `name` (or the key its synonym names), `prefer`'s first."""
+    name = SYNONYMS.get(name.lower(), name)
+    out = [f"{sec.name}.{name}" for sec in dataclasses.fields(cfg)
+           if name in {f.name for f in dataclasses.fields(getattr(cfg, sec.name))}]
+    return sorted(out, key=lambda k: k.split(".")[0] != prefer)
+
+
 def _set_key(cfg: Config, key: str, value: Any, source: str) -> None:
     key = _canonical(key)
     if key == "model.kwargs.pretrained":  # before it was a key of its own
@@ -546,8 +562,7 @@ def _set_key(cfg: Config, key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     sections = {f.name for f in dataclasses.fields(cfg)}
     if parts[0] not in sections and len(parts) == 1:
-        owners = [f"{sec.name}.{parts[-1]}" for sec in dataclasses.fields(cfg)
-                  if parts[-1] in {f.name for f in dataclasses.fields(getattr(cfg, sec.name))}]
+        owners = _owners(cfg, parts[-1])
         if owners:  # `lr=0.1`: a key given without its section
             raise VisrecError(f"{source}: {key!r} names no config section", f"did you mean {' or '.join(owners)}? "
                               "Keys are section.key (`visrec config --keys` lists them)")
@@ -559,7 +574,13 @@ def _set_key(cfg: Config, key: str, value: Any, source: str) -> None:
         raise VisrecError(f"{source}: {key!r} is a section; set one of its keys: {keys}")
     names = {f.name for f in dataclasses.fields(section)}
     if parts[1] not in names:
-        raise unknown_name(f"key of section {parts[0]!r}", parts[1], names, source)
+        e = unknown_name(f"key of section {parts[0]!r}", parts[1], names, source)
+        owners = [o for o in _owners(cfg, parts[1], parts[0]) if o != key]
+        if owners and owners[0].startswith(f"{parts[0]}."):
+            owners = owners[:1]  # the section's own key by its other name (optim.learning_rate -> optim.lr)
+        if owners and owners[0] != f"{parts[0]}.{closest(parts[1], names)}":  # another name, or another section
+            e.hint = f"did you mean {' or '.join(owners)}?"
+        raise e
     tp = _field_types(section)[parts[1]]
     if len(parts) > 2:
         # Nested mapping (model.kwargs.width=32): the leaf's value is free-form.
