@@ -161,6 +161,18 @@ def test_a_captioning_run_trains_resumes_exactly_evaluates_and_predicts(tmp_path
     assert isinstance(out["caption"], str) and len(out["attention"]) == len(out["caption"].split())
     with pytest.raises(VisrecError, match="--beam 0 is not valid"):
         ServedModel(full.path, beam=0)
+    # a color photo of another size is refused, naming the options, as a classification run refuses it
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    Image.new("RGB", (193, 181), (120, 30, 200)).save(tmp_path / "photo.jpg")
+    r = CliRunner().invoke(app, ["predict", str(full.path), str(tmp_path / "photo.jpg")])
+    assert r.exit_code == 1 and "pass --convert --resize" in r.output
+    r = CliRunner().invoke(app, ["predict", str(full.path), str(tmp_path / "photo.jpg"), "--convert", "--resize",
+                                 "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["caption"]
 
 
 def test_captioning_refuses_data_without_captions_and_other_models(tmp_path):

@@ -112,6 +112,8 @@ def test_models_and_datasets_and_config():
     code, out = invoke("datasets", "--json")
     names = {r["name"] for r in json.loads(out)}
     assert code == 0 and {"fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic", "scenes"} == names
+    code, out = invoke("datasets")
+    assert code == 0 and all(k in out for k in ("folder:PATH", "coco:PATH", "yolo:PATH"))
     code, out = invoke("config", "--preset", "quick", "--set", "optim.lr=0.05")
     assert code == 0 and "lr: 0.05" in out and "epochs: 2" in out
     code, out = invoke("config", "--keys")
@@ -203,6 +205,10 @@ def test_a_folder_path_reads_as_an_image_folder(tmp_path, monkeypatch):
                        "--json")  # the classic baselines name runs the same way, and can resize a folder
     assert code == 0, out
     assert "baseline-imgs-knn-raw-" in json.loads(out)["run"]
+    code, out = invoke("train", "./imgz", "--epochs", "1")  # a typo in a path: the folder is named, not the catalog
+    assert code == 2 and "folder" in out and "imgz does not exist" in out and "did you mean" in out and "imgs" in out
+    code, out = invoke("train", "my-typo", "--epochs", "1")  # no path: a catalog name, with the catalog's names
+    assert code == 2 and "unknown dataset 'my-typo'" in out
 
 
 def test_run_files_follow_the_umask(tmp_path):

@@ -109,8 +109,10 @@ def test_a_localizer_trains_end_to_end_and_evaluates(one_object):
     assert served.explain([served.prepare(small.getvalue(), "a")])[0].startswith("data:image/png;base64,")
     bigfile = one_object / "big.png"
     bigfile.write_bytes(big.getvalue())
+    r = CliRunner().invoke(app, ["predict", str(run.path), str(bigfile), "--json", "--top-k", "2"])
+    assert r.exit_code == 1 and "pass --resize" in r.output  # one rule for every task, as classification refuses it
     r = CliRunner().invoke(app, ["predict", str(run.path), str(bigfile), "--json", "--top-k", "2", "--draw",
-                                 str(one_object / "drawn")])
+                                 str(one_object / "drawn"), "--resize"])
     assert r.exit_code == 0, r.output
     row = json.loads(r.stdout[: r.stdout.rindex("]") + 1])[0]
     assert row["box"] == b["box"] and (row["width"], row["height"]) == (96, 64)

@@ -283,7 +283,7 @@ def test_validate_reports_one_of_each_problem_and_fails(tmp_path):
     assert {("error", "empty"), ("error", "truncated"), ("error", "unreadable"), ("error", "bomb"),
             ("error", "empty-class"), ("error", "unknown-class"), ("warning", "duplicate-across-splits"),
             ("warning", "class-order"), ("note", "hidden-folder"), ("note", "not-an-image"),
-            ("note", "mixed-sizes")} <= kinds
+            ("error", "mixed-sizes")} <= kinds
     by_kind = {p["kind"]: p["path"] for p in rep["problems"]}
     assert by_kind["empty"].endswith("zero.png") and by_kind["truncated"].endswith("cut.png")
     assert by_kind["unreadable"].endswith("junk.jpg") and by_kind["bomb"].endswith("big.png")
@@ -292,6 +292,29 @@ def test_validate_reports_one_of_each_problem_and_fails(tmp_path):
         _png(clean / c / "a.png", color=(1, 2, 3) if c == "cat" else (3, 2, 1))
     r = CliRunner().invoke(app, ["validate", str(clean)])
     assert r.exit_code == 0 and "0 errors" in r.output
+
+
+def test_validate_fails_where_training_would_on_images_of_many_sizes(tmp_path):
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    root = tmp_path / "myphotos"
+    for c in ("a", "b"):
+        for i in range(3):
+            _png(root / c / f"{i}.png", size=(20 + 7 * i + (c == "b"), 10 + 3 * i), color=(i * 40, 3, 3))
+    r = CliRunner().invoke(app, ["validate", str(root)])
+    assert r.exit_code == 1, r.output  # as `visrec train myphotos` refuses it
+    assert "6 image sizes (no two alike, from 20x10 to 35x16)" in r.output and "data.image_size=N" in r.output
+    with pytest.raises(VisrecError, match="differ in size"):
+        visrec.load_dataset(f"folder:{root}")
+    r = CliRunner().invoke(app, ["validate", str(root), "--image-size", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    (note,) = [p for p in json.loads(r.output)["problems"] if p["kind"] == "mixed-sizes"]
+    assert note["severity"] == "note" and "resizes them to 16x16" in note["detail"]
+    _png(root / "a" / "3.png", size=(20, 10))
+    r = CliRunner().invoke(app, ["validate", str(root)])
+    assert "most often 20x10, 2 images" in r.output
 
 
 def test_training_refuses_a_decompression_bomb_by_its_header(tmp_path):

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import signal
 import socket
 import struct
@@ -176,10 +177,14 @@ def test_errors_have_the_right_status_and_a_json_body(client, images, tmp_path):
     error_of(client.post("/v1/predict", content=b""), 400, "no_image")
     error_of(client.post("/v1/predict", content=b"{}", headers={"Content-Type": "application/json"}), 415,
              "unsupported_media_type")
-    body = error_of(client.post("/v1/predict", content=png_bytes(images[0]),  # curl --data-binary's default
+    # curl --data-binary's default Content-Type: an image's bytes are taken as the image, anything else refused
+    ok = client.post("/v1/predict", content=png_bytes(images[0]),
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert ok.status_code == 200 and ok.json()["results"][0]["format"] == "PNG"
+    body = error_of(client.post("/v1/predict", content=b"a=1&b=2",
                                 headers={"Content-Type": "application/x-www-form-urlencoded"}), 415,
                     "unsupported_media_type")
-    assert "-H 'Content-Type: image/jpeg'" in body["hint"]
+    assert "curl --data-binary @FILE" in body["hint"]
     error_of(client.post("/v1/predict?top_k=0", content=png_bytes(images[0])), 422, "bad_parameter")
     error_of(client.post("/v1/predict?explain=lime", content=png_bytes(images[0])), 422, "bad_parameter")
     error_of(client.post("/v1/predict?model=../../etc/passwd", content=png_bytes(images[0])), 422, "unknown_model")
@@ -187,6 +192,29 @@ def test_errors_have_the_right_status_and_a_json_body(client, images, tmp_path):
     error_of(client.post("/v1/predict", files=five), 413, "too_many_images")
     error_of(client.get("/nothing/here"), 404, "not_found")
     error_of(client.get("/v1/predict"), 405, "method_not_allowed")
+
+
+def test_every_curl_line_of_the_readme_works_as_written(server, images, tmp_path):
+    """The README's curl lines, run by curl itself against a running server (its address and token put in)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("curl ")]
+    assert len(lines) >= 2
+    for name in {f for ln in lines for f in re.findall(r"@([\w.-]+)", ln)}:  # the files they send
+        im = Image.open(images[0]).convert("RGB")
+        im.save(tmp_path / name, format="JPEG" if name.endswith((".jpg", ".jpeg")) else "PNG")
+    for line in lines:
+        line = re.sub(r"(localhost|127\.0\.0\.1):\d+", f"127.0.0.1:{server.port}", line)
+        args = shlex.split(line.split(" #")[0])
+        args[1:1] = ["-H", f"Authorization: Bearer {TOKEN}"]
+        done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (line, done.stderr)
+        body = json.loads(done.stdout)
+        assert "results" in body and all("top" in r for r in body["results"]), (line, body)
+    head = subprocess.run(["curl", "-sI", server.url + "/"], capture_output=True, text=True, timeout=30)
+    assert head.stdout.startswith("HTTP/1.1 200"), head.stdout  # curl -I, a HEAD request, finds the page
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -481,7 +509,7 @@ def test_a_segmentation_run_answers_with_a_mask(tmp_path):
 
     (tmp_path / "scene.png").write_bytes(big.getvalue())
     r = CliRunner().invoke(app, ["predict", str(seg.path), str(tmp_path / "scene.png"), str(tmp_path / "gone.png"),
-                                 "--draw", str(tmp_path / "drawn")])
+                                 "--draw", str(tmp_path / "drawn"), "--resize", "--convert"])
     assert r.exit_code == 1 and "of the pixels" in r.stdout and "does not exist" in r.output
     assert Image.open(tmp_path / "drawn" / "scene.png").size == (48, 40)
 

@@ -470,8 +470,12 @@ def tune(
               "scatter.png, progress.png")
     if final:
         run = T.final(spec)
-        out.print(f"final: the best config retrained: test accuracy {_pct(run.summary['test_acc'])} "
-                  f"(val {_pct(run.summary['val_acc'])}); run folder {run.path}")
+        from .training.callbacks import format_metric
+
+        p = run.summary["primary_metric"]
+        name = "accuracy" if p == "acc" else p
+        out.print(f"final: the best config retrained: test {name} {format_metric(p, run.summary.get(f'test_{p}'))} "
+                  f"(val {format_metric(p, run.summary.get(f'val_{p}'))}); run folder {run.path}")
 
 
 def _find_study(show: str | None, storage: str | None, study: str | None):
@@ -498,15 +502,13 @@ def _print_leaderboard(spec) -> None:
     keys = list(spec.space)
     staged = spec.strategy == "coarse-to-fine"
     t = Table(title=f"study {spec.name} ({spec.strategy})")
-    from .tasks import TASKS
     from .training.callbacks import format_metric
 
-    task = (spec.base.get("task") or {}).get("name", "classification")
-    metric = TASKS[task].primary if task in TASKS else "value"
+    metric = spec.objective()[0]
     for col in ("#", *(["stage"] if staged else []), f"val {metric}", "ep", *(k.split(".")[-1] for k in keys), "s"):
         t.add_column(col, overflow="fold")
-    for r in rows:  # `val_acc` holds each trial's value of the task's primary metric
-        t.add_row(str(r["number"]), *([r["stage"]] if staged else []), format_metric(metric, r["val_acc"]),
+    for r in rows:  # `value` holds each trial's value of the task's primary metric
+        t.add_row(str(r["number"]), *([r["stage"]] if staged else []), format_metric(metric, r["value"]),
                   str(r["epochs"]),
                   *[f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys],
                   str(r["seconds"]))
@@ -910,7 +912,12 @@ def predict(
     ] = None,
     output_format: Annotated[str | None, typer.Option(
         "--format", help="text, json, or coco (a COCO results file; detection and instance runs).")] = None,
-    min_score: Annotated[float, typer.Option(help="Detection runs: the lowest score of an object shown.")] = 0.5,
+    min_score: Annotated[float | None, typer.Option(
+        help="Detection runs: the lowest score of an object kept (default 0.5; 0.05 for --format coco, the floor "
+             "COCO's evaluation expects).")] = None,
+    annotations: Annotated[Path | None, typer.Option(
+        help="--format coco: a COCO annotation file whose image ids and category ids the results use, matched by "
+             "file (default: the run's own COCO folder, when it has one).")] = None,
     beam: Annotated[int | None, typer.Option(
         help="Captioning runs: beam width (1 = greedy; default: the run's task.beam).")] = None,
     draw: Annotated[Path | None, typer.Option(
@@ -940,15 +947,21 @@ def predict(
         raise VisrecError(f"{run} is a generate run: it makes new images, it does not predict labels",
                           f"draw samples with: visrec sample {run} --n 64")
     if task in ("detection", "instance"):
-        _predict_objects(r, images, fmt, min_score, convert, checkpoint, max_pixels, draw)
+        _predict_objects(r, images, fmt, min_score, convert, checkpoint, max_pixels, draw, annotations)
         return
+    if annotations is not None:
+        raise VisrecError(f"--annotations is for --format coco with detection and instance runs, and {run} is a "
+                          f"{task} run", "leave out --annotations")
+    if min_score is not None:
+        raise VisrecError(f"--min-score is for detection and instance runs, and {run} is a {task} run",
+                          "leave out --min-score")
     if fmt == "coco":
         raise VisrecError(f"--format coco is for detection and instance runs, and {run} is a {task} run",
                           "use --format text or json")
     if beam is not None and task != "captioning":
         raise VisrecError(f"--beam is for captioning runs, and {run} is a {task} run", "leave out --beam")
     if task in ("localization", "segmentation", "captioning"):
-        _predict_served(r, images, fmt, top_k, checkpoint, max_pixels, draw, beam)
+        _predict_served(r, images, fmt, top_k, checkpoint, max_pixels, draw, beam, r.input_fixes(resize, convert))
         return
     if draw is not None:
         raise VisrecError(f"--draw is for detection, instance, localization and segmentation runs, and {run} is a "
@@ -983,17 +996,18 @@ def _backend_note(run, checkpoint: str, device: str, backend: str) -> None:
 
 
 def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: str, max_pixels: int | None,
-                    draw: Path | None, beam: int | None = None) -> None:
-    """Localization, segmentation and captioning runs: the answers `visrec serve` gives, for files (images of any
-    size, decoded and resized as the server does)."""
+                    draw: Path | None, beam: int | None, fixes: tuple[bool, bool]) -> None:
+    """Localization, segmentation and captioning runs: the answers `visrec serve` gives, for files decoded as the
+    server does; a file that is not the model's input is refused unless `fixes` (resize, convert) allow the change,
+    the rule classification follows (`Run.input_fixes`)."""
+    from .runs import check_file
     from .serve.model import ServedModel
 
     m = ServedModel(run.path, which=checkpoint, max_pixels=max_pixels, beam=beam).load()
     rows: list[dict] = []
     for path in images:
         try:
-            if not path.is_file():
-                raise VisrecError(f"image file {path} does not exist")
+            check_file(path, m.channels, tuple(m.size), *fixes, max_pixels)
             data = path.read_bytes()
             item = m.prepare(data, str(path))
             rows.append({"image": str(path), "width": item.width, "height": item.height,
@@ -1004,7 +1018,7 @@ def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: s
                 else:
                     _draw_served(data, rows[-1], draw / f"{path.stem}.png")
         except VisrecError as e:
-            rows.append({"image": str(path), "error": e.message})
+            rows.append({"image": str(path), "error": str(e)})  # with its hint, as classification says it
     bad = [row for row in rows if "error" in row]
     if fmt == "json":
         print(json.dumps(rows, indent=2))
@@ -1059,15 +1073,19 @@ def _draw_served(data: bytes, row: dict, path: Path) -> None:
         im.convert("RGB").save(tmp, format="PNG")
 
 
-def _predict_objects(run, images: list[Path], fmt: str, min_score: float, convert: bool | None, checkpoint: str,
-                     max_pixels: int | None, draw: Path | None) -> None:
-    from .tasks.detection import coco_results_of, object_classes, predict_objects
+def _predict_objects(run, images: list[Path], fmt: str, min_score: float | None, convert: bool | None,
+                     checkpoint: str, max_pixels: int | None, draw: Path | None, annotations: Path | None) -> None:
+    from .tasks.detection import predict_objects
 
+    if annotations is not None and fmt != "coco":
+        raise VisrecError("--annotations names the image ids of a COCO results file", "add --format coco")
+    if min_score is None:
+        min_score = 0.05 if fmt == "coco" else 0.5
     preds = predict_objects(run, [str(p) for p in images], which=checkpoint, min_score=min_score, convert=convert,
                             errors="collect", max_pixels=max_pixels, draw_to=draw)
     bad = [p for p in preds if p.error]
     if fmt == "coco":
-        print(json.dumps(coco_results_of([p for p in preds], object_classes(run.load_model(checkpoint).classes))))
+        print(json.dumps(_coco_results(run, preds, images, checkpoint, annotations)))
         for p in bad:
             err.print(f"[red]error:[/red] {p.error}")
     elif fmt == "json":
@@ -1084,6 +1102,39 @@ def _predict_objects(run, images: list[Path], fmt: str, min_score: float, conver
     if bad:
         err.print(f"{len(bad)} of {len(preds)} image(s) could not be predicted")
         raise typer.Exit(1)
+
+
+def _coco_results(run, preds, images: list[Path], checkpoint: str, annotations: Path | None) -> list[dict]:
+    """The predictions as a COCO results file in the ids of the user's annotations (`--annotations`, else the
+    run's own COCO folder), saying on stderr how the inputs were numbered."""
+    from .data.coco import annotation_files
+    from .tasks.detection import annotated_images, coco_results_of, image_ids_of, object_classes, run_category_ids
+
+    classes = object_classes(run.load_model(checkpoint).classes)
+    data = run.config.data.name
+    if annotations is not None:
+        files = [annotations]
+        cats = annotated_images(annotations)[2]
+        missing = [c for c in classes if c not in cats]
+        if missing:
+            raise VisrecError(f"--annotations {annotations} has no category named {', '.join(map(repr, missing))}",
+                              f"the run's classes are {', '.join(classes)}: give the annotation file of its data")
+        cats = {c: cats[c] for c in classes}
+    else:
+        files = list(annotation_files(Path(data.split(":", 1)[1])).values()) if (
+            data.startswith("coco:") and (Path(data.split(":", 1)[1]) / "annotations").is_dir()) else []
+        cats = run_category_ids(run, classes)
+    ids, found = image_ids_of(images, files)
+    where = ", ".join(str(f) for f in files)
+    if not files:
+        err.print(f"image ids: the run's data ({data}) has no COCO annotation file; the {len(images)} input(s) are "
+                  "numbered 1.. in the order given (give --annotations FILE to use your own ids)")
+    elif found < len(images):
+        err.print(f"image ids: {found} of {len(images)} input(s) found in {where}; the others are numbered after its "
+                  "largest id, in the order given")
+    else:
+        err.print(f"image ids: all {len(images)} input(s) found in {where}")
+    return coco_results_of(preds, cats, ids)
 
 
 @app.command()
@@ -1170,14 +1221,20 @@ def serve(
 def validate(
     data: Annotated[str, typer.Argument(help="Image folder (PATH or folder:PATH), coco:PATH or yolo:PATH to scan.")],
     max_pixels: Annotated[int, typer.Option(help="Pixels above which an image is a decompression bomb.")] = 89_478_485,
+    image_size: Annotated[int | None, typer.Option(
+        help="The data.image_size training will use: images of several sizes are then resized, not an error.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Scan a dataset before training: an image folder (bad files, bombs, empty classes, leaks across splits) or
-    COCO / YOLO annotations (missing images, bad boxes, unknown categories, duplicate ids, bad masks); exit 1 on
-    errors."""
+    """Scan a dataset before training: an image folder (bad files, bombs, empty classes, leaks across splits, sizes
+    training refuses) or COCO / YOLO annotations (missing images, bad boxes, unknown categories, duplicate ids, bad
+    masks); exit 1 on errors, which are what training would fail on."""
+    from .data.catalog import source_name
     from .data.validate import validate_folder, validate_objects
 
-    report = validate_objects(data) if data.startswith(("coco:", "yolo:")) else validate_folder(data, max_pixels)
+    data = source_name(data)
+    report = (validate_objects(data, image_size) if data.startswith(("coco:", "yolo:"))
+              else validate_folder(data, max_pixels, image_size))
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -1231,13 +1288,17 @@ def datasets(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table("name", "found", "where", "size", "description")
+    t = Table()
+    for col in ("name", "found", "where", "size", "description"):  # names whole; the rest wrapped at spaces
+        t.add_column(col, no_wrap=col in ("name", "found", "size"), overflow="fold")
     for r in rows:
         t.add_row(r["name"], "yes" if r["found"] else "[red]no[/red]", r["where"] or "-",
                   _human_bytes(r["bytes"]) if r["bytes"] else "-", r["description"])
     out.print(t)
     out.print("searched, in order: " + ", ".join(f"{p} ({why})" for p, why in search_roots(data_dir)))
-    out.print("also: folder:PATH (one subfolder per class, optional train/ val/ test/)")
+    out.print("also: folder:PATH (one subfolder per class, optional train/ val/ test/), coco:PATH (annotations/"
+              "instances_<split>.json, images beside them), yolo:PATH (data.yaml, images/ and labels/); a folder's "
+              "path alone is read by its layout")
 
 
 @data_app.command("fetch")
@@ -1335,8 +1396,8 @@ def runs(root: Annotated[Path, typer.Argument(help="Folder of runs.")] = Path("r
 
     t = Table(title=None)
     t.add_column("run", overflow="fold")  # names to copy: wrapped, never cut
-    for name in ("status", "model", "epochs", "test", "train s"):
-        t.add_column(name, overflow="fold")
+    for name in ("status", "model", "epochs", "test", "train s"):  # short values, never broken inside a word
+        t.add_column(name, no_wrap=name != "status")
     for r in list_runs(root):
         s = r.summary
         status = "doctor report" if not s and (r.path / "doctor.md").is_file() else r.status

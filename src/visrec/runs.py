@@ -129,6 +129,25 @@ class LoadedModel:
     backend_note: str = ""  # why `auto` chose torch, when it did not choose onnx
 
 
+def check_file(path: Path, channels: int, size: tuple[int, int] | None, resize: bool, convert: bool,
+               max_pixels: int | None = None) -> None:
+    """The rule for every task's image files: a file that is not the model's input (a color image for a grayscale
+    model; another (height, width) than `size`, None for models that take any size) is refused, naming the option
+    that fixes it, unless `convert` / `resize` allow the change (see `Run.input_fixes`)."""
+    if not path.is_file():
+        raise VisrecError(f"image file {path} does not exist")
+    mode, (iw, ih) = peek(path, max_pixels, limit_option="--max-pixels N")
+    fixes = []
+    if channels == 1 and native_channels(mode) == 3 and not convert:
+        fixes.append(("--convert", f"it is a color image ({mode}) but the model takes grayscale"))
+    if size is not None and (ih, iw) != size and not resize:
+        fixes.append(("--resize", f"it is {iw}x{ih} (width x height) but the model takes {size[1]}x{size[0]}"))
+    if fixes:
+        raise VisrecError(f"{path}: " + "; ".join(why for _, why in fixes),
+                          f"pass {' '.join(opt for opt, _ in fixes)} (library: "
+                          f"{', '.join(opt[2:] + '=True' for opt, _ in fixes)})")
+
+
 class Run:
     """A run folder: its config, metrics, summary and checkpoints, with evaluate() and predict()."""
 
@@ -360,18 +379,7 @@ class Run:
             resize, h, w = False, -1, -1
         if isinstance(item, str | Path):
             path = Path(item)
-            if not path.is_file():
-                raise VisrecError(f"image file {path} does not exist")
-            mode, (iw, ih) = peek(path, max_pixels, limit_option="--max-pixels N")
-            fixes = []
-            if lm.in_chans == 1 and native_channels(mode) == 3 and not convert:
-                fixes.append(("--convert", f"it is a color image ({mode}) but the model takes grayscale"))
-            if (ih, iw) != (h, w) and not resize and not any_size:
-                fixes.append(("--resize", f"it is {iw}x{ih} (width x height) but the model takes {w}x{h}"))
-            if fixes:
-                raise VisrecError(f"{path}: " + "; ".join(why for _, why in fixes),
-                                  f"pass {' '.join(opt for opt, _ in fixes)} (library: "
-                                  f"{', '.join(opt[2:] + '=True' for opt, _ in fixes)})")
+            check_file(path, lm.in_chans, None if any_size else (h, w), resize, convert, max_pixels)
             if h != w and resize:
                 raise VisrecError(f"the model takes non-square {w}x{h} images; resize {path} yourself")
             a = decode(path, lm.in_chans, h if resize else None)

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import VisrecError
 from .batching import Batcher, Job
-from .model import NotSmall, Prepared, ServedModel, UploadError
+from .model import NotSmall, Prepared, ServedModel, UploadError, sniff
 
 log = logging.getLogger("visrec.serve")
 PAGE = Path(__file__).parent / "page"
@@ -366,7 +366,7 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None) ->
 
     # -------------------------------------------------------------------------------------------- pages
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> Response:
         return Response((PAGE / "index.html").read_bytes(), media_type="text/html; charset=utf-8")
 
@@ -557,15 +557,20 @@ async def _read_images(request: Request, max_images: int) -> list[tuple[str, byt
             return out
         finally:
             await form.close()
-    if ctype and ctype != "application/octet-stream" and not ctype.startswith("image/"):
-        curl = (" (curl --data-binary sends that unless told: add -H 'Content-Type: image/jpeg', or use "
-                "-F images=@FILE)" if ctype == "application/x-www-form-urlencoded" else "")
+    # curl --data-binary @FILE says form-urlencoded unless told otherwise: a body whose first bytes are an image's
+    # is that image (a real form's `key=value` text never starts with an image's magic bytes)
+    curl_default = ctype == "application/x-www-form-urlencoded"
+    if ctype and ctype != "application/octet-stream" and not ctype.startswith("image/") and not curl_default:
         raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype} is not an image upload",
                        "send the image's bytes as the body (Content-Type image/... or application/octet-stream), "
-                       "or multipart/form-data with image files" + curl)
+                       "or multipart/form-data with image files")
     body = await request.body()
     if not body:
         raise ApiError(400, "no_image", "the request has no body", "send the image's bytes as the body")
+    if curl_default and sniff(body) is None:
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype} with a body that is not an image",
+                       "send the image's bytes as the body (curl --data-binary @FILE), or multipart/form-data with "
+                       "image files (curl -F images=@FILE)")
     return [(_safe_name(request.headers.get("x-filename"), 0, "body"), body)]
 
 
