@@ -170,6 +170,18 @@ def test_learning_rate_100x_too_high(patients):
     _assert_top(_examine(patients("healthy"), **{"optim.lr": 5.0}), "lr-too-high")
 
 
+def test_a_rate_far_too_high_is_named_as_the_cause_of_the_units_it_kills():
+    """Plain SGD at lr 80 on digits kills the MLP's ReLUs and it cannot overfit: the rate is the cause (one update
+    moves the weights by far more than their own norm), the dead units and the failed overfit its consequences."""
+    diag = examine("digits", model="mlp", overrides={"optim.name": "sgd", "optim.lr": 80.0}, options=FAST, out="doc")
+    _assert_top(diag, "lr-too-high")
+    rate = diag.get("lr-too-high")
+    assert rate.severity == "error" and "primary cause of" in rate.message
+    assert rate.evidence["first_update_ratio"] > 1  # one step moves the weights by more than their norm
+    consequences = [f for f in diag.findings if f.id in ("dead-units", "cannot-overfit") and f.severity != "ok"]
+    assert consequences and all(f.severity == "warn" and "consequence" in f.message for f in consequences)
+
+
 def test_learning_rate_1000x_too_low(patients):
     diag = _examine(patients("healthy"), **{"optim.lr": 5e-5})
     _assert_top(diag, "lr-too-low")

@@ -425,8 +425,9 @@ def _overfit_run(ex: Exam, x, y, make_opt: Callable[[nn.Module], torch.optim.Opt
     model = ex.new_model()
     opt = make_opt(model)
     thr = 0.05 * ex.chance_loss
-    losses, accs = [], []
+    losses, accs, ratios = [], [], []
     res: dict[str, Any] = {"success": False, "steps": steps}
+    weights = [p for p in model.parameters() if p.dim() >= 2]
     for i in range(steps):
         model.train()
         out = model(x)
@@ -436,7 +437,15 @@ def _overfit_run(ex: Exam, x, y, make_opt: Callable[[nn.Module], torch.optim.Opt
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        before = [p.detach().clone() for p in weights] if i < 3 else None
         opt.step()
+        if before is not None:  # the course's check on the first steps: how far one update moves the weights
+            rs = sorted(((p.detach() - b).norm() / b.norm()).item() for p, b in zip(weights, before, strict=True)
+                        if b.norm() > 0)
+            if rs:
+                ratios.append(rs[len(rs) // 2])
+            if i == 2 or i == steps - 1:
+                res["first_update_ratio"] = max(ratios) if ratios else None
         losses.append(loss.item())
         accs.append((out.detach().argmax(1) == y).float().mean().item())
         if (i + 1) % 10 == 0 or i == steps - 1:
@@ -768,9 +777,67 @@ def at_chance(val_acc: float, chance: float, n_val: int) -> bool | None:
     return val_acc <= chance + margin
 
 
+RATE_CONSEQUENCES = ("dead-units", "cannot-overfit", "loss-flat", "loss-diverging", "loss-noisy",
+                     "exploding-gradients", "non-finite-loss", "non-finite")
+RATIO_TOO_HIGH = 0.05  # one update moving the weights by 5% of their norm: 50x the course's rule of thumb (0.1%)
+
+
+def rate_as_cause(ex: Exam) -> None:
+    """When units die or the network cannot overfit (or the loss blows up or stalls), ask whether the learning rate
+    explains it: one update's size relative to the weights in the first steps (the course's ratio, about 1e-3 when
+    healthy) and the range test. If it does, the rate is the primary cause and the rest are its consequences."""
+    symptoms = [f for f in ex.findings if f.id in RATE_CONSEQUENCES and f.severity in ("warn", "error")]
+    if not symptoms:
+        return
+    first = (ex.results.get("overfit") or {}).get("first_update_ratio")
+    at_lr = ex.results.get("update_ratio")
+    ratios = [r for r in (first, at_lr) if isinstance(r, float)]
+    ratio = max(ratios) if ratios else None
+    normed = any(isinstance(m, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.LayerNorm)
+                 for m in ex.new_model().modules())
+    limit = RATIO_TOO_HIGH * (4 if normed else 1)  # normalized networks tolerate larger steps (about 10%)
+    rate = [f for f in ex.findings if f.id == "lr-too-high" and f.severity in ("info", "warn", "error")]
+    suspected = bool(rate and rate[0].severity in ("warn", "error"))
+    # a large first step alone is weak evidence (a 2-unit layer moves a lot at any rate): it convicts the rate when
+    # the model is shown fine (Adam at 1e-3 memorizes what the configured optimizer could not), or when one step
+    # moves the weights by more than their own norm, and units already dead at initialization have another cause
+    model_fine = bool((ex.results.get("overfit_reference") or {}).get("success"))
+    born_dead = any(f.id == "dead-units" and f.check == "model" and f.severity in ("warn", "error")
+                    for f in ex.findings)
+    if not (suspected or (ratio is not None and not born_dead and (ratio >= 1.0 or (ratio >= limit and model_fine)))):
+        return
+    lr = ex.cfg.optim.lr
+    said = ("" if ratio is None else f"one update changes the weights by {ratio:.0%} of their norm in the first steps "
+            "(the course's rule of thumb is about 0.1%)" if math.isfinite(ratio) else
+            "the first updates make the weights non-finite")
+    names = ", ".join(dict.fromkeys(f.id for f in symptoms))
+    res = ex.results.get("lr_range")
+    fix = (f"lower it: --lr {res.suggested:.2g} (the range test's suggestion), or 10x lower at a time until the "
+           "update/weight ratio is near 1e-3" if res is not None and res.suggested else
+           "lower it 10x at a time until one update changes the weights by about 0.1% of their norm")
+    if rate:
+        f = rate[0]
+        f.severity = "error"
+        f.message = f"the learning rate is the primary cause of {names}: " + (f"{said}; " if said else "") + f.message
+        if ratio is not None:
+            f.evidence = {**f.evidence, "first_update_ratio": float(f"{ratio:.3g}") if math.isfinite(ratio) else "inf"}
+        f.fix = f.fix or fix
+    else:
+        ex.add("reconcile", Finding(
+            "lr-too-high", "error",
+            f"the learning rate {lr:g} is the primary cause of {names}: {said}",
+            {"configured_lr": lr, "first_update_ratio": float(f"{ratio:.3g}") if math.isfinite(ratio) else "inf"},
+            fix))
+    for f in symptoms:
+        f.severity = "warn"
+        if "consequence of" not in f.message:
+            f.message += " (a consequence of the learning rate: lr-too-high)"
+
+
 def reconcile(ex: Exam) -> None:
     """Join the evidence of separate checks into conclusions no single check can draw."""
     _judge_sweep(ex)
+    rate_as_cause(ex)
     errors = [f.id for f in ex.findings if f.id in ROOT_CAUSES and f.severity == "error"]
     trial = ex.results.get("trial", {})
     over, ref = ex.results.get("overfit", {}), ex.results.get("overfit_reference", {})
