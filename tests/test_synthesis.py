@@ -218,6 +218,7 @@ def style_run(content_folder, tmp_path_factory):
 def test_a_fast_style_run_trains_saves_reloads_and_stylizes(style_run, content_folder, tmp_path):
     s = style_run.summary
     assert s["task"] == "style" and s["primary_metric"] == "loss" and not s["maximize"]
+    assert s["num_classes"] is None  # a folder's one class is not something a style network learns
     losses = [json.loads(line) for line in (style_run.path / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in losses if r.get("split") == "train"]
     assert train[-1] < train[0]  # it learns

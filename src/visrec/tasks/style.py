@@ -232,7 +232,9 @@ class StyleTask(Task):
 
     def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
         net = self._loss.net if self._loss is not None else None
-        return {"style_image": str(self.cfg.task.style), "loss_network": net.description if net else None}
+        # a style network learns no classes: the one class of a folder of photos is not one
+        return {"style_image": str(self.cfg.task.style), "loss_network": net.description if net else None,
+                "num_classes": None}
 
     def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8,
                 folder: Path | None = None) -> dict[str, bytes]:

@@ -75,15 +75,11 @@ class Stopped(BaseException):
 
 
 @contextlib.contextmanager
-def stop_at_once() -> Iterator[None]:
-    """SIGINT/SIGTERM raise `Stopped` where the code is (in the main thread; elsewhere nothing changes)."""
+def _on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """`handler` for SIGINT and SIGTERM while the block runs (in the main thread; elsewhere nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise Stopped(signal.Signals(signum).name)
-
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -92,20 +88,20 @@ def stop_at_once() -> Iterator[None]:
             signal.signal(s, h)
 
 
-@contextlib.contextmanager
-def stop_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
+def stop_at_once() -> contextlib.AbstractContextManager[None]:
+    """SIGINT/SIGTERM raise `Stopped` where the code is."""
+
+    def handler(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    return _on_stop_signals(handler)
+
+
+def stop_signals(request_stop: Callable[[str], None]) -> contextlib.AbstractContextManager[None]:
     """SIGINT/SIGTERM ask to stop after the current step; a second SIGINT stops at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum, frame):
         request_stop(signal.Signals(signum).name)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    return _on_stop_signals(handler)
