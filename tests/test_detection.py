@@ -388,3 +388,39 @@ def test_a_search_tunes_a_detector_by_its_map(scenes, tmp_path):
                                    *[a for s in sets for a in ("--set", s)]])
     assert res.exit_code == 0, res.output
     assert "val map" in res.output and "batch_size" in res.output  # ranked by mAP, in the detector space
+
+
+def test_overlapping_instance_masks_keep_every_pixel_of_both_objects(tmp_path):
+    """Two COCO instances sharing a 4x4 square: each keeps its whole mask for Mask R-CNN's targets and the evaluation's
+    ground truth, through a flip; the one-owner map (the later owns) is still what a semantic label reads."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from visrec.data.augment import mirror
+    from visrec.tasks.detection import instance_masks
+
+    root = tmp_path / "overlap"
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    a, b = np.zeros((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
+    a[2:10, 2:10], b[6:14, 6:14] = 1, 1  # 64 pixels each, 16 shared
+    anns = [{"id": i, "image_id": 1, "category_id": 1, "bbox": [float(v) for v in mask_utils.toBbox(r)],
+             "area": 64.0, "iscrowd": 0, "segmentation": {"size": [16, 16], "counts": r["counts"].decode()}}
+            for i, r in enumerate((mask_utils.encode(np.asfortranarray(m)) for m in (a, b)), 1)]
+    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(root / "images" / "one.png")
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "one.png", "width": 16, "height": 16}], "annotations": anns,
+         "categories": [{"id": 1, "name": "square"}]}))
+    ds = visrec.load_dataset(f"coco:{root}", val_fraction=0)
+    t = ds.test.targets if len(ds.test) else ds.train.targets
+    whole = instance_masks(t, 0, torch.tensor([1, 2]))
+    assert whole.sum(dim=(1, 2)).tolist() == [64, 64] and (whole[0] & whole[1]).sum() == 16
+    assert (t["instances"][0] == 2).sum() == 64 and (t["instances"][0] == 1).sum() == 48  # the later owns
+    _, flipped = mirror(torch.zeros(1, 1, 16, 16), {k: t[k][:1] for k in ("boxes", "instances", "overlaps")},
+                        torch.tensor([True]))
+    assert instance_masks(flipped, 0, torch.tensor([1, 2])).sum(dim=(1, 2)).tolist() == [64, 64]
+    data = ds.test if len(ds.test) else ds.train
+    gt = coco_ground_truth(data, ["square"], masks=True)
+    assert sorted(mask_utils.area(x["segmentation"]).item() for x in gt["annotations"]) == [64, 64]
+    mask = to_torchvision({k: v[:1] for k, v in t.items() if isinstance(v, torch.Tensor)}, masks=True)[0]
+    assert mask["masks"].sum(dim=(1, 2)).tolist() == [64, 64]

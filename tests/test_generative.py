@@ -194,6 +194,16 @@ def test_the_default_feature_network_is_trained_once_and_cached(tmp_path):
         feature_net("", f"folder:{tmp_path}")
 
 
+def test_fid_every_measures_the_validation_fid_every_n_epochs_and_picks_the_best_among_them(feature_run, tmp_path):
+    run = visrec.train(SYN, task="generate", model="dcgan", epochs=3, out=str(tmp_path / "g"), progress=False,
+                       overrides={**FAST, "model.kwargs": MODELS["dcgan"], "eval.feature_run": str(feature_run),
+                                  "eval.fid_every": 2, "train.select": "best"})
+    val = run.metrics("val")
+    assert ["fid" in r for r in val] == [False, True, False]  # epochs 2 only (of 1..3)
+    s = run.summary
+    assert s["status"] == "completed" and s["best_epoch"] == 2 and math.isfinite(s["test_fid"])
+
+
 def test_an_interrupted_feature_network_is_never_cached_and_a_broken_entry_is_rebuilt(tmp_path, monkeypatch):
     from visrec.io import user_cache_dir
     from visrec.tasks import generate

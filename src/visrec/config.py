@@ -252,6 +252,8 @@ class EvalConfig:
     feature_run: str = ""  # generate: FID/KID features: a classification run, inception:PATH, none, or "" (a
     #   convnet trained once on the same dataset and cached)
     samples: AtLeast1 = 1000  # generate: samples drawn for FID, KID and class coverage (and as many real images)
+    fid_every: AtLeast1 = 1  # generate: FID, KID and coverage on the validation split every N epochs (drawing the
+    #   samples costs); the best checkpoint of a GAN is chosen among those epochs; the test split always has them
     sample_steps: NonNegInt = 100  # generate, ddpm: DDIM steps when evaluating (0: every diffusion step, ancestral)
     # generate, vae: importance samples per image for the test NLL, and the test images it is averaged over. 100 on
     # 500 images takes about 30 s for the default VAE on a 2-core CPU (500 on 1,000 took 5.5 min); more tighten the

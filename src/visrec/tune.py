@@ -562,7 +562,9 @@ class TrialWatch:
         val = [r for r in records if r["split"] == "val"]
         if not val:
             return
-        value = val[-1][state.primary]
+        value = val[-1].get(state.primary)
+        if value is None:  # not measured this epoch (eval.fid_every): nothing to judge
+            return
         self.trial.report(value, state.epoch)
         if state.epoch < state.epochs and self.trial.should_prune():  # a finished trial is judged, not pruned
             self.reason = f"pruned after epoch {state.epoch} (val {state.primary} {value:.4f})"

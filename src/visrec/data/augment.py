@@ -83,7 +83,7 @@ def _rand(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=gen.device)
 
 
-_MASKS = ("instances", "semantic")  # per-pixel targets (N, H, W)
+_MASKS = ("instances", "overlaps", "semantic")  # per-pixel targets (N, H, W)
 
 
 def mirror(x: torch.Tensor, y: Targets, flip: torch.Tensor, dim: int = 3) -> tuple[torch.Tensor, Targets]:

@@ -8,7 +8,9 @@
 
 Categories map to contiguous class indices by name, in the train file's id order (any id, 0 included, is an
 ordinary category). Images without annotations are kept as negatives. Masks are decoded with pycocotools into one
-instance map per image (the later of two overlapping instances owns the shared pixels). Boxes of zero width or
+instance map per image (the later of two overlapping instances owns the shared pixels: the map a semantic label
+is read from) and, where instances overlap, a second map of the other owner of each shared pixel, so every
+instance keeps its whole mask (two owners per pixel are kept; a third, rare, loses it). Boxes of zero width or
 height are left out (a warning); crowd regions (iscrowd=1) are kept with a `crowd` flag, so training leaves them
 out and evaluation ignores what is detected on them, as COCO's evaluation does (a note). Every problem is
 reported with the file, the image or annotation id, and what to do (`validate_coco` lists them all).
@@ -53,6 +55,7 @@ class CocoSplit:
     boxes: list[np.ndarray]  # (m, 4) xyxy pixels of the stored image size
     labels: list[np.ndarray]  # (m,) contiguous class index
     instances: torch.Tensor | None  # (N, H, W) uint8, 0 = none, k = k-th box; None without segmentation
+    overlaps: torch.Tensor | None = None  # (N, H, W) uint8: the other owner of pixels two instances share, or None
     captions: list[list[str]] = field(default_factory=list)
     crowd: list[np.ndarray] = field(default_factory=list)  # (m,) bool per image: the box is a crowd region
     # the dataset's own names for what visrec numbers: each image's id and file name, its size in the annotations
@@ -264,7 +267,7 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
     if image_size is None and len(sizes) > 1:
         raise VisrecError(f"{path}: images come in {len(sizes)} sizes ({sorted(sizes)[:4]} ...)",
                           "set data.image_size to resize them all to one square size")
-    images, boxes, labels, crowd, inst_maps, areas = [], [], [], [], [], []
+    images, boxes, labels, crowd, inst_maps, over_maps, areas = [], [], [], [], [], [], []
     has_masks = any(a.get("segmentation") for a in d.get("annotations") or [])
     for im in d["images"]:
         h, w = im["height"], im["width"]
@@ -286,18 +289,22 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
         areas.append(np.array([float(o["area"]) if isinstance(o.get("area"), int | float)
                                else o["bbox"][2] * o["bbox"][3] for o in own], dtype=np.float64))
         if has_masks:
-            inst = np.zeros((h, w), np.uint8)
+            inst, over = np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8)
             for k, o in enumerate(own[:255], 1):
                 m = _mask(o.get("segmentation"), h, w)
                 if m is not None:
+                    shared = m & (inst > 0)
+                    over[shared] = inst[shared]  # the earlier owner of a shared pixel moves to the second map
                     inst[m] = k
-            t = torch.from_numpy(inst)
-            if (oh, ow) != (h, w):
-                t = torch.nn.functional.interpolate(t[None, None].float(), size=(oh, ow), mode="nearest")[0, 0]
-            inst_maps.append(t.to(torch.uint8))
+            for maps, a_map in ((inst_maps, inst), (over_maps, over)):
+                t = torch.from_numpy(a_map)
+                if (oh, ow) != (h, w):
+                    t = torch.nn.functional.interpolate(t[None, None].float(), size=(oh, ow), mode="nearest")[0, 0]
+                maps.append(t.to(torch.uint8))
     split = CocoSplit(torch.stack(images) if images else torch.zeros(0, channels, image_size or 1, image_size or 1,
                                                                      dtype=torch.uint8),
                       boxes, labels, torch.stack(inst_maps) if has_masks and inst_maps else None,
+                      torch.stack(over_maps) if any(bool(m.any()) for m in over_maps) else None,
                       crowd=crowd if any(c.any() for c in crowd) else [],
                       image_ids=[im["id"] for im in d["images"]],
                       file_names=[str(im["file_name"]) for im in d["images"]],
@@ -347,9 +354,10 @@ def write_coco(root: Path, split: str, file_names: list[str], sizes: list[tuple[
 def to_targets(split: CocoSplit, no_object: int) -> tuple[torch.Tensor, dict[str, Any]]:
     """(labels, targets) of a split as an ImageSet holds them: the label of each image is the class of its
     largest object (by box area), `no_object` for an image without one; boxes and their labels padded to the
-    most objects any image has (labels -1 where there is none), the instance maps, the captions, and where a split
-    has crowd regions, `crowd` (N, M) bool: those boxes are ignored, not objects (an image's label is its largest
-    other object's)."""
+    most objects any image has (labels -1 where there is none), the instance maps (and `overlaps`, the second owner
+    of shared pixels, where instances overlap), the captions, and where a split has crowd regions, `crowd` (N, M)
+    bool: those boxes are ignored, not objects (an image's label is its largest other object's); and the dataset's
+    own `image_id`, `file_name`, `orig_size` and `area` of each image and object."""
     n, m = len(split.boxes), max([len(b) for b in split.boxes] + [1])
     boxes = torch.zeros(n, m, 4)
     box_labels = torch.full((n, m), -1, dtype=torch.long)
@@ -369,6 +377,8 @@ def to_targets(split: CocoSplit, no_object: int) -> tuple[torch.Tensor, dict[str
         targets["crowd"] = crowd
     if split.instances is not None:
         targets["instances"] = split.instances
+    if split.overlaps is not None:
+        targets["overlaps"] = split.overlaps
     if split.captions:
         targets["captions"] = split.captions
     if split.image_ids:  # the dataset's own ids, names and sizes, for results files its own tools can score

@@ -61,9 +61,19 @@ def to_torchvision(targets: dict[str, torch.Tensor], masks: bool) -> list[dict[s
         t = {"boxes": boxes[i][k], "labels": labels[i][k]}
         if masks:
             slots = k.nonzero()[:, 0] + 1  # instance map value of each kept box
-            t["masks"] = (targets["instances"][i][None] == slots[:, None, None].to(targets["instances"].dtype)
-                          ).to(torch.uint8)
+            t["masks"] = instance_masks(targets, i, slots).to(torch.uint8)
         out.append(t)
+    return out
+
+
+def instance_masks(targets: dict[str, torch.Tensor], i: int, slots: torch.Tensor) -> torch.Tensor:
+    """(len(slots), H, W) bool: image i's whole mask of each object slot (1-based), shared pixels included (the
+    instance map and, where instances overlap, the map of their other owners)."""
+    inst = targets["instances"][i]
+    s = slots.to(inst.dtype)[:, None, None]
+    out = inst[None] == s
+    if "overlaps" in targets:
+        out |= targets["overlaps"][i][None] == s
     return out
 
 
@@ -134,7 +144,8 @@ def coco_ground_truth(data: ImageSet, classes: list[str], masks: bool) -> dict[s
                  "iscrowd": int(crowd is not None and bool(crowd[i, slot]))}
             m = None
             if inst is not None:
-                m = _resized_mask((inst[i] == slot + 1).to(torch.uint8), full, "nearest").bool().numpy()
+                whole = instance_masks(t, i, torch.tensor([slot + 1]))[0]
+                m = _resized_mask(whole.to(torch.uint8), full, "nearest").bool().numpy()
                 if m.any():
                     a["area"] = float(m.sum())
             if area is not None and float(area[i, slot]) > 0:
@@ -331,6 +342,8 @@ class DetectionTask(Task):
             out["crowd"] = t["crowd"]
         if self.masks:
             out["instances"] = t["instances"]
+            if "overlaps" in t:
+                out["overlaps"] = t["overlaps"]
         return out
 
     # ---------------------------------------------------------------- training

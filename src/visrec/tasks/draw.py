@@ -62,7 +62,9 @@ def detection_grid(images: torch.Tensor, targets: dict[str, torch.Tensor], dets:
         true_img, pred_img = img, img
         if masks:
             slots = keep.nonzero()[:, 0] + 1
-            true_img = overlay(img, [(targets["instances"][i] == s).numpy() for s in slots.tolist()], tl)
+            from .detection import instance_masks
+
+            true_img = overlay(img, [m.numpy() for m in instance_masks(targets, i, slots)], tl)
             if "masks" in d:
                 pred_img = overlay(img, [(m[0] > 0.5).numpy() for m in d["masks"][good]], pl)
         left.imshow(true_img)

@@ -466,7 +466,7 @@ class GenerateTask(Task):
             name = "test" if split == "test" else f"epoch_{self._evals:03d}"
             self.grids.append((name, sampled[:64]))
             grids = list(self.grids) if split == "test" else []
-            if fnet is not None:
+            if fnet is not None and (split == "test" or self._evals % self.cfg.eval.fid_every == 0):
                 m.update(self._sample_metrics(fnet, sampled, data, split))
         core.train(was)
         return GenerateEvaluation(split, m, grids, sampled)

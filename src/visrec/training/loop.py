@@ -624,8 +624,8 @@ class Trainer:
                 raise
             records.append({"epoch": pos.epoch + 1, "step": pos.step, "split": "val", "kind": "epoch",
                             **r.metrics, "lr": self.schedule.lr, "seconds": round(pos.train_seconds, 3)})
-            value = r.metrics[self.task.primary]
-            if self.task.better(value, pos.best_val):
+            value = r.metrics.get(self.task.primary)  # a task may measure it every few epochs (eval.fid_every)
+            if value is not None and self.task.better(value, pos.best_val):
                 pos.best_val, pos.best_epoch = value, pos.epoch + 1
                 ema = self.averages.ema
                 self._save("best", ema=ema.module if ema else None)
