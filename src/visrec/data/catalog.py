@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from ..errors import VisrecError, closest, unknown_name
 from .download import cache_dir, download
 from .folders import read_image_folder
-from .imageset import Dataset, ImageSet, stratified_split, stratified_subset
+from .images import ImageFiles
+from .imageset import Dataset, ImageSet, index_targets, stratified_split, stratified_subset
 from .sources import (
     CIFAR_LAYOUT,
     MNIST_FILES,
@@ -404,30 +405,41 @@ def load_dataset(
                               "leave data.classes empty for scenes, COCO and YOLO data")
         _keep_classes(raw, classes, name)
     x, y, classes = raw.train_images, raw.train_labels, raw.classes
-    full = ImageSet(x, y, classes, name, raw.train_targets, raw.category_ids)
     if not classes:  # one class is data for tasks that need no labels (style); classification refuses it
         raise VisrecError(f"dataset {name!r} has no classes", "give data with at least one class of images")
+
+    def part(images, labels: torch.Tensor, targets, index: torch.Tensor | None = None) -> ImageSet:
+        """The split of these images at `index` (all when None); files are decoded now, only those kept."""
+        if isinstance(images, ImageFiles):
+            images = images.take(index)
+        elif index is not None:
+            images = images[index]
+        if index is not None:
+            labels = labels[index]
+            targets = index_targets(targets, index) if targets is not None else None
+        return ImageSet(images, labels, classes, name, targets, raw.category_ids)
+
     splits: dict = {"seed": split_seed}
     if raw.skipped:
         splits["skipped_images"] = {"count": len(raw.skipped), "files": raw.skipped}
     pool = torch.arange(len(y))
 
     if raw.test_images is not None:
-        test = ImageSet(raw.test_images, raw.test_labels, classes, name, raw.test_targets, raw.category_ids)
+        test = part(raw.test_images, raw.test_labels, raw.test_targets)
         splits["test"] = {"kind": "official", "n": len(test)}
     else:
         keep, held = stratified_split(y, test_fraction, split_seed)
-        test = full.subset(held)
+        test = part(x, y, raw.train_targets, held)
         pool = keep
         splits["test"] = {"kind": "held-out", "fraction": test_fraction, "stratified": True, "n": len(held),
                           "indices": held.tolist()}
 
     if raw.val_images is not None:
-        val = ImageSet(raw.val_images, raw.val_labels, classes, name, raw.val_targets, raw.category_ids)
+        val = part(raw.val_images, raw.val_labels, raw.val_targets)
         splits["val"] = {"kind": "official", "n": len(val)}
     elif val_fraction > 0:
         keep, held = stratified_split(y[pool], val_fraction, split_seed + 1)
-        val = full.subset(pool[held])
+        val = part(x, y, raw.train_targets, pool[held])
         splits["val"] = {"kind": "held-out", "fraction": val_fraction, "stratified": True, "n": len(held),
                          "indices": pool[held].tolist()}
         pool = pool[keep]
@@ -441,7 +453,7 @@ def load_dataset(
         pick = stratified_subset(y[pool], subset, split_seed + 2)
         pool = pool[pick]
         splits["subset"] = {"n": len(pool), "stratified": True}
-    train = full.subset(pool)
+    train = part(x, y, raw.train_targets, pool)
     splits["train"] = {"n": len(train)}
     return Dataset(name, train, val, test, source, splits)
 

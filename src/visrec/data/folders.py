@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 from ..errors import VisrecError
-from .images import MAX_PIXELS, load_images, native_channels, peek, scan_classes
+from .images import MAX_PIXELS, ImageFiles, load_images, native_channels, peek, scan_classes
 from .sources import RawSplits
 
 
 def read_image_folder(root: Path, image_size: int | None = None, channels: int | None = None,
                       skip_bad: bool = False, max_pixels: int | None = None) -> RawSplits:
-    """Read `root/<class>/*` or `root/{train,val,test}/<class>/*` into tensors.
+    """Read `root/<class>/*` or `root/{train,val,test}/<class>/*`: labels now, images as `ImageFiles` that each split
+    decodes when it is made.
 
     Class names are the train folder's subfolder names in sorted order; val/ and test/ must use the
     same names (a subset is fine), so labels are matched by name, never by position. A bad file stops
@@ -58,13 +59,13 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
             # load_images lists the files; run it on everything so the message covers all splits.
             load_images(all_files, channels, None, max_pixels=max_pixels)
 
-    def read(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(split: str) -> tuple[ImageFiles, torch.Tensor]:
         found, _ = scanned[split]
         paths, labels = [], []
         for name, files in found.items():
             paths += files
             labels += [classes.index(name)] * len(files)
-        return load_images(paths, channels, image_size, max_pixels=max_pixels), torch.tensor(labels, dtype=torch.int64)
+        return ImageFiles(paths, channels, image_size, max_pixels), torch.tensor(labels, dtype=torch.int64)
 
     xtr, ytr = read("train")
     out = RawSplits(xtr, ytr, None, None, classes, skipped=skipped)

@@ -15,6 +15,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -114,11 +115,21 @@ def _flatten_alpha(im: Image.Image, background: tuple[int, int, int] = (255, 255
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
+# An image shrunk to a small size is first reduced by an integer factor, never below this many times the target
+# size (a JPEG by libjpeg's DCT scaling while it decodes, as Pillow's thumbnail does), then resized: several times
+# faster on photos, and the same picture
+REDUCING_GAP = 2.0
+
+
 def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | None = None, *,
              oriented: bool = False) -> np.ndarray:
     """An opened image as uint8 (H, W, channels), converted as the module doc says; `size` resizes it (bilinear) to
     size x size, or to (width, height). `oriented`: the EXIF orientation was applied already (`ImageOps.
     exif_transpose`)."""
+    wh = (size, size) if isinstance(size, int) else size
+    if wh is not None and not oriented and im.format == "JPEG":
+        side = int(max(wh) * REDUCING_GAP)
+        im.draft(None, (side, side))  # before the pixels are read; only ever a scale at or above `side`
     if not oriented:
         im = ImageOps.exif_transpose(im)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
@@ -128,9 +139,8 @@ def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | None 
         im = _to_8bit_gray(im) if im.mode in GRAY_MODES else im.convert("L")
     else:
         im = _to_8bit_gray(im).convert("RGB") if im.mode in GRAY_MODES else im.convert("RGB")
-    wh = (size, size) if isinstance(size, int) else size
     if wh is not None and im.size != tuple(wh):
-        im = im.resize(tuple(wh), Image.Resampling.BILINEAR)
+        im = im.resize(tuple(wh), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
     a = np.array(im, dtype=np.uint8)  # a writable copy, detached from the file
     return a[:, :, None] if a.ndim == 2 else a
 
@@ -176,9 +186,40 @@ def load_images(
                 "those files",
             )
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    w, h = (size, size) if size is not None else headers[0][1]
+    out = torch.empty(len(paths), channels, h, w, dtype=torch.uint8)  # filled in place: no list, stack or copy
+
+    def fill(i: int) -> None:
+        out[i] = torch.from_numpy(decode(paths[i], channels, size)).permute(2, 0, 1)
+
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        arrays = list(pool.map(lambda p: decode(p, channels, size), paths))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        list(pool.map(fill, range(len(paths))))
+    return out
+
+
+@dataclass
+class ImageFiles:
+    """Image files not decoded yet: a split is decoded when it is made (`take`), so only the images a dataset keeps
+    are decoded (a `data.subset` of a large folder decodes the subset), and no second copy of the whole folder is
+    made to cut it into train, val and test."""
+
+    paths: list[Path]
+    channels: int
+    size: int | None
+    max_pixels: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: torch.Tensor) -> ImageFiles:
+        """The files at `index` (int positions or a bool mask), still not decoded."""
+        idx = index.nonzero().flatten() if index.dtype == torch.bool else index
+        return ImageFiles([self.paths[i] for i in idx.tolist()], self.channels, self.size, self.max_pixels)
+
+    def take(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (N, C, H, W) of the files at `index` (all when None), decoded now."""
+        files = self if index is None else self[index]
+        return load_images(files.paths, self.channels, self.size, max_pixels=self.max_pixels)
 
 
 def scan_classes(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:

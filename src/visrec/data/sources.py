@@ -18,18 +18,19 @@ import numpy as np
 import torch
 
 from ..errors import VisrecError
+from .images import ImageFiles
 
 
 @dataclass
 class RawSplits:
     """What a reader found: the official train split, the official test split (or None), class names."""
 
-    train_images: torch.Tensor
+    train_images: torch.Tensor | ImageFiles  # image folders: files decoded as each split is made
     train_labels: torch.Tensor
-    test_images: torch.Tensor | None
+    test_images: torch.Tensor | ImageFiles | None
     test_labels: torch.Tensor | None
     classes: list[str]
-    val_images: torch.Tensor | None = None  # an official validation split (image folders with val/)
+    val_images: torch.Tensor | ImageFiles | None = None  # an official validation split (image folders with val/)
     val_labels: torch.Tensor | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # bad image files left out, with the reason
     train_targets: dict | None = None  # scenes: boxes, masks and captions per image (see ImageSet)
