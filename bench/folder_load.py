@@ -83,8 +83,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     print(f"machine: {machine()}")
-    print(f"{'photos':>7} {'size':>5} | {'visrec: to 1st step':>20} {'peak':>8} | {'loop: to 1st step':>18} {'peak':>8} "
-          f"| time ratio")
+    print(f"{'photos':>7} {'size':>5} | {'visrec: to 1st step':>20} {'peak':>8} | {'loop: to 1st step':>18} "
+          f"{'peak':>8} | time ratio")
     for n in args.photos:
         folder = Path(args.folder) / str(n)
         make_photos(folder, n)
