@@ -268,3 +268,42 @@ def test_fetch_then_load_from_cache(tmp_path, http_root, monkeypatch):
     ds = load_dataset("mnist", val_fraction=0)  # not found anywhere -> downloaded
     assert len(ds.train) == 60 and ds.source == str(tmp_path / "cache" / "visrec" / "mnist")
     assert locate("mnist") == tmp_path / "cache" / "visrec" / "mnist"
+
+
+def test_the_decoded_cache_is_written_once_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    from PIL import Image
+
+    from visrec.data import images as images_module
+    from visrec.data.decoded_cache import cache_folder
+
+    made = make_image_folder(tmp_path / "photos", per_class=8, size=(20, 14), splits=("",))[""]
+    name = f"folder:{tmp_path / 'photos'}"
+    memory = load_dataset(name, image_size=12, cache="memory")
+    disk = load_dataset(name, image_size=12, cache="disk")
+    for a, b in ((memory.train, disk.train), (memory.val, disk.val), (memory.test, disk.test)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)  # the same pixels, either way
+    entries = sorted(p.name for p in cache_folder().glob("*.npy"))
+    assert len(entries) == 3  # train, val and test
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(images_module, "decode", no_decoding)
+        again = load_dataset(name, image_size=12, cache="disk")  # a second run decodes nothing
+        assert torch.equal(again.train.images, disk.train.images)
+        again.train.images[0] = 0  # copy-on-write: the cache itself is untouched
+        assert torch.equal(load_dataset(name, image_size=12, cache="disk").train.images, disk.train.images)
+
+    changed = made[0]
+    Image.new("RGB", (20, 14), (255, 255, 255)).save(changed)
+    os.utime(changed, ns=(10**18, 10**18))
+    fresh = load_dataset(name, image_size=12, cache="disk")
+    assert torch.equal(fresh.train.images, load_dataset(name, image_size=12, cache="memory").train.images)
+    now = sorted(p.name for p in cache_folder().glob("*.npy"))
+    assert len(now) == 3 and now != entries  # the changed split rebuilt, its stale entry removed
+    with pytest.raises(visrec.VisrecError, match="data.cache='ram' is not valid"):
+        load_dataset(name, image_size=12, cache="ram")

@@ -123,6 +123,10 @@ class DataConfig:
     download: bool = True  # fetch from the official source when no local copy is found
     skip_bad_images: bool = False  # folder datasets: leave bad files out (listed in the run) instead of failing
     max_pixels: AtLeast1 = 89_478_485  # folder datasets: larger images are refused from their header (bombs)
+    # folder datasets: disk = decode once into a memory-mapped file in the user cache (later runs start without
+    # decoding; a set larger than memory trains through the page cache); memory = decode on every run; auto = disk
+    # when the decoded images take 64 MB or more
+    cache: Literal["auto", "memory", "disk"] = "auto"
     classes: list[str] = field(default_factory=list)  # keep only these classes (by name); empty = all
     scene_size: Annotated[int, Range(32)] = 64  # scenes: canvas side in pixels
     max_objects: Annotated[int, Range(1, 16)] = 4  # scenes: objects per canvas, 1 to this many

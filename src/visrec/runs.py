@@ -54,7 +54,7 @@ def dataset_from_config(cfg: Config) -> Dataset:
                         split_seed=d.split_seed, subset=d.subset, download=d.download, image_size=d.image_size,
                         channels=d.channels, skip_bad_images=d.skip_bad_images, max_pixels=d.max_pixels,
                         classes=d.classes or None, scene_size=d.scene_size, max_objects=d.max_objects,
-                        scene_count=d.scene_count)
+                        scene_count=d.scene_count, cache=d.cache)
 
 
 def setup_config(

@@ -159,6 +159,9 @@ register_dataset(CatalogEntry(
 ))
 
 
+CACHE_MODES = ("auto", "memory", "disk")  # data.cache (see visrec.data.decoded_cache)
+
+
 def dataset_names() -> list[str]:
     return [*CATALOG, "folder:PATH", "coco:PATH", "yolo:PATH"]
 
@@ -312,14 +315,15 @@ def fetch(name: str, dest_root: Path | None = None) -> Path:
 
 
 def read_source(name: str, data_dir=None, download_missing: bool = True, image_size=None, channels=None,
-                skip_bad_images: bool = False, max_pixels: int | None = None, **scenes: int):
+                skip_bad_images: bool = False, max_pixels: int | None = None, cache: str = "auto", **scenes: int):
     """(RawSplits, where they came from) for any dataset name; `scenes` are the generator's options
     (scene_size, max_objects, scene_count)."""
     if is_scene_source(name):
         return read_scene_source(name, data_dir, image_size, channels, **scenes)
     if name.startswith("folder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
-        return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images, max_pixels=max_pixels), str(path)
+        return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images, max_pixels=max_pixels,
+                                 cache=cache), str(path)
     entry = _entry(name)
     if entry.name == "synthetic":
         return make_synthetic(name), name
@@ -382,6 +386,7 @@ def load_dataset(
     scene_size: int = 64,
     max_objects: int = 4,
     scene_count: int = 10_000,
+    cache: str = "auto",
 ) -> Dataset:
     """Load a dataset by name, with seeded stratified val (and, if it has none, test) splits.
 
@@ -393,7 +398,9 @@ def load_dataset(
         raise VisrecError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     if not 0 < test_fraction < 1:
         raise VisrecError(f"data.test_fraction={test_fraction} must be in (0, 1)")
-    raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels,
+    if cache not in CACHE_MODES:
+        raise VisrecError(f"data.cache={cache!r} is not valid", f"use one of: {', '.join(CACHE_MODES)}")
+    raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels, cache,
                               scene_size=scene_size, max_objects=max_objects, scene_count=scene_count)
     if not name.startswith("folder:") and not is_scene_source(name):
         raw.train_images = _adapt(raw.train_images, image_size, channels)

@@ -11,11 +11,13 @@ from ..errors import VisrecError
 from .images import MAX_PIXELS, ImageFiles, load_images, native_channels, peek, scan_classes
 from .sources import RawSplits
 
+AUTO_DISK_BYTES = 64 << 20  # data.cache=auto: decoded images of this size or more are cached on disk
+
 
 def read_image_folder(root: Path, image_size: int | None = None, channels: int | None = None,
-                      skip_bad: bool = False, max_pixels: int | None = None) -> RawSplits:
+                      skip_bad: bool = False, max_pixels: int | None = None, cache: str = "auto") -> RawSplits:
     """Read `root/<class>/*` or `root/{train,val,test}/<class>/*`: labels now, images as `ImageFiles` that each split
-    decodes when it is made.
+    decodes when it is made (into memory, or once into the decoded cache on disk: `cache`, see data.cache).
 
     Class names are the train folder's subfolder names in sorted order; val/ and test/ must use the
     same names (a subset is fine), so labels are matched by name, never by position. A bad file stops
@@ -58,6 +60,9 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         if odd:
             # load_images lists the files; run it on everything so the message covers all splits.
             load_images(all_files, channels, None, max_pixels=max_pixels)
+    w, h = (image_size, image_size) if image_size else peek(all_files[0], max_pixels)[1]
+    if cache == "auto":
+        cache = "disk" if len(all_files) * channels * h * w >= AUTO_DISK_BYTES else "memory"
 
     def read(split: str) -> tuple[ImageFiles, torch.Tensor]:
         found, _ = scanned[split]
@@ -65,7 +70,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         for name, files in found.items():
             paths += files
             labels += [classes.index(name)] * len(files)
-        return ImageFiles(paths, channels, image_size, max_pixels), torch.tensor(labels, dtype=torch.int64)
+        return ImageFiles(paths, channels, image_size, max_pixels, cache), torch.tensor(labels, dtype=torch.int64)
 
     xtr, ytr = read("train")
     out = RawSplits(xtr, ytr, None, None, classes, skipped=skipped)

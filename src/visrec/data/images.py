@@ -170,31 +170,45 @@ def load_images(
     """
     if not paths:
         return torch.empty(0, channels or 1, size or 1, size or 1, dtype=torch.uint8)
+    channels, (h, w) = check_headers(paths, channels, size, max_pixels)
+    out = torch.empty(len(paths), channels, h, w, dtype=torch.uint8)  # filled in place: no list, stack or copy
+    decode_into(out, paths, channels, size, workers)
+    return out
+
+
+def check_headers(paths: list[Path], channels: int | None, size: int | None, max_pixels: int | None
+                  ) -> tuple[int, tuple[int, int]]:
+    """(channels, (height, width)) the files decode to, from their headers alone; without `size`, files of another
+    size than the most common one are an error that lists them."""
     headers = [peek(p, max_pixels) for p in paths]
     if channels is None:
         channels = 3 if any(native_channels(m) == 3 for m, _ in headers) else 1
-    if size is None:
-        sizes = Counter(s for _, s in headers)
-        common = sizes.most_common(1)[0][0]
-        odd = [(p, s) for p, (_, s) in zip(paths, headers, strict=True) if s != common]
-        if odd:
-            listed = "; ".join(f"{p} is {w}x{h}" for p, (w, h) in odd[:5])
-            more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
-            raise VisrecError(
-                f"images differ in size: most are {common[0]}x{common[1]} (width x height), but {listed}{more}",
-                "resize them all with --set data.image_size=N (square; visrec baseline: --image-size N), or fix "
-                "those files",
-            )
+    if size is not None:
+        return channels, (size, size)
+    sizes = Counter(s for _, s in headers)
+    common = sizes.most_common(1)[0][0]
+    odd = [(p, s) for p, (_, s) in zip(paths, headers, strict=True) if s != common]
+    if odd:
+        listed = "; ".join(f"{p} is {w}x{h}" for p, (w, h) in odd[:5])
+        more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+        raise VisrecError(
+            f"images differ in size: most are {common[0]}x{common[1]} (width x height), but {listed}{more}",
+            "resize them all with --set data.image_size=N (square; visrec baseline: --image-size N), or fix "
+            "those files",
+        )
+    return channels, (common[1], common[0])
+
+
+def decode_into(out: torch.Tensor, paths: list[Path], channels: int, size: int | None,
+                workers: int | None = None) -> None:
+    """Decode file i into out[i] (uint8 (N, C, H, W), in memory or a memory-mapped file), in threads."""
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    w, h = (size, size) if size is not None else headers[0][1]
-    out = torch.empty(len(paths), channels, h, w, dtype=torch.uint8)  # filled in place: no list, stack or copy
 
     def fill(i: int) -> None:
         out[i] = torch.from_numpy(decode(paths[i], channels, size)).permute(2, 0, 1)
 
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         list(pool.map(fill, range(len(paths))))
-    return out
 
 
 @dataclass
@@ -207,6 +221,7 @@ class ImageFiles:
     channels: int
     size: int | None
     max_pixels: int | None = None
+    cache: str = "memory"  # memory: decoded on every run; disk: once, into a memory-mapped file (data.cache)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -214,11 +229,16 @@ class ImageFiles:
     def __getitem__(self, index: torch.Tensor) -> ImageFiles:
         """The files at `index` (int positions or a bool mask), still not decoded."""
         idx = index.nonzero().flatten() if index.dtype == torch.bool else index
-        return ImageFiles([self.paths[i] for i in idx.tolist()], self.channels, self.size, self.max_pixels)
+        return ImageFiles([self.paths[i] for i in idx.tolist()], self.channels, self.size, self.max_pixels,
+                          self.cache)
 
     def take(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 (N, C, H, W) of the files at `index` (all when None), decoded now."""
         files = self if index is None else self[index]
+        if self.cache == "disk" and files.paths:
+            from .decoded_cache import cached_images
+
+            return cached_images(files.paths, self.channels, self.size, self.max_pixels)
         return load_images(files.paths, self.channels, self.size, max_pixels=self.max_pixels)
 
 
