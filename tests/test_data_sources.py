@@ -272,7 +272,6 @@ def test_fetch_then_load_from_cache(tmp_path, http_root, monkeypatch):
 
 def test_the_decoded_cache_is_written_once_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
     import os
-    from pathlib import Path
 
     from PIL import Image
 
