@@ -1105,36 +1105,13 @@ def _predict_objects(run, images: list[Path], fmt: str, min_score: float | None,
 
 
 def _coco_results(run, preds, images: list[Path], checkpoint: str, annotations: Path | None) -> list[dict]:
-    """The predictions as a COCO results file in the ids of the user's annotations (`--annotations`, else the
-    run's own COCO folder), saying on stderr how the inputs were numbered."""
-    from .data.coco import annotation_files
-    from .tasks.detection import annotated_images, coco_results_of, image_ids_of, object_classes, run_category_ids
+    """The predictions as a COCO results file in the ids of the user's annotations, saying on stderr how the inputs
+    were numbered."""
+    from .tasks.detection import coco_results_for
 
-    classes = object_classes(run.load_model(checkpoint).classes)
-    data = run.config.data.name
-    if annotations is not None:
-        files = [annotations]
-        cats = annotated_images(annotations)[2]
-        missing = [c for c in classes if c not in cats]
-        if missing:
-            raise VisrecError(f"--annotations {annotations} has no category named {', '.join(map(repr, missing))}",
-                              f"the run's classes are {', '.join(classes)}: give the annotation file of its data")
-        cats = {c: cats[c] for c in classes}
-    else:
-        files = list(annotation_files(Path(data.split(":", 1)[1])).values()) if (
-            data.startswith("coco:") and (Path(data.split(":", 1)[1]) / "annotations").is_dir()) else []
-        cats = run_category_ids(run, classes)
-    ids, found = image_ids_of(images, files)
-    where = ", ".join(str(f) for f in files)
-    if not files:
-        err.print(f"image ids: the run's data ({data}) has no COCO annotation file; the {len(images)} input(s) are "
-                  "numbered 1.. in the order given (give --annotations FILE to use your own ids)")
-    elif found < len(images):
-        err.print(f"image ids: {found} of {len(images)} input(s) found in {where}; the others are numbered after its "
-                  "largest id, in the order given")
-    else:
-        err.print(f"image ids: all {len(images)} input(s) found in {where}")
-    return coco_results_of(preds, cats, ids)
+    results, how = coco_results_for(run, preds, images, which=checkpoint, annotations=annotations)
+    err.print(f"image ids: {how}")
+    return results
 
 
 @app.command()

@@ -622,3 +622,38 @@ def image_ids_of(inputs: list[str | Path], annotation_files: list[Path]) -> tupl
             i, nxt = nxt, nxt + 1
         out.append(i)
     return out, len(known)
+
+
+def coco_results_for(run, preds: list[ObjectPrediction], inputs: list[str | Path], *, which: str = "auto",
+                     annotations: str | Path | None = None) -> tuple[list[dict[str, Any]], str]:
+    """(`predict_objects`' answers as a COCO results file, how its image ids were found): categories are the
+    dataset's ids (`annotations`' by name, else the run's); each input's image id is the one `annotations` (an
+    instances_*.json), else the run's own COCO folder, gives its file; inputs they do not name are numbered after
+    their largest id."""
+    from ..data.coco import annotation_files
+
+    classes = object_classes(run.load_model(which).classes)
+    data = run.config.data.name
+    if annotations is not None:
+        files = [Path(annotations)]
+        cats = annotated_images(annotations)[2]
+        missing = [c for c in classes if c not in cats]
+        if missing:
+            raise VisrecError(f"--annotations {annotations} has no category named {', '.join(map(repr, missing))}",
+                              f"the run's classes are {', '.join(classes)}: give the annotation file of its data")
+        cats = {c: cats[c] for c in classes}
+    else:
+        root = Path(data.split(":", 1)[1]) if data.startswith("coco:") else None
+        files = list(annotation_files(root).values()) if root is not None and (root / "annotations").is_dir() else []
+        cats = run_category_ids(run, classes)
+    ids, found = image_ids_of(inputs, files)
+    where = ", ".join(str(f) for f in files)
+    if not files:
+        how = (f"the run's data ({data}) has no COCO annotation file; the {len(inputs)} input(s) are numbered 1.. in "
+               "the order given (give --annotations FILE to use your own ids)")
+    elif found < len(inputs):
+        how = (f"{found} of {len(inputs)} input(s) found in {where}; the others are numbered after its largest id, "
+               "in the order given")
+    else:
+        how = f"all {len(inputs)} input(s) found in {where}"
+    return coco_results_of(preds, cats, ids), how
