@@ -306,3 +306,14 @@ def test_the_decoded_cache_is_written_once_reused_and_rebuilt_when_a_file_change
     assert len(now) == 3 and now != entries  # the changed split rebuilt, its stale entry removed
     with pytest.raises(visrec.VisrecError, match="data.cache='ram' is not valid"):
         load_dataset(name, image_size=12, cache="ram")
+
+
+def test_a_decoded_cache_that_cannot_be_written_says_where_and_how_to_go_on(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "photos", per_class=4, size=(10, 8), splits=("",))
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache's folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    with pytest.raises(visrec.VisrecError, match=r"cannot write the decoded cache .*not-a-folder") as e:
+        load_dataset(f"folder:{tmp_path / 'photos'}", cache="disk")
+    assert "data.cache=memory" in e.value.hint
+    assert len(load_dataset(f"folder:{tmp_path / 'photos'}", cache="memory").train) > 0

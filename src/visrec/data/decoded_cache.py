@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import VisrecError
 from ..io import atomic_path, user_cache_dir, write_json
 from .images import check_headers, decode_into
 
@@ -51,14 +52,19 @@ def cached_images(paths: list[Path], channels: int, size: int | None, max_pixels
     if shape is None:
         channels, (h, w) = check_headers(paths, channels, size, max_pixels)
         shape = (len(paths), channels, h, w)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(data) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            decode_into(torch.from_numpy(out), paths, channels, size)
-            out.flush()
-            del out
-        write_json(meta, {"version": VERSION, "family": family, "shape": list(shape), "files": len(paths),
-                          "first": str(paths[0]), "last": str(paths[-1])})
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(data) as tmp:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                decode_into(torch.from_numpy(out), paths, channels, size)
+                out.flush()
+                del out
+            write_json(meta, {"version": VERSION, "family": family, "shape": list(shape), "files": len(paths),
+                              "first": str(paths[0]), "last": str(paths[-1])})
+        except OSError as e:  # a full or read-only disk: say where, and how to go on
+            raise VisrecError(f"cannot write the decoded cache of {len(paths):,} images ({np.prod(shape) / 1e9:.2f} "
+                              f"GB) in {folder}: {e}", "free space there, point $XDG_CACHE_HOME at another disk, or "
+                              "decode into memory on every run: --set data.cache=memory") from None
         _drop_replaced(folder, family, keep=name)
     array = np.load(data, mmap_mode="c")
     return torch.from_numpy(array)
