@@ -317,3 +317,28 @@ def test_a_decoded_cache_that_cannot_be_written_says_where_and_how_to_go_on(tmp_
         load_dataset(f"folder:{tmp_path / 'photos'}", cache="disk")
     assert "data.cache=memory" in e.value.hint
     assert len(load_dataset(f"folder:{tmp_path / 'photos'}", cache="memory").train) > 0
+
+
+def test_the_decoded_cache_is_listed_and_cleared_by_the_command(tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    for name in ("a", "b"):
+        make_image_folder(tmp_path / name, per_class=4, size=(10, 8), splits=("",))
+        load_dataset(f"folder:{tmp_path / name}", cache="disk")
+    runner = CliRunner()
+    rows = json.loads(runner.invoke(app, ["data", "cache", "--json"]).stdout)
+    assert len(rows) == 6 and all(r["files_present"] and r["bytes"] > 0 for r in rows)
+    assert sum(r["files"] for r in rows) == 24
+    shutil.rmtree(tmp_path / "b")  # a folder deleted: its entries are orphans
+    res = runner.invoke(app, ["data", "cache", "--clear", "--orphans"])
+    assert res.exit_code == 0 and "removed 3 entries" in res.stdout
+    assert len(json.loads(runner.invoke(app, ["data", "cache", "--json"]).stdout)) == 3
+    assert "3 entries" in runner.invoke(app, ["data", "cache"]).stdout
+    res = runner.invoke(app, ["data", "cache", "--clear"])
+    assert "removed 3 entries" in res.stdout
+    assert json.loads(runner.invoke(app, ["data", "cache", "--json"]).stdout) == []

@@ -22,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help that wraps long names (paths, run folders) instead of cutting them
 )
-data_app = typer.Typer(help="Get datasets.", no_args_is_help=True, rich_markup_mode=None)
+data_app = typer.Typer(help="Get datasets; see and clear the decoded cache of image folders.", no_args_is_help=True,
+                       rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 out = Console(highlight=False, soft_wrap=True)
@@ -1305,6 +1306,38 @@ def data_where(
         err.print(f"{name}: not found")
         raise typer.Exit(1)
     out.print(str(found))
+
+
+@data_app.command("cache")
+def data_cache(
+    clear: Annotated[bool, typer.Option("--clear", help="Remove every entry.")] = False,
+    orphans: Annotated[bool, typer.Option(
+        "--orphans", help="With --clear: only the entries whose image files are gone.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The decoded cache of image folders (data.cache=disk): each entry's size, images and files; --clear frees it
+    (a later run decodes its folder again)."""
+    from .data.decoded_cache import cache_entries, cache_folder, clear_cache
+
+    if orphans and not clear:
+        raise VisrecError("--orphans says which entries --clear removes", "add --clear")
+    if clear:
+        n, freed = clear_cache(only_orphans=orphans)
+        out.print(f"removed {n} entr{'y' if n == 1 else 'ies'} ({_human_bytes(freed)}) from {cache_folder()}")
+        return
+    rows = cache_entries()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table()
+    for col in ("images", "shape", "size", "first file", "files there"):
+        t.add_column(col, no_wrap=col != "first file", overflow="fold")
+    for r in rows:
+        t.add_row(f"{r['files']:,}", "x".join(map(str, r["shape"] or [])), _human_bytes(r["bytes"]), str(r["first"]),
+                  "yes" if r["files_present"] else "[red]no[/red]")
+    out.print(t)
+    total = sum(r["bytes"] for r in rows)
+    out.print(f"{len(rows)} entries, {_human_bytes(total)} in {cache_folder()} (visrec data cache --clear frees it)")
 
 
 @app.command()

@@ -95,3 +95,33 @@ def _drop_replaced(folder: Path, family: str, keep: str) -> None:
         if same:
             (folder / f"{meta.stem}.npy").unlink(missing_ok=True)
             meta.unlink(missing_ok=True)
+
+
+def cache_entries() -> list[dict]:
+    """Every entry of the decoded cache: its name, shape, bytes on disk, file count, first and last file, and
+    whether those files are still there (a folder deleted or moved leaves its entries behind)."""
+    rows = []
+    for meta in sorted(cache_folder().glob("*.json")):
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        data = meta.with_suffix(".npy")
+        rows.append({"name": meta.stem, "shape": info.get("shape"), "files": info.get("files"),
+                     "first": info.get("first"), "last": info.get("last"),
+                     "bytes": data.stat().st_size if data.is_file() else 0,
+                     "files_present": bool(info.get("first")) and Path(info["first"]).is_file()})
+    return rows
+
+
+def clear_cache(only_orphans: bool = False) -> tuple[int, int]:
+    """Remove the decoded cache's entries (`only_orphans`: those whose files are gone); (entries, bytes) freed. An
+    entry being written (a temporary file) is left alone."""
+    n = freed = 0
+    for row in cache_entries():
+        if only_orphans and row["files_present"]:
+            continue
+        for suffix in (".npy", ".json"):
+            (cache_folder() / f"{row['name']}{suffix}").unlink(missing_ok=True)
+        n, freed = n + 1, freed + row["bytes"]
+    return n, freed
