@@ -240,6 +240,13 @@ def confusion_png(result: EvalResult) -> bytes:
 
 
 @torch.inference_mode()
+def mean_probability_log(view_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """log of the views' mean softmax probability, (N, C), computed in log space: a class whose probability underflows
+    in a view stays finite (averaging softmaxes, then taking the log, gave -inf and an infinite loss)."""
+    logp = torch.stack([v.float().log_softmax(1) for v in view_logits])
+    return torch.logsumexp(logp, 0) - math.log(len(view_logits))
+
+
 def predict_logits(
     model: nn.Module,
     images: torch.Tensor,
@@ -277,12 +284,9 @@ def predict_logits(
             if tta == "none":
                 logits = model(x).float()
             else:
-                # the views' mean probability, as log-probabilities computed in log space: a class whose probability
-                # underflows in one view stays finite (averaging softmaxes, then log, gave -inf and an infinite loss)
                 views = tta_views(tta, x, crop_pad)
-                logp = torch.stack([model(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
-                                    .float().log_softmax(1) for v in views])
-                logits = torch.logsumexp(logp, 0) - math.log(len(views))
+                logits = mean_probability_log([model(v.contiguous(memory_format=torch.channels_last)
+                                                     if channels_last else v) for v in views])
         out.append(logits)
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

@@ -170,8 +170,8 @@ def validate_objects(name: str, image_size: int | None = None) -> Report:
     root = Path(path).expanduser()
     sizes: dict[str, dict[tuple[int, int], int]] = {}
     if kind == "coco":
-        files, docs, problems, located = check_coco_folder(root)
-        n = sum(len(files) for files in located.values())
+        ann_files, docs, problems, located = check_coco_folder(root)
+        n = sum(len(found) for found in located.values())
         for split, d in docs.items():
             for im in d["images"]:
                 size = (im.get("width"), im.get("height"))
@@ -183,5 +183,5 @@ def validate_objects(name: str, image_size: int | None = None) -> Report:
     for p in problems:
         report.add(p.severity, p.where, p.file, f"{p.detail}: {p.fix}")
     for split, counts in sizes.items():  # read_coco refuses a split whose images differ in size
-        mixed_sizes(report, files[split], counts, image_size)
+        mixed_sizes(report, ann_files[split], counts, image_size)
     return report

@@ -439,13 +439,8 @@ def _overfit_run(ex: Exam, x, y, make_opt: Callable[[nn.Module], torch.optim.Opt
         loss.backward()
         before = [p.detach().clone() for p in weights] if i < 3 else None
         opt.step()
-        if before is not None:  # the course's check on the first steps: how far one update moves the weights
-            rs = sorted(((p.detach() - b).norm() / b.norm()).item() for p, b in zip(weights, before, strict=True)
-                        if b.norm() > 0)
-            if rs:
-                ratios.append(rs[len(rs) // 2])
-            if i == 2 or i == steps - 1:
-                res["first_update_ratio"] = max(ratios) if ratios else None
+        if before is not None and (r := _update_ratio(weights, before)) is not None:
+            ratios.append(r)  # the course's check on the first steps: how far one update moves the weights
         losses.append(loss.item())
         accs.append((out.detach().argmax(1) == y).float().mean().item())
         if (i + 1) % 10 == 0 or i == steps - 1:
@@ -457,6 +452,7 @@ def _overfit_run(ex: Exam, x, y, make_opt: Callable[[nn.Module], torch.optim.Opt
             if ea == 1.0 and el < thr:
                 res.update(success=True, steps=i + 1)
                 break
+    res["first_update_ratio"] = max(ratios) if ratios else None
     res.update(losses=losses, accs=accs, first_loss=losses[0] if losses else float("nan"),
                final_loss=losses[-1] if losses else float("nan"), final_acc=accs[-1] if accs else 0.0)
     return res
@@ -508,6 +504,13 @@ def check_overfit(ex: Exam) -> None:
         ))
 
 
+def _update_ratio(weights: list[torch.Tensor], before: list[torch.Tensor]) -> float | None:
+    """The median over the weight tensors of |one update| / |weights before it|; None when all were zero."""
+    rs = sorted(((p.detach() - b).norm() / b.norm()).item() for p, b in zip(weights, before, strict=True)
+                if b.norm() > 0)
+    return rs[len(rs) // 2] if rs else None
+
+
 def _ratio_at_lr(ex: Exam, batch, steps: int = 8) -> float | None:
     """The course's cross-check: the median update/weight ratio of the last steps of a short run at the
     configured learning rate (constant), on real batches (momentum buffers filled)."""
@@ -525,10 +528,9 @@ def _ratio_at_lr(ex: Exam, batch, steps: int = 8) -> float | None:
         loss.backward()
         before = [p.detach().clone() for p in weights]
         opt.step()
-        rs = sorted(((p.detach() - b).norm() / b.norm()).item() for p, b in zip(weights, before, strict=True)
-                    if b.norm() > 0)
-        if rs and i >= steps - 3:
-            ratios.append(rs[len(rs) // 2])
+        r = _update_ratio(weights, before)
+        if r is not None and i >= steps - 3:
+            ratios.append(r)
     return sum(ratios) / len(ratios) if ratios else None
 
 
@@ -815,19 +817,16 @@ def rate_as_cause(ex: Exam) -> None:
     fix = (f"lower it: --lr {res.suggested:.2g} (the range test's suggestion), or 10x lower at a time until the "
            "update/weight ratio is near 1e-3" if res is not None and res.suggested else
            "lower it 10x at a time until one update changes the weights by about 0.1% of their norm")
+    ev = {} if ratio is None else {"first_update_ratio": float(f"{ratio:.3g}") if math.isfinite(ratio) else "inf"}
     if rate:
         f = rate[0]
         f.severity = "error"
         f.message = f"the learning rate is the primary cause of {names}: " + (f"{said}; " if said else "") + f.message
-        if ratio is not None:
-            f.evidence = {**f.evidence, "first_update_ratio": float(f"{ratio:.3g}") if math.isfinite(ratio) else "inf"}
+        f.evidence = {**f.evidence, **ev}
         f.fix = f.fix or fix
-    else:
-        ex.add("reconcile", Finding(
-            "lr-too-high", "error",
-            f"the learning rate {lr:g} is the primary cause of {names}: {said}",
-            {"configured_lr": lr, "first_update_ratio": float(f"{ratio:.3g}") if math.isfinite(ratio) else "inf"},
-            fix))
+    else:  # reached only with a measured ratio
+        ex.add("reconcile", Finding("lr-too-high", "error", f"the learning rate {lr:g} is the primary cause of "
+                                    f"{names}: {said}", {"configured_lr": lr, **ev}, fix))
     for f in symptoms:
         f.severity = "warn"
         if "consequence of" not in f.message:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image, ImageOps
 
 from ..data.images import MAX_PIXELS, open_checked, to_array
 from ..errors import VisrecError
+from ..evaluate import mean_probability_log
 
 # magic bytes -> format: what Pillow decodes and visrec accepts
 MAGIC: list[tuple[bytes, int, str]] = [
@@ -156,8 +156,7 @@ class OnnxBackend(Backend):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.tta == "none":
             return self._run(x)
-        logp = torch.stack([self._run(x).log_softmax(1), self._run(x.flip(-1)).log_softmax(1)])
-        return torch.logsumexp(logp, 0) - math.log(2)  # the views' mean probability, finite where one underflows
+        return mean_probability_log([self._run(x), self._run(x.flip(-1))])
 
 
 def onnx_export_for(run, which: str) -> Path:

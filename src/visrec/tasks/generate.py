@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from torch import nn
 from ..data import Dataset, ImageSet, Normalizer
 from ..errors import VisrecError
 from ..training.task import EvalSettings, Evaluation, Task
+
+Say = Callable[[str], None]  # told, in a line, what a long step is doing
 
 KIND_PRIMARY = {"autoregressive": "bpd", "vae": "bpd", "gan": "fid", "diffusion": "loss"}
 KIND_STATS = {"autoregressive": ("bpd",), "vae": ("recon", "kl"), "gan": ("d_loss", "g_loss", "d_acc"),
@@ -156,7 +159,7 @@ def cached_feature_run(folder: Path) -> str | None:
     return None
 
 
-def default_feature_run(dataset: str, data_dir: str | None = None, say=None) -> Path:
+def default_feature_run(dataset: str, data_dir: str | None = None, say: Say | None = None) -> Path:
     """A convnet trained once (3 epochs) on `dataset` and cached under the user cache, for FID and class coverage.
     It trains in a temporary folder beside the cache and is moved into place only once it has completed; an entry
     that is not a completed run is rebuilt. `say` (a function of one string) is told what happens, and shown the
@@ -208,7 +211,8 @@ def default_feature_run(dataset: str, data_dir: str | None = None, say=None) -> 
     return folder
 
 
-def feature_net(spec: str, dataset: str, data_dir: str | None = None, say=None) -> FeatureNet | None:
+def feature_net(spec: str, dataset: str, data_dir: str | None = None, say: Say | None = None
+                ) -> FeatureNet | None:
     """The FID feature network of `eval.feature_run`: none, inception:PATH, a run folder, or '' for the default."""
     if spec == "none":
         return None
@@ -410,7 +414,7 @@ class GenerateTask(Task):
 
     # ------------------------------------------------------------------ evaluation
 
-    def features(self, say=None) -> FeatureNet | None:
+    def features(self, say: Say | None = None) -> FeatureNet | None:
         if self._fnet is False:
             self._fnet = feature_net(self.cfg.eval.feature_run, self.cfg.data.name, self.cfg.data.data_dir, say)
         return self._fnet
