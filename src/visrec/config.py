@@ -123,10 +123,22 @@ class DataConfig:
     download: bool = True  # fetch from the official source when no local copy is found
     skip_bad_images: bool = False  # folder datasets: leave bad files out (listed in the run) instead of failing
     max_pixels: AtLeast1 = 89_478_485  # folder datasets: larger images are refused from their header (bombs)
-    # folder datasets: disk = decode once into a memory-mapped file in the user cache (later runs start without
-    # decoding; a set larger than memory trains through the page cache); memory = decode on every run; auto = disk
-    # when the decoded images take 64 MB or more
-    cache: Literal["auto", "memory", "disk"] = "auto"
+    # folder datasets: memory = decode on every run; disk = decode once into a memory-mapped file in the user cache
+    # (later runs start without decoding); none = stream: worker processes read the files batch by batch, training on
+    # random-resized crops of the originals; auto = memory under 64 MB decoded, disk within data.memory_budget, none
+    # above it
+    cache: Literal["auto", "memory", "disk", "none"] = "auto"
+    memory_budget: str = "auto"  # data.cache=auto: decoded training sets above this stream (bytes, 512MB, 4GB; auto =
+    #   an eighth of this machine's memory)
+    workers: NonNegInt = 0  # streamed data: DataLoader worker processes (0 = one per CPU core, at most 8)
+    # folder datasets: evaluation and prediction resize each image to cover data.image_size and keep the central
+    # crop_pct of it (timm's crop_pct); None = 0.875 when training streams random-resized crops, else 1 (all of it)
+    crop_pct: Annotated[float, Range(0, 1, open_low=True)] | None = None
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # streamed training: random-resized crops'
+    #   share of the image's area (timm's scale)
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # ... and their aspect ratio range
+    max_bad_fraction: Fraction = 0.01  # streamed data: files that cannot be read are left out and listed; more than
+    #   this fraction of them stops the run
     classes: list[str] = field(default_factory=list)  # keep only these classes (by name); empty = all
     scene_size: Annotated[int, Range(32)] = 64  # scenes: canvas side in pixels
     max_objects: Annotated[int, Range(1, 16)] = 4  # scenes: objects per canvas, 1 to this many

@@ -52,7 +52,8 @@ def export_run(run_path: str | Path, fmt: str = "onnx", out: str | Path | None =
     ckpt_meta = json.loads(Path(lm.checkpoint).read_text())
     meta: dict[str, Any] = {"format": "visrec-export-1", "model": ckpt_meta["model"], "classes": lm.classes,
                             "preprocess": lm.normalizer.state(), "input": [lm.in_chans, *lm.image_size],
-                            "input_range": "float32 pixel values 0..255, (N, C, H, W)", "checkpoint": lm.checkpoint}
+                            "input_range": "float32 pixel values 0..255, (N, C, H, W)", "checkpoint": lm.checkpoint,
+                            **({"transform": lm.fit.state() | {"how": lm.fit.describe()}} if lm.fit else {})}
     model = lm.model.float().to(memory_format=torch.contiguous_format).eval()
     if fmt == "safetensors":
         from safetensors.torch import save_file

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import Config
 from .data import Dataset, Normalizer, load_dataset
-from .data.images import decode, native_channels, peek
+from .data.images import Fit, decode, native_channels, peek
 from .data.imageset import ImageSet
 from .device import resolve_device, resolve_precision, use_channels_last
 from .errors import VisrecError, unknown_name
@@ -54,7 +54,8 @@ def dataset_from_config(cfg: Config) -> Dataset:
                         split_seed=d.split_seed, subset=d.subset, download=d.download, image_size=d.image_size,
                         channels=d.channels, skip_bad_images=d.skip_bad_images, max_pixels=d.max_pixels,
                         classes=d.classes or None, scene_size=d.scene_size, max_objects=d.max_objects,
-                        scene_count=d.scene_count, cache=d.cache)
+                        scene_count=d.scene_count, cache=d.cache, memory_budget=d.memory_budget,
+                        crop_pct=d.crop_pct, max_bad_fraction=d.max_bad_fraction)
 
 
 def setup_config(
@@ -127,6 +128,7 @@ class LoadedModel:
     checkpoint: str
     backend: str = "torch"  # what runs `model`: torch, or onnx (an onnxruntime session standing in for it)
     backend_note: str = ""  # why `auto` chose torch, when it did not choose onnx
+    fit: Fit | None = None  # how training made a file the model's input (runs from image folders): applied to files
 
 
 def check_file(path: Path, channels: int, size: tuple[int, int] | None, resize: bool, convert: bool,
@@ -230,7 +232,7 @@ class Run:
             model.to(dev, memory_format=torch.channels_last if cl else torch.contiguous_format).eval()
             norm = Normalizer.from_state(ckpt.meta["preprocess"], ckpt.extra.get("preprocess")).to(dev)
             self._loaded[key] = LoadedModel(model, norm, ckpt.meta["classes"], spec["in_chans"], size,
-                                            str(ckpt.path))
+                                            str(ckpt.path), fit=Fit.from_state(ckpt.meta.get("input")))
         lm = self._loaded[key]
         if backend == "torch":
             return lm
@@ -380,9 +382,10 @@ class Run:
         if isinstance(item, str | Path):
             path = Path(item)
             check_file(path, lm.in_chans, None if any_size else (h, w), resize, convert, max_pixels)
-            if h != w and resize:
+            if lm.fit is None and h != w and resize:
                 raise VisrecError(f"the model takes non-square {w}x{h} images; resize {path} yourself")
-            a = decode(path, lm.in_chans, h if resize else None)
+            # the run's own evaluation transform (resize to cover, centre crop), or for runs that record none, a square
+            a = decode(path, lm.in_chans, (lm.fit or h) if resize else None)
             return torch.from_numpy(a).permute(2, 0, 1).contiguous()
         if hasattr(item, "mode") and hasattr(item, "size"):  # a PIL image
             item = np.asarray(item)

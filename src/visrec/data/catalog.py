@@ -159,7 +159,7 @@ register_dataset(CatalogEntry(
 ))
 
 
-CACHE_MODES = ("auto", "memory", "disk")  # data.cache (see visrec.data.decoded_cache)
+CACHE_MODES = ("auto", "memory", "disk", "none")  # data.cache (see visrec.data.decoded_cache)
 
 
 def dataset_names() -> list[str]:
@@ -315,15 +315,17 @@ def fetch(name: str, dest_root: Path | None = None) -> Path:
 
 
 def read_source(name: str, data_dir=None, download_missing: bool = True, image_size=None, channels=None,
-                skip_bad_images: bool = False, max_pixels: int | None = None, cache: str = "auto", **scenes: int):
+                skip_bad_images: bool = False, max_pixels: int | None = None, cache: str = "auto",
+                stream: dict | None = None, **scenes: int):
     """(RawSplits, where they came from) for any dataset name; `scenes` are the generator's options
-    (scene_size, max_objects, scene_count)."""
+    (scene_size, max_objects, scene_count); `stream` the image folder's memory_budget, crop_pct and
+    max_bad_fraction."""
     if is_scene_source(name):
         return read_scene_source(name, data_dir, image_size, channels, **scenes)
     if name.startswith("folder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
         return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images, max_pixels=max_pixels,
-                                 cache=cache), str(path)
+                                 cache=cache, **(stream or {})), str(path)
     entry = _entry(name)
     if entry.name == "synthetic":
         return make_synthetic(name), name
@@ -387,6 +389,9 @@ def load_dataset(
     max_objects: int = 4,
     scene_count: int = 10_000,
     cache: str = "auto",
+    memory_budget: str | int | None = "auto",
+    crop_pct: float | None = None,
+    max_bad_fraction: float = 0.01,
 ) -> Dataset:
     """Load a dataset by name, with seeded stratified val (and, if it has none, test) splits.
 
@@ -400,8 +405,9 @@ def load_dataset(
         raise VisrecError(f"data.test_fraction={test_fraction} must be in (0, 1)")
     if cache not in CACHE_MODES:
         raise VisrecError(f"data.cache={cache!r} is not valid", f"use one of: {', '.join(CACHE_MODES)}")
+    stream = {"memory_budget": memory_budget, "crop_pct": crop_pct, "max_bad_fraction": max_bad_fraction}
     raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels, cache,
-                              scene_size=scene_size, max_objects=max_objects, scene_count=scene_count)
+                              stream, scene_size=scene_size, max_objects=max_objects, scene_count=scene_count)
     if not name.startswith("folder:") and not is_scene_source(name):
         raw.train_images = _adapt(raw.train_images, image_size, channels)
         if raw.test_images is not None:
@@ -462,7 +468,9 @@ def load_dataset(
         splits["subset"] = {"n": len(pool), "stratified": True}
     train = part(x, y, raw.train_targets, pool)
     splits["train"] = {"n": len(train)}
-    return Dataset(name, train, val, test, source, splits)
+    if raw.fit is not None:
+        splits["input"] = {"cache": raw.cache, **raw.fit.state()}
+    return Dataset(name, train, val, test, source, splits, fit=raw.fit, notes=raw.notes, bad=raw.bad)
 
 
 def _keep_classes(raw: RawSplits, wanted: list[str], name: str) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import VisrecError
 from ..io import atomic_path, user_cache_dir, write_json
-from .images import check_headers, decode_into
+from .images import Fit, check_headers, decode_into
 
 VERSION = 1  # of what a file decodes to: raise it when decoding changes, and every entry is rebuilt
 
@@ -34,15 +34,16 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
-def entry_names(paths: list[Path], channels: int, size: int | None) -> tuple[str, str]:
+def entry_names(paths: list[Path], channels: int, size: int | Fit | None) -> tuple[str, str]:
     """(the entry's name: files, their sizes and times, the settings; the family it replaces: files and settings)."""
     files = [str(Path(p).resolve()) for p in paths]
     stats = [os.stat(p) for p in files]
-    family = _digest([VERSION, channels, size, files])
+    family = _digest([VERSION, channels, size.state() if isinstance(size, Fit) else size, files])
     return _digest([family, [(s.st_size, s.st_mtime_ns) for s in stats]]), family
 
 
-def cached_images(paths: list[Path], channels: int, size: int | None, max_pixels: int | None = None) -> torch.Tensor:
+def cached_images(paths: list[Path], channels: int, size: int | Fit | None,
+                  max_pixels: int | None = None) -> torch.Tensor:
     """uint8 (N, C, H, W) of the files, memory-mapped from the cache (copy-on-write: a change stays in this process);
     decoded into the cache first when no valid entry exists."""
     name, family = entry_names(paths, channels, size)

@@ -3,19 +3,47 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import torch
 
 from ..errors import VisrecError
-from .images import MAX_PIXELS, ImageFiles, load_images, native_channels, peek, scan_classes
+from .images import MAX_PIXELS, Fit, ImageFiles, native_channels, peek, scan_classes
 from .sources import RawSplits
 
 AUTO_DISK_BYTES = 64 << 20  # data.cache=auto: decoded images of this size or more are cached on disk
+AUTO_SIZE_MAX = 224  # several image sizes, no data.image_size: the median shorter side, at most this
+SIZE_SAMPLE = 256  # files whose headers decide the size of a folder without data.image_size
+STREAM_CROP_PCT = 0.875  # data.crop_pct by default when training streams random-resized crops (timm's)
+
+
+def memory_budget_bytes(budget: str | int | None) -> int:
+    """data.memory_budget in bytes: a number of bytes, "512MB", "4GB", or auto (an eighth of this machine's memory)."""
+    if budget in (None, "", "auto"):
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 8 << 30
+        return total // 8
+    if isinstance(budget, int | float):
+        return int(budget)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(budget).lower())
+    if not m:
+        raise VisrecError(f"data.memory_budget={budget!r} is not a size", "give bytes, or e.g. 512MB, 4GB, or auto")
+    unit = (m.group(2) or "b").rstrip("ib") or "b"
+    return int(float(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
+
+
+def _human(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def read_image_folder(root: Path, image_size: int | None = None, channels: int | None = None,
-                      skip_bad: bool = False, max_pixels: int | None = None, cache: str = "auto") -> RawSplits:
+                      skip_bad: bool = False, max_pixels: int | None = None, cache: str = "auto",
+                      memory_budget: str | int | None = "auto", crop_pct: float | None = None,
+                      max_bad_fraction: float = 0.01) -> RawSplits:
     """Read `root/<class>/*` or `root/{train,val,test}/<class>/*`: labels now, images as `ImageFiles` that each split
     decodes when it is made (into memory, or once into the decoded cache on disk: `cache`, see data.cache).
 
@@ -23,6 +51,11 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     same names (a subset is fine), so labels are matched by name, never by position. A bad file stops
     loading with its path, unless `skip_bad`: then every file is decoded once first, and the bad ones are
     left out and listed in the result's `skipped`.
+
+    Every image is fitted to one size (`Fit`: resized to cover it, centre crop; `crop_pct` of it): `image_size`
+    square, or without it the files' own size when the headers of a sample of them agree, else the median shorter
+    side (at most AUTO_SIZE_MAX). `cache` auto keeps small sets in memory, caches those within `memory_budget` on
+    disk, and streams larger ones from their files (none; see visrec.data.stream).
     """
     if not root.is_dir():
         raise VisrecError(f"image folder {root} does not exist", "give folder:PATH with one subfolder per class")
@@ -54,15 +87,37 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     all_files = [p for found, _ in scanned.values() for files in found.values() for p in files]
     if channels is None:
         channels = 3 if any(native_channels(peek(p, max_pixels)[0]) == 3 for p in all_files) else 1
-    if image_size is None:
-        size0 = peek(all_files[0], max_pixels)[1]
-        odd = [p for p in all_files if peek(p, max_pixels)[1] != size0]
-        if odd:
-            # load_images lists the files; run it on everything so the message covers all splits.
-            load_images(all_files, channels, None, max_pixels=max_pixels)
-    w, h = (image_size, image_size) if image_size else peek(all_files[0], max_pixels)[1]
+    notes: list[str] = []
+    if image_size:
+        h = w = image_size
+    else:
+        step = max(1, len(all_files) // SIZE_SAMPLE)
+        sizes = [peek(p, max_pixels)[1] for p in all_files[::step][:SIZE_SAMPLE]]
+        if len(set(sizes)) == 1:
+            w, h = sizes[0]
+        else:
+            shorter = sorted(min(s) for s in sizes)
+            h = w = max(1, min(AUTO_SIZE_MAX, shorter[len(shorter) // 2]))
+            lo, hi = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
+            notes.append(f"images of several sizes (from {lo[0]}x{lo[1]} to {hi[0]}x{hi[1]}): each is resized to "
+                         f"cover {w}x{h} and centre-cropped, keeping its aspect ratio (set data.image_size to choose)")
+    decoded = len(all_files) * channels * h * w
+    budget = memory_budget_bytes(memory_budget)
+    mode = cache
     if cache == "auto":
-        cache = "disk" if len(all_files) * channels * h * w >= AUTO_DISK_BYTES else "memory"
+        mode = "memory" if decoded < AUTO_DISK_BYTES else "disk" if decoded <= budget else "none"
+        if mode == "none":
+            notes.append(f"streaming {len(all_files):,} images from their files: decoded at {w}x{h} they would take "
+                         f"{_human(decoded)}, above data.memory_budget ({_human(budget)}); set data.cache=disk to "
+                         "decode them once into the cache on disk instead")
+    if crop_pct is None:
+        crop_pct = STREAM_CROP_PCT if mode == "none" else 1.0
+    fit = Fit(h, w, crop_pct)
+    bad = None
+    if mode == "none":
+        from .stream import BadFiles, say
+
+        bad = BadFiles(len(all_files), max_bad_fraction, say)
 
     def read(split: str) -> tuple[ImageFiles, torch.Tensor]:
         found, _ = scanned[split]
@@ -70,10 +125,10 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         for name, files in found.items():
             paths += files
             labels += [classes.index(name)] * len(files)
-        return ImageFiles(paths, channels, image_size, max_pixels, cache), torch.tensor(labels, dtype=torch.int64)
+        return ImageFiles(paths, channels, fit, max_pixels, mode, bad), torch.tensor(labels, dtype=torch.int64)
 
     xtr, ytr = read("train")
-    out = RawSplits(xtr, ytr, None, None, classes, skipped=skipped)
+    out = RawSplits(xtr, ytr, None, None, classes, skipped=skipped, fit=fit, notes=notes, cache=mode, bad=bad)
     if "test" in scanned:
         out.test_images, out.test_labels = read("test")
     if "val" in scanned:

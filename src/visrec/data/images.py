@@ -9,6 +9,7 @@ grayscale only when asked for explicitly.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import warnings
@@ -121,15 +122,86 @@ def _flatten_alpha(im: Image.Image, background: tuple[int, int, int] = (255, 255
 REDUCING_GAP = 2.0
 
 
-def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | None = None, *,
-             oriented: bool = False) -> np.ndarray:
-    """An opened image as uint8 (H, W, channels), converted as the module doc says; `size` resizes it (bilinear) to
-    size x size, or to (width, height). `oriented`: the EXIF orientation was applied already (`ImageOps.
-    exif_transpose`)."""
-    wh = (size, size) if isinstance(size, int) else size
-    if wh is not None and not oriented and im.format == "JPEG":
+@dataclass(frozen=True)
+class Fit:
+    """How an image of any size becomes the model's (height, width): `crop` scales it so that it covers the target
+    divided by `crop_pct`, then takes the centre (timm's evaluation transform: crop_pct 0.875 keeps the central 87.5%,
+    as random-resized crops frame objects in training; 1.0 keeps the whole shorter side); `squash` resizes it to the
+    target whatever its shape (visrec's rule before images kept their aspect ratio)."""
+
+    height: int
+    width: int
+    crop_pct: float = 1.0
+    mode: str = "crop"
+
+    @classmethod
+    def square(cls, size: int, crop_pct: float = 1.0) -> Fit:
+        return cls(size, size, crop_pct)
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> Fit | None:
+        if not state:
+            return None
+        h, w = state["size"]
+        return cls(int(h), int(w), float(state.get("crop_pct", 1.0)), state.get("mode", "crop"))
+
+    def state(self) -> dict:
+        return {"size": [self.height, self.width], "crop_pct": self.crop_pct, "mode": self.mode}
+
+    def describe(self) -> str:
+        if self.mode == "squash":
+            return f"resized to {self.width}x{self.height}"
+        if self.crop_pct == 1:
+            return f"resized to cover {self.width}x{self.height}, centre crop"
+        cover = f"{round(self.width / self.crop_pct)}x{round(self.height / self.crop_pct)}"
+        return f"resized to cover {cover}, centre {self.width}x{self.height} crop (crop_pct {self.crop_pct:g})"
+
+    def box(self, w: int, h: int) -> tuple[float, float, float, float] | None:
+        """The region of a (w, h) image that becomes the output, in its pixels (None: all of it)."""
+        if self.mode == "squash":
+            return None
+        scale = max(self.width / w, self.height / h) / self.crop_pct  # output pixels per input pixel
+        cw, ch = self.width / scale, self.height / scale
+        x0, y0 = (w - cw) / 2, (h - ch) / 2
+        return (x0, y0, x0 + cw, y0 + ch)
+
+
+Box = tuple[float, float, float, float]  # a region as fractions of the image's width and height: x0, y0, x1, y1
+
+
+def _draft(im: Image.Image, wh: tuple[int, int], region: tuple[float, float] | None) -> None:
+    """Ask a JPEG decoder for the smallest power-of-two reduction that keeps the output's source region (`region`:
+    its shorter and longer side in pixels; None: the whole image, squashed) at least REDUCING_GAP times the output.
+    Only before the pixels are read; the picture is the same, decoded several times faster."""
+    if im.format != "JPEG" or not getattr(im, "tile", None):
+        return
+    if region is None:
         side = int(max(wh) * REDUCING_GAP)
-        im.draft(None, (side, side))  # before the pixels are read; only ever a scale at or above `side`
+        im.draft(None, (side, side))
+        return
+    k = max(wh) * REDUCING_GAP / max(region[0], 1.0)
+    im.draft(None, (max(1, math.ceil(im.size[0] * k)), max(1, math.ceil(im.size[1] * k))))
+
+
+def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | Fit | None = None, *,
+             oriented: bool = False, box: Box | None = None) -> np.ndarray:
+    """An opened image as uint8 (H, W, channels), converted as the module doc says. `size` resizes it (bilinear):
+    to size x size or to (width, height), squashed; a `Fit` keeps its aspect ratio (see Fit). `box`: the region of the
+    upright image to take and resize to `size` (a random-resized crop). `oriented`: the EXIF orientation was applied
+    already (`ImageOps.exif_transpose`)."""
+    wh = (size.width, size.height) if isinstance(size, Fit) else (size, size) if isinstance(size, int) else size
+    if wh is not None and not oriented:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w  # turned a quarter upright
+        if box is not None:
+            sides = ((box[2] - box[0]) * w, (box[3] - box[1]) * h)
+            region: tuple[float, float] | None = (min(sides), max(sides))
+        elif isinstance(size, Fit) and (fb := size.box(w, h)) is not None:
+            region = (min(fb[2] - fb[0], fb[3] - fb[1]), 0.0)
+        else:
+            region = None
+        _draft(im, wh, region)
     if not oriented:
         im = ImageOps.exif_transpose(im)
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
@@ -139,18 +211,25 @@ def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | None 
         im = _to_8bit_gray(im) if im.mode in GRAY_MODES else im.convert("L")
     else:
         im = _to_8bit_gray(im).convert("RGB") if im.mode in GRAY_MODES else im.convert("RGB")
-    if wh is not None and im.size != tuple(wh):
-        im = im.resize(tuple(wh), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+    if wh is not None:
+        w, h = im.size
+        if box is not None:
+            pixels: tuple[float, float, float, float] | None = (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
+        else:
+            pixels = size.box(w, h) if isinstance(size, Fit) else None
+        if pixels is not None or im.size != tuple(wh):
+            im = im.resize(tuple(wh), Image.Resampling.BILINEAR, box=pixels, reducing_gap=REDUCING_GAP)
     a = np.array(im, dtype=np.uint8)  # a writable copy, detached from the file
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def decode(path: Path | BinaryIO, channels: int, size: int | None = None, name: str | None = None) -> np.ndarray:
+def decode(path: Path | BinaryIO, channels: int, size: int | Fit | None = None, name: str | None = None,
+           box: Box | None = None) -> np.ndarray:
     """Decode one file (a path or an open binary file, called `name` in errors) to uint8 (H, W, channels),
     converting its mode as the module doc says."""
     try:
         with Image.open(path) as im:
-            return to_array(im, channels, size)
+            return to_array(im, channels, size, box=box)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise VisrecError(f"cannot decode image {name or path}: {e}", "remove or replace the file") from None
 
@@ -160,29 +239,33 @@ def native_channels(mode: str) -> int:
 
 
 def load_images(
-    paths: list[Path], channels: int | None = None, size: int | None = None, workers: int | None = None,
+    paths: list[Path], channels: int | None = None, size: int | Fit | None = None, workers: int | None = None,
     max_pixels: int | None = None,
 ) -> torch.Tensor:
     """Decode files into one uint8 (N, C, H, W) tensor.
 
-    Without `size`, every image must have the same size; the error lists the files that differ.
+    Without `size`, every image must have the same size; the error lists the files that differ. With a `Fit`, each
+    keeps its aspect ratio (see Fit); with an int, each is squashed to size x size.
     Without `channels`, the set is RGB if any file has color, else grayscale.
     """
     if not paths:
-        return torch.empty(0, channels or 1, size or 1, size or 1, dtype=torch.uint8)
+        h, w = (size.height, size.width) if isinstance(size, Fit) else (size or 1, size or 1)
+        return torch.empty(0, channels or 1, h, w, dtype=torch.uint8)
     channels, (h, w) = check_headers(paths, channels, size, max_pixels)
     out = torch.empty(len(paths), channels, h, w, dtype=torch.uint8)  # filled in place: no list, stack or copy
     decode_into(out, paths, channels, size, workers)
     return out
 
 
-def check_headers(paths: list[Path], channels: int | None, size: int | None, max_pixels: int | None
+def check_headers(paths: list[Path], channels: int | None, size: int | Fit | None, max_pixels: int | None
                   ) -> tuple[int, tuple[int, int]]:
     """(channels, (height, width)) the files decode to, from their headers alone; without `size`, files of another
     size than the most common one are an error that lists them."""
     headers = [peek(p, max_pixels) for p in paths]
     if channels is None:
         channels = 3 if any(native_channels(m) == 3 for m, _ in headers) else 1
+    if isinstance(size, Fit):
+        return channels, (size.height, size.width)
     if size is not None:
         return channels, (size, size)
     sizes = Counter(s for _, s in headers)
@@ -199,7 +282,7 @@ def check_headers(paths: list[Path], channels: int | None, size: int | None, max
     return channels, (common[1], common[0])
 
 
-def decode_into(out: torch.Tensor, paths: list[Path], channels: int, size: int | None,
+def decode_into(out: torch.Tensor, paths: list[Path], channels: int, size: int | Fit | None,
                 workers: int | None = None) -> None:
     """Decode file i into out[i] (uint8 (N, C, H, W), in memory or a memory-mapped file), in threads."""
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
@@ -219,9 +302,12 @@ class ImageFiles:
 
     paths: list[Path]
     channels: int
-    size: int | None
+    size: int | Fit | None
     max_pixels: int | None = None
-    cache: str = "memory"  # memory: decoded on every run; disk: once, into a memory-mapped file (data.cache)
+    # memory: decoded on every run; disk: once, into a memory-mapped file; none: left in the files and read batch by
+    # batch (data.cache)
+    cache: str = "memory"
+    bad: object | None = None  # none: where files that cannot be read are recorded (a stream.BadFiles)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -230,11 +316,17 @@ class ImageFiles:
         """The files at `index` (int positions or a bool mask), still not decoded."""
         idx = index.nonzero().flatten() if index.dtype == torch.bool else index
         return ImageFiles([self.paths[i] for i in idx.tolist()], self.channels, self.size, self.max_pixels,
-                          self.cache)
+                          self.cache, self.bad)
 
-    def take(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 (N, C, H, W) of the files at `index` (all when None), decoded now."""
+    def take(self, index: torch.Tensor | None = None):
+        """uint8 (N, C, H, W) of the files at `index` (all when None), decoded now; with cache=none, a
+        StreamedImages that decodes as it is read."""
         files = self if index is None else self[index]
+        if self.cache == "none":
+            from .stream import StreamedImages
+
+            fit = self.size if isinstance(self.size, Fit) else Fit.square(self.size)
+            return StreamedImages(files.paths, self.channels, fit, self.max_pixels, self.bad)
         if self.cache == "disk" and files.paths:
             from .decoded_cache import cached_images
 

@@ -43,6 +43,7 @@ class ImageSet:
     category_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
+        # images may also be a StreamedImages (files read batch by batch), which stands for such a tensor
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             got = f"{self.images.dtype} {tuple(self.images.shape)}"
             raise ValueError(f"ImageSet images must be uint8 (N, C, H, W), got {got}")
@@ -69,9 +70,15 @@ class ImageSet:
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay in their files (a StreamedImages), read batch by batch."""
+        return not isinstance(self.images, torch.Tensor)
+
     def subset(self, index: torch.Tensor) -> ImageSet:
         t = index_targets(self.targets, index) if self.targets is not None else None
-        return ImageSet(self.images[index], self.labels[index], self.classes, self.name, t, self.category_ids)
+        images = self.images.select(index) if self.streamed else self.images[index]
+        return ImageSet(images, self.labels[index], self.classes, self.name, t, self.category_ids)
 
     def to(self, device: torch.device | str) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name,
@@ -92,6 +99,14 @@ class Dataset:
     test: ImageSet
     source: str = ""  # where the files were read from
     splits: dict[str, Any] = field(default_factory=dict)  # how val and test were made (recorded in runs)
+    fit: Any = None  # image folders: how a file becomes the model's input (an images.Fit, recorded in runs)
+    notes: list[str] = field(default_factory=list)  # what the user should know about how the data is read
+    bad: Any = None  # streamed images: the files left out as they were read (a stream.BadFiles)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the training images stay in their files, read batch by batch by worker processes."""
+        return self.train.streamed
 
     @property
     def classes(self) -> list[str]:

@@ -13,12 +13,13 @@ import pickle
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import VisrecError
-from .images import ImageFiles
+from .images import Fit, ImageFiles
 
 
 @dataclass
@@ -37,6 +38,10 @@ class RawSplits:
     test_targets: dict | None = None
     val_targets: dict | None = None
     category_ids: list[int] | None = None  # COCO/YOLO: the dataset's own id of each object class
+    fit: Fit | None = None  # image folders: how each file becomes the model's input (recorded in runs)
+    notes: list[str] = field(default_factory=list)  # what the user should know about how the data is read
+    cache: str = "memory"  # image folders: how the images are held (data.cache, resolved)
+    bad: Any = None  # streamed folders: the files left out as they are read (a stream.BadFiles)
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)

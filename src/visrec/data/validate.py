@@ -6,7 +6,8 @@ classes missing from train. Warnings are what would train but mislead: fewer tha
 models and style take, and a classifier refuses), the same file in two splits (a leak into the evaluation), class
 names whose sorted order is not their numeric order (`1, 10, 2`: labels by position would be off), image modes
 visrec has no documented conversion for. Notes: hidden folders and non-image files that are ignored. Images of
-several sizes are an error without an image size (training refuses them), a note with one (they are resized).
+several sizes are a note (training fits them to one size, keeping their aspect ratio); in COCO and YOLO data an error
+without an image size (training refuses them), a note with one (they are resized).
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ def _numeric_order_differs(names: list[str]) -> bool:
     return len(nums) > 1 and sorted(nums) != sorted(nums, key=int)
 
 
-def mixed_sizes(report: Report, where: Path | str, sizes: dict[tuple[int, int], int], image_size: int | None) -> None:
-    """Images of several (width, height) sizes: training refuses them unless data.image_size resizes them."""
+def mixed_sizes(report: Report, where: Path | str, sizes: dict[tuple[int, int], int], image_size: int | None,
+                fitted: bool = False) -> None:
+    """Images of several (width, height) sizes: training refuses them unless data.image_size resizes them; `fitted`
+    (image folders): training fits them to one size itself (a note that says which)."""
     if len(sizes) < 2:
         return
     common = max(sizes, key=sizes.get)
@@ -89,7 +92,15 @@ def mixed_sizes(report: Report, where: Path | str, sizes: dict[tuple[int, int], 
     else:
         small, large = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
         which = f"no two alike, from {small[0]}x{small[1]} to {large[0]}x{large[1]}"
-    if image_size is None:
+    if image_size is None and fitted:
+        from .folders import AUTO_SIZE_MAX
+
+        shorter = sorted(min(wh) for wh, n in sizes.items() for _ in range(n))
+        side = max(1, min(AUTO_SIZE_MAX, shorter[len(shorter) // 2]))
+        report.add("note", "mixed-sizes", where, f"{len(sizes)} image sizes ({which}): training resizes each to cover "
+                   f"{side}x{side} (the median shorter side, at most {AUTO_SIZE_MAX}) and crops its centre, keeping "
+                   "its aspect ratio; choose the size with --set data.image_size=N")
+    elif image_size is None:
         report.add("error", "mixed-sizes", where, f"{len(sizes)} image sizes ({which}): training refuses them; "
                    "resize them in training with --set data.image_size=N (validate --image-size N checks that)")
     else:
@@ -156,7 +167,7 @@ def validate_folder(root: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, imag
         if len(found_in) > 1:
             report.add("warning", "duplicate-across-splits", first_path[digest],
                        f"the same file is in {' and '.join(sorted(found_in))}: evaluation would see training images")
-    mixed_sizes(report, root, sizes, image_size)
+    mixed_sizes(report, root, sizes, image_size, fitted=True)
     return report
 
 

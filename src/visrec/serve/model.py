@@ -296,8 +296,9 @@ class ServedModel:
                 try:
                     im = ImageOps.exif_transpose(im)  # a photo taken upright is upright: boxes and masks follow
                     w, h = im.size
-                    a = to_array(im, self.channels, None if self.detector else (self.size[1], self.size[0]),
-                                 oriented=True)
+                    # the run's evaluation transform (resize to cover, centre crop), else squashed to its size
+                    size = None if self.detector else self.lm.fit or (self.size[1], self.size[0])
+                    a = to_array(im, self.channels, size, oriented=True)
                 except (OSError, ValueError) as e:
                     raise UploadError("unreadable_image", 400, f"{name}: the {fmt} image cannot be decoded: {e}",
                                       "the file is truncated or damaged; send it again or re-save it") from None

@@ -154,6 +154,9 @@ class TensorBoardLogger(Callback):
         self._metrics(record, "train")
         self.writer.add_scalar("lr", record["lr"], record["step"])
         self.writer.add_scalar("images_per_s", record["images_per_s"], record["step"])
+        if "data_share" in record:  # of the window's time, waiting for data (the rest: the step)
+            self.writer.add_scalar("time/data_share", record["data_share"], record["step"])
+            self.writer.add_scalar("time/data_seconds", record["data_seconds"], record["step"])
 
     def on_epoch_end(self, state, records):
         for r in records:
@@ -201,7 +204,7 @@ def log_figures(writer: Any, figures: dict[str, bytes], step: int) -> None:
         writer.add_image(f"figures/{name}", img, step, dataformats="HWC")
 
 
-_NOT_METRICS = {"epoch", "step", "lr", "seconds", "images_per_s"}
+_NOT_METRICS = {"epoch", "step", "lr", "seconds", "images_per_s", "data_seconds", "data_share"}
 
 
 def _fmt_time(seconds: float) -> str:
@@ -278,6 +281,8 @@ class ProgressPrinter(Callback):
             parts.append("val " + " ".join(b for b in bits if b))
         if tr:
             parts.append(f"lr {tr['lr']:.3g}  {tr.get('images_per_s', 0):.0f} img/s")
+            if tr.get("data_share", 0) >= 0.05:  # the step waited on data: say how much of the time
+                parts.append(f"data wait {tr['data_share']:.0%}")
         done = state.step / max(state.total_steps, 1)
         eta = state.train_seconds * (1 - done) / done if done > 0 else float("nan")
         parts.append(f"train {_fmt_time(state.train_seconds)} (eta {_fmt_time(eta)})")

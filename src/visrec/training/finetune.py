@@ -186,8 +186,10 @@ def cached_features(model: nn.Module, images: torch.Tensor, normalizer: Normaliz
     the images and the preprocessing, so a changed network or dataset never reuses stale features."""
     head = {id(p) for p in _head(model).parameters()}
     backbone = {k: v for k, v in model.state_dict(keep_vars=True).items() if id(v) not in head}
-    key = _digest({**{f"w.{k}": v for k, v in backbone.items()}, "images": images},
-                  (type(model).__name__, normalizer.state()))
+    # images in their files (streamed) are named by their files' digest, not read twice
+    files = None if isinstance(images, torch.Tensor) else images.fingerprint()
+    key = _digest({**{f"w.{k}": v for k, v in backbone.items()}, **({"images": images} if files is None else {})},
+                  (type(model).__name__, normalizer.state(), files))
     path = folder / f"{key[:40]}.safetensors"
     if path.is_file():
         try:

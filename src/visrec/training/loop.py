@@ -27,6 +27,7 @@ from ..config import Config, parse_duration
 from ..data import Dataset, DeviceBatches, Normalizer, Pipeline
 from ..data.augment import alternates_flip
 from ..data.imageset import move_targets
+from ..data.stream import BadFiles, LoaderBatches
 from ..device import (
     Runtime,
     autocast,
@@ -171,9 +172,14 @@ class Trainer:
             raise VisrecError(f"the batch of {bs} images does not divide among {self.dist.world} processes",
                               f"set train.batch_size to a multiple of {self.dist.world} (the global batch: each "
                               f"process takes batch / {self.dist.world})")
-        self.batches = DeviceBatches(ds.train.images.to(device), move_targets(task.targets(ds.train), device), bs,
-                                     seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world,
-                                     alternate_flip=alternates_flip(cfg.data.augment))
+        self.notes += ds.notes
+        self.bad_files = None
+        if ds.streamed:
+            self.batches = self._stream(bs, device)
+        else:
+            self.batches = DeviceBatches(ds.train.images.to(device), move_targets(task.targets(ds.train), device),
+                                         bs, seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world,
+                                         alternate_flip=alternates_flip(cfg.data.augment))
         if self.dist.active:
             d = self.dist
             where = (f"{torch.get_num_threads()} CPU thread(s) each" if device.type == "cpu"
@@ -213,6 +219,23 @@ class Trainer:
         self.writer = RunWriter(self.run_dir, write=self.dist.main)
         self.probe_features: dict[str, Any] = {}  # the linear probe's feature extraction: cache hit, seconds
 
+    def _stream(self, bs: int, device: torch.device) -> LoaderBatches:
+        """Training batches read from the files by worker processes (the training set streams: data.cache)."""
+        cfg, ds = self.cfg, self.ds
+        if alternates_flip(cfg.data.augment):
+            raise VisrecError("altflip mirrors each image in alternate epochs, which needs the images in memory, and "
+                              "this training set streams from its files", "use hflip, or data.cache=disk")
+        self.bad_files = ds.bad or BadFiles(len(ds.train), cfg.data.max_bad_fraction)
+        batches = LoaderBatches(ds.train.images, self.task.targets(ds.train), bs, device=device,
+                                seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world,
+                                workers=cfg.data.workers, scale=tuple(cfg.data.crop_scale),
+                                ratio=tuple(cfg.data.crop_ratio), bad=self.bad_files)
+        fit = ds.fit
+        self.notes.append(f"reading {len(ds.train):,} training images from their files with {batches.workers} "
+                          f"worker process(es) (data.workers): random-resized crops to {fit.width}x{fit.height}; "
+                          f"evaluation {fit.describe()}")
+        return batches
+
     def _lr_factor(self):
         """The schedule's factor per step: restarted when a two-stage fine-tune unfreezes the network, and held
         at average.swa_lr during SWA when that is set."""
@@ -242,6 +265,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             **self.averages.state(),
             "augment_rng": self.pipeline.get_state()["rng"],
+            **({"input": ds.fit.state()} if ds.fit is not None else {}),
         }
 
     def _augment_seed(self) -> int:
@@ -437,6 +461,8 @@ class Trainer:
         return out
 
     def _end(self, callbacks: list[Callback], status: str, test: Evaluation | None, **extra: Any) -> None:
+        if isinstance(self.batches, LoaderBatches):
+            self.batches.close()  # the worker processes are done
         summary = self.writer.write_summary(self._summary(status, test, **extra), self.task.primary)
         state = self._state()
         for cb in callbacks:
@@ -522,7 +548,17 @@ class Trainer:
         win_start = pos.step
         t_epoch = t_win = time.perf_counter()
         seconds_before = pos.train_seconds
-        for xb, yb in batches:
+        win_data = ep_data = 0.0  # seconds spent waiting for batches (wall clock: no device sync)
+        feed = iter(batches)
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                xb, yb = next(feed)
+            except StopIteration:
+                break
+            waited = time.perf_counter() - t_wait
+            win_data += waited
+            ep_data += waited
             # ---- hot path: no host syncs here ----
             if isinstance(opt, torch.optim.LBFGS):
                 out, loss, target = self._lbfgs_step(opt, forward, xb, yb, params, clip)
@@ -574,13 +610,14 @@ class Trainer:
                 rec = {"epoch": pos.epoch + 1, "step": pos.step, "split": "train", "kind": "window",
                        "loss": losses[finite].mean().item() if bool(finite.any()) else float("nan"),
                        **self._stat_fields(sums, n_img), "lr": self.schedule.lr,
-                       "seconds": round(pos.train_seconds, 3), "images_per_s": n_img / max(t - t_win, 1e-9)}
+                       "seconds": round(pos.train_seconds, 3), "images_per_s": n_img / max(t - t_win, 1e-9),
+                       "data_seconds": round(win_data, 4), "data_share": round(win_data / max(t - t_win, 1e-9), 4)}
                 self.window_losses.append(rec["loss"])
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
                 if self.budget is not None and self._pace is not None:
                     self._replan(pos.train_seconds)
-                win_losses, win_stats, win_start, t_win = [], [], pos.step, time.perf_counter()
+                win_losses, win_stats, win_start, t_win, win_data = [], [], pos.step, time.perf_counter(), 0.0
                 # a signal that came while logging; across processes, any rank's signal stops them all
                 reached = stop_after_steps is not None and pos.step >= stop_after_steps
                 stop = self.dist.any(stop or self._stop_reason is not None, device)
@@ -599,20 +636,22 @@ class Trainer:
         sync(device)
         if ep_steps:
             pos.train_seconds = seconds_before + (time.perf_counter() - t_epoch)
-        self._end_epoch(callbacks, ep_loss, ep_stats, ep_steps, bs, pos.train_seconds - seconds_before)
+        self._end_epoch(callbacks, ep_loss, ep_stats, ep_steps, bs, pos.train_seconds - seconds_before, ep_data)
         return True
 
     def _stat_fields(self, sums: torch.Tensor, n: int) -> dict[str, float]:
         return {name: v / n for name, v in zip(self.task.stats, sums.tolist(), strict=True)}  # one host sync
 
-    def _end_epoch(self, callbacks, ep_loss, ep_stats, ep_steps: int, bs: int, ep_seconds: float) -> None:
+    def _end_epoch(self, callbacks, ep_loss, ep_stats, ep_steps: int, bs: int, ep_seconds: float,
+                   data_seconds: float = 0.0) -> None:
         pos, records = self.pos, []
         if ep_steps:
             n = ep_steps * bs
             records.append({"epoch": pos.epoch + 1, "step": pos.step, "split": "train", "kind": "epoch",
                             "loss": ep_loss.item() / ep_steps, **self._stat_fields(ep_stats, n),
                             "lr": self.schedule.lr, "seconds": round(pos.train_seconds, 3),
-                            "images_per_s": n / max(ep_seconds, 1e-9)})
+                            "images_per_s": n / max(ep_seconds, 1e-9),
+                            "data_share": round(min(1.0, data_seconds / max(ep_seconds, 1e-9)), 4)})
         self.averages.end_epoch(self.model, pos.step, self._final(), self.ds.train.images, self.normalizer,
                                 self.eval_settings.batch_size)
         if self.ds.val is not None:
@@ -691,6 +730,11 @@ class Trainer:
         }
         summary.update(self.task.summary_fields(test))
         summary["batch_size"] = self.batches.batch_size
+        if "input" in ds.splits:  # how the files became images: the cache mode and the evaluation transform
+            summary["data_input"] = {**ds.splits["input"], **({"workers": self.batches.workers}
+                                                              if isinstance(self.batches, LoaderBatches) else {})}
+        if self.bad_files is not None and self.bad_files.found:
+            summary["skipped_files"] = self.bad_files.rows()
         warnings = [*self.warnings]
         if status == "completed":
             warnings += self._learned_nothing(test)

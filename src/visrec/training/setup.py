@@ -41,6 +41,12 @@ def check_config(cfg: Config) -> None:
         raise VisrecError(f"distillation learns from probabilities: it needs loss.name=cross_entropy, not "
                           f"{cfg.loss.name!r}")
     check_finetune(cfg.finetune, bool(cfg.model.weights) or cfg.model.pretrained)
+    for key, top in (("crop_scale", 1.0), ("crop_ratio", float("inf"))):
+        pair = list(getattr(cfg.data, key))
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1] <= top:
+            raise VisrecError(f"data.{key}={pair} is not a range (low, high) within (0, {top:g}]",
+                              "give two numbers, low then high, e.g. data.crop_scale=[0.08,1] or "
+                              "data.crop_ratio=[0.75,1.3333]")
     if t.engine == "numpy":
         check_numpy_engine(cfg)
     if cfg.finetune.strategy == "two_stage" and cfg.finetune.head_epochs >= t.epochs:
@@ -158,6 +164,9 @@ def schedule_warnings(total_steps: int, epochs: int, steps_per_epoch: int, batch
             f"batch(es) of {batch_size} on {n_train} images): too few to learn much. {fix[0].upper()}{fix[1:]}."]
 
 
+NORMALIZER_SAMPLE = 2048  # streamed training sets: images whose statistics fit the normalization
+
+
 def fit_normalizer(cfg: Config, ds: Dataset) -> Normalizer:
     """The input normalization of `cfg.data`, fitted on the training split (on the CPU)."""
     d = cfg.data
@@ -165,7 +174,14 @@ def fit_normalizer(cfg: Config, ds: Dataset) -> Normalizer:
         raise VisrecError(f"data.normalize={d.normalize} turns each image into {d.pca_k or 'k'} features, which "
                           f"augmentation ({', '.join(d.augment)}) cannot work on",
                           "--set data.augment=[], or use data.normalize=zca, which keeps the image layout")
-    return Normalizer.fit(ds.train.images, d.normalize, k=d.pca_k, eps=d.pca_eps)
+    images = ds.train.images
+    if ds.train.streamed:  # images in their files: the statistics of a seeded sample, not a pass over them all
+        if d.normalize in ("pca", "pca_whiten", "zca"):
+            raise VisrecError(f"data.normalize={d.normalize} needs the whole training set in memory, and this one "
+                              "streams from its files (data.cache=none)",
+                              "use data.normalize=channel, or data.cache=disk to decode the images once")
+        images = images.sample(NORMALIZER_SAMPLE, seed=cfg.data.split_seed)
+    return Normalizer.fit(images, d.normalize, k=d.pca_k, eps=d.pca_eps)
 
 
 def model_spec(cfg: Config, ds: Dataset, normalizer: Normalizer, num_outputs: int) -> dict[str, Any]:
