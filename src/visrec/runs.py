@@ -319,7 +319,8 @@ class Run:
         """Top-k classes for image files, PIL images, arrays or uint8 tensors, through the run's own input pipeline.
 
         Files are decoded as training decoded them. A run trained on an image folder converts every file to its
-        channels and (with `data.image_size`) resizes it, so `resize` and `convert` default to what training did;
+        channels and fits it to the model's size (the run's evaluation transform: resize to cover, centre crop), so
+        `resize` and `convert` default to what training did;
         for other runs an image of another size or a color image for a grayscale model is an error that names
         both fixes, unless `resize` / `convert`. `errors="collect"` predicts the good inputs and returns the bad
         ones with their `error` instead of raising at the first. `backend`: as in load_model.
@@ -366,10 +367,10 @@ class Run:
 
     def input_fixes(self, resize: bool | None, convert: bool | None) -> tuple[bool, bool]:
         """Whether image files are resized and converted to the model's input; None: as training did (a run trained
-        on an image folder converted every file to its channels and, with `data.image_size`, resized it)."""
+        on an image folder converted every file to its channels and fitted it to one size)."""
         cfg = self.config
         folder = cfg.data.name.startswith("folder:")
-        return ((folder and cfg.data.image_size is not None) if resize is None else resize,
+        return (folder if resize is None else resize,
                 folder if convert is None else convert)
 
     @staticmethod

@@ -85,14 +85,24 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
 
     # One channel count for every split, decided from all files so val/test match train.
     all_files = [p for found, _ in scanned.values() for files in found.values() for p in files]
+    def header(path: Path) -> tuple[str, tuple[int, int]] | None:
+        """A file's (mode, size); None for a file that cannot be read: its error comes where it is decoded (or, when
+        the images stream, it is left out and counted)."""
+        try:
+            return peek(path, max_pixels)
+        except VisrecError:
+            return None
+
     if channels is None:
-        channels = 3 if any(native_channels(peek(p, max_pixels)[0]) == 3 for p in all_files) else 1
+        channels = 3 if any((m := header(p)) and native_channels(m[0]) == 3 for p in all_files) else 1
     notes: list[str] = []
     if image_size:
         h = w = image_size
     else:
         step = max(1, len(all_files) // SIZE_SAMPLE)
-        sizes = [peek(p, max_pixels)[1] for p in all_files[::step][:SIZE_SAMPLE]]
+        sizes = [m[1] for p in all_files[::step][:SIZE_SAMPLE] if (m := header(p))]
+        if not sizes:
+            peek(all_files[0], max_pixels)  # not one readable: the first one's error
         if len(set(sizes)) == 1:
             w, h = sizes[0]
         else:
@@ -105,7 +115,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
     budget = memory_budget_bytes(memory_budget)
     mode = cache
     if cache == "auto":
-        mode = "memory" if decoded < AUTO_DISK_BYTES else "disk" if decoded <= budget else "none"
+        mode = "none" if decoded > budget else "memory" if decoded < AUTO_DISK_BYTES else "disk"
         if mode == "none":
             notes.append(f"streaming {len(all_files):,} images from their files: decoded at {w}x{h} they would take "
                          f"{_human(decoded)}, above data.memory_budget ({_human(budget)}); set data.cache=disk to "

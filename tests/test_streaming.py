@@ -1,0 +1,156 @@
+"""Folders streamed from their files: worker processes, random-resized crops from the originals, the evaluation
+transform recorded and applied by predict and serve, bad files left out and counted, exact resume, shares per rank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import visrec
+from visrec.config import Config
+from visrec.data.images import Fit, decode
+from visrec.data.stream import LoaderBatches, StreamedImages, random_resized_box
+from visrec.errors import VisrecError
+from visrec.runs import Run
+
+SIZES = [(40, 30), (30, 40), (48, 36), (36, 36)]  # photos of several shapes; shorter sides 30, 30, 36, 36
+
+
+def _photos(root: Path, per_class: int = 12) -> Path:
+    """JPEGs of three classes told apart by colour, with texture, in four sizes and shapes."""
+    rng = np.random.default_rng(0)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    for k, name in enumerate(("red", "green", "blue")):
+        for i in range(per_class):
+            w, h = SIZES[i % len(SIZES)]
+            a = np.clip(np.array(colours[k]) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            p = root / name / f"{i:03d}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(p, quality=90)
+    return root
+
+
+def _cfg(data: Path, **sets) -> Config:
+    cfg = Config()
+    cfg.data.name = f"folder:{data}"
+    cfg.model.name = "convnet"
+    cfg.model.kwargs = {"widths": [8, 16, 16]}
+    cfg.train.epochs = 3
+    cfg.train.batch_size = 8
+    cfg.train.min_epoch_steps = 0
+    cfg.data.workers = 2
+    cfg.data.memory_budget = "1KB"  # any real folder is above it: auto streams
+    cfg.log.report = False
+    for key, value in sets.items():
+        cfg.set(key.replace("__", "."), value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return _photos(tmp_path_factory.mktemp("photos") / "p")
+
+
+@pytest.fixture(scope="module")
+def streamed_run(photos, tmp_path_factory) -> Run:
+    out = tmp_path_factory.mktemp("runs") / "s"
+    return visrec.Trainer(_cfg(photos), out=str(out), progress=False, quiet=True).fit()
+
+
+def test_a_folder_above_the_memory_budget_streams_and_learns(streamed_run):
+    s = streamed_run.summary
+    assert s["status"] == "completed"
+    # several sizes and no data.image_size: the median shorter side of the sample (30 and 36 -> 36 at the middle)
+    assert s["data_input"] == {"cache": "none", "size": [36, 36], "crop_pct": 0.875, "mode": "crop", "workers": 2}
+    assert s["test_acc"] >= 0.8  # colour is easy: the crops and the transform must not lose it
+    windows = [r for r in streamed_run.metrics("train") if r["kind"] == "window"]
+    assert windows and all(0 <= r["data_share"] <= 1 and r["data_seconds"] >= 0 for r in windows)
+    assert "skipped_files" not in s
+
+
+def test_predict_and_serve_apply_the_recorded_evaluation_transform(streamed_run, photos):
+    from visrec.serve.model import ServedModel
+
+    lm = streamed_run.load_model()
+    assert lm.fit == Fit(36, 36, 0.875)
+    wide = photos / "red" / "000.jpg"  # 40x30: resized to cover 41x41, centre 36x36
+    expected = StreamedImages([wide], 3, lm.fit)[0]
+    assert torch.equal(torch.from_numpy(decode(wide, 3, lm.fit)).permute(2, 0, 1), expected)
+    assert torch.equal(Run._to_tensor(wide, lm, resize=True, convert=True), expected)
+    served = ServedModel(streamed_run.path).load().prepare(wide.read_bytes(), wide.name)
+    assert torch.equal(served.x, expected)
+    (pred,) = streamed_run.predict([str(wide)])
+    assert pred.label == "red"
+
+
+def test_the_evaluation_transform_keeps_the_aspect_ratio(tmp_path):
+    # a 60x20 image with a bright left third: squashing keeps it in a third of the output, the crop loses it all
+    a = np.zeros((20, 60, 3), np.uint8)
+    a[:, :20] = 255
+    Image.fromarray(a).save(tmp_path / "w.png")
+    squashed = decode(tmp_path / "w.png", 3, 10)
+    cropped = decode(tmp_path / "w.png", 3, Fit(10, 10))
+    assert squashed[:, :3].mean() > 250 and cropped.mean() < 10  # the centre 20x20 of the original is dark
+    assert decode(tmp_path / "w.png", 3, Fit(10, 30)).shape == (10, 30, 3)
+
+
+def test_random_resized_boxes_stay_inside_and_follow_the_seed():
+    rng = np.random.default_rng(0)
+    boxes = [random_resized_box(64, 48, rng) for _ in range(200)]
+    assert all(0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 for x0, y0, x1, y1 in boxes)
+    areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
+    assert min(areas) >= 0.07 and max(areas) <= 1.0 and np.std(areas) > 0.1  # scale (0.08, 1): varied crops
+    again = [random_resized_box(64, 48, np.random.default_rng(0)) for _ in range(1)]
+    assert again[0] == boxes[0]
+
+
+def test_bad_files_mid_stream_are_left_out_counted_and_named(photos, tmp_path):
+    data = tmp_path / "bad"
+    shutil.copytree(photos, data)
+    whole = (data / "red" / "001.jpg").read_bytes()
+    (data / "red" / "001.jpg").write_bytes(whole[: len(whole) // 2])  # header intact, pixels cut off
+    (data / "green" / "junk.jpg").write_bytes(b"not a jpeg at all")
+    run = visrec.Trainer(_cfg(data, data__max_bad_fraction=0.2, data__val_fraction=0.0, train__epochs=1),
+                         out=str(tmp_path / "r"), progress=False, quiet=True).fit()
+    s = run.summary
+    assert s["status"] == "completed"
+    skipped = {Path(r["path"]).name: r["problem"] for r in s["skipped_files"]}
+    assert set(skipped) <= {"001.jpg", "junk.jpg"} and skipped  # those in the training or test split, as read
+    assert "junk.jpg" not in skipped or "cannot read image" in skipped["junk.jpg"]
+    with pytest.raises(VisrecError) as e:
+        visrec.Trainer(_cfg(data, data__max_bad_fraction=0.0, data__val_fraction=0.0, train__epochs=1),
+                       out=str(tmp_path / "r0"), progress=False, quiet=True).fit()
+    assert "data.max_bad_fraction=0" in e.value.message and (".jpg" in e.value.message)
+
+
+def test_a_streamed_run_resumes_mid_epoch_exactly(photos, tmp_path):
+    cfg = _cfg(photos, train__epochs=2)
+    whole = visrec.Trainer(cfg, out=str(tmp_path / "whole"), progress=False, quiet=True).fit()
+    cut = visrec.Trainer(_cfg(photos, train__epochs=2), out=str(tmp_path / "cut"), progress=False, quiet=True)
+    assert cut.fit(stop_after_steps=3).status == "interrupted"
+    resumed = visrec.Trainer.resume(tmp_path / "cut", progress=False).fit()
+    a, b = whole.load_model("last"), resumed.load_model("last")
+    for (k, v), w in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["steps"] == whole.summary["steps"]
+
+
+def test_ranks_share_each_epoch_and_see_every_image_once(photos):
+    files = sorted(photos.rglob("*.jpg"))
+    images = StreamedImages(files, 3, Fit(16, 16))
+    labels = torch.arange(len(files))
+    seen = []
+    for rank in range(2):
+        b = LoaderBatches(images, labels, 8, device=torch.device("cpu"), seed=3, rank=rank, world=2, workers=1)
+        for x, y in b.epoch(1):
+            assert x.shape[1:] == (3, 16, 16) and len(x) == 4  # half of each global batch of 8
+            seen += y.tolist()
+        b.close()
+    n = len(files) // 8 * 8  # the last partial batch is dropped
+    assert len(seen) == n and len(set(seen)) == n
