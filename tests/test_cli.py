@@ -182,8 +182,8 @@ def test_a_folder_path_reads_as_an_image_folder(tmp_path, monkeypatch):
     assert code == 0 and "gradcam.png" in out, out
     from visrec.runs import Run
 
-    run = Run(tmp_path / "runs/f")  # files are converted as training did; resized only when training resized
-    assert run.input_fixes(None, None) == (False, True) and run.input_fixes(True, False) == (True, False)
+    run = Run(tmp_path / "runs/f")  # files are converted and fitted to the model's size as training did
+    assert run.input_fixes(None, None) == (True, True) and run.input_fixes(False, False) == (False, False)
     from visrec.data.catalog import source_name
 
     (tmp_path / "coco" / "annotations").mkdir(parents=True)

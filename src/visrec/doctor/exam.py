@@ -130,6 +130,43 @@ def overlap(train: torch.Tensor, test: torch.Tensor) -> list[int]:
     return [j for j in cand if any(torch.equal(te[j], tr[i]) for i in by_hash.get(int(hs[j]), []))]
 
 
+STREAMED_SAMPLE = 2000  # images in their files: the constant-image check decodes a sample of each split
+
+
+def same_files(train: list[Path], test: list[Path]) -> list[int]:
+    """Indices of test files whose bytes equal a training file's: sizes first (one stat each), then a digest of the
+    files whose size another shares."""
+    import hashlib
+
+    def size(p: Path) -> int:
+        try:
+            return p.stat().st_size
+        except OSError:
+            return -1
+
+    train_sizes: dict[int, list[Path]] = {}
+    for p in train:
+        train_sizes.setdefault(size(p), []).append(p)
+
+    def digest(p: Path) -> str:
+        try:
+            return hashlib.sha1(p.read_bytes()).hexdigest()
+        except OSError:
+            return f"unreadable:{p}"
+
+    found, known = [], {}
+    for j, p in enumerate(test):
+        peers = train_sizes.get(size(p), [])
+        if not peers or size(p) < 0:
+            continue
+        for q in peers:
+            if q not in known:
+                known[q] = digest(q)
+        if digest(p) in {known[q] for q in peers}:
+            found.append(j)
+    return found
+
+
 def check_data(ex: Exam) -> None:
     ds, C = ex.ds, ex.C
     counts = ds.train.class_counts()
@@ -185,21 +222,31 @@ def check_data(ex: Exam) -> None:
                                "--set data.normalize=channel"))
     else:
         ex.add("data", Finding("input-not-normalized", "ok", f"inputs have mean {mean:.2f} and std {std:.2f}", ev))
-    # Constant images.
-    flat_counts = {}
+    # Constant images (images in their files: a seeded sample of each split).
+    flat_counts, sampled = {}, {}
     for name in ("train", "test"):
-        imgs = ds.split(name).images.reshape(len(ds.split(name)), -1)
+        part = ds.split(name).images
+        if not isinstance(part, torch.Tensor):
+            part = part.sample(STREAMED_SAMPLE, seed=ex.opts.seed)
+            sampled[name] = len(part)
+        imgs = part.reshape(len(part), -1)
         flat_counts[name] = int(sum((c.amax(1) == c.amin(1)).sum().item() for c in imgs.split(8192)))
     n_const = sum(flat_counts.values())
     total = len(ds.train) + len(ds.test)
     if n_const:
         ex.add("data", Finding(
             "constant-images", "warn" if n_const / total >= 0.01 else "info",
-            f"{n_const} image(s) are one flat value (blank or corrupt)", {"count_by_split": flat_counts},
+            f"{n_const} image(s) are one flat value (blank or corrupt)",
+            {"count_by_split": flat_counts, **({"sampled": sampled} if sampled else {})},
             "inspect and remove them, or check how the files are decoded",
         ))
-    # Test images that also sit in the training split.
-    dup = overlap(torch.cat([ds.train.images] + ([ds.val.images] if ds.val is not None else [])), ds.test.images)
+    # Test images that also sit in the training split: byte for byte, as decoded or (streamed) as files.
+    if ds.streamed:
+        held = [*ds.train.images.paths, *(ds.val.images.paths if ds.val is not None else [])]
+        dup = same_files(held, ds.test.images.paths)
+    else:
+        dup = overlap(torch.cat([ds.train.images] + ([ds.val.images] if ds.val is not None else [])),
+                      ds.test.images)
     frac = len(dup) / max(len(ds.test), 1)
     ev = {"test_images_in_train": len(dup), "fraction_of_test": round(frac, 4), "examples": dup[:10]}
     if frac >= 0.01:

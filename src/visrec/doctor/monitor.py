@@ -353,6 +353,32 @@ def loss_findings(windows: list[dict[str, Any]], summary: dict[str, Any]) -> lis
     return out
 
 
+DATA_BOUND_SHARE = 0.2  # the step waits on data more than this share of the time: the data path is the bottleneck
+
+
+def data_findings(windows: list[dict[str, Any]], summary: dict[str, Any]) -> list[Finding]:
+    """`data-bound`: the training step waited on its batches more than DATA_BOUND_SHARE of the time (the first window,
+    which starts the worker processes, is left out), with the fix that fits how the data was read."""
+    shares = [w["data_share"] for w in windows[1:] if isinstance(w.get("data_share"), int | float)]
+    if len(shares) < 2:
+        return []
+    share = sum(shares) / len(shares)
+    ev = {"data_share": round(share, 4), "windows": len(shares)}
+    source = summary.get("data_input") or {}
+    ev.update({k: source[k] for k in ("cache", "workers") if k in source})
+    if share <= DATA_BOUND_SHARE:
+        return [Finding("data-bound", "ok", f"the step waited on data {share:.0%} of the time", ev)]
+    if source.get("cache") == "none":
+        fix = (f"more worker processes (--set data.workers=N; now {source.get('workers', '?')}), the decoded cache "
+               "on disk (--set data.cache=disk: decoded once, then read without decoding), or smaller originals "
+               "(photos resized once to about twice data.image_size decode several times faster)")
+    else:
+        fix = ("a faster disk or the decoded cache (--set data.cache=disk), more CPU threads for the data, or a "
+               "larger batch so each step does more work per batch read")
+    return [Finding("data-bound", "warn", f"the training step waited on data {share:.0%} of the time: the data "
+                    "path, not the model, sets the pace", ev, fix)]
+
+
 def gap_findings(train_acc: float | None, val_acc: float | None, num_classes: int | None,
                  train_label: str = "training accuracy") -> list[Finding]:
     if train_acc is None or val_acc is None:
@@ -381,7 +407,7 @@ def gap_findings(train_acc: float | None, val_acc: float | None, num_classes: in
 
 def monitor_findings(samples, windows, epochs, summary) -> list[Finding]:
     """Everything a monitored run can say about itself at its end."""
-    out = loss_findings(windows, summary) + layer_findings(samples)
+    out = loss_findings(windows, summary) + layer_findings(samples) + data_findings(windows, summary)
     ratio = update_ratio(samples)
     if math.isfinite(ratio) and ratio > 0.5:
         out.append(Finding(

@@ -164,7 +164,7 @@ def schedule_warnings(total_steps: int, epochs: int, steps_per_epoch: int, batch
             f"batch(es) of {batch_size} on {n_train} images): too few to learn much. {fix[0].upper()}{fix[1:]}."]
 
 
-NORMALIZER_SAMPLE = 2048  # streamed training sets: images whose statistics fit the normalization
+NORMALIZER_SAMPLE = 512  # streamed training sets: a seeded sample whose statistics fit the normalization
 
 
 def fit_normalizer(cfg: Config, ds: Dataset) -> Normalizer:
