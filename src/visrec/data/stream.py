@@ -122,8 +122,18 @@ class StreamedImages:
         return self._decode(rows)
 
     def split(self, size: int) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.paths), size):
-            yield self._decode(range(start, min(start + size, len(self.paths))))
+        """Chunks of `size` images in order, the next one decoding while the caller works on this one."""
+        starts = range(0, len(self.paths), size)
+        if not starts:
+            return
+        with ThreadPoolExecutor(1) as ahead:
+            pending = ahead.submit(self._decode, range(0, min(size, len(self.paths))))
+            for start in starts:
+                chunk = pending.result()
+                nxt = start + size
+                if nxt < len(self.paths):
+                    pending = ahead.submit(self._decode, range(nxt, min(nxt + size, len(self.paths))))
+                yield chunk
 
     def _decode(self, rows) -> torch.Tensor:
         rows = list(rows)
