@@ -36,9 +36,9 @@ def _photos(root: Path, per_class: int = 12) -> Path:
     return root
 
 
-def _cfg(data: Path, **sets) -> Config:
+def _cfg(data: Path | str, **sets) -> Config:
     cfg = Config()
-    cfg.data.name = f"folder:{data}"
+    cfg.data.name = data if str(data).startswith("wds:") else f"folder:{data}"
     cfg.model.name = "convnet"
     cfg.model.kwargs = {"widths": [8, 16, 16]}
     cfg.train.epochs = 3
@@ -55,6 +55,20 @@ def _cfg(data: Path, **sets) -> Config:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     return _photos(tmp_path_factory.mktemp("photos") / "p")
+
+
+@pytest.fixture(scope="module")
+def packed(photos, tmp_path_factory) -> Path:
+    """The photos as shards of about 24 KB (several per split), packed as `visrec data pack` does."""
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    dest = tmp_path_factory.mktemp("shards") / "p"
+    r = CliRunner().invoke(app, ["data", "pack", str(photos), str(dest), "--shard-size", "24KB"])
+    assert r.exit_code == 0, r.output
+    assert f"train with: visrec train wds:{dest}" in r.output
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +143,12 @@ def test_bad_files_mid_stream_are_left_out_counted_and_named(photos, tmp_path):
     assert "data.max_bad_fraction=0" in e.value.message and (".jpg" in e.value.message)
 
 
-def test_a_streamed_run_resumes_mid_epoch_exactly(photos, tmp_path):
-    cfg = _cfg(photos, train__epochs=2)
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_a_streamed_run_resumes_mid_epoch_exactly(photos, packed, tmp_path, source):
+    data = photos if source == "folder" else f"wds:{packed}"
+    cfg = _cfg(data, train__epochs=2)
     whole = visrec.Trainer(cfg, out=str(tmp_path / "whole"), progress=False, quiet=True).fit()
-    cut = visrec.Trainer(_cfg(photos, train__epochs=2), out=str(tmp_path / "cut"), progress=False, quiet=True)
+    cut = visrec.Trainer(_cfg(data, train__epochs=2), out=str(tmp_path / "cut"), progress=False, quiet=True)
     assert cut.fit(stop_after_steps=3).status == "interrupted"
     resumed = visrec.Trainer.resume(tmp_path / "cut", progress=False).fit()
     a, b = whole.load_model("last"), resumed.load_model("last")
@@ -154,3 +170,62 @@ def test_ranks_share_each_epoch_and_see_every_image_once(photos):
         b.close()
     n = len(files) // 8 * 8  # the last partial batch is dropped
     assert len(seen) == n and len(set(seen)) == n
+
+
+def test_pack_writes_webdataset_shards_with_an_index(packed, photos):
+    import tarfile
+
+    index = json.loads((packed / "index.json").read_text())
+    assert index["classes"] == ["blue", "green", "red"] and index["format"] == "visrec-webdataset-1"
+    splits = index["splits"]
+    assert sum(s["samples"] for s in splits.values()) == 36 and len(splits["train"]["shards"]) >= 3
+    assert splits["test"]["samples"] == visrec.load_dataset(f"folder:{photos}").splits["test"]["n"]  # the same split
+    shard = splits["train"]["shards"][0]
+    with tarfile.open(packed / shard["name"]) as tar:
+        names = tar.getnames()
+        keys = {n.split(".", 1)[0] for n in names}
+        assert len(keys) == shard["samples"] and len(names) == 3 * len(keys)  # key.jpg, key.cls, key.json
+        first = sorted(keys)[0]
+        label = int(tar.extractfile(f"{first}.cls").read())
+        meta = json.loads(tar.extractfile(f"{first}.json").read())
+        original = Path(meta["file"]).read_bytes()
+        assert tar.extractfile(f"{first}.jpg").read() == original and meta["label"] == index["classes"][label]
+    k, offset, size = splits["train"]["members"][0]
+    assert (packed / splits["train"]["shards"][k]["name"]).read_bytes()[offset:offset + size] == original
+    # the training samples are shuffled: the first shard does not hold one class only
+    assert len({lab for lab in splits["train"]["labels"][:8]}) > 1
+
+
+def test_training_on_shards_matches_the_folder(packed, streamed_run, tmp_path):
+    run = visrec.Trainer(_cfg(f"wds:{packed}"), out=str(tmp_path / "w"), progress=False, quiet=True).fit()
+    s, f = run.summary, streamed_run.summary
+    assert s["status"] == "completed" and s["data_input"]["cache"] == "none"
+    assert (s["n_train"], s["n_val"], s["n_test"]) == (f["n_train"], f["n_val"], f["n_test"])
+    assert s["test_acc"] >= 0.8 and abs(s["test_acc"] - f["test_acc"]) <= 0.25
+    (pred,) = run.predict([str(sorted(Path(json.loads((packed / "index.json").read_text())["source"][7:])
+                                      .rglob("*.jpg"))[0])])
+    assert pred.label == "blue"
+    # a brace pattern names some of the training shards; the other splits come from the index beside them
+    n0 = json.loads((packed / "index.json").read_text())["splits"]["train"]["shards"][0]["samples"]
+    n1 = json.loads((packed / "index.json").read_text())["splits"]["train"]["shards"][1]["samples"]
+    ds = visrec.load_dataset(f"wds:{packed}/train-{{000000..000001}}.tar", val_fraction=0)
+    assert len(ds.train) == n0 + n1 and len(ds.test) == s["n_test"]
+
+
+def test_a_damaged_shard_member_is_left_out_and_counted(packed, tmp_path):
+    data = tmp_path / "d"
+    shutil.copytree(packed, data)
+    index = json.loads((data / "index.json").read_text())
+    train = index["splits"]["train"]
+    k, offset, size = train["members"][1]
+    shard = data / train["shards"][k]["name"]
+    raw = bytearray(shard.read_bytes())
+    raw[offset:offset + 16] = bytes(16)  # the JPEG's header bytes zeroed
+    shard.write_bytes(bytes(raw))
+    last = data / train["shards"][-1]["name"]
+    last.write_bytes(last.read_bytes()[:700])  # a shard cut short: its members end early
+    run = visrec.Trainer(_cfg(f"wds:{data}", data__max_bad_fraction=0.5, train__epochs=1), out=str(tmp_path / "r"),
+                         progress=False, quiet=True).fit()
+    problems = {r["path"]: r["problem"] for r in run.summary["skipped_files"]}
+    assert any(p.endswith("train#1") and "cannot" in why for p, why in problems.items())
+    assert any(train["shards"][-1]["name"] in p and "ends" in why for p, why in problems.items())

@@ -22,8 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help that wraps long names (paths, run folders) instead of cutting them
 )
-data_app = typer.Typer(help="Get datasets; see and clear the decoded cache of image folders.", no_args_is_help=True,
-                       rich_markup_mode=None)
+data_app = typer.Typer(help="Get datasets; pack image folders into shards; see and clear the decoded cache.",
+                       no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 out = Console(highlight=False, soft_wrap=True)
@@ -44,8 +44,9 @@ def _dataset_source(ctx: typer.Context, value: str | None) -> str | None:
 
 # Options shared by several commands, defined once.
 DatasetArg = Annotated[str | None, typer.Argument(
-    help="data.name: a catalog name (see `visrec datasets`), folder:PATH, coco:PATH, yolo:PATH, "
-         "synthetic[:k=v,...], or a folder's path (read as folder:PATH, or coco:/yolo: by its layout).",
+    help="data.name: a catalog name (see `visrec datasets`), folder:PATH, coco:PATH, yolo:PATH, wds:PATH (shards "
+         "from visrec data pack), synthetic[:k=v,...], or a folder's path (read as folder:PATH, or coco:/yolo: by "
+         "its layout).",
     callback=_dataset_source)]
 ModelOpt = Annotated[str | None, typer.Option(
     help="model.name: a registered model (see `visrec models`), timm:NAME or path/to/file.py:function.")]
@@ -1275,7 +1276,8 @@ def datasets(
     out.print(t)
     out.print("searched, in order: " + ", ".join(f"{p} ({why})" for p, why in search_roots(data_dir)))
     out.print("also: folder:PATH (one subfolder per class, optional train/ val/ test/), coco:PATH (annotations/"
-              "instances_<split>.json, images beside them), yolo:PATH (data.yaml, images/ and labels/); a folder's "
+              "instances_<split>.json, images beside them), yolo:PATH (data.yaml, images/ and labels/), wds:PATH "
+              "(shards written by visrec data pack, local or an fsspec URL); a folder's "
               "path alone is read by its layout")
 
 
@@ -1306,6 +1308,28 @@ def data_where(
         err.print(f"{name}: not found")
         raise typer.Exit(1)
     out.print(str(found))
+
+
+@data_app.command("pack")
+def data_pack(
+    source: Annotated[str, typer.Argument(help="The image folder to pack (PATH or folder:PATH).",
+                                          callback=_dataset_source)],
+    dest: Annotated[str, typer.Argument(help="Folder or fsspec URL (s3://, gs://, ...) the shards are written to.")],
+    shard_size: Annotated[str, typer.Option(help="Bytes per shard at most (1GB, 500MB, ...).")] = "1GB",
+    val_fraction: Annotated[float, typer.Option(help="data.val_fraction: held out of train for validation.")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(
+        help="data.test_fraction: held out as test when the folder has no test/.")] = 0.2,
+    split_seed: Annotated[int, typer.Option(help="data.split_seed: the seed of those splits.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the training samples' order in the shards.")] = 0,
+) -> None:
+    """Pack an image folder into WebDataset tar shards (train-NNNNNN.tar, val-, test-) and index.json, the splits
+    made as training makes them; train on them with `visrec train wds:DEST`."""
+    from .data.shards import pack
+
+    index = pack(source, dest, shard_size, seed=seed, say=lambda m: err.print(m), val_fraction=val_fraction,
+                 test_fraction=test_fraction, split_seed=split_seed)
+    parts = [f"{k} {v['samples']:,} samples in {len(v['shards'])} shard(s)" for k, v in index["splits"].items()]
+    out.print(f"packed {source} into {dest}: {'; '.join(parts)}; train with: visrec train wds:{dest}")
 
 
 @data_app.command("cache")

@@ -369,7 +369,7 @@ class Run:
         """Whether image files are resized and converted to the model's input; None: as training did (a run trained
         on an image folder converted every file to its channels and fitted it to one size)."""
         cfg = self.config
-        folder = cfg.data.name.startswith("folder:")
+        folder = cfg.data.name.startswith(("folder:", "wds:"))  # files, each fitted and converted
         return (folder if resize is None else resize,
                 folder if convert is None else convert)
 

@@ -163,7 +163,7 @@ CACHE_MODES = ("auto", "memory", "disk", "none")  # data.cache (see visrec.data.
 
 
 def dataset_names() -> list[str]:
-    return [*CATALOG, "folder:PATH", "coco:PATH", "yolo:PATH"]
+    return [*CATALOG, "folder:PATH", "coco:PATH", "yolo:PATH", "wds:PATH"]
 
 
 def is_scene_source(name: str) -> bool:
@@ -246,7 +246,7 @@ def _folder_kind(path: Path) -> str:
 def source_name(name: str) -> str:
     """A dataset as typed on the command line, made explicit: a path to a folder that is no catalog name becomes
     `folder:PATH` (or `coco:PATH`, `yolo:PATH`, by its layout), so the run's config says what was read."""
-    if _base_name(name) in CATALOG or name.startswith(("folder:", "coco:", "yolo:")):
+    if _base_name(name) in CATALOG or name.startswith(("folder:", "coco:", "yolo:", "wds:")):
         return name
     path = Path(name).expanduser()
     return f"{_folder_kind(path)}:{name}" if path.is_dir() else name
@@ -257,7 +257,10 @@ def source_label(name: str) -> str:
     its folder's name (two folders, two labels), any other by its name before options (`synthetic:classes=3` ->
     synthetic)."""
     prefix, _, rest = name.partition(":")
-    return slug(Path(rest.rstrip("/")).name or prefix if prefix in ("folder", "coco", "yolo") else prefix, "data")
+    if prefix == "wds":  # shards: the folder that holds them
+        rest = rest.split("{")[0].rsplit("/", 1)[0] if rest.endswith((".tar", ".json")) or "{" in rest else rest
+    return slug(Path(rest.rstrip("/")).name or prefix if prefix in ("folder", "coco", "yolo", "wds") else prefix,
+                "data")
 
 
 def slug(text: str, empty: str) -> str:
@@ -322,6 +325,12 @@ def read_source(name: str, data_dir=None, download_missing: bool = True, image_s
     max_bad_fraction."""
     if is_scene_source(name):
         return read_scene_source(name, data_dir, image_size, channels, **scenes)
+    if name.startswith("wds:"):
+        from .shards import read_shards
+
+        spec = name.split(":", 1)[1]
+        spec = spec if "://" in spec else str(Path(spec).expanduser())
+        return read_shards(spec, image_size, cache=cache, **(stream or {})), spec
     if name.startswith("folder:"):
         path = Path(name.split(":", 1)[1]).expanduser()
         return read_image_folder(path, image_size, channels, skip_bad=skip_bad_images, max_pixels=max_pixels,
@@ -408,7 +417,7 @@ def load_dataset(
     stream = {"memory_budget": memory_budget, "crop_pct": crop_pct, "max_bad_fraction": max_bad_fraction}
     raw, source = read_source(name, data_dir, download, image_size, channels, skip_bad_images, max_pixels, cache,
                               stream, scene_size=scene_size, max_objects=max_objects, scene_count=scene_count)
-    if not name.startswith("folder:") and not is_scene_source(name):
+    if not name.startswith(("folder:", "wds:")) and not is_scene_source(name):
         raw.train_images = _adapt(raw.train_images, image_size, channels)
         if raw.test_images is not None:
             raw.test_images = _adapt(raw.test_images, image_size, channels)

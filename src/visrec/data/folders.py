@@ -36,6 +36,19 @@ def memory_budget_bytes(budget: str | int | None) -> int:
     return int(float(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
 
 
+def choose_size(sizes: list[tuple[int, int]], notes: list[str]) -> tuple[int, int]:
+    """(height, width) for images of these (width, height) sizes without data.image_size: theirs when they agree,
+    else the median shorter side (at most AUTO_SIZE_MAX), square, said in `notes`."""
+    if len(set(sizes)) == 1:
+        return sizes[0][1], sizes[0][0]
+    shorter = sorted(min(s) for s in sizes)
+    side = max(1, min(AUTO_SIZE_MAX, shorter[len(shorter) // 2]))
+    lo, hi = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
+    notes.append(f"images of several sizes (from {lo[0]}x{lo[1]} to {hi[0]}x{hi[1]}): each is resized to cover "
+                 f"{side}x{side} and centre-cropped, keeping its aspect ratio (set data.image_size to choose)")
+    return side, side
+
+
 def _human(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
@@ -103,14 +116,7 @@ def read_image_folder(root: Path, image_size: int | None = None, channels: int |
         sizes = [m[1] for p in all_files[::step][:SIZE_SAMPLE] if (m := header(p))]
         if not sizes:
             peek(all_files[0], max_pixels)  # not one readable: the first one's error
-        if len(set(sizes)) == 1:
-            w, h = sizes[0]
-        else:
-            shorter = sorted(min(s) for s in sizes)
-            h = w = max(1, min(AUTO_SIZE_MAX, shorter[len(shorter) // 2]))
-            lo, hi = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
-            notes.append(f"images of several sizes (from {lo[0]}x{lo[1]} to {hi[0]}x{hi[1]}): each is resized to "
-                         f"cover {w}x{h} and centre-cropped, keeping its aspect ratio (set data.image_size to choose)")
+        h, w = choose_size(sizes, notes)
     decoded = len(all_files) * channels * h * w
     budget = memory_budget_bytes(memory_budget)
     mode = cache

@@ -67,6 +67,8 @@ def open_checked(path: Path | BinaryIO, max_pixels: int | None = None, limit_opt
     open binary file; `name` is what errors call it (default: the path)."""
     limit = max_pixels or MAX_PIXELS
     name = name or str(path)
+    if hasattr(path, "open") and not isinstance(path, Path):  # a sample inside a shard (shards.ShardMember)
+        path = path.open()
     if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = limit  # Pillow's own guard must not be stricter than the one asked for
     try:
@@ -228,6 +230,8 @@ def decode(path: Path | BinaryIO, channels: int, size: int | Fit | None = None, 
     """Decode one file (a path or an open binary file, called `name` in errors) to uint8 (H, W, channels),
     converting its mode as the module doc says."""
     try:
+        if hasattr(path, "open") and not isinstance(path, Path):  # a sample inside a shard (shards.ShardMember)
+            name, path = name or str(path), path.open()
         with Image.open(path) as im:
             return to_array(im, channels, size, box=box)
     except (UnidentifiedImageError, OSError, ValueError) as e:

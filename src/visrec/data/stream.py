@@ -167,7 +167,13 @@ class StreamedImages:
     def fingerprint(self) -> str:
         """A digest of the files (paths, sizes, modification times) and the transform: what a cache of anything
         computed from these images is keyed by."""
-        stats = [(str(p), *(lambda s: (s.st_size, s.st_mtime_ns))(os.stat(p))) for p in self.paths]
+        def stamp(p) -> tuple:
+            if not isinstance(p, Path | str):  # a sample inside a shard: where it is
+                return (str(p), p.offset, p.size)
+            st = os.stat(p)
+            return (str(p), st.st_size, st.st_mtime_ns)
+
+        stats = [stamp(p) for p in self.paths]
         return hashlib.sha256(json.dumps([stats, self.channels, self.fit.state()]).encode()).hexdigest()[:32]
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:

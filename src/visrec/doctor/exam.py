@@ -138,7 +138,9 @@ def same_files(train: list[Path], test: list[Path]) -> list[int]:
     files whose size another shares."""
     import hashlib
 
-    def size(p: Path) -> int:
+    def size(p) -> int:
+        if not isinstance(p, Path):  # a sample inside a shard
+            return p.size
         try:
             return p.stat().st_size
         except OSError:
@@ -148,10 +150,10 @@ def same_files(train: list[Path], test: list[Path]) -> list[int]:
     for p in train:
         train_sizes.setdefault(size(p), []).append(p)
 
-    def digest(p: Path) -> str:
+    def digest(p) -> str:
         try:
-            return hashlib.sha1(p.read_bytes()).hexdigest()
-        except OSError:
+            return hashlib.sha1(p.read_bytes() if isinstance(p, Path) else p.read()).hexdigest()
+        except (OSError, VisrecError):
             return f"unreadable:{p}"
 
     found, known = [], {}

@@ -1,0 +1,319 @@
+"""Shards: a dataset packed into WebDataset tar files (the format timm, OpenCLIP and webdataset read), for data too
+large or too remote for a folder of files.
+
+`visrec data pack SRC DEST --shard-size 1GB` reads SRC's splits as training would (the same seeded validation and test
+splits) and writes `DEST/{train,val,test}-NNNNNN.tar`: each sample is `KEY.<ext>` (the image file's own bytes, never
+re-encoded), `KEY.cls` (the class index, ASCII) and `KEY.json` (the class name and the file it came from); the
+training samples in a seeded random order, so that any run of consecutive samples mixes the classes. `DEST/index.json`
+says the format, the classes, each split's sample and class counts, each shard's samples and bytes, and where each
+sample's image sits (shard, byte offset, size), which lets evaluation and the doctor read any sample without reading
+a shard from its start.
+
+`wds:DEST` (or `wds:DEST/index.json`) trains on them from a local path or any fsspec URL (`s3://`, `gs://`,
+`https://`, ...), without unpacking; `wds:DEST/train-{000000..000009}.tar` names the training shards explicitly (the
+other splits come from the index beside them). A sample's image is read by a byte-range read of its shard
+(`fsspec`'s `cat_file`), so every worker process and rank reads only its own samples, in any order: the streamed
+path's resumable order, per-rank shares and bad-file accounting apply unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import re
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import VisrecError
+from .images import IMAGE_EXTENSIONS
+
+FORMAT = "visrec-webdataset-1"
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class ShardMember:
+    """One sample's image inside a shard: the shard's URL or path, where its bytes start, how many, and its name."""
+
+    url: str
+    offset: int
+    size: int
+    name: str
+
+    def read(self) -> bytes:
+        fs, path = _filesystem(self.url)
+        try:
+            data = fs.cat_file(path, start=self.offset, end=self.offset + self.size)
+        except (OSError, ValueError) as e:
+            raise VisrecError(f"cannot read {self}: {e}", "check that the shard is there and complete") from None
+        if len(data) != self.size:
+            raise VisrecError(f"{self}: the shard ends {self.size - len(data)} bytes early (truncated)",
+                              "pack the dataset again, or copy the shard again")
+        return data
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.read())
+
+    def __str__(self) -> str:
+        return f"{self.url}:{self.name}"
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def is_member(ref: Any) -> bool:
+    return isinstance(ref, ShardMember)
+
+
+def parse_size(text: str | int) -> int:
+    """"1GB", "500MB", "64KB" or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
+    if not m:
+        raise VisrecError(f"--shard-size {text!r} is not a size", "give e.g. 1GB, 500MB or a number of bytes")
+    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)])
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack(source: str, dest: str, shard_size: int | str = "1GB", *, seed: int = 0,
+         say: Callable[[str], None] | None = None, **load: Any) -> dict:
+    """Write `source`'s splits as WebDataset shards under `dest` (a folder or an fsspec URL), with index.json; `load`
+    are load_dataset's split options (val_fraction, test_fraction, split_seed, subset, classes). Returns the index."""
+    from .catalog import load_dataset
+    from .stream import StreamedImages
+
+    if not source.startswith("folder:"):
+        raise VisrecError(f"visrec data pack reads image folders (folder:PATH), not {source!r}",
+                          "give an image folder with one subfolder per class; COCO and YOLO data train from their "
+                          "own folders")
+    limit = parse_size(shard_size)
+    ds = load_dataset(source, cache="none", max_bad_fraction=1.0, **load)
+    index: dict[str, Any] = {"format": FORMAT, "source": source, "classes": ds.classes, "channels": ds.channels,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "splits_made": ds.splits, "splits": {}}
+    for split in ("train", "val", "test"):
+        part = ds.split(split) if split != "val" or ds.val is not None else None
+        if part is None or not len(part):
+            continue
+        images = part.images
+        assert isinstance(images, StreamedImages)
+        order = list(range(len(part)))
+        if split == "train":  # consecutive samples mix the classes: a shuffle buffer then suffices
+            order = torch.randperm(len(part), generator=torch.Generator().manual_seed(seed)).tolist()
+        labels = part.labels.tolist()
+        index["splits"][split] = _write_split(split, [images.paths[i] for i in order], [labels[i] for i in order],
+                                              ds.classes, dest, limit, say)
+    _write_bytes(_join(dest, INDEX), (json.dumps(index, indent=1) + "\n").encode())
+    return index
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _write_bytes(url: str, data: bytes) -> None:
+    """A whole file, atomically where the filesystem allows it (local paths: a temporary name, then renamed)."""
+    if "://" not in url:
+        from ..io import atomic_path
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(url)) as tmp:
+            tmp.write_bytes(data)
+        return
+    fs, path = _filesystem(url)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+class _Shard:
+    """One tar file being written: straight to its final place (local: under a temporary name, renamed on close)."""
+
+    def __init__(self, url: str):
+        self.url, self.count = url, 0
+        if "://" in url:
+            fs, path = _filesystem(url)
+            self.file, self.tmp = fs.open(path, "wb"), None
+        else:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(f"{url}.tmp")
+            self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+
+    def add(self, name: str, data: bytes) -> int:
+        """Append a member; the byte offset of its data in the shard."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        start = self.tar.offset + len(info.tobuf(self.tar.format, self.tar.encoding, self.tar.errors))
+        self.tar.addfile(info, io.BytesIO(data))
+        return start
+
+    @property
+    def bytes(self) -> int:
+        return self.tar.offset
+
+    def close(self) -> int:
+        self.tar.close()
+        self.file.close()
+        size = self.tar.offset
+        if self.tmp is not None:
+            self.tmp.replace(self.url)
+        return size
+
+
+def _write_split(split: str, files: list[Path], labels: list[int], classes: list[str], dest: str, limit: int,
+                 say: Callable[[str], None] | None) -> dict:
+    shards: list[dict] = []
+    members: list[list[int]] = []  # per sample: shard number, byte offset, size
+    shard: _Shard | None = None
+
+    def close() -> None:
+        nonlocal shard
+        if shard is None:
+            return
+        size = shard.close()
+        name = shard.url.rsplit("/", 1)[-1]
+        shards.append({"name": name, "samples": shard.count, "bytes": size})
+        if say is not None:
+            say(f"{name}: {shard.count:,} samples, {size / 1e6:.2f} MB")
+        shard = None
+
+    for k, (path, label) in enumerate(zip(files, labels, strict=True)):
+        data = Path(path).read_bytes()
+        if shard is not None and shard.count and shard.bytes + len(data) > limit:
+            close()
+        if shard is None:
+            shard = _Shard(_join(dest, f"{split}-{len(shards):06d}.tar"))
+        key = f"{split}{k:08d}"
+        ext = Path(path).suffix.lower() if Path(path).suffix.lower() in IMAGE_EXTENSIONS else ".img"
+        members.append([len(shards), shard.add(f"{key}{ext}", data), len(data)])
+        shard.add(f"{key}.cls", str(label).encode())
+        shard.add(f"{key}.json", json.dumps({"label": classes[label], "file": str(path)}).encode())
+        shard.count += 1
+    close()
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.int64), minlength=len(classes)).tolist()
+    return {"samples": len(files), "counts": counts, "shards": shards, "labels": labels, "members": members}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar (zero padding kept; several ranges multiply)."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") else 0
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out += expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():])
+    return out
+
+
+def read_index(spec: str) -> tuple[dict, str, list[str] | None]:
+    """(index, the shards' base URL, the training shards named by a brace pattern or None) of `wds:SPEC`."""
+    named = None
+    if spec.endswith(".tar") or "{" in spec:
+        named = expand_braces(spec)
+        base = spec.rsplit("/", 1)[0] if "/" in spec else "."
+    elif spec.endswith(".json"):
+        base = spec.rsplit("/", 1)[0] if "/" in spec else "."
+    else:
+        base = spec.rstrip("/")
+    url = _join(base, INDEX)
+    fs, path = _filesystem(url)
+    try:
+        index = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise VisrecError(f"wds:{spec}: no {INDEX} in {base}", "give the folder `visrec data pack` wrote (its "
+                          "index.json says the classes and where each sample is)") from None
+    except (OSError, ValueError) as e:
+        raise VisrecError(f"wds:{spec}: cannot read {url}: {e}") from None
+    if index.get("format") != FORMAT:
+        raise VisrecError(f"{url} is not a visrec shard index (format {index.get('format')!r})",
+                          "pack the data with visrec data pack SRC DEST")
+    return index, base, named
+
+
+def read_shards(spec: str, image_size: int | None = None, crop_pct: float | None = None,
+                max_bad_fraction: float = 0.01, cache: str = "auto", memory_budget: str | int | None = "auto",
+                **_: Any):
+    """RawSplits of `wds:SPEC`: each split's images as ShardMember references, read as they are needed (streamed;
+    `cache` memory, or auto for a decoded set under 64 MB, decodes them into memory instead); sized and fitted as
+    image folders are (see read_image_folder)."""
+    from .folders import AUTO_DISK_BYTES, SIZE_SAMPLE, STREAM_CROP_PCT, choose_size, memory_budget_bytes
+    from .images import Fit, ImageFiles, peek
+    from .sources import RawSplits
+    from .stream import BadFiles, say
+
+    index, base, named = read_index(spec)
+    splits = index["splits"]
+    if "train" not in splits:
+        raise VisrecError(f"wds:{spec}: the index has no training split", "pack a dataset with training images")
+
+    def members(split: str) -> tuple[list[ShardMember], list[int]]:
+        s = splits[split]
+        urls = [_join(base, sh["name"]) for sh in s["shards"]]
+        refs = [ShardMember(urls[k], off, size, f"{split}#{i}") for i, (k, off, size) in enumerate(s["members"])]
+        labels = list(s["labels"])
+        if split == "train" and named is not None:
+            keep = {u.rsplit("/", 1)[-1] for u in named}
+            unknown = sorted(keep - {sh["name"] for sh in s["shards"]})
+            if unknown:
+                raise VisrecError(f"wds:{spec}: {', '.join(unknown[:3])} not in the index's training shards",
+                                  f"the training shards are {s['shards'][0]['name']} .. {s['shards'][-1]['name']}")
+            picked = [i for i, r in enumerate(refs) if r.url.rsplit("/", 1)[-1] in keep]
+            refs, labels = [refs[i] for i in picked], [labels[i] for i in picked]
+        return refs, labels
+
+    train_refs, train_labels = members("train")
+    if not train_refs:
+        raise VisrecError(f"wds:{spec}: no training samples", "name shards that hold some")
+    notes: list[str] = []
+    if image_size:
+        h = w = image_size
+    else:
+        sample = train_refs[:: max(1, len(train_refs) // SIZE_SAMPLE)][:SIZE_SAMPLE]
+        sizes = []
+        for r in sample:
+            try:
+                sizes.append(peek(r, name=str(r))[1])
+            except VisrecError:
+                continue  # a damaged sample: left out and counted when it is read
+        if not sizes:
+            peek(sample[0], name=str(sample[0]))  # not one readable: the first one's error
+        h, w = choose_size(sizes, notes)
+    channels = int(index.get("channels", 3))
+    decoded = sum(sp["samples"] for sp in splits.values()) * channels * h * w
+    small = decoded < AUTO_DISK_BYTES and decoded <= memory_budget_bytes(memory_budget)
+    mode = "memory" if cache == "memory" or (cache == "auto" and small) else "none"
+    fit = Fit(h, w, (STREAM_CROP_PCT if mode == "none" else 1.0) if crop_pct is None else crop_pct)
+    total = sum(s["samples"] for s in splits.values())
+    bad = BadFiles(total, max_bad_fraction, say) if mode == "none" else None
+
+    def files(refs: list) -> ImageFiles:
+        return ImageFiles(refs, channels, fit, None, mode, bad)
+
+    out = RawSplits(files(train_refs), torch.tensor(train_labels), None, None, list(index["classes"]), fit=fit,
+                    cache=mode, bad=bad, notes=notes)
+    for split in ("val", "test"):
+        if split in splits:
+            refs, labels = members(split)
+            setattr(out, f"{split}_images", files(refs))
+            setattr(out, f"{split}_labels", torch.tensor(labels, dtype=torch.int64))
+    shards = len(splits["train"]["shards"]) if named is None else len(named)
+    out.notes.append(f"streaming {len(train_refs):,} training samples from {shards} shard(s) in {base}")
+    return out
