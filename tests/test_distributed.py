@@ -210,3 +210,24 @@ def test_max_restarts_resume_from_the_last_checkpoint(tmp_path):
     s = Run(out).summary
     assert s["status"] == "completed" and s["steps"] == s["epochs"] * (s["steps"] // s["epochs"])
     assert s["epochs"] == 120
+
+
+def test_two_processes_streaming_shards_read_each_sample_once_per_epoch(driver, tmp_path):
+    """Streamed from shards, each rank reads its half of every global batch (rank 0 reads half the samples one
+    process reads), and together they see the batches one process sees (a network without batch norm and no
+    per-rank augmentation: the same losses)."""
+    from test_streaming import _photos
+    from visrec.data.shards import pack
+
+    pack(f"folder:{_photos(tmp_path / 'photos', per_class=16)}", str(tmp_path / "shards"), "16KB")
+    opts = {**OPTS, "data.name": f"wds:{tmp_path / 'shards'}", "data.image_size": 12, "data.workers": 1,
+            "data.memory_budget": "1KB", "train.batch_size": 8, "log.every": 2}
+    one, two = launch(driver, tmp_path / "one", 1, opts=opts), launch(driver, tmp_path / "two", 2, opts=opts)
+    assert one.summary["data_input"]["cache"] == two.summary["data_input"]["cache"] == "none"
+    read = one.summary["steps"] * one.summary["batch_size"]
+    assert one.summary["data_input"]["read_by_rank0"] == read
+    assert two.summary["data_input"]["read_by_rank0"] == read // 2
+    a, b = windows(one), windows(two)
+    assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 4
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        assert abs(x - y) <= 1e-5 * abs(x), (x, y)

@@ -301,6 +301,7 @@ class LoaderBatches:
             persistent_workers=self.workers > 0, prefetch_factor=prefetch if self.workers > 0 else None,
             worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed))
         self._last: tuple[torch.Tensor, Any] | None = None
+        self.read = 0  # samples this process has read (good or bad), over every epoch
 
     def __len__(self) -> int:
         n = len(self.images)
@@ -319,6 +320,7 @@ class LoaderBatches:
         self.sampler.epoch, self.sampler.start = epoch, start
         blocking = self.device.type != "cuda"
         for x, idx, bad in self.loader:
+            self.read += len(idx) + len(bad)
             for i, problem in bad:
                 self.bad.add(str(self.images.paths[i]), problem)
             if len(idx) == 0:

@@ -731,8 +731,9 @@ class Trainer:
         summary.update(self.task.summary_fields(test))
         summary["batch_size"] = self.batches.batch_size
         if "input" in ds.splits:  # how the files became images: the cache mode and the evaluation transform
-            summary["data_input"] = {**ds.splits["input"], **({"workers": self.batches.workers}
-                                                              if isinstance(self.batches, LoaderBatches) else {})}
+            summary["data_input"] = dict(ds.splits["input"])
+            if isinstance(self.batches, LoaderBatches):  # its workers, and the samples rank 0 read
+                summary["data_input"].update(workers=self.batches.workers, read_by_rank0=self.batches.read)
         if self.bad_files is not None and self.bad_files.found:
             summary["skipped_files"] = self.bad_files.rows()
         warnings = [*self.warnings]
