@@ -230,3 +230,36 @@ def test_a_damaged_shard_member_is_left_out_and_counted(packed, tmp_path):
     problems = {r["path"]: r["problem"] for r in run.summary["skipped_files"]}
     assert any(p.endswith("train#1") and "cannot" in why for p, why in problems.items())
     assert any(train["shards"][-1]["name"] in p and "ends" in why for p, why in problems.items())
+
+
+def test_downstream_commands_work_on_a_streamed_run(streamed_run, photos, tmp_path):
+    from visrec.doctor.exam import ExamOptions, examine
+    from visrec.ensemble import ensemble
+    from visrec.explain import explain
+    from visrec.report import write_report
+
+    s = streamed_run.summary
+    assert streamed_run.evaluate().acc == pytest.approx(s["test_acc"], abs=1e-9)  # test split read again, alike
+    assert write_report(streamed_run).is_file()
+    assert explain(streamed_run, "gradcam", [str(photos / "green" / "001.jpg")], out=tmp_path / "x") is not None
+    assert explain(streamed_run, "neighbors", n=2, out=tmp_path / "n") is not None  # reads the training images
+    rep = ensemble([f"{streamed_run.path}:last", f"{streamed_run.path}:best"])
+    assert len(rep.members) == 2 and rep.combined and rep.best_member_acc >= 0.8
+    d = examine(f"folder:{photos}", model="convnet", out=tmp_path / "doc",
+                overrides={"data.memory_budget": "1KB", "data.workers": 1, "model.kwargs": {"widths": [8, 16, 16]}},
+                options=ExamOptions(overfit_steps=10, lr_steps=8, trial_images=24, trial_val=8, trial_epochs=1,
+                                    trial_min_steps=4, checks=("data", "trial")))
+    found = {f.id: f for f in d.findings}
+    assert found["train-test-overlap"].severity == "ok" and "constant-images" not in found
+
+
+def test_the_monitor_names_a_data_bound_run_and_the_fix():
+    from visrec.doctor.monitor import data_findings
+
+    windows = [{"data_share": 0.9}] + [{"data_share": s} for s in (0.4, 0.5, 0.45)]  # the first window is left out
+    (f,) = data_findings(windows, {"data_input": {"cache": "none", "workers": 2}})
+    assert f.id == "data-bound" and f.severity == "warn" and "45%" in f.message
+    assert "data.workers" in f.fix and "data.cache=disk" in f.fix and f.evidence["workers"] == 2
+    (ok,) = data_findings([{"data_share": 0.9}, {"data_share": 0.02}, {"data_share": 0.04}], {})
+    assert ok.severity == "ok"
+    assert data_findings([{"loss": 1.0}] * 5, {}) == []  # runs that did not measure it

@@ -760,7 +760,9 @@ def _trial_dataset(ex: Exam) -> Dataset:
     val = val.subset(stratified_subset(val.labels, min(o.trial_val, len(val)), o.seed))
     return Dataset(ds.name, train, val, val, source=ds.source,
                    splits={"note": "doctor trial run: a training subset; 'test' here is the validation subset",
-                           "n_train": len(train), "n_val": len(val)})
+                           "n_train": len(train), "n_val": len(val),
+                           **({"input": ds.splits["input"]} if "input" in ds.splits else {})},
+                   fit=ds.fit, bad=ds.bad)  # read as the full run reads them
 
 
 def check_trial(ex: Exam) -> None:

@@ -38,6 +38,7 @@ FINDINGS: dict[str, str] = {
     "loss-diverging": "the loss rose well above its minimum during training",
     "loss-flat": "the loss barely moved during training",
     "loss-noisy": "the loss jumps a lot from one logging window to the next",
+    "data-bound": "the training step waits on its data (reading, decoding) more than a fifth of the time",
     # inside the network
     "dead-units": "ReLU-family units that are never positive, for any input of a batch",
     "saturated-units": "tanh/sigmoid units stuck at their limits, where the gradient is ~0",

@@ -230,7 +230,7 @@ class Trainer:
                                 seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world,
                                 workers=cfg.data.workers, scale=tuple(cfg.data.crop_scale),
                                 ratio=tuple(cfg.data.crop_ratio), bad=self.bad_files)
-        fit = ds.fit
+        fit = ds.train.images.fit
         self.notes.append(f"reading {len(ds.train):,} training images from their files with {batches.workers} "
                           f"worker process(es) (data.workers): random-resized crops to {fit.width}x{fit.height}; "
                           f"evaluation {fit.describe()}")
