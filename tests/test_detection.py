@@ -424,3 +424,35 @@ def test_overlapping_instance_masks_keep_every_pixel_of_both_objects(tmp_path):
     assert sorted(mask_utils.area(x["segmentation"]).item() for x in gt["annotations"]) == [64, 64]
     mask = to_torchvision({k: v[:1] for k, v in t.items() if isinstance(v, torch.Tensor)}, masks=True)[0]
     assert mask["masks"].sum(dim=(1, 2)).tolist() == [64, 64]
+
+
+def test_images_of_objects_keep_their_aspect_ratio_in_a_letterbox(tmp_path):
+    import numpy as np
+
+    from visrec.data.images import Fit
+
+    root = _users_coco_folder(tmp_path / "mine")
+    ds = visrec.load_dataset(f"coco:{root}", image_size=32)
+    assert ds.fit == Fit(32, 32, 1.0, "pad")  # recorded in runs: serving letterboxes an upload alike
+    t = ds.test.targets
+    # 40x32 -> 32x26 (scale 0.8), 48x36 -> 32x24 (scale 2/3): the rest of the 32x32 is padding, below the image
+    assert t["content_size"][:2].tolist() == [[26, 32], [24, 32]]
+    x0, y0, x1, y1 = t["boxes"][0, 0].tolist()
+    assert (x1 - x0) == pytest.approx(12.8) and (y1 - y0) == pytest.approx(13.0)  # square, within the rounding
+    assert int(ds.test.images[1, :, 24:].max()) == 0 and int(ds.test.images[1, :, :24].max()) > 0
+    # masks too: an annotation with a polygon is padded with "no object"
+    ann = json.loads((root / "annotations" / "instances_test.json").read_text())
+    for a in ann["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    (root / "annotations" / "instances_test.json").write_text(json.dumps(ann))
+    inst = visrec.load_dataset(f"coco:{root}", image_size=32).test.targets["instances"]
+    assert inst.shape[-2:] == (32, 32) and int(inst[1, 24:].max()) == 0 and int(np.asarray(inst[0]).max()) == 1
+    # serving maps the model's letterboxed output back onto the upload: a 40x20 upload is the top 32x16 of 32x32
+    from types import SimpleNamespace
+
+    from visrec.serve.model import Prepared, ServedModel
+
+    served = ServedModel.__new__(ServedModel)
+    served.lm = SimpleNamespace(fit=Fit.square(32, mode="pad"))
+    assert served._upload_scale(Prepared("u", torch.zeros(3, 32, 32), 40, 20, "PNG")) == (40.0, 40.0)

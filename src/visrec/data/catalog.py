@@ -199,6 +199,10 @@ def read_scene_source(name: str, data_dir=None, image_size: int | None = None, c
         raw.val_images, raw.val_labels, raw.val_targets = converted["val"]
     scored = splits.get("test") or splits.get("val") or splits["train"]  # results files name the test file's ids
     raw.category_ids = scored.category_ids or None
+    if image_size:  # letterboxed: recorded in runs, so that serving fits an upload the same way
+        from .images import Fit
+
+        raw.fit = Fit.square(image_size, mode="pad")
     return raw, where
 
 

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import VisrecError
 from ..io import write_json
-from .images import decode, native_channels, peek
+from .images import Fit, decode, native_channels, peek
 
 SPLITS = ("train", "val", "test")
 NO_OBJECT = "(no object)"  # visrec's own class for images without objects, when classifying by largest object
@@ -66,6 +66,9 @@ class CocoSplit:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     areas: list[np.ndarray] = field(default_factory=list)
     category_ids: list[int] = field(default_factory=list)
+    # with data.image_size, images are letterboxed (scaled to fit, padded bottom and right): the (height, width) each
+    # image takes in the stored one
+    content: list[tuple[int, int]] = field(default_factory=list)
 
 
 def split_of(path: Path) -> str | None:
@@ -269,13 +272,16 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
                           "set data.image_size to resize them all to one square size")
     images, boxes, labels, crowd, inst_maps, over_maps, areas = [], [], [], [], [], [], []
     has_masks = any(a.get("segmentation") for a in d.get("annotations") or [])
+    fit = Fit.square(image_size, mode="pad") if image_size else None  # the aspect ratio kept: a letterbox
+    content = []
     for im in d["images"]:
         h, w = im["height"], im["width"]
-        a = decode(located[im["id"]], channels, image_size)
+        a = decode(located[im["id"]], channels, fit)
         if a.shape[:2] != (h, w) and image_size is None:
             raise VisrecError(f"{path}: image {im['id']} ({located[im['id']]}) is {a.shape[1]}x{a.shape[0]}, but the "
                               f"annotations say {w}x{h}", "fix width/height in the annotation file")
-        oh, ow = a.shape[:2]
+        oh, ow = fit.content(w, h) if fit else a.shape[:2]  # the image's part of the stored pixels
+        content.append((oh, ow))
         sy, sx = oh / h, ow / w
         own = anns.get(im["id"], [])
         b = np.array([[x * sx, y * sy, (x + bw) * sx, (y + bh) * sy] for x, y, bw, bh in (o["bbox"] for o in own)],
@@ -300,6 +306,8 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
                 t = torch.from_numpy(a_map)
                 if (oh, ow) != (h, w):
                     t = torch.nn.functional.interpolate(t[None, None].float(), size=(oh, ow), mode="nearest")[0, 0]
+                if tuple(t.shape) != a.shape[:2]:  # the letterbox's padding holds no object
+                    t = torch.nn.functional.pad(t, (0, a.shape[1] - ow, 0, a.shape[0] - oh))
                 maps.append(t.to(torch.uint8))
     split = CocoSplit(torch.stack(images) if images else torch.zeros(0, channels, image_size or 1, image_size or 1,
                                                                      dtype=torch.uint8),
@@ -309,7 +317,7 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
                       image_ids=[im["id"] for im in d["images"]],
                       file_names=[str(im["file_name"]) for im in d["images"]],
                       sizes=[(int(im["height"]), int(im["width"])) for im in d["images"]], areas=areas,
-                      category_ids=[ids_here.get(c) for c in classes])
+                      category_ids=[ids_here.get(c) for c in classes], content=content if fit else [])
     cap_file = path.parent / path.name.replace("instances_", "captions_", 1)
     if cap_file.is_file():
         caps: dict[int, list[str]] = {}
@@ -389,4 +397,6 @@ def to_targets(split: CocoSplit, no_object: int) -> tuple[torch.Tensor, dict[str
         for i, a in enumerate(split.areas):
             area[i, : len(a)] = torch.from_numpy(a)
         targets["area"] = area
+    if split.content:  # letterboxed: the part of each stored image that is the image
+        targets["content_size"] = torch.tensor(split.content, dtype=torch.long).reshape(-1, 2)
     return labels, targets

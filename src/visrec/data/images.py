@@ -128,7 +128,9 @@ REDUCING_GAP = 2.0
 class Fit:
     """How an image of any size becomes the model's (height, width): `crop` scales it so that it covers the target
     divided by `crop_pct`, then takes the centre (timm's evaluation transform: crop_pct 0.875 keeps the central 87.5%,
-    as random-resized crops frame objects in training; 1.0 keeps the whole shorter side); `squash` resizes it to the
+    as random-resized crops frame objects in training; 1.0 keeps the whole shorter side); `pad` scales it to fit
+    inside the target and fills the rest (bottom and right) with zeros, as a letterbox (images with objects: every
+    object kept, at one scale for both axes; `content` says the part that is the image); `squash` resizes it to the
     target whatever its shape (visrec's rule before images kept their aspect ratio)."""
 
     height: int
@@ -137,8 +139,8 @@ class Fit:
     mode: str = "crop"
 
     @classmethod
-    def square(cls, size: int, crop_pct: float = 1.0) -> Fit:
-        return cls(size, size, crop_pct)
+    def square(cls, size: int, crop_pct: float = 1.0, mode: str = "crop") -> Fit:
+        return cls(size, size, crop_pct, mode)
 
     @classmethod
     def from_state(cls, state: dict | None) -> Fit | None:
@@ -153,14 +155,21 @@ class Fit:
     def describe(self) -> str:
         if self.mode == "squash":
             return f"resized to {self.width}x{self.height}"
+        if self.mode == "pad":
+            return f"resized to fit inside {self.width}x{self.height}, the rest padded (letterbox)"
         if self.crop_pct == 1:
             return f"resized to cover {self.width}x{self.height}, centre crop"
         cover = f"{round(self.width / self.crop_pct)}x{round(self.height / self.crop_pct)}"
         return f"resized to cover {cover}, centre {self.width}x{self.height} crop (crop_pct {self.crop_pct:g})"
 
+    def content(self, w: int, h: int) -> tuple[int, int]:
+        """pad: the (height, width) a (w, h) image takes inside the output (the rest is padding)."""
+        s = min(self.width / w, self.height / h)
+        return max(1, min(self.height, round(h * s))), max(1, min(self.width, round(w * s)))
+
     def box(self, w: int, h: int) -> tuple[float, float, float, float] | None:
         """The region of a (w, h) image that becomes the output, in its pixels (None: all of it)."""
-        if self.mode == "squash":
+        if self.mode in ("squash", "pad"):
             return None
         scale = max(self.width / w, self.height / h) / self.crop_pct  # output pixels per input pixel
         cw, ch = self.width / scale, self.height / scale
@@ -192,6 +201,15 @@ def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | Fit |
     upright image to take and resize to `size` (a random-resized crop). `oriented`: the EXIF orientation was applied
     already (`ImageOps.exif_transpose`)."""
     wh = (size.width, size.height) if isinstance(size, Fit) else (size, size) if isinstance(size, int) else size
+    if isinstance(size, Fit) and size.mode == "pad" and box is None:  # letterbox: scaled whole, then padded
+        w, h = im.size
+        if not oriented and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w
+        ch, cw = size.content(w, h)
+        inner = to_array(im, channels, (cw, ch), oriented=oriented)
+        out = np.zeros((size.height, size.width, inner.shape[2]), np.uint8)
+        out[:ch, :cw] = inner
+        return out
     if wh is not None and not oriented:
         w, h = im.size
         if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):

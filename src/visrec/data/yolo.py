@@ -20,7 +20,7 @@ import yaml
 
 from ..errors import VisrecError
 from .coco import CocoProblem, CocoSplit, guess_channels, problems_error
-from .images import decode, is_image_file, peek
+from .images import Fit, decode, is_image_file, peek
 
 
 def _config(root: Path) -> tuple[Path, dict]:
@@ -140,11 +140,13 @@ def read_yolo(root: str | Path, image_size: int | None = None, channels: int | N
     channels = channels or guess_channels([p for p, _ in splits["train"]])
     out = {}
     for s, items in splits.items():
-        images, boxes, labels, orig, areas = [], [], [], [], []
+        images, boxes, labels, orig, areas, content = [], [], [], [], [], []
+        fit = Fit.square(image_size, mode="pad") if image_size else None  # the aspect ratio kept: a letterbox
         for path, rows in items:
-            a = decode(path, channels, image_size)
-            h, w = a.shape[:2]
-            h0, w0 = (h, w) if image_size is None else peek(path)[1][::-1]
+            a = decode(path, channels, fit)
+            h0, w0 = a.shape[:2] if fit is None else peek(path)[1][::-1]
+            h, w = fit.content(w0, h0) if fit else (h0, w0)  # the image's part of the stored pixels
+            content.append((h, w))
             orig.append((h0, w0))
             areas.append((rows[:, 3] * w0 * rows[:, 4] * h0).astype(np.float64))
             cx, cy, bw, bh = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
@@ -159,7 +161,7 @@ def read_yolo(root: str | Path, image_size: int | None = None, channels: int | N
         # image ids number the split's files from 1 in reading order; category ids are YOLO's class indices
         out[s] = CocoSplit(torch.stack(images), boxes, labels, None, image_ids=list(range(1, len(items) + 1)),
                            file_names=[_relative(p, root) for p, _ in items], sizes=orig, areas=areas,
-                           category_ids=list(range(len(classes))))
+                           category_ids=list(range(len(classes))), content=content if fit else [])
     return classes, out
 
 

@@ -266,6 +266,7 @@ class ServedModel:
                     "decode": "EXIF orientation applied, transparency composited on white, "
                               + ("converted to grayscale" if self.channels == 1 else "converted to RGB"),
                     "resize": "kept at its own size (the detector resizes it)" if self.detector
+                    else f"bilinear, {self.lm.fit.describe()}" if self.lm.fit is not None
                     else f"bilinear to {self.size[1]}x{self.size[0]} (width x height)",
                     "normalize": _normalize_card(norm),
                     "tta": self.tta},
@@ -331,8 +332,8 @@ class ServedModel:
                 logits, boxes = self._loc.split_outputs(out.float())
                 res = self._top(logits, ks)
                 for r, p, b in zip(res, items, boxes, strict=True):
-                    r["box"] = [round(float(v), 2) for v in (b.clamp(0, 1) * torch.tensor(
-                        [p.width, p.height, p.width, p.height])).tolist()]
+                    fw, fh = self._upload_scale(p)
+                    r["box"] = [round(float(v), 2) for v in (b.clamp(0, 1) * torch.tensor([fw, fh, fw, fh])).tolist()]
                 return res
             return self._top(out, ks)
 
@@ -363,11 +364,24 @@ class ServedModel:
             res.append(r)
         return res
 
+    def _upload_scale(self, p: Prepared) -> tuple[float, float]:
+        """The upload's (width, height) per unit of the model's input: the upload's size, unless the run letterboxed
+        its images (then the whole input is larger than the upload's part of it)."""
+        fit = self.lm.fit
+        if fit is None or fit.mode != "pad":
+            return float(p.width), float(p.height)
+        ch, cw = fit.content(p.width, p.height)
+        return fit.width * p.width / cw, fit.height * p.height / ch
+
     def _segments(self, items: list[Prepared], out: torch.Tensor) -> list[dict[str, Any]]:
         res = []
         names = self.seg_classes or []
         for p, logits in zip(items, out.float(), strict=True):
-            up = F.interpolate(logits[None], size=(p.height, p.width), mode="bilinear", align_corners=False)[0]
+            fw, fh = self._upload_scale(p)  # a letterbox: only its image part is the upload
+            rh = max(1, round(logits.shape[-2] * p.height / fh))
+            rw = max(1, round(logits.shape[-1] * p.width / fw))
+            up = F.interpolate(logits[None, :, :rh, :rw], size=(p.height, p.width), mode="bilinear",
+                               align_corners=False)[0]
             cls = up.argmax(0)
             counts = torch.bincount(cls.flatten(), minlength=len(names)).tolist()
             total = max(1, p.height * p.width)

@@ -94,16 +94,18 @@ class CocoNames:
     file_names: list[str] | None
     sizes: list[tuple[int, int]]  # (height, width) in the annotations: boxes and masks are written at that size
     category_ids: list[int]
+    content: list[tuple[int, int]] | None = None  # letterboxed images: the (height, width) each takes when stored
 
     @classmethod
     def of(cls, data: ImageSet, n_classes: int) -> CocoNames:
         t = data.targets or {}
         cats = list(data.category_ids) if data.category_ids else [k + 1 for k in range(n_classes)]
+        content = [tuple(s) for s in t["content_size"].tolist()] if "content_size" in t else None
         if "image_id" in t:
             return cls(t["image_id"].tolist(), list(t["file_name"]), [tuple(s) for s in t["orig_size"].tolist()],
-                       cats)
+                       cats, content)
         h, w = (int(v) for v in data.images.shape[-2:])
-        return cls(list(range(1, len(data) + 1)), None, [(h, w)] * len(data), cats)
+        return cls(list(range(1, len(data) + 1)), None, [(h, w)] * len(data), cats, content)
 
     def image(self, i: int, stored: tuple[int, int]) -> tuple[dict[str, Any], float, float]:
         """Image i's COCO entry, and the scale (sx, sy) from the stored pixels to the annotation's."""
@@ -111,7 +113,12 @@ class CocoNames:
         entry: dict[str, Any] = {"id": self.image_ids[i], "width": w, "height": h}
         if self.file_names is not None:
             entry["file_name"] = self.file_names[i]
-        return entry, w / stored[1], h / stored[0]
+        sh, sw = self.region(i, stored)
+        return entry, w / sw, h / sh
+
+    def region(self, i: int, stored: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) of the stored pixels that are image i (all of them, unless letterboxed)."""
+        return self.content[i] if self.content is not None else stored
 
 
 def _resized_mask(mask: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -145,7 +152,8 @@ def coco_ground_truth(data: ImageSet, classes: list[str], masks: bool) -> dict[s
             m = None
             if inst is not None:
                 whole = instance_masks(t, i, torch.tensor([slot + 1]))[0]
-                m = _resized_mask(whole.to(torch.uint8), full, "nearest").bool().numpy()
+                rh, rw = names.region(i, stored)  # a letterbox's padding is no part of the image
+                m = _resized_mask(whole[:rh, :rw].to(torch.uint8), full, "nearest").bool().numpy()
                 if m.any():
                     a["area"] = float(m.sum())
             if area is not None and float(area[i, slot]) > 0:
@@ -177,7 +185,11 @@ def coco_results(detections: list[dict[str, torch.Tensor]], names: CocoNames | N
             r = {"image_id": image_id, "category_id": names.category_ids[int(lab)] if names else int(lab) + 1,
                  "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(s, 5)}
             if masks is not None:
-                m = masks[j, 0] if full is None else _resized_mask(masks[j, 0], full, "bilinear")
+                if full is None:
+                    m = masks[j, 0]
+                else:
+                    rh, rw = names.region(i, stored)
+                    m = _resized_mask(masks[j, 0, :rh, :rw], full, "bilinear")
                 r["segmentation"] = _rle((m > 0.5).numpy())
             out.append(r)
     return out
