@@ -231,3 +231,9 @@ def test_two_processes_streaming_shards_read_each_sample_once_per_epoch(driver, 
     assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 4
     for (_, x), (_, y) in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-5 * abs(x), (x, y)
+
+    # read in sequence, each rank its own shards: rank 0 reads its half of every global batch, none twice
+    seq = {**opts, "data.shard_read": "sequential", "data.shuffle_buffer": 4}
+    two = launch(driver, tmp_path / "seq", 2, opts=seq)
+    s = two.summary
+    assert s["status"] == "completed" and s["data_input"]["read_by_rank0"] == s["steps"] * s["batch_size"] // 2

@@ -137,6 +137,10 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # streamed training: random-resized crops'
     #   share of the image's area (timm's scale)
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # ... and their aspect ratio range
+    # wds: shards: random = each sample by a byte-range read, in an exact seeded permutation (local disks); sequential
+    # = each worker reads its own shards whole, through a shuffle buffer (object storage); auto = sequential for URLs
+    shard_read: Literal["auto", "random", "sequential"] = "auto"
+    shuffle_buffer: AtLeast1 = 1000  # shard_read=sequential: samples each worker draws its next one from at random
     max_bad_fraction: Fraction = 0.01  # streamed data: files that cannot be read are left out and listed; more than
     #   this fraction of them stops the run
     classes: list[str] = field(default_factory=list)  # keep only these classes (by name); empty = all

@@ -317,3 +317,210 @@ def read_shards(spec: str, image_size: int | None = None, crop_pct: float | None
     shards = len(splits["train"]["shards"]) if named is None else len(named)
     out.notes.append(f"streaming {len(train_refs):,} training samples from {shards} shard(s) in {base}")
     return out
+
+
+# ---------------------------------------------------------------- sequential reading (remote shards)
+
+
+def _tar_samples(url: str) -> Any:
+    """(key, {extension: (data offset, bytes)}) of each sample of a shard, read from its start to its end in one
+    stream; a shard that ends early yields ("", {"error": message}) last."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            key, parts = None, {}
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, _, ext = info.name.rpartition("/")[2].partition(".")
+                if key is not None and k != key:
+                    yield key, parts
+                    parts = {}
+                key = k
+                parts[ext] = (info.offset_data, tar.extractfile(info).read())
+            if key is not None:
+                yield key, parts
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield "", {"error": f"{url}: the shard ends early or is damaged ({type(e).__name__}: {e})"}
+
+
+def sequential_shards(setting: str, refs: list) -> bool:
+    """Whether training reads shards in sequence (data.shard_read): asked for, or auto and they are remote."""
+    if not refs or not is_member(refs[0]) or setting == "random":
+        return False
+    return setting == "sequential" or ("://" in refs[0].url and not refs[0].url.startswith("file://"))
+
+
+def shard_plan(refs: list[ShardMember]) -> list[dict]:
+    """The shards a split's samples sit in, in order: each one's URL, how many of the split's samples it holds, and
+    which (by their data offset) with their index in the split."""
+    plan: dict[str, dict] = {}
+    for i, r in enumerate(refs):
+        sh = plan.setdefault(r.url, {"url": r.url, "samples": 0, "index": {}})
+        sh["samples"] += 1
+        sh["index"][r.offset] = i
+    return list(plan.values())
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """What one worker process of one rank reads in an epoch: its own shards, each from its start to its end (one
+    request per shard), through a seeded shuffle buffer, as whole batches of random-resized crops. Shards are dealt
+    out per epoch: a seeded order, then rank r takes every world-th, and worker w of it every W-th of those."""
+
+    def __init__(self, shards: list[dict], channels: int, fit: Any, batch: int, seed: int, rank: int, world: int,
+                 scale, ratio, buffer: int):
+        self.shards, self.channels, self.fit, self.batch = shards, channels, fit, batch
+        self.seed, self.rank, self.world, self.scale, self.ratio, self.buffer = seed, rank, world, scale, ratio, buffer
+        self.epoch, self.skip = 0, {}  # skip: worker -> batches it already gave this epoch (a resumed epoch)
+
+    def assignment(self, epoch: int, workers: int) -> list[list[dict]]:
+        """The shards each worker of this rank reads in `epoch`."""
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 1_009 + epoch))
+        mine = [self.shards[i] for i in order.tolist()][self.rank :: self.world]
+        return [mine[w::workers] for w in range(workers)]
+
+    def __iter__(self):
+        import numpy as np
+
+        from .images import open_checked, to_array
+        from .stream import _why, random_resized_box
+
+        info = torch.utils.data.get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        torch.set_num_threads(1)
+        shards = self.assignment(self.epoch, workers)[w]
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, w])
+        skip = self.skip.get(w, 0) * self.batch  # samples a resumed epoch has already trained on
+        pool: list[tuple[int, bytes | None, str]] = []
+        batch: list[tuple[int, torch.Tensor | str]] = []
+
+        def samples():
+            for sh in shards:
+                missing = dict(sh["index"])  # offset -> index: the split's samples in this shard not read yet
+                for key, parts in _tar_samples(sh["url"]):
+                    if "error" in parts:  # the rest of the shard is lost: each of its samples counted bad
+                        for i in missing.values():
+                            yield i, None, parts["error"]
+                        break
+                    image = next((parts[e] for e in parts if f".{e}" in IMAGE_EXTENSIONS or e == "img"), None)
+                    i = missing.pop(image[0], None) if image is not None else None
+                    if i is not None:  # a sample of this split (a subset may leave some out)
+                        yield i, image[1], f"{sh['url']}:{key}"
+
+        def drawn():
+            for item in samples():
+                pool.append(item)
+                if len(pool) >= self.buffer:
+                    yield pool.pop(int(rng.integers(len(pool))))
+            while pool:
+                yield pool.pop(int(rng.integers(len(pool))))
+
+        for i, data, name in drawn():
+            if skip > 0:
+                skip -= 1
+                continue
+            if data is None:
+                batch.append((i, f"{name}#{i}"))  # a damaged sample: its problem, never an exception
+            else:
+                try:
+                    with open_checked(io.BytesIO(data), name=name) as im:
+                        ww, hh = im.size
+                        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                            ww, hh = hh, ww
+                        box = random_resized_box(ww, hh, np.random.default_rng([self.seed, self.epoch, i]),
+                                                 self.scale, self.ratio)
+                        a = to_array(im, self.channels, (self.fit.width, self.fit.height), box=box)
+                    batch.append((i, torch.from_numpy(a).permute(2, 0, 1)))
+                except (VisrecError, OSError, ValueError, SyntaxError) as e:
+                    batch.append((i, f"{name}: {_why(e)}"))
+            if len(batch) == self.batch:
+                from .stream import _collate
+
+                yield (*_collate(batch), w)
+                batch = []
+
+
+class ShardBatches:
+    """Training batches read from shards in sequence (data.shard_read=sequential): each rank and each of its worker
+    processes reads only its own shards, whole, so remote shards cost one request each. The epoch has as many steps
+    as the rank with the fewest samples fills (each worker gives whole batches only); a stopped epoch resumes at the
+    batch it stopped at, the batches before it skipped without decoding (the same number of workers)."""
+
+    def __init__(self, images: Any, targets: Any, batch_size: int, *, device: torch.device,
+                 seed: int = 0, rank: int = 0, world: int = 1, workers: int = 0, scale=(0.08, 1.0),
+                 ratio=(0.75, 4 / 3), bad: Any = None, buffer: int = 1000):
+        from .stream import BadFiles, default_workers
+
+        self.images, self.targets, self.device = images, targets, torch.device(device)
+        self.batch_size = min(batch_size, len(images))
+        self.rank, self.world = rank, world
+        self.workers = workers or default_workers()
+        self.bad = bad if bad is not None else BadFiles(len(images), 1.0)
+        per_rank = self.batch_size // world
+        self.stream = ShardStream(shard_plan(images.paths), images.channels, images.fit, per_rank, seed, rank, world,
+                                  tuple(scale), tuple(ratio), buffer)
+        self.read = 0
+        self._last = None
+
+    def _yields(self, epoch: int, rank: int) -> list[int]:
+        """Whole batches each worker of `rank` gives in `epoch`."""
+        s = self.stream
+        saved, s.rank = s.rank, rank
+        try:
+            return [sum(sh["samples"] for sh in mine) // s.batch for mine in s.assignment(epoch, self.workers)]
+        finally:
+            s.rank = saved
+
+    def steps(self, epoch: int) -> int:
+        return min(sum(self._yields(epoch, r)) for r in range(self.world))
+
+    def __len__(self) -> int:
+        return self.steps(0)
+
+    def epoch(self, epoch: int, start: int = 0):
+        from .imageset import index_targets, move_targets
+
+        given = self._yields(epoch, self.rank)
+        # the epoch's batches take the workers in turn, skipping those run dry: which worker gives batch n
+        order, left = [], list(given)
+        while any(left):
+            for w in range(len(left)):
+                if left[w]:
+                    order.append(w)
+                    left[w] -= 1
+        steps = min(self.steps(epoch), len(order))
+        done = [order[:start].count(w) for w in range(len(given))]  # a resumed epoch: batches each worker gave
+        self.stream.epoch, self.stream.skip = epoch, dict(enumerate(done))
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        waiting: dict[int, list] = {w: [] for w in range(len(given))}
+        feed = iter(loader)
+
+        def ordered():
+            """The loader's batches in the epoch's own order (a resumed one starts its turns where the run was)."""
+            for n in range(start, steps):
+                want = order[n]
+                while not waiting[want]:
+                    item = next(feed, None)
+                    if item is None:
+                        return
+                    waiting[item[3]].append(item[:3])
+                yield waiting[want].pop(0)
+
+        for x, idx, bad in ordered():
+            self.read += len(idx) + len(bad)
+            for i, problem in bad:
+                self.bad.add(str(self.images.paths[i]), problem)
+            if len(idx) == 0:
+                if self._last is None:
+                    raise VisrecError(f"every sample of the first batch of epoch {epoch + 1} could not be read",
+                                      "check the shards: pack the data again")
+                yield self._last
+                continue
+            y = move_targets(index_targets(self.targets, idx), self.device)
+            self._last = (x.to(self.device, non_blocking=self.device.type == "cuda"), y)
+            yield self._last
+
+    def close(self) -> None:
+        pass

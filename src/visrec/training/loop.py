@@ -27,6 +27,7 @@ from ..config import Config, parse_duration
 from ..data import Dataset, DeviceBatches, Normalizer, Pipeline
 from ..data.augment import alternates_flip
 from ..data.imageset import move_targets
+from ..data.shards import ShardBatches, sequential_shards
 from ..data.stream import BadFiles, LoaderBatches
 from ..device import (
     Runtime,
@@ -219,19 +220,25 @@ class Trainer:
         self.writer = RunWriter(self.run_dir, write=self.dist.main)
         self.probe_features: dict[str, Any] = {}  # the linear probe's feature extraction: cache hit, seconds
 
-    def _stream(self, bs: int, device: torch.device) -> LoaderBatches:
+    def _stream(self, bs: int, device: torch.device) -> LoaderBatches | ShardBatches:
         """Training batches read from the files by worker processes (the training set streams: data.cache)."""
         cfg, ds = self.cfg, self.ds
         if alternates_flip(cfg.data.augment):
             raise VisrecError("altflip mirrors each image in alternate epochs, which needs the images in memory, and "
                               "this training set streams from its files", "use hflip, or data.cache=disk")
         self.bad_files = ds.bad or BadFiles(len(ds.train), cfg.data.max_bad_fraction)
-        batches = LoaderBatches(ds.train.images, self.task.targets(ds.train), bs, device=device,
-                                seed=cfg.train.seed, rank=self.dist.rank, world=self.dist.world,
-                                workers=cfg.data.workers, scale=tuple(cfg.data.crop_scale),
-                                ratio=tuple(cfg.data.crop_ratio), bad=self.bad_files)
-        fit = ds.train.images.fit
-        self.notes.append(f"reading {len(ds.train):,} training images from their files with {batches.workers} "
+        kw = {"device": device, "seed": cfg.train.seed, "rank": self.dist.rank, "world": self.dist.world,
+              "workers": cfg.data.workers, "scale": tuple(cfg.data.crop_scale), "ratio": tuple(cfg.data.crop_ratio),
+              "bad": self.bad_files}
+        images, targets, how = ds.train.images, self.task.targets(ds.train), "their files"
+        if sequential_shards(cfg.data.shard_read, images.paths):
+            batches = ShardBatches(images, targets, bs, buffer=cfg.data.shuffle_buffer, **kw)
+            how = (f"{len(batches.stream.shards)} shard(s), each worker its own, whole, through a shuffle buffer of "
+                   f"{cfg.data.shuffle_buffer}")
+        else:
+            batches = LoaderBatches(images, targets, bs, **kw)
+        fit = images.fit
+        self.notes.append(f"reading {len(ds.train):,} training images from {how} with {batches.workers} "
                           f"worker process(es) (data.workers): random-resized crops to {fit.width}x{fit.height}; "
                           f"evaluation {fit.describe()}")
         return batches
@@ -461,7 +468,7 @@ class Trainer:
         return out
 
     def _end(self, callbacks: list[Callback], status: str, test: Evaluation | None, **extra: Any) -> None:
-        if isinstance(self.batches, LoaderBatches):
+        if isinstance(self.batches, LoaderBatches | ShardBatches):
             self.batches.close()  # the worker processes are done
         summary = self.writer.write_summary(self._summary(status, test, **extra), self.task.primary)
         state = self._state()
@@ -732,7 +739,7 @@ class Trainer:
         summary["batch_size"] = self.batches.batch_size
         if "input" in ds.splits:  # how the files became images: the cache mode and the evaluation transform
             summary["data_input"] = dict(ds.splits["input"])
-            if isinstance(self.batches, LoaderBatches):  # its workers, and the samples rank 0 read
+            if isinstance(self.batches, LoaderBatches | ShardBatches):  # its workers, and the samples rank 0 read
                 summary["data_input"].update(workers=self.batches.workers, read_by_rank0=self.batches.read)
         if self.bad_files is not None and self.bad_files.found:
             summary["skipped_files"] = self.bad_files.rows()
