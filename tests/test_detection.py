@@ -456,3 +456,35 @@ def test_images_of_objects_keep_their_aspect_ratio_in_a_letterbox(tmp_path):
     served = ServedModel.__new__(ServedModel)
     served.lm = SimpleNamespace(fit=Fit.square(32, mode="pad"))
     assert served._upload_scale(Prepared("u", torch.zeros(3, 32, 32), 40, 20, "PNG")) == (40.0, 40.0)
+
+
+def test_a_coco_folder_above_the_memory_budget_streams_with_masks_drawn_when_read(tmp_path):
+    """Its images stay in their files, letterboxed as they are read; masks are drawn per batch from the annotations;
+    the user's own annotation file still scores the run's results to the run's own number."""
+    root = _users_coco_folder(tmp_path / "mine")
+    for split in ("train", "test"):  # polygons: the instance task learns masks
+        f = root / "annotations" / f"instances_{split}.json"
+        ann = json.loads(f.read_text())
+        for a in ann["annotations"]:
+            x, y, w, h = a["bbox"]
+            a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        f.write_text(json.dumps(ann))
+    eager = visrec.load_dataset(f"coco:{root}", image_size=32)
+    lazy = visrec.load_dataset(f"coco:{root}", image_size=32, memory_budget="1KB")
+    assert lazy.streamed and not eager.streamed and lazy.fit == eager.fit
+    assert torch.equal(lazy.test.images[:], eager.test.images)  # the same letterboxed pixels
+    for key in ("boxes", "box_labels", "content_size", "orig_size"):
+        assert torch.equal(lazy.test.targets[key], eager.test.targets[key]), key
+    assert torch.equal(lazy.test.targets["instances"][:], eager.test.targets["instances"])
+    from visrec.tasks.segmentation import semantic_targets
+
+    assert torch.equal(semantic_targets(lazy.test)[:], semantic_targets(eager.test))
+    run = visrec.train(f"coco:{root}", model="maskrcnn_resnet18", task="instance", epochs=2, out="runs/lazy",
+                       progress=False, overrides={**FAST, "model.kwargs": SMALL_INPUT, "data.image_size": 32,
+                                                  "data.memory_budget": "1KB", "data.workers": 1})
+    s = run.summary
+    assert s["status"] == "completed" and s["data_input"]["cache"] == "none" and s["data_input"]["mode"] == "pad"
+    results = json.loads((run.path / "predictions_test.json").read_text())
+    if results:
+        assert _pycocotools_map(root / "annotations" / "instances_test.json", results) == pytest.approx(
+            s["test_map"], abs=1e-9)

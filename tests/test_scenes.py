@@ -188,6 +188,11 @@ def test_yolo_folder_reads_boxes_in_pixels_and_keeps_negatives(tmp_path):
     i = int((ds.train.labels == 1).nonzero()[0])
     assert ds.train.targets["boxes"][i, 0].tolist() == pytest.approx([5.0, 3.0, 15.0, 7.0])  # 20x10 image
     assert ds.train.labels.tolist().count(2) == 1  # 1.jpg has no label file: a negative
+    for size in (None, 16):  # streamed (the files read when needed, letterboxed alike): the same images and boxes
+        eager = load_dataset(f"yolo:{root}", val_fraction=0, image_size=size)
+        lazy = load_dataset(f"yolo:{root}", val_fraction=0, image_size=size, cache="none")
+        assert lazy.streamed and torch.equal(lazy.train.images[:], eager.train.images)
+        assert torch.equal(lazy.train.targets["boxes"], eager.train.targets["boxes"])
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -172,21 +172,26 @@ def is_scene_source(name: str) -> bool:
 
 
 def read_scene_source(name: str, data_dir=None, image_size: int | None = None, channels: int | None = None, *,
-                      scene_size: int = 64, max_objects: int = 4, scene_count: int = 10_000, seed: int = 0
-                      ) -> tuple[RawSplits, str]:
+                      scene_size: int = 64, max_objects: int = 4, scene_count: int = 10_000, seed: int = 0,
+                      cache: str = "auto", memory_budget: str | int | None = "auto") -> tuple[RawSplits, str]:
     """RawSplits with targets for `scenes[:SOURCE]`, `coco:PATH` or `yolo:PATH`; each image's label is the class
-    of its largest object (visrec's own class `(no object)` is added when some image has none)."""
+    of its largest object (visrec's own class `(no object)` is added when some image has none). COCO and YOLO images
+    stay in their files (masks drawn when read) with `cache` none, or auto when decoded they would take more than
+    `memory_budget`."""
     from .coco import NO_OBJECT, read_coco, to_targets
+    from .folders import memory_budget_bytes
     from .scenes import generate_scenes
     from .yolo import read_yolo
 
+    stream = {"stream": True if cache == "none" else None if cache == "auto" else False,
+              "memory_budget": memory_budget_bytes(memory_budget)}
     if name.startswith("yolo:"):
         where = name.split(":", 1)[1]
-        classes, splits = read_yolo(where, image_size, channels)
+        classes, splits = read_yolo(where, image_size, channels, **stream)
     else:
         where = name.split(":", 1)[1] if name.startswith("coco:") else str(generate_scenes(
             name, count=scene_count, size=scene_size, max_objects=max_objects, seed=seed, data_dir=data_dir))
-        classes, splits = read_coco(where, image_size, channels)
+        classes, splits = read_coco(where, image_size, channels, **stream)
     empty = any(len(b) == 0 for sp in splits.values() for b in sp.boxes)
     classes = [*classes, NO_OBJECT] if empty else classes
     converted = {s: (sp.images, *to_targets(sp, len(classes) - 1)) for s, sp in splits.items()}
@@ -199,7 +204,10 @@ def read_scene_source(name: str, data_dir=None, image_size: int | None = None, c
         raw.val_images, raw.val_labels, raw.val_targets = converted["val"]
     scored = splits.get("test") or splits.get("val") or splits["train"]  # results files name the test file's ids
     raw.category_ids = scored.category_ids or None
-    if image_size:  # letterboxed: recorded in runs, so that serving fits an upload the same way
+    first = splits["train"].images
+    if not isinstance(first, torch.Tensor):  # streamed: its letterbox, recorded in runs as for decoded images
+        raw.fit, raw.cache = first.fit, "none"
+    elif image_size:  # letterboxed: recorded in runs, so that serving fits an upload the same way
         from .images import Fit
 
         raw.fit = Fit.square(image_size, mode="pad")
@@ -328,7 +336,8 @@ def read_source(name: str, data_dir=None, download_missing: bool = True, image_s
     (scene_size, max_objects, scene_count); `stream` the image folder's memory_budget, crop_pct and
     max_bad_fraction."""
     if is_scene_source(name):
-        return read_scene_source(name, data_dir, image_size, channels, **scenes)
+        budget = (stream or {}).get("memory_budget", "auto")
+        return read_scene_source(name, data_dir, image_size, channels, cache=cache, memory_budget=budget, **scenes)
     if name.startswith("wds:"):
         from .shards import read_shards
 
@@ -439,7 +448,7 @@ def load_dataset(
         if isinstance(images, ImageFiles):
             images = images.take(index)
         elif index is not None:
-            images = images[index]
+            images = images[index] if isinstance(images, torch.Tensor) else images.select(index)  # streamed: kept so
         if index is not None:
             labels = labels[index]
             targets = index_targets(targets, index) if targets is not None else None

@@ -239,10 +239,11 @@ def guess_channels(paths: list[Path]) -> int:
     return 3 if any(native_channels(peek(p)[0]) == 3 for p in paths[:50]) else 1
 
 
-def read_coco(root: str | Path, image_size: int | None = None, channels: int | None = None
-              ) -> tuple[list[str], dict[str, CocoSplit]]:
-    """(class names, {split: CocoSplit}) of a COCO folder; images resized to `image_size` (boxes and masks with
-    them) when given, else all images must share one size."""
+def read_coco(root: str | Path, image_size: int | None = None, channels: int | None = None, *,
+              stream: bool | None = False, memory_budget: int | None = None) -> tuple[list[str], dict[str, CocoSplit]]:
+    """(class names, {split: CocoSplit}) of a COCO folder; images letterboxed to `image_size` (boxes and masks with
+    them) when given, else all images must share one size. `stream`: images left in their files (StreamedImages)
+    and masks drawn when read (LazyMasks); None: when the decoded images would take more than `memory_budget`."""
     root = Path(root).expanduser()
     files, docs, problems, located = check_coco_folder(root)
     errors = [p for p in problems if p.severity == "error"]
@@ -251,14 +252,19 @@ def read_coco(root: str | Path, image_size: int | None = None, channels: int | N
     train_cats = sorted(docs["train"].get("categories") or [], key=lambda c: c.get("id", 0))
     classes = [str(c["name"]) for c in train_cats]
     channels = channels or guess_channels(list(located["train"].values()))
-    out = {s: _read_split(files[s], d, located[s], classes, image_size, channels) for s, d in docs.items()}
+    if stream is None:
+        n = sum(len(d["images"]) for d in docs.values())
+        side = image_size or max(max(im["height"], im["width"]) for d in docs.values() for im in d["images"])
+        stream = memory_budget is not None and n * channels * side * side > memory_budget
+    out = {s: _read_split(files[s], d, located[s], classes, image_size, channels, stream)
+           for s, d in docs.items()}
     for sp in out.values():  # a class the split's file does not list keeps the train file's id
         sp.category_ids = [i if i is not None else c["id"] for i, c in zip(sp.category_ids, train_cats, strict=True)]
     return classes, out
 
 
 def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str],
-                image_size: int | None, channels: int) -> CocoSplit:
+                image_size: int | None, channels: int, stream: bool = False) -> CocoSplit:
     by_name = {str(c["name"]): classes.index(str(c["name"])) for c in d.get("categories") or []}
     cat = {c["id"]: by_name[str(c["name"])] for c in d.get("categories") or []}
     ids_here = {str(c["name"]): c["id"] for c in d.get("categories") or []}
@@ -273,6 +279,9 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
     images, boxes, labels, crowd, inst_maps, over_maps, areas = [], [], [], [], [], [], []
     has_masks = any(a.get("segmentation") for a in d.get("annotations") or [])
     fit = Fit.square(image_size, mode="pad") if image_size else None  # the aspect ratio kept: a letterbox
+    if stream:
+        return _stream_split(d, located, anns, cat, classes, fit, channels, has_masks=any(
+            a.get("segmentation") for a in d.get("annotations") or []), ids_here=ids_here)
     content = []
     for im in d["images"]:
         h, w = im["height"], im["width"]
@@ -325,6 +334,46 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
             caps.setdefault(c.get("image_id"), []).append(str(c.get("caption", "")))
         split.captions = [caps.get(im["id"], []) for im in d["images"]]
     return split
+
+
+def _stream_split(d: dict, located: dict[int, Path], anns: dict[int, list[dict]], cat: dict, classes: list[str],
+                  fit: Fit | None, channels: int, has_masks: bool, ids_here: dict) -> CocoSplit:
+    """A split whose images stay in their files and whose masks are drawn when read: the boxes, labels and names are
+    what is kept, from the annotations alone (their sizes say where the letterbox puts each image)."""
+    from .lazy_masks import LazyMasks, Raster
+    from .stream import StreamedImages
+
+    if fit is None:
+        sizes = {(im["height"], im["width"]) for im in d["images"]}
+        (h0, w0), = sizes  # one size (read_coco refused several without data.image_size)
+        fit = Fit(h0, w0, mode="pad")
+    content, boxes, labels, crowd, areas, objects = [], [], [], [], [], []
+    for im in d["images"]:
+        h, w = im["height"], im["width"]
+        oh, ow = fit.content(w, h)
+        content.append((oh, ow))
+        sy, sx = oh / h, ow / w
+        own = anns.get(im["id"], [])
+        b = np.array([[x * sx, y * sy, (x + bw) * sx, (y + bh) * sy] for x, y, bw, bh in (o["bbox"] for o in own)],
+                     dtype=np.float32).reshape(-1, 4)
+        b[:, 0::2] = b[:, 0::2].clip(0, ow)
+        b[:, 1::2] = b[:, 1::2].clip(0, oh)
+        boxes.append(b)
+        labels.append(np.array([cat[o["category_id"]] for o in own], dtype=np.int64))
+        crowd.append(np.array([bool(o.get("iscrowd")) for o in own], dtype=bool))
+        areas.append(np.array([float(o["area"]) if isinstance(o.get("area"), int | float)
+                               else o["bbox"][2] * o["bbox"][3] for o in own], dtype=np.float64))
+        objects.append([o.get("segmentation") for o in own])
+    sizes = [(int(im["height"]), int(im["width"])) for im in d["images"]]
+    masks = None
+    if has_masks:
+        masks = LazyMasks(Raster(objects, sizes, content, (fit.height, fit.width), labels), "instances")
+    images = StreamedImages([located[im["id"]] for im in d["images"]], channels, fit)
+    return CocoSplit(images, boxes, labels, masks, masks.kind("overlaps") if masks is not None else None,
+                     crowd=crowd if any(c.any() for c in crowd) else [],
+                     image_ids=[im["id"] for im in d["images"]],
+                     file_names=[str(im["file_name"]) for im in d["images"]], sizes=sizes, areas=areas,
+                     category_ids=[ids_here.get(c) for c in classes], content=content)
 
 
 def validate_coco(root: str | Path) -> list[CocoProblem]:

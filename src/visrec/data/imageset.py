@@ -14,6 +14,8 @@ def index_targets(targets: Any, idx: torch.Tensor) -> Any:
         return {k: index_targets(v, idx) for k, v in targets.items()}
     if isinstance(targets, list):
         return [targets[i] for i in idx.tolist()]
+    if not isinstance(targets, torch.Tensor) and hasattr(targets, "select"):  # drawn when read (LazyMasks): kept
+        return targets.select(idx)
     return targets[idx]
 
 
@@ -21,6 +23,8 @@ def move_targets(targets: Any, device: torch.device | str) -> Any:
     """Targets on `device`: tensors moved, a dict's tensors moved, anything else (captions) as it is."""
     if isinstance(targets, dict):
         return {k: move_targets(v, device) for k, v in targets.items()}
+    if hasattr(targets, "realize"):  # drawn when read (LazyMasks): drawn now
+        targets = targets.realize()
     return targets.to(device) if isinstance(targets, torch.Tensor) else targets
 
 

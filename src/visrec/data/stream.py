@@ -282,12 +282,14 @@ def _init_worker(_: int) -> None:
 class LoaderBatches:
     """Training batches streamed from files by DataLoader workers: (uint8 images, targets) on `device`, in the same
     order and with the same resumable positions as `DeviceBatches` (see that class for `rank`, `world`, `drop_last`).
-    `bad` collects the files left out."""
+    `bad` collects the files left out. `random_crops` False reads each image whole, fitted as for evaluation (images
+    whose targets are in their pixels)."""
 
     def __init__(self, images: StreamedImages, targets: Any, batch_size: int, *, device: torch.device,
                  seed: int = 0, rank: int = 0, world: int = 1, workers: int = 0, shuffle: bool = True,
                  drop_last: bool = True, scale: tuple[float, float] = DEFAULT_SCALE,
-                 ratio: tuple[float, float] = DEFAULT_RATIO, bad: BadFiles | None = None, prefetch: int = 4):
+                 ratio: tuple[float, float] = DEFAULT_RATIO, bad: BadFiles | None = None, prefetch: int = 4,
+                 random_crops: bool = True):
         self.images, self.targets, self.device = images, targets, torch.device(device)
         self.batch_size = min(batch_size, len(images))
         self.seed, self.rank, self.world = seed, rank, world
@@ -296,7 +298,7 @@ class LoaderBatches:
         self.bad = bad if bad is not None else BadFiles(len(images), 1.0)
         self.sampler = _EpochOrder(self)
         self.loader = torch.utils.data.DataLoader(
-            _Files(images, True, seed, tuple(scale), tuple(ratio)), batch_sampler=self.sampler,
+            _Files(images, random_crops, seed, tuple(scale), tuple(ratio)), batch_sampler=self.sampler,
             num_workers=self.workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
             persistent_workers=self.workers > 0, prefetch_factor=prefetch if self.workers > 0 else None,
             worker_init_fn=_init_worker, generator=torch.Generator().manual_seed(seed))

@@ -130,20 +130,33 @@ def validate_yolo(root: str | Path) -> list[CocoProblem]:
     return scan_yolo_folder(Path(root).expanduser())[2]
 
 
-def read_yolo(root: str | Path, image_size: int | None = None, channels: int | None = None
-              ) -> tuple[list[str], dict[str, CocoSplit]]:
+def read_yolo(root: str | Path, image_size: int | None = None, channels: int | None = None, *,
+              stream: bool | None = False, memory_budget: int | None = None) -> tuple[list[str], dict[str, CocoSplit]]:
+    """(class names, {split: CocoSplit}) of a YOLO folder, images letterboxed to `image_size` when given; `stream`:
+    left in their files (None: when decoded they would take more than `memory_budget`)."""
     root = Path(root).expanduser()
     classes, splits, problems = scan_yolo_folder(root)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise problems_error("yolo", root, errors)
     channels = channels or guess_channels([p for p, _ in splits["train"]])
+    if stream is None:
+        n = sum(len(items) for items in splits.values())
+        side = image_size or max(peek(splits["train"][0][0])[1])
+        stream = memory_budget is not None and n * channels * side * side > memory_budget
     out = {}
     for s, items in splits.items():
         images, boxes, labels, orig, areas, content = [], [], [], [], [], []
         fit = Fit.square(image_size, mode="pad") if image_size else None  # the aspect ratio kept: a letterbox
+        if stream and fit is None:  # one size, read from the headers: several need data.image_size
+            first = {peek(path)[1] for path, _ in items}
+            if len(first) > 1:
+                raise VisrecError(f"YOLO folder {root}: {s} images come in {len(first)} sizes",
+                                  "set data.image_size to letterbox them all to one square size")
+            (w1, h1), = first
+            fit = Fit(h1, w1, mode="pad")
         for path, rows in items:
-            a = decode(path, channels, fit)
+            a = None if stream else decode(path, channels, fit)
             h0, w0 = a.shape[:2] if fit is None else peek(path)[1][::-1]
             h, w = fit.content(w0, h0) if fit else (h0, w0)  # the image's part of the stored pixels
             content.append((h, w))
@@ -153,7 +166,16 @@ def read_yolo(root: str | Path, image_size: int | None = None, channels: int | N
             boxes.append(np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
                                   1).astype(np.float32).reshape(-1, 4))
             labels.append(rows[:, 0].astype(np.int64))
-            images.append(torch.from_numpy(a).permute(2, 0, 1))
+            if a is not None:
+                images.append(torch.from_numpy(a).permute(2, 0, 1))
+        if stream:
+            from .stream import StreamedImages
+
+            out[s] = CocoSplit(StreamedImages([p for p, _ in items], channels, fit), boxes, labels, None,
+                               image_ids=list(range(1, len(items) + 1)),
+                               file_names=[_relative(p, root) for p, _ in items], sizes=orig, areas=areas,
+                               category_ids=list(range(len(classes))), content=content)
+            continue
         sizes = {tuple(t.shape) for t in images}
         if len(sizes) > 1:
             raise VisrecError(f"YOLO folder {root}: {s} images come in {len(sizes)} sizes",

@@ -288,6 +288,7 @@ class DetectionTask(Task):
     scored by pycocotools (COCO mAP)."""
 
     name = "detection"
+    random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "boxes"
     primary = "map"
     overfit_metric = "map50"  # the doctor's memorization check: every object found, boxes roughly right

@@ -36,6 +36,7 @@ def pair_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class LocalizationTask(Task):
     name = "localization"
+    random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "boxes"
     primary = "loc_acc"
     maximize = True

@@ -39,6 +39,8 @@ def semantic_targets(data: ImageSet) -> torch.Tensor:
     t = data.targets or {}
     if "semantic" in t:
         return t["semantic"]
+    if hasattr(t["instances"], "kind"):  # streamed: class maps drawn when read, as the instance maps are
+        return t["instances"].kind("semantic")
     inst, labels = t["instances"].long(), t["box_labels"]
     cls = torch.cat([torch.full((len(labels), 1), -1, dtype=labels.dtype), labels], 1)  # slot 0: no object
     return (cls.gather(1, inst.flatten(1)).view_as(inst) + 1).clamp_min(0).to(torch.uint8)
@@ -81,6 +83,7 @@ class SegmentationEvaluation(Evaluation):
 
 class SegmentationTask(Task):
     name = "segmentation"
+    random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "semantic"
     primary = "miou"
     maximize = True

@@ -236,11 +236,12 @@ class Trainer:
             how = (f"{len(batches.stream.shards)} shard(s), each worker its own, whole, through a shuffle buffer of "
                    f"{cfg.data.shuffle_buffer}")
         else:
-            batches = LoaderBatches(images, targets, bs, **kw)
+            batches = LoaderBatches(images, targets, bs, random_crops=self.task.random_crops, **kw)
         fit = images.fit
+        crops = (f"random-resized crops to {fit.width}x{fit.height}" if self.task.random_crops
+                 else f"each image {fit.describe()}")
         self.notes.append(f"reading {len(ds.train):,} training images from {how} with {batches.workers} "
-                          f"worker process(es) (data.workers): random-resized crops to {fit.width}x{fit.height}; "
-                          f"evaluation {fit.describe()}")
+                          f"worker process(es) (data.workers): {crops}; evaluation {fit.describe()}")
         return batches
 
     def _lr_factor(self):

@@ -63,6 +63,9 @@ class Task:
     maximize: ClassVar[bool] = True  # whether a higher primary metric is better
     stats: ClassVar[tuple[str, ...]] = ()
     loss_falls: ClassVar[bool] = True  # whether a loss that does not fall means nothing was learned (not a GAN's)
+    # whether training may read streamed images as random-resized crops of the originals (False: the targets are in
+    # the images' pixels, so they are read whole, fitted as evaluation fits them)
+    random_crops: ClassVar[bool] = True
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg if cfg is not None else Config()
