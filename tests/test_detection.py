@@ -481,7 +481,8 @@ def test_a_coco_folder_above_the_memory_budget_streams_with_masks_drawn_when_rea
     assert torch.equal(semantic_targets(lazy.test)[:], semantic_targets(eager.test))
     run = visrec.train(f"coco:{root}", model="maskrcnn_resnet18", task="instance", epochs=2, out="runs/lazy",
                        progress=False, overrides={**FAST, "model.kwargs": SMALL_INPUT, "data.image_size": 32,
-                                                  "data.memory_budget": "1KB", "data.workers": 1})
+                                                  "data.memory_budget": "1KB", "data.workers": 1,
+                                                  "data.augment": ["hflip", "scale:0.8,1.25"]})  # scale jitter
     s = run.summary
     assert s["status"] == "completed" and s["data_input"]["cache"] == "none" and s["data_input"]["mode"] == "pad"
     results = json.loads((run.path / "predictions_test.json").read_text())

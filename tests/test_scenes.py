@@ -245,3 +245,27 @@ def test_train_scenes_classifies_the_largest_object(scenes_dir, tmp_path):
     s = json.loads(r.output[r.output.index("{"):])
     assert s["status"] == "completed" and s["n_train"] == 60 and s["num_classes"] == 10
     assert 0.0 <= s["test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.6, 2.0])
+def test_scale_jitter_moves_boxes_and_masks_with_the_pixels(factor):
+    from visrec.data.augment import parse_augmentation
+
+    x = torch.zeros(3, 1, 20, 20)
+    x[:, :, 6:12, 4:10] = 1.0  # an object at x 4..10, y 6..12
+    inst = (x[:, 0] > 0).to(torch.uint8)
+    y = {"boxes": torch.tensor([[[4.0, 6.0, 10.0, 12.0]]]).repeat(3, 1, 1), "box_labels": torch.zeros(3, 1).long(),
+         "instances": inst}
+    aug = parse_augmentation(f"scale:{factor},{factor}")
+    out, t = aug(x, y, torch.Generator().manual_seed(0), np.random.default_rng(1))
+    assert out.shape == x.shape and t["instances"].shape == inst.shape
+    for i in range(3):
+        if int(t["box_labels"][i, 0]) < 0:  # cut off entirely (zoomed in far from it): nothing left there
+            assert not t["instances"][i].any()
+            continue
+        x0, y0, x1, y1 = (round(v) for v in t["boxes"][i, 0].tolist())
+        inside = out[i, 0, y0:y1, x0:x1]
+        assert inside.numel() and float(inside.mean()) > 0.5  # the box is where the object's pixels went
+        around = out[i, 0, max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1]  # a pixel more: a downscale blurs the edges
+        assert float(out[i, 0].sum()) == pytest.approx(float(around.sum()), rel=0.02)
+        assert bool(t["instances"][i, y0:y1, x0:x1].any()) and not t["instances"][i, :, x1 + 1:].any()

@@ -7,6 +7,8 @@ Each augmentation is registered by name and built from a spec string `name` or `
     vflip            mirror top-bottom with probability 1/2
     crop:PAD         pad by PAD pixels (default 2) with the mean (zero after normalization), then crop
                      back at a random offset: a random translation of up to PAD pixels (alias: translate)
+    scale:LO,HI      zoom the batch by a factor uniform in [LO, HI] (default 0.5,1.5), cut or padded with the mean back
+                     to its size at a random place: scale jitter (multi-scale training), boxes and masks with it
     cutout:SIZE      zero a SIZE x SIZE square (default 8) at a random center, clipped at the border
     erase:P          random erasing (Zhong et al., 2020): with probability P (default 0.5) an image gets a
                      rectangle of 2-40% of its area, aspect ratio log-uniform in [0.3, 1/0.3], at a random place
@@ -185,6 +187,62 @@ def _shift_targets(y: dict, sx: torch.Tensor, sy: torch.Tensor, h: int, w: int, 
 @register_augmentation
 class Translate(Crop):
     name = "translate"
+
+
+@register_augmentation
+class ScaleJitter(Augmentation):
+    """The batch zoomed by one factor drawn uniformly from [LO, HI], then cut (zoomed in) or padded with the mean
+    (zoomed out) back to its size at a random place: multi-scale training, the scale jitter of detection recipes.
+    Boxes and masks move with the pixels; a box left without area is dropped."""
+
+    name = "scale"
+    default = (0.5, 1.5)
+    arity = 2
+
+    def __init__(self, arg=None):
+        super().__init__(arg)
+        lo, hi = self.arg
+        if not 0 < lo <= hi:
+            raise VisrecError(f"data.augment scale:{lo:g},{hi:g}: give two factors, 0 < low <= high",
+                              "e.g. scale:0.5,1.5")
+
+    def __repr__(self) -> str:
+        return f"{self.name}:{self.arg[0]:g},{self.arg[1]:g}"
+
+    def __call__(self, x, y, gen, rng):
+        n, c, h, w = x.shape
+        f = float(rng.uniform(*self.arg))  # on the host: no device sync
+        nh, nw = max(1, round(h * f)), max(1, round(w * f))
+        zoomed = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False,
+                                                 antialias=f < 1)
+        # per axis: a window of the zoomed batch (larger) or a place for it on the canvas (smaller)
+        (sy, dy, hh), (sx, dx, ww) = (_place(new, old, rng) for new, old in ((nh, h), (nw, w)))
+        out = torch.zeros_like(x)
+        out[:, :, dy:dy + hh, dx:dx + ww] = zoomed[:, :, sy:sy + hh, sx:sx + ww]
+        if isinstance(y, dict):
+            y = dict(y)
+            if "boxes" in y:
+                scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], device=x.device)
+                shift = torch.tensor([dx - sx, dy - sy, dx - sx, dy - sy], device=x.device, dtype=torch.float32)
+                b = y["boxes"] * scale + shift
+                b[..., 0::2] = b[..., 0::2].clamp(0, w)
+                b[..., 1::2] = b[..., 1::2].clamp(0, h)
+                gone = (b[..., 2] - b[..., 0] <= 0) | (b[..., 3] - b[..., 1] <= 0)
+                y["boxes"] = torch.where(gone[..., None], torch.zeros_like(b), b)
+                y["box_labels"] = torch.where(gone, torch.full_like(y["box_labels"], -1), y["box_labels"])
+            for k in _MASKS:
+                if k in y:
+                    m = torch.nn.functional.interpolate(y[k][:, None].float(), size=(nh, nw), mode="nearest")[:, 0]
+                    canvas = torch.zeros_like(y[k])
+                    canvas[:, dy:dy + hh, dx:dx + ww] = m[:, sy:sy + hh, sx:sx + ww].to(y[k].dtype)
+                    y[k] = canvas
+        return out, y
+
+
+def _place(new: int, old: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(start in the zoomed axis, start on the canvas, length) of what is kept of an axis zoomed from `old` to `new`."""
+    offset = int(rng.integers(0, abs(new - old) + 1))
+    return (offset, 0, old) if new >= old else (0, offset, new)
 
 
 @register_augmentation
