@@ -34,7 +34,7 @@ def _valid_mode(mode: str) -> None:
         raise VisrecError(f"data.normalize {mode!r} is not valid", f"use one of {', '.join(MODES)}")
 
 
-FIT_CHUNK_VALUES = 1 << 23  # values per chunk when fitting statistics: 64 MB in float64
+FIT_CHUNK_VALUES = 1 << 21  # values per chunk when fitting statistics: 16 MB in float64
 
 
 class Normalizer:
@@ -69,12 +69,13 @@ class Normalizer:
         n = images.shape[0]
         s = torch.zeros(c, h, w, dtype=torch.float64)
         s2 = torch.zeros(c, h, w, dtype=torch.float64)
-        # chunks of at most 64 MB in float64, squared in place: a fixed count of 8,192 images was 10 GB per chunk
+        # chunks of at most 16 MB in float64, squared in place: a fixed count of 8,192 images was 10 GB per chunk
         # (twice over) at 3x224x224, most of the peak memory of loading a folder of photos
         for chunk in images.split(max(1, FIT_CHUNK_VALUES // (c * h * w))):
             f = chunk.to(torch.float64)
             s += f.sum(0)
             s2 += f.square_().sum(0)
+            del f  # before the next chunk is converted: one chunk in float64 at a time, never two
         if mode == "channel":
             count = n * h * w
             mean = s.sum((1, 2)) / count
