@@ -489,3 +489,26 @@ def test_a_coco_folder_above_the_memory_budget_streams_with_masks_drawn_when_rea
     if results:
         assert _pycocotools_map(root / "annotations" / "instances_test.json", results) == pytest.approx(
             s["test_map"], abs=1e-9)
+
+
+def test_a_packed_coco_folder_trains_from_shards_and_scores_against_its_own_file(tmp_path):
+    from visrec.data.shards import pack
+
+    root = _users_coco_folder(tmp_path / "mine")
+    index = pack(f"coco:{root}", str(tmp_path / "shards"), "8KB")
+    assert index["kind"] == "objects" and len(index["splits"]["train"]["shards"]) > 1
+    a = visrec.load_dataset(f"coco:{root}", image_size=32)
+    b = visrec.load_dataset(f"wds:{tmp_path / 'shards'}", image_size=32)
+    assert a.classes == b.classes and torch.equal(a.test.images, b.test.images)
+    for key in ("boxes", "box_labels", "image_id", "orig_size", "content_size"):
+        assert torch.equal(a.test.targets[key], b.test.targets[key]), key
+    assert torch.equal(a.train.labels, b.train.labels)  # the same held-out validation images
+    run = visrec.train(f"wds:{tmp_path / 'shards'}", model="fasterrcnn_resnet18", task="detection", epochs=2,
+                       out="runs/packed", progress=False,
+                       overrides={**FAST, "model.kwargs": SMALL_INPUT, "data.image_size": 32})
+    s = run.summary
+    assert s["status"] == "completed"
+    results = json.loads((run.path / "predictions_test.json").read_text())
+    if results:
+        assert _pycocotools_map(root / "annotations" / "instances_test.json", results) == pytest.approx(
+            s["test_map"], abs=1e-9)

@@ -269,3 +269,15 @@ def test_scale_jitter_moves_boxes_and_masks_with_the_pixels(factor):
         around = out[i, 0, max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1]  # a pixel more: a downscale blurs the edges
         assert float(out[i, 0].sum()) == pytest.approx(float(around.sum()), rel=0.02)
         assert bool(t["instances"][i, y0:y1, x0:x1].any()) and not t["instances"][i, :, x1 + 1:].any()
+
+
+def test_a_packed_yolo_folder_reads_as_the_folder(tmp_path):
+    from visrec.data.shards import pack
+
+    root = _yolo(tmp_path, {"train/0.txt": "1 0.5 0.5 0.5 0.4\n0 0.1 0.1 0.1 0.2\n", "val/1.txt": "0 0.5 0.5 1 1\n"})
+    pack(f"yolo:{root}", str(tmp_path / "shards"), "1MB")
+    a = load_dataset(f"yolo:{root}", val_fraction=0, image_size=16)
+    b = load_dataset(f"wds:{tmp_path / 'shards'}", val_fraction=0, image_size=16)
+    assert a.classes == b.classes and torch.equal(a.train.images, b.train.images)
+    assert torch.allclose(a.train.targets["boxes"], b.train.targets["boxes"], atol=1e-4)
+    assert b.train.category_ids == a.train.category_ids == [0, 1]

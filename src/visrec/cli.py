@@ -1312,8 +1312,8 @@ def data_where(
 
 @data_app.command("pack")
 def data_pack(
-    source: Annotated[str, typer.Argument(help="The image folder to pack (PATH or folder:PATH).",
-                                          callback=_dataset_source)],
+    source: Annotated[str, typer.Argument(help="What to pack: an image folder (PATH or folder:PATH), coco:PATH or "
+                                               "yolo:PATH.", callback=_dataset_source)],
     dest: Annotated[str, typer.Argument(help="Folder or fsspec URL (s3://, gs://, ...) the shards are written to.")],
     shard_size: Annotated[str, typer.Option(help="Bytes per shard at most (1GB, 500MB, ...).")] = "1GB",
     val_fraction: Annotated[float, typer.Option(help="data.val_fraction: held out of train for validation.")] = 0.1,
@@ -1322,13 +1322,15 @@ def data_pack(
     split_seed: Annotated[int, typer.Option(help="data.split_seed: the seed of those splits.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the training samples' order in the shards.")] = 0,
 ) -> None:
-    """Pack an image folder into WebDataset tar shards (train-NNNNNN.tar, val-, test-) and index.json, the splits
-    made as training makes them; train on them with `visrec train wds:DEST`."""
+    """Pack an image folder, or a COCO or YOLO folder, into WebDataset tar shards (train-NNNNNN.tar, val-, test-)
+    and index.json, the splits made as training makes them; train on them with `visrec train wds:DEST`."""
     from .data.shards import pack
 
     index = pack(source, dest, shard_size, seed=seed, say=lambda m: err.print(m), val_fraction=val_fraction,
                  test_fraction=test_fraction, split_seed=split_seed)
     parts = [f"{k} {v['samples']:,} samples in {len(v['shards'])} shard(s)" for k, v in index["splits"].items()]
+    if index.get("kind") == "objects":
+        parts.append("each split's annotations in SPLIT.coco.json")
     out.print(f"packed {source} into {dest}: {'; '.join(parts)}; train with: visrec train wds:{dest}")
 
 

@@ -178,7 +178,7 @@ def read_scene_source(name: str, data_dir=None, image_size: int | None = None, c
     of its largest object (visrec's own class `(no object)` is added when some image has none). COCO and YOLO images
     stay in their files (masks drawn when read) with `cache` none, or auto when decoded they would take more than
     `memory_budget`."""
-    from .coco import NO_OBJECT, read_coco, to_targets
+    from .coco import read_coco
     from .folders import memory_budget_bytes
     from .scenes import generate_scenes
     from .yolo import read_yolo
@@ -192,6 +192,13 @@ def read_scene_source(name: str, data_dir=None, image_size: int | None = None, c
         where = name.split(":", 1)[1] if name.startswith("coco:") else str(generate_scenes(
             name, count=scene_count, size=scene_size, max_objects=max_objects, seed=seed, data_dir=data_dir))
         classes, splits = read_coco(where, image_size, channels, **stream)
+    return objects_raw(classes, splits, image_size), where
+
+
+def objects_raw(classes: list[str], splits: dict, image_size: int | None) -> RawSplits:
+    """RawSplits of images with objects (CocoSplits by split): labels, targets, the dataset's ids and the fit."""
+    from .coco import NO_OBJECT, to_targets
+
     empty = any(len(b) == 0 for sp in splits.values() for b in sp.boxes)
     classes = [*classes, NO_OBJECT] if empty else classes
     converted = {s: (sp.images, *to_targets(sp, len(classes) - 1)) for s, sp in splits.items()}
@@ -211,7 +218,7 @@ def read_scene_source(name: str, data_dir=None, image_size: int | None = None, c
         from .images import Fit
 
         raw.fit = Fit.square(image_size, mode="pad")
-    return raw, where
+    return raw
 
 
 def _base_name(name: str) -> str:

@@ -249,6 +249,14 @@ def read_coco(root: str | Path, image_size: int | None = None, channels: int | N
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise problems_error("coco", root, errors)
+    return coco_splits(files, docs, located, image_size, channels, stream=stream, memory_budget=memory_budget)
+
+
+def coco_splits(files: dict[str, Path | str], docs: dict[str, dict], located: dict[str, dict[int, Any]],
+                image_size: int | None, channels: int | None, *, stream: bool | None = False,
+                memory_budget: int | None = None) -> tuple[list[str], dict[str, CocoSplit]]:
+    """read_coco's work on checked documents: `located` says where each image is, per split (files, or samples in
+    shards)."""
     train_cats = sorted(docs["train"].get("categories") or [], key=lambda c: c.get("id", 0))
     classes = [str(c["name"]) for c in train_cats]
     channels = channels or guess_channels(list(located["train"].values()))
@@ -327,8 +335,8 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
                       file_names=[str(im["file_name"]) for im in d["images"]],
                       sizes=[(int(im["height"]), int(im["width"])) for im in d["images"]], areas=areas,
                       category_ids=[ids_here.get(c) for c in classes], content=content if fit else [])
-    cap_file = path.parent / path.name.replace("instances_", "captions_", 1)
-    if cap_file.is_file():
+    cap_file = path.parent / path.name.replace("instances_", "captions_", 1) if isinstance(path, Path) else None
+    if cap_file is not None and cap_file.is_file():
         caps: dict[int, list[str]] = {}
         for c in _load_json(cap_file).get("annotations") or []:
             caps.setdefault(c.get("image_id"), []).append(str(c.get("caption", "")))

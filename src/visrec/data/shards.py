@@ -96,11 +96,12 @@ def pack(source: str, dest: str, shard_size: int | str = "1GB", *, seed: int = 0
     from .catalog import load_dataset
     from .stream import StreamedImages
 
-    if not source.startswith("folder:"):
-        raise VisrecError(f"visrec data pack reads image folders (folder:PATH), not {source!r}",
-                          "give an image folder with one subfolder per class; COCO and YOLO data train from their "
-                          "own folders")
     limit = parse_size(shard_size)
+    if source.startswith(("coco:", "yolo:")):
+        return _pack_objects(source, dest, limit, say)
+    if not source.startswith("folder:"):
+        raise VisrecError(f"visrec data pack reads image folders, COCO and YOLO folders, not {source!r}",
+                          "give folder:PATH, coco:PATH or yolo:PATH (or a folder's path)")
     ds = load_dataset(source, cache="none", max_bad_fraction=1.0, **load)
     index: dict[str, Any] = {"format": FORMAT, "source": source, "classes": ds.classes, "channels": ds.channels,
                              "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "splits_made": ds.splits, "splits": {}}
@@ -173,8 +174,67 @@ class _Shard:
         return size
 
 
-def _write_split(split: str, files: list[Path], labels: list[int], classes: list[str], dest: str, limit: int,
-                 say: Callable[[str], None] | None) -> dict:
+def _objects_docs(source: str) -> tuple[dict[str, dict], dict[str, dict[int, Path]]]:
+    """A COCO or YOLO folder's splits as COCO documents, and where each image's file is: checked as training checks
+    them (an error lists the problems). YOLO: image ids from 1 in reading order, category ids the class indices,
+    boxes in pixels of each image's own size."""
+    from .coco import check_coco_folder, problems_error
+    from .images import peek
+    from .yolo import _relative, scan_yolo_folder
+
+    kind, root = source.split(":", 1)
+    root = Path(root).expanduser()
+    if kind == "coco":
+        _, docs, problems, located = check_coco_folder(root)
+    else:
+        classes, splits, problems = scan_yolo_folder(root)
+        docs, located = {}, {}
+        cats = [{"id": k, "name": c} for k, c in enumerate(classes)]
+        for split, items in splits.items():
+            images, anns, where = [], [], {}
+            for i, (path, rows) in enumerate(items, 1):
+                w, h = peek(path)[1]
+                images.append({"id": i, "file_name": _relative(path, root), "width": w, "height": h})
+                where[i] = path
+                for r in rows:
+                    k, cx, cy, bw, bh = (float(v) for v in r[:5])
+                    if bw > 0 and bh > 0:
+                        anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(k), "iscrowd": 0,
+                                     "bbox": [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h],
+                                     "area": bw * w * bh * h})
+            docs[split], located[split] = {"images": images, "annotations": anns, "categories": cats}, where
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise problems_error(kind, root, errors)
+    return docs, located
+
+
+def _pack_objects(source: str, dest: str, limit: int, say: Callable[[str], None] | None) -> dict:
+    """Images with objects: each split's images in shards (KEY.<ext> and KEY.json, its COCO entry and annotations)
+    and the split's COCO document beside them (`{split}.coco.json`), the splits as the folder has them (validation
+    is held out of train when training reads them, as from the folder)."""
+    docs, located = _objects_docs(source)
+    index: dict[str, Any] = {"format": FORMAT, "kind": "objects", "source": source,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "splits": {}}
+    for split, doc in docs.items():
+        by_image: dict[int, list[dict]] = {}
+        for a in doc.get("annotations") or []:
+            by_image.setdefault(a["image_id"], []).append(a)
+        files = [located[split][im["id"]] for im in doc["images"]]
+        notes = [json.dumps({"image": im, "annotations": by_image.get(im["id"], [])}).encode() for im in doc["images"]]
+        written = _write_split(split, files, None, None, dest, limit, say, extra=notes)
+        written["image_ids"] = [im["id"] for im in doc["images"]]
+        written["annotations"] = f"{split}.coco.json"
+        _write_bytes(_join(dest, written["annotations"]), json.dumps(doc).encode())
+        index["splits"][split] = written
+    index["classes"] = [str(c["name"]) for c in sorted(docs["train"].get("categories") or [],
+                                                       key=lambda c: c.get("id", 0))]
+    _write_bytes(_join(dest, INDEX), (json.dumps(index, indent=1) + "\n").encode())
+    return index
+
+
+def _write_split(split: str, files: list[Path], labels: list[int] | None, classes: list[str] | None, dest: str,
+                 limit: int, say: Callable[[str], None] | None, extra: list[bytes] | None = None) -> dict:
     shards: list[dict] = []
     members: list[list[int]] = []  # per sample: shard number, byte offset, size
     shard: _Shard | None = None
@@ -190,7 +250,7 @@ def _write_split(split: str, files: list[Path], labels: list[int], classes: list
             say(f"{name}: {shard.count:,} samples, {size / 1e6:.2f} MB")
         shard = None
 
-    for k, (path, label) in enumerate(zip(files, labels, strict=True)):
+    for k, (path, label) in enumerate(zip(files, labels if labels is not None else [None] * len(files), strict=True)):
         data = Path(path).read_bytes()
         if shard is not None and shard.count and shard.bytes + len(data) > limit:
             close()
@@ -199,12 +259,18 @@ def _write_split(split: str, files: list[Path], labels: list[int], classes: list
         key = f"{split}{k:08d}"
         ext = Path(path).suffix.lower() if Path(path).suffix.lower() in IMAGE_EXTENSIONS else ".img"
         members.append([len(shards), shard.add(f"{key}{ext}", data), len(data)])
-        shard.add(f"{key}.cls", str(label).encode())
-        shard.add(f"{key}.json", json.dumps({"label": classes[label], "file": str(path)}).encode())
+        if labels is not None:  # a class per image
+            shard.add(f"{key}.cls", str(label).encode())
+            shard.add(f"{key}.json", json.dumps({"label": classes[label], "file": str(path)}).encode())
+        else:  # objects: the image's COCO entry and annotations
+            shard.add(f"{key}.json", extra[k])
         shard.count += 1
     close()
-    counts = torch.bincount(torch.tensor(labels, dtype=torch.int64), minlength=len(classes)).tolist()
-    return {"samples": len(files), "counts": counts, "shards": shards, "labels": labels, "members": members}
+    out = {"samples": len(files), "shards": shards, "members": members}
+    if labels is not None:
+        out["counts"] = torch.bincount(torch.tensor(labels, dtype=torch.int64), minlength=len(classes)).tolist()
+        out["labels"] = labels
+    return out
 
 
 # ---------------------------------------------------------------- reading
@@ -260,6 +326,8 @@ def read_shards(spec: str, image_size: int | None = None, crop_pct: float | None
     from .stream import BadFiles, say
 
     index, base, named = read_index(spec)
+    if index.get("kind") == "objects":
+        return _read_objects(spec, index, base, named, image_size, cache, memory_budget)
     splits = index["splits"]
     if "train" not in splits:
         raise VisrecError(f"wds:{spec}: the index has no training split", "pack a dataset with training images")
@@ -317,6 +385,31 @@ def read_shards(spec: str, image_size: int | None = None, crop_pct: float | None
     shards = len(splits["train"]["shards"]) if named is None else len(named)
     out.notes.append(f"streaming {len(train_refs):,} training samples from {shards} shard(s) in {base}")
     return out
+
+
+def _read_objects(spec: str, index: dict, base: str, named: list[str] | None, image_size: int | None, cache: str,
+                  memory_budget: str | int | None):
+    """RawSplits of packed COCO/YOLO data: each split's COCO document with its images found in the shards, read as
+    a COCO folder is (letterboxed; streamed above the memory budget, masks drawn when read)."""
+    from .catalog import objects_raw
+    from .coco import coco_splits
+    from .folders import memory_budget_bytes
+
+    if named is not None:
+        raise VisrecError(f"wds:{spec}: packed COCO/YOLO data is read whole", f"give the folder: wds:{base}")
+    docs, located, files = {}, {}, {}
+    for split, s in index["splits"].items():
+        url = _join(base, s["annotations"])
+        fs, path = _filesystem(url)
+        docs[split] = json.loads(fs.cat_file(path))
+        urls = [_join(base, sh["name"]) for sh in s["shards"]]
+        located[split] = {iid: ShardMember(urls[k], off, size, f"{split}#{i}")
+                          for i, (iid, (k, off, size)) in enumerate(zip(s["image_ids"], s["members"], strict=True))}
+        files[split] = url
+    stream = True if cache == "none" else None if cache == "auto" else False
+    classes, splits = coco_splits(files, docs, located, image_size, None, stream=stream,
+                                  memory_budget=memory_budget_bytes(memory_budget))
+    return objects_raw(classes, splits, image_size)
 
 
 # ---------------------------------------------------------------- sequential reading (remote shards)
