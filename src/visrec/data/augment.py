@@ -166,17 +166,22 @@ class Crop(Augmentation):
         return out.permute(0, 3, 1, 2), y  # channels_last memory, NCHW shape
 
 
+def _place_boxes(y: dict, b: torch.Tensor, h: int, w: int) -> None:
+    """Set y's boxes to `b` (N, M, 4) moved boxes, clipped to the h x w image; those left with no area dropped
+    (label -1)."""
+    b[..., 0::2] = b[..., 0::2].clamp(0, w)
+    b[..., 1::2] = b[..., 1::2].clamp(0, h)
+    gone = (b[..., 2] - b[..., 0] <= 0) | (b[..., 3] - b[..., 1] <= 0)
+    y["boxes"] = torch.where(gone[..., None], torch.zeros_like(b), b)
+    y["box_labels"] = torch.where(gone, torch.full_like(y["box_labels"], -1), y["box_labels"])
+
+
 def _shift_targets(y: dict, sx: torch.Tensor, sy: torch.Tensor, h: int, w: int, batch, rows, cols, pad: int) -> dict:
     """Targets of images translated by (sx, sy) pixels: boxes shifted and clipped to the image, those left with
     no area dropped (label -1); masks shifted by the same gather as the pixels, zero where the pad came in."""
     y = dict(y)
     if "boxes" in y:
-        b = y["boxes"] + torch.stack([sx, sy, sx, sy], 1)[:, None, :]  # (N, M, 4)
-        b[..., 0::2] = b[..., 0::2].clamp(0, w)
-        b[..., 1::2] = b[..., 1::2].clamp(0, h)
-        gone = (b[..., 2] - b[..., 0] <= 0) | (b[..., 3] - b[..., 1] <= 0)
-        y["boxes"] = torch.where(gone[..., None], torch.zeros_like(b), b)
-        y["box_labels"] = torch.where(gone, torch.full_like(y["box_labels"], -1), y["box_labels"])
+        _place_boxes(y, y["boxes"] + torch.stack([sx, sy, sx, sy], 1)[:, None, :], h, w)  # (N, M, 4)
     for k in _MASKS:
         if k in y:
             mp = torch.nn.functional.pad(y[k], (pad, pad, pad, pad))  # (N, H+2p, W+2p), zero = no object
@@ -224,12 +229,7 @@ class ScaleJitter(Augmentation):
             if "boxes" in y:
                 scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], device=x.device)
                 shift = torch.tensor([dx - sx, dy - sy, dx - sx, dy - sy], device=x.device, dtype=torch.float32)
-                b = y["boxes"] * scale + shift
-                b[..., 0::2] = b[..., 0::2].clamp(0, w)
-                b[..., 1::2] = b[..., 1::2].clamp(0, h)
-                gone = (b[..., 2] - b[..., 0] <= 0) | (b[..., 3] - b[..., 1] <= 0)
-                y["boxes"] = torch.where(gone[..., None], torch.zeros_like(b), b)
-                y["box_labels"] = torch.where(gone, torch.full_like(y["box_labels"], -1), y["box_labels"])
+                _place_boxes(y, y["boxes"] * scale + shift, h, w)
             for k in _MASKS:
                 if k in y:
                     m = torch.nn.functional.interpolate(y[k][:, None].float(), size=(nh, nw), mode="nearest")[:, 0]

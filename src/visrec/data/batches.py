@@ -11,7 +11,29 @@ from .augment import mirror
 from .imageset import index_targets
 
 
-class DeviceBatches:
+class EpochOrder:
+    """The order of each epoch of `self.images` (seeded by `self.seed` and the epoch, on the images' device) and the
+    number of batches of `self.batch_size` in it: what in-memory and streamed batches share."""
+
+    images: Any
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    seed: int
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n, device = len(self.images), self.images.device
+        if not self.shuffle:
+            return torch.arange(n, device=device)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(n, generator=g).to(device)
+
+
+class DeviceBatches(EpochOrder):
     """Yields (uint8 images, targets) batches from tensors that already sit on the training device; targets are
     labels, or any tensor or dict of tensors with one row per image.
 
@@ -44,17 +66,6 @@ class DeviceBatches:
         if alternate_flip:
             g = torch.Generator().manual_seed(self.seed * 100_003 + 7_919)
             self.flip_start = (torch.rand(len(images), generator=g) < 0.5).to(images.device)
-
-    def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def order(self, epoch: int) -> torch.Tensor:
-        n = len(self.images)
-        if not self.shuffle:
-            return torch.arange(n, device=self.images.device)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(n, generator=g).to(self.images.device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, Any]]:
         """The batches of `epoch`, from batch index `start` on."""

@@ -299,12 +299,8 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
                               f"annotations say {w}x{h}", "fix width/height in the annotation file")
         oh, ow = fit.content(w, h) if fit else a.shape[:2]  # the image's part of the stored pixels
         content.append((oh, ow))
-        sy, sx = oh / h, ow / w
         own = anns.get(im["id"], [])
-        b = np.array([[x * sx, y * sy, (x + bw) * sx, (y + bh) * sy] for x, y, bw, bh in (o["bbox"] for o in own)],
-                     dtype=np.float32).reshape(-1, 4)
-        b[:, 0::2] = b[:, 0::2].clip(0, ow)
-        b[:, 1::2] = b[:, 1::2].clip(0, oh)
+        b = _scaled_boxes(own, oh / h, ow / w, oh, ow)
         images.append(torch.from_numpy(a).permute(2, 0, 1))
         boxes.append(b)
         labels.append(np.array([cat[o["category_id"]] for o in own], dtype=np.int64))
@@ -344,6 +340,15 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
     return split
 
 
+def _scaled_boxes(own: list[dict], sy: float, sx: float, oh: int, ow: int) -> np.ndarray:
+    """(m, 4) xyxy boxes of an image's annotations, scaled by (sx, sy) and clipped to its (oh, ow) stored part."""
+    b = np.array([[x * sx, y * sy, (x + bw) * sx, (y + bh) * sy] for x, y, bw, bh in (o["bbox"] for o in own)],
+                 dtype=np.float32).reshape(-1, 4)
+    b[:, 0::2] = b[:, 0::2].clip(0, ow)
+    b[:, 1::2] = b[:, 1::2].clip(0, oh)
+    return b
+
+
 def _stream_split(d: dict, located: dict[int, Path], anns: dict[int, list[dict]], cat: dict, classes: list[str],
                   fit: Fit | None, channels: int, has_masks: bool, ids_here: dict) -> CocoSplit:
     """A split whose images stay in their files and whose masks are drawn when read: the boxes, labels and names are
@@ -360,12 +365,8 @@ def _stream_split(d: dict, located: dict[int, Path], anns: dict[int, list[dict]]
         h, w = im["height"], im["width"]
         oh, ow = fit.content(w, h)
         content.append((oh, ow))
-        sy, sx = oh / h, ow / w
         own = anns.get(im["id"], [])
-        b = np.array([[x * sx, y * sy, (x + bw) * sx, (y + bh) * sy] for x, y, bw, bh in (o["bbox"] for o in own)],
-                     dtype=np.float32).reshape(-1, 4)
-        b[:, 0::2] = b[:, 0::2].clip(0, ow)
-        b[:, 1::2] = b[:, 1::2].clip(0, oh)
+        b = _scaled_boxes(own, oh / h, ow / w, oh, ow)
         boxes.append(b)
         labels.append(np.array([cat[o["category_id"]] for o in own], dtype=np.int64))
         crowd.append(np.array([bool(o.get("iscrowd")) for o in own], dtype=bool))

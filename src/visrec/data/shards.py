@@ -33,6 +33,7 @@ import torch
 
 from ..errors import VisrecError
 from .images import IMAGE_EXTENSIONS
+from .stream import Delivery
 
 FORMAT = "visrec-webdataset-1"
 INDEX = "index.json"
@@ -534,7 +535,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 batch = []
 
 
-class ShardBatches:
+class ShardBatches(Delivery):
     """Training batches read from shards in sequence (data.shard_read=sequential): each rank and each of its worker
     processes reads only its own shards, whole, so remote shards cost one request each. The epoch has as many steps
     as the rank with the fewest samples fills (each worker gives whole batches only); a stopped epoch resumes at the
@@ -572,8 +573,6 @@ class ShardBatches:
         return self.steps(0)
 
     def epoch(self, epoch: int, start: int = 0):
-        from .imageset import index_targets, move_targets
-
         given = self._yields(epoch, self.rank)
         # the epoch's batches take the workers in turn, skipping those run dry: which worker gives batch n
         order, left = [], list(given)
@@ -601,19 +600,7 @@ class ShardBatches:
                     waiting[item[3]].append(item[:3])
                 yield waiting[want].pop(0)
 
-        for x, idx, bad in ordered():
-            self.read += len(idx) + len(bad)
-            for i, problem in bad:
-                self.bad.add(str(self.images.paths[i]), problem)
-            if len(idx) == 0:
-                if self._last is None:
-                    raise VisrecError(f"every sample of the first batch of epoch {epoch + 1} could not be read",
-                                      "check the shards: pack the data again")
-                yield self._last
-                continue
-            y = move_targets(index_targets(self.targets, idx), self.device)
-            self._last = (x.to(self.device, non_blocking=self.device.type == "cuda"), y)
-            yield self._last
+        yield from self._deliver(ordered(), epoch)
 
     def close(self) -> None:
         pass

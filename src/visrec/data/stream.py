@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import VisrecError
+from .batches import EpochOrder
 from .images import Box, Fit, open_checked, to_array
 from .imageset import index_targets, move_targets
 
@@ -279,7 +280,35 @@ def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # a worker decodes; the step's threads are the main process's
 
 
-class LoaderBatches:
+class Delivery:
+    """How streamed batches reach the step: the bad samples of each recorded, the targets indexed and moved, the
+    images moved (asynchronously to a GPU from pinned memory); a batch whose samples were all bad repeats the one
+    before it, so that an epoch's step count never changes."""
+
+    images: StreamedImages
+    targets: Any
+    device: torch.device
+    bad: BadFiles
+    read: int
+    _last: tuple[torch.Tensor, Any] | None
+
+    def _deliver(self, feed, epoch: int) -> Iterator[tuple[torch.Tensor, Any]]:
+        for x, idx, bad in feed:
+            self.read += len(idx) + len(bad)
+            for i, problem in bad:
+                self.bad.add(str(self.images.paths[i]), problem)
+            if len(idx) == 0:
+                if self._last is None:
+                    raise VisrecError(f"every image of the first batch of epoch {epoch + 1} could not be read",
+                                      "run `visrec validate DATA` to find the bad files (shards: pack them again)")
+                yield self._last
+                continue
+            y = move_targets(index_targets(self.targets, idx), self.device)
+            self._last = (x.to(self.device, non_blocking=self.device.type == "cuda"), y)
+            yield self._last
+
+
+class LoaderBatches(EpochOrder, Delivery):
     """Training batches streamed from files by DataLoader workers: (uint8 images, targets) on `device`, in the same
     order and with the same resumable positions as `DeviceBatches` (see that class for `rank`, `world`, `drop_last`).
     `bad` collects the files left out. `random_crops` False reads each image whole, fitted as for evaluation (images
@@ -305,35 +334,11 @@ class LoaderBatches:
         self._last: tuple[torch.Tensor, Any] | None = None
         self.read = 0  # samples this process has read (good or bad), over every epoch
 
-    def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def order(self, epoch: int) -> torch.Tensor:
-        n = len(self.images)
-        if not self.shuffle:
-            return torch.arange(n)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(n, generator=g)
-
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, Any]]:
         """The batches of `epoch`, from batch index `start` on; a batch whose files were all bad repeats the one
         before it (the step count of an epoch never changes)."""
         self.sampler.epoch, self.sampler.start = epoch, start
-        blocking = self.device.type != "cuda"
-        for x, idx, bad in self.loader:
-            self.read += len(idx) + len(bad)
-            for i, problem in bad:
-                self.bad.add(str(self.images.paths[i]), problem)
-            if len(idx) == 0:
-                if self._last is None:
-                    raise VisrecError(f"every image of the first batch of epoch {epoch + 1} could not be read",
-                                      "run `visrec validate DATA` to find the bad files")
-                yield self._last
-                continue
-            y = move_targets(index_targets(self.targets, idx), self.device)
-            self._last = (x.to(self.device, non_blocking=not blocking), y)
-            yield self._last
+        yield from self._deliver(self.loader, epoch)
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when this object is collected)."""
