@@ -348,3 +348,17 @@ def test_loading_a_folder_peaks_near_the_decoded_images_and_streaming_near_nothi
     # one copy, the decoders' working set and one 16 MB chunk of the normalizer's statistics (before: 5.3x decoded)
     assert memory < 1.3 * decoded + 50e6, memory / decoded  # (50 MB: modules imported on the way, thread stacks)
     assert streamed < 0.5 * decoded + 50e6, streamed / decoded  # a sample and a batch, never the set
+
+
+def test_pack_errors_name_what_is_wrong(photos, tmp_path):
+    from visrec.data.shards import pack
+
+    with pytest.raises(VisrecError, match="does not exist"):
+        pack(f"folder:{tmp_path / 'nothing'}", str(tmp_path / "s"))
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(VisrecError, match="cannot write the shards to"):
+        pack(f"folder:{photos}", str(tmp_path / "file" / "s"), "1MB")
+    with pytest.raises(VisrecError, match="--shard-size 'lots' is not a size"):
+        pack(f"folder:{photos}", str(tmp_path / "s"), "lots")
+    with pytest.raises(VisrecError, match="no index.json"):
+        visrec.load_dataset(f"wds:{tmp_path}")

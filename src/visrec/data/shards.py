@@ -94,10 +94,18 @@ def pack(source: str, dest: str, shard_size: int | str = "1GB", *, seed: int = 0
          say: Callable[[str], None] | None = None, **load: Any) -> dict:
     """Write `source`'s splits as WebDataset shards under `dest` (a folder or an fsspec URL), with index.json; `load`
     are load_dataset's split options (val_fraction, test_fraction, split_seed, subset, classes). Returns the index."""
+    limit = parse_size(shard_size)
+    try:
+        return _pack(source, dest, limit, seed, say, load)
+    except OSError as e:  # a full disk, a folder that cannot be written, a store that refuses
+        raise VisrecError(f"cannot write the shards to {dest}: {e}", "choose a DEST that can be written, with "
+                          "room for the dataset's files (about their size on disk)") from None
+
+
+def _pack(source: str, dest: str, limit: int, seed: int, say: Callable[[str], None] | None, load: dict) -> dict:
     from .catalog import load_dataset
     from .stream import StreamedImages
 
-    limit = parse_size(shard_size)
     if source.startswith(("coco:", "yolo:")):
         return _pack_objects(source, dest, limit, say)
     if not source.startswith("folder:"):
