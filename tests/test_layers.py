@@ -87,3 +87,52 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
 ])
 def test_relative_imports_resolve_to_the_modules_they_name(file, expected):
     assert expected <= {m for _, m in _imports(SRC / file)}
+
+
+# Prediction still names tasks in these files: each goes when predicting goes through the task (Task.predictor).
+# The counts may only fall; a comparison anywhere else is a task-specific branch the task should declare instead.
+TASK_NAME_COMPARISONS_LEFT = {"cli.py": 7, "runs.py": 3, "serve/model.py": 9, "synthesis.py": 1}
+
+
+def _task_name_comparisons() -> dict[str, list[tuple[int, str]]]:
+    """Per file outside tasks/: comparisons of something named like a task against a registered task's name."""
+    from visrec.tasks import TASKS
+
+    found: dict[str, list[tuple[int, str]]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("tasks/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+
+            def named(e) -> bool:
+                if isinstance(e, ast.Constant):
+                    return e.value in TASKS
+                return isinstance(e, ast.Tuple | ast.List | ast.Set) and any(named(x) for x in e.elts)
+
+            if any(named(e) for e in sides) and any("task" in ast.unparse(e) for e in sides if not named(e)):
+                found.setdefault(rel, []).append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_no_task_is_named_outside_tasks_but_where_prediction_still_does():
+    found = _task_name_comparisons()
+    extra = {f: v for f, v in found.items() if len(v) > TASK_NAME_COMPARISONS_LEFT.get(f, 0)}
+    assert not extra, f"declare a capability on the Task instead of comparing its name: {extra}"
+    # the ratchet: a file that compares fewer names than listed lowers its entry
+    assert {f: len(v) for f, v in found.items()} == TASK_NAME_COMPARISONS_LEFT
+
+
+def test_nothing_outside_tasks_reads_a_task_attribute_by_duck_typing():
+    hits = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.relative_to(SRC).as_posix().startswith("tasks/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            call = isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            if call and node.func.id in ("getattr", "hasattr") and node.args and "task" in ast.unparse(node.args[0]):
+                hits.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    assert not hits, f"declare it on visrec.training.task.Task: {hits}"

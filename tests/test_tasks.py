@@ -120,3 +120,22 @@ def test_the_doctor_builds_models_as_training_does():
     trainer = visrec.Trainer(cfg, dataset=ds, out="runs/w", progress=False, quiet=True)
     trained_first = [m for m in trainer.model.modules() if isinstance(m, PatchWhitening)][0]
     assert torch.allclose(whiten[0].weight, trained_first.weight.cpu(), atol=1e-5)
+
+
+def test_what_the_loop_asks_a_task_is_what_the_task_declares(tmp_path):
+    """A user's task that declares progressive resize and class scores gets them; one that does not is refused by
+    what it declares, not by its name."""
+    (tmp_path / "mine.py").write_text(
+        "from visrec.tasks import ClassificationTask\n\n"
+        "class Mine(ClassificationTask):\n    name = 'mine'\n\n"
+        "class Fixed(ClassificationTask):\n    name = 'fixed'\n    progressive_resize = False\n")
+    run = visrec.train("digits", model="convnet", task=f"{tmp_path / 'mine.py'}:Mine", epochs=1, out="runs/m",
+                       progress=False, overrides={"train.progressive_size": 6, "log.report": False,
+                                                  "model.kwargs": {"widths": [8, 16, 16]}})
+    assert run.summary["status"] == "completed" and run.summary["task"] == "mine"
+    from visrec.tasks import task_class
+
+    assert task_class(f"{tmp_path / 'mine.py'}:Mine").class_scores  # ensembles and explanations take it
+    with pytest.raises(VisrecError, match="fixed run .its targets are in the images' pixels"):
+        visrec.train("digits", model="convnet", task=f"{tmp_path / 'mine.py'}:Fixed", epochs=1, out="runs/f",
+                     progress=False, overrides={"train.progressive_size": 6, "model.kwargs": {"widths": [8, 16, 16]}})

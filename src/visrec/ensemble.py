@@ -24,6 +24,7 @@ import torch
 from .errors import VisrecError
 from .evaluate import predict_logits, resolve_crop_pad, resolve_tta
 from .runs import dataset_from_config, expand_refs, remap_classes
+from .tasks import task_class
 from .training.averaging import recompute_batchnorm
 
 
@@ -69,7 +70,7 @@ def ensemble(members: list[str | Path], split: str = "test", *, batch_size: int 
     if len(refs) < 2:
         raise VisrecError("an ensemble needs at least two members", "give two or more run folders, or RUN:snapshots")
     loaded = [(r.run, r.which) for r in refs]
-    other = [run for run, _ in loaded if run.config.task.name != "classification"]
+    other = [run for run, _ in loaded if not task_class(run.config.task.name).class_scores]
     if other:
         raise VisrecError(f"{other[0].path} is a {other[0].config.task.name} run: ensembles average the class "
                           "probabilities of classification runs", "give classification runs")

@@ -24,6 +24,7 @@ from typing import Any
 from .errors import VisrecError
 from .io import write_text
 from .plotting import figure_png, pyplot
+from .tasks import task_class
 from .training.callbacks import Callback, format_metric, log_figures
 
 
@@ -283,7 +284,7 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
     if s.get("most_confused"):
         parts.append("<p>Most confused (true → predicted, count):</p>"
                      + _table(["true", "predicted", "count"], [list(r) for r in s["most_confused"]]))
-    classification = s.get("task", "classification") == "classification"
+    classification = task_class(s.get("task") or run.config.task.name).class_scores  # class figures and tables
     if not per and classification:
         parts.append('<p class="muted">The run has no test evaluation yet.</p>')
     if s.get("test") and not classification:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import Config, bounds, resolve_config
+from .config import Config, TaskConfig, bounds, resolve_config
 from .errors import VisrecError, unknown_name
 from .io import write_bytes, write_json, write_text, write_yaml
 from .runs import Run, run_label
@@ -60,15 +60,15 @@ DEFAULT_SPACE = {
     "loss.label_smoothing": {"uniform": [0.0, 0.2]},
     "train.batch_size": {"categorical": [64, 128, 256]},
 }
-# Tasks whose recipe lives elsewhere search around it: a detector trains at learning rates near 0.02 in batches
-# of 16 (label smoothing does not reach its losses).
-_DETECTOR_SPACE = {
-    "optim.lr": {"loguniform": [0.002, 0.08]},
-    "optim.weight_decay": {"loguniform": [1.0e-5, 1.0e-3]},
-    "train.batch_size": {"categorical": [8, 16, 32]},
-}
-TASK_SPACES = {"detection": _DETECTOR_SPACE, "instance": _DETECTOR_SPACE}
+# A task whose recipe lives elsewhere declares its own space (Task.search_space: a detector's).
 
+
+
+def task_class(name: str):
+    """The task's class (its primary metric, direction and declared capabilities), registered or from a file."""
+    from .tasks import task_class as of
+
+    return of(name)
 
 # ---------------------------------------------------------------- search spaces
 
@@ -335,10 +335,8 @@ class StudySpec:
 
     def objective(self) -> tuple[str, bool]:
         """(the task's primary validation metric the trials are judged by, whether higher is better)."""
-        from .tasks import TASKS
-
-        task = TASKS.get((self.base.get("task") or {}).get("name", "classification"))
-        return (task.primary, task.maximize) if task is not None else ("acc", True)
+        task = task_class((self.base.get("task") or {}).get("name") or TaskConfig().name)
+        return task.primary, task.maximize
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -465,7 +463,7 @@ def create_study(data: str, *, space: dict[str, Any] | str | Path | None = None,
     if heartbeat < 1:
         raise VisrecError(f"--heartbeat {heartbeat} must be at least 1 second")
     cfg = resolve_config(preset, overrides)
-    params = parse_space(space if space is not None else TASK_SPACES.get(cfg.task.name))
+    params = parse_space(space if space is not None else task_class(cfg.task.name).search_space)
     cfg.data.name = data
     if model:
         cfg.model.name = model
@@ -605,7 +603,7 @@ class Worker:
         if key not in self._datasets:
             self._datasets[key] = dataset_from_config(cfg)
         ds = self._datasets[key]
-        if cfg.task.name != "classification":
+        if not task_class(cfg.task.name).class_scores:  # the loss at chance is known for class scores
             initial = None
         elif cfg.loss.name == "cross_entropy":
             initial = math.log(ds.num_classes)
@@ -777,7 +775,7 @@ def write_results(spec: StudySpec) -> dict[str, Any]:
         result["best"] = {"number": best["number"], "stage": best["stage"], column: best["value"],
                           "params": values, "run": best["run"]}
         result["warnings"] = edge_warnings(params, values)
-        if cfg.task.name == "classification" and best["run"] and (Path(best["run"]) / "summary.json").is_file():
+        if task_class(cfg.task.name).class_scores and best["run"] and (Path(best["run"]) / "summary.json").is_file():
             others = sorted((r for r in rows if r["state"] == "COMPLETE" and r["stage"] == best["stage"]
                              and r["number"] != best["number"]), key=lambda r: -r["value"])
             n_val = int(Run(best["run"]).summary.get("n_val") or 0)

@@ -1003,12 +1003,14 @@ def examine(
     write_yaml(out / "config.yaml", cfg.anchored().to_dict())
     ex = Exam(cfg, ds, out, opts, device=device)
     timings: dict[str, dict[str, Any]] = {}
-    if cfg.task.name != "classification":  # the checks that carry over, through the task's own loss and metric
-        from ..tasks import create_task
+    from ..tasks import create_task
+
+    task = create_task(cfg.task.name, cfg)
+    if not task.class_scores:  # the checks that carry over, through the task's own loss and metric
         from .task_exam import run_task_checks
 
-        timings = run_task_checks(ex, create_task(cfg.task.name, cfg), console)
-    for name, fn in (CHECKS.items() if cfg.task.name == "classification" else ()):
+        timings = run_task_checks(ex, task, console)
+    for name, fn in (CHECKS.items() if task.class_scores else ()):  # the full exam, on class scores
         if opts.checks is not None and name not in opts.checks:
             continue
         if ex.abort:
@@ -1022,7 +1024,7 @@ def examine(
         new = ex.findings[n_before:]
         worst = max((f.rank for f in new), default=0)
         timings[name] = {"status": SEVERITIES[worst], "seconds": time.perf_counter() - t0}
-    if cfg.task.name == "classification":
+    if task.class_scores:
         reconcile(ex)
     stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     diag = Diagnosis(ex.findings, checks=timings, results=ex.results, out=out,

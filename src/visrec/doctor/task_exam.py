@@ -89,7 +89,7 @@ class TaskExam:
         x, _, _ = self.batch(min(256, len(ex.ds.train)), 1)
         mean, std = float(x.mean()), float(x.std())
         ev = {"mean": round(mean, 3), "std": round(std, 3), "task": self.task.name}
-        if getattr(self.task, "raw_pixels", False):  # the model scales raw pixels itself (generate, style)
+        if self.task.raw_pixels:  # the model scales raw pixels itself (generate, style)
             ex.add("data", Finding("input-not-normalized", "ok", f"the {self.task.name} task accepts the data; its "
                                    "models take raw pixels (0..255) and scale them themselves", ev))
         elif abs(mean) > 3 or std > 10 or std < 0.05:
@@ -125,11 +125,7 @@ class TaskExam:
         ex.add("initial-loss", Finding("initial-loss-off", "ok", f"the initial loss {loss:.3f} is finite{near}", ev))
 
     def chance_loss(self, targets: Any = None) -> float | None:
-        if self.task.name == "segmentation":
-            return math.log(self.outputs)
-        if hasattr(self.task, "chance_loss"):  # a task that knows its own (captioning: words x ln(vocabulary))
-            return self.task.chance_loss(self.outputs, targets)
-        return None
+        return self.task.chance_loss(self.outputs, targets)  # the task's own (captioning: words x ln(vocabulary))
 
     def check_overfit(self) -> None:
         ex, task, o = self.ex, self.task, self.ex.opts
@@ -155,7 +151,7 @@ class TaskExam:
             if not math.isfinite(last):
                 break
         r = task.evaluate(model, part, ex.normalizer, split="train", settings=EvalSettings(batch_size=64))
-        metric = getattr(task, "overfit_metric", task.primary)
+        metric = task.overfit_metric or task.primary
         value = r.metrics.get(metric, math.nan)
         ev = {"examples": n, "steps": steps, "first_loss": round(first, 4), "last_loss": round(last, 4),
               metric: round(value, 4) if math.isfinite(value) else None, "lr": cfg_opt.lr}
@@ -286,7 +282,7 @@ def run_task_checks(ex, task: Task, console=None) -> dict[str, dict[str, Any]]:
            "lr-range": te.check_lr_range, "recurrent-gradients": te.check_recurrent_gradients}
     timings: dict[str, dict[str, Any]] = {}
     for name in TASK_CHECKS:
-        if name == "recurrent-gradients" and task.name != "captioning":
+        if name == "recurrent-gradients" and not task.sequence_model:
             continue
         if ex.opts.checks is not None and name not in ex.opts.checks:
             continue

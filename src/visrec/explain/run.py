@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import VisrecError, closest
 from ..io import write_bytes
 from ..plotting import figure_png, pyplot
+from ..tasks import task_class
 from .methods import METHODS, attribute
 
 FIGURES = ("filters", "activations", "errors", "confused", "tsne", "neighbors", "class_model", "fooling", "inversion")
@@ -63,7 +64,7 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
     from ..runs import Run
 
     run = run if isinstance(run, Run) else Run(run)
-    if run.config.task.name != "classification":
+    if not task_class(run.config.task.name).class_scores:
         raise VisrecError(f"{run.path} is a {run.config.task.name} run: the explanations are written for "
                           "classification runs", f"its report shows its own figures: {run.path / 'report.html'}")
     if method not in METHODS and method not in FIGURES:

@@ -43,19 +43,25 @@ def is_file_task(name: str) -> bool:
     return ":" in name and name.split(":", 1)[0].endswith(".py")
 
 
-def create_task(name: str, cfg: Config | None = None) -> Task:
-    """A task by registered name, or `path/to/file.py:ClassName` (a Task subclass in the user's file)."""
+def task_class(name: str) -> type[Task]:
+    """The Task subclass of a registered name or of `path/to/file.py:ClassName`: what a task declares (its primary
+    metric, its capabilities) without building one."""
     if is_file_task(name):
         cls = import_from_file(name, "task", "--task path/to/file.py:ClassName")
         if not (isinstance(cls, type) and issubclass(cls, Task)):
             raise VisrecError(f"{name} is not a subclass of visrec.training.task.Task",
                               "define `class MyTask(visrec.Task)` with loss, batch_stats and evaluate")
-        task = cls(cfg)
-        task.name = task.name or name  # a file task without a name is known by its spec
-        return task
+        return cls
     if name not in TASKS:
         raise unknown_name("task", name, TASKS, "task.name")
-    return TASKS[name](cfg)
+    return TASKS[name]
+
+
+def create_task(name: str, cfg: Config | None = None) -> Task:
+    """A task by registered name, or `path/to/file.py:ClassName` (a Task subclass in the user's file)."""
+    task = task_class(name)(cfg)
+    task.name = task.name or name  # a file task without a name is known by its spec
+    return task
 
 
 def task_of_run(run) -> tuple[Task, Dataset]:
@@ -72,4 +78,4 @@ def task_of_run(run) -> tuple[Task, Dataset]:
 
 __all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "DetectionTask", "EvalSettings", "Evaluation",
            "GenerateTask", "InstanceTask", "LocalizationTask", "SegmentationTask", "StyleTask", "Task",
-           "create_task", "register_task", "task_of_run"]
+           "create_task", "register_task", "task_class", "task_of_run"]

@@ -144,6 +144,7 @@ class CaptionEvaluation(Evaluation):
 
 class CaptioningTask(Task):
     name = "captioning"
+    sequence_model = True
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "tokens"
     primary = "bleu4"

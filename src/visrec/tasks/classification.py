@@ -18,6 +18,9 @@ from ..training.task import EvalSettings, Task
 
 class ClassificationTask(Task):
     name = "classification"
+    class_scores = True  # one logit per class
+    progressive_resize = True  # a label does not move when the image shrinks
+    ddp_unused_parameters = False  # every parameter gets a gradient every step
     target = "class"
     primary = "acc"
     maximize = True

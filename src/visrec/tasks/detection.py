@@ -292,6 +292,10 @@ class DetectionTask(Task):
     target = "boxes"
     primary = "map"
     overfit_metric = "map50"  # the doctor's memorization check: every object found, boxes roughly right
+    # visrec search around the detector's recipe: learning rates near 0.02 in batches of 16 (label smoothing does not
+    # reach its losses)
+    search_space = {"optim.lr": {"loguniform": [0.002, 0.08]}, "optim.weight_decay": {"loguniform": [1.0e-5, 1.0e-3]},
+                    "train.batch_size": {"categorical": [8, 16, 32]}}
     maximize = True
     stats = ()
     masks = False

@@ -16,6 +16,7 @@ gives other numbers. `miou` is the primary metric; per-class IoUs are written to
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,9 @@ class SegmentationTask(Task):
 
     def targets(self, data: ImageSet) -> dict[str, torch.Tensor]:
         return {"semantic": semantic_targets(data)}
+
+    def chance_loss(self, outputs: int, targets: Any = None) -> float:
+        return math.log(outputs)  # every pixel's class guessed uniformly
 
     def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         y = targets["semantic"].long()

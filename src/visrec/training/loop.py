@@ -156,7 +156,7 @@ class Trainer:
         self.params = sum(p.numel() for p in self.model.parameters())
         net = self.model
         if self.dist.active:
-            net = wrap_ddp(self.model, cfg, device, find_unused=task.name != "classification")
+            net = wrap_ddp(self.model, cfg, device, find_unused=task.ddp_unused_parameters)
         self.forward = torch.compile(net) if cfg.model.compile else net
         self.finetune = (Finetune.build(self.model, cfg.finetune, ds.channels, ds.image_size)
                          if cfg.finetune.strategy != "none" else None)
@@ -195,7 +195,7 @@ class Trainer:
         self._pace_at = -1  # the step at which the budget makes its first plan
         if self.budget is not None:
             check_budget(cfg)
-        self.low_res = progressive_shape(cfg, task.name, ds.image_size)  # checked here, before anything trains
+        self.low_res = progressive_shape(cfg, task, ds.image_size)  # checked here, before anything trains
         self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
         self.window_losses: list[float] = []  # of every logged window: the end compares the last with the first
         a = cfg.average
@@ -691,7 +691,7 @@ class Trainer:
         out = []
         w = self.window_losses  # three windows at least: the first and the last must not be the same stretch
         first, last = (w[0], w[-1]) if len(w) >= 3 else (None, None)
-        falls = getattr(self.task, "loss_falls", True)  # a GAN's loss is a contest: it need not fall
+        falls = self.task.loss_falls  # a GAN's loss is a contest: it need not fall
         if falls and first is not None and math.isfinite(first) and math.isfinite(last) and last >= 0.98 * first:
             out.append(f"the training loss stayed near its first value ({first:.4g} -> {last:.4g}): the model "
                        "learned almost nothing. Run `visrec doctor` on the same settings for the cause and the fix")
@@ -766,15 +766,16 @@ class Trainer:
         return summary
 
 
-def progressive_shape(cfg: Config, task: str, image_size: tuple[int, int]) -> tuple[int, int] | None:
+def progressive_shape(cfg: Config, task: Task, image_size: tuple[int, int]) -> tuple[int, int] | None:
     """The (H, W) that train.progressive_size trains at first, or None when it is off."""
     low = cfg.train.progressive_size
     if not low:
         return None
     h, w = image_size
-    if task != "classification":
-        raise VisrecError(f"train.progressive_size is for classification, and this is a {task} run (its targets "
-                          "are in the images' pixels)", "set train.progressive_size=0")
+    if not task.progressive_resize:
+        raise VisrecError(f"train.progressive_size is for tasks whose targets do not move with the pixels, and this "
+                          f"is a {task.name} run (its targets are in the images' pixels)",
+                          "set train.progressive_size=0")
     if cfg.data.normalize in ("pca", "pca_whiten", "zca"):
         raise VisrecError(f"train.progressive_size needs images, and data.normalize={cfg.data.normalize} turns them "
                           "into feature vectors", "use data.normalize=channel (or the convnet's whitening stem)")

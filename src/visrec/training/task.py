@@ -63,12 +63,29 @@ class Task:
     maximize: ClassVar[bool] = True  # whether a higher primary metric is better
     stats: ClassVar[tuple[str, ...]] = ()
     loss_falls: ClassVar[bool] = True  # whether a loss that does not fall means nothing was learned (not a GAN's)
+    # ---- capabilities: what the loop, averaging, search, the doctor, ensembles and explanations ask the task,
+    # instead of naming it
     # whether training may read streamed images as random-resized crops of the originals (False: the targets are in
     # the images' pixels, so they are read whole, fitted as evaluation fits them)
     random_crops: ClassVar[bool] = True
+    # the model's output is one score per class: ensembles average them, the explanations and the ONNX backend read
+    # them, and the doctor runs its full classification exam on them
+    class_scores: ClassVar[bool] = False
+    progressive_resize: ClassVar[bool] = False  # train.progressive_size may shrink the images (targets not in pixels)
+    ddp_unused_parameters: ClassVar[bool] = True  # some parameters may get no gradient in a step: DDP looks for them
+    raw_pixels: ClassVar[bool] = False  # the model scales raw 0..255 pixels itself: the doctor asks no normalization
+    overfit_metric: ClassVar[str | None] = None  # what the doctor's memorization check reads (None: the primary)
+    sequence_model: ClassVar[bool] = False  # the model decodes step by step: the doctor checks gradients through time
+    # visrec search's default space for the task, as in a search file (None: visrec.tune's general one)
+    search_space: ClassVar[dict[str, dict] | None] = None
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg if cfg is not None else Config()
+
+    def chance_loss(self, outputs: int, targets: Any = None) -> float | None:
+        """The loss of a model that knows nothing, for the doctor's initial-loss check (`outputs`: the model's output
+        count); None: the task has no such number."""
+        return None
 
     def check(self, ds: Dataset) -> None:
         """Refuse, with a clear error, data this task cannot learn from."""
