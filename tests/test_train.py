@@ -363,18 +363,20 @@ def test_the_budget_replans_as_the_pace_changes_and_resumes_with_its_plan(tmp_pa
     cfg = visrec.resolve_config(None, {**FAST, "data.name": SYN, "train.time_budget": "10s", "train.epochs": 1,
                                        "schedule.name": "linear"})
     t = Trainer(cfg, out=str(tmp_path / "r"), progress=False)
-    spe = t.steps_per_epoch
-    t._pace, t.pos.step = (0, 0.0), 5
-    t._replan(0.5, force=True)  # 0.1 s a step: 9.5 s left -> 95 more steps
-    assert abs(t.total_steps - 100) <= spe // 10 and t.epochs_planned == -(-t.total_steps // spe)
-    assert t.pos.planned_steps == t.total_steps
-    planned, t.pos.step = t.total_steps, 50
-    t._replan(5.02)  # about the same pace: the plan is kept (no learning-rate jitter)
-    assert t.total_steps == planned
-    t._replan(7.5)  # slower (0.15 s a step): 2.5 s left -> about 16 more steps
-    assert abs(t.total_steps - 66) <= spe // 10
-    t._replan(11.0)  # over budget: the plan ends at the current step
-    assert t.total_steps == 50
+    spe, planner = t.steps_per_epoch, t.planner
+    assert planner.due(1) and not planner.started
+    planner.start(step=0, seconds=0.0)
+    assert planner.due(5) and not planner.due(4)  # the first plan, five steps after the clock started
+    total = planner.plan(5, 0.5, t.total_steps, force=True)  # 0.1 s a step: 9.5 s left -> 95 more steps
+    assert abs(total - 100) <= spe // 10 and not planner.due(5)
+    assert planner.plan(50, 5.02, total) is None  # about the same pace: the plan is kept (no learning-rate jitter)
+    assert abs(planner.plan(50, 7.5, total) - 66) <= spe // 10  # slower (0.15 s a step): about 16 more steps
+    assert planner.plan(50, 11.0, total) == 50  # over budget: the plan ends at the current step
+    from visrec.training.budget import BudgetPlanner
+
+    two = BudgetPlanner(10.0, 20, mean=lambda v: v / 2)  # across processes the ranks' mean decides
+    two.start(0, 0.0)
+    assert two.plan(10, 1.0, 1000, force=True) == 10 + 45  # 90 steps left here, the mean of the ranks: 45
     # a run stopped part-way resumes on the plan its checkpoint holds
     stopped = Trainer(cfg, out=str(tmp_path / "s"), progress=False).fit(stop_after_steps=3)
     planned = json.loads((stopped.path / "checkpoints" / "last.json").read_text())["planned_steps"]

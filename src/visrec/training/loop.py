@@ -45,6 +45,7 @@ from ..evaluate import eval_batch_size
 from ..runs import Run, dataset_from_config, default_run_name
 from ..version import __version__
 from .averaging import WeightAverages
+from .budget import BudgetPlanner
 from .callbacks import Callback, ProgressPrinter, TensorBoardLogger, TrainState
 from .distill import Teachers
 from .finetune import Finetune, cache_dir, cached_features
@@ -191,10 +192,10 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         self.epochs_planned = cfg.train.epochs
         self.budget = parse_duration(cfg.train.time_budget)
-        self._pace: tuple[int, float] | None = None  # the budget's clock: (step, train seconds) where it started
-        self._pace_at = -1  # the step at which the budget makes its first plan
+        self.planner: BudgetPlanner | None = None  # the time budget's plan of the schedule's length
         if self.budget is not None:
             check_budget(cfg)
+            self.planner = BudgetPlanner(self.budget, self.steps_per_epoch, mean=self._agreed)
         self.low_res = progressive_shape(cfg, task, ds.image_size)  # checked here, before anything trains
         self.warnings = schedule_warnings(self.total_steps, cfg.train.epochs, self.steps_per_epoch, bs, len(ds.train))
         self.window_losses: list[float] = []  # of every logged window: the end compares the last with the first
@@ -342,16 +343,20 @@ class Trainer:
         return self.pos.epoch + 1 >= self.epochs_planned
 
     def _budget_clock(self, t_epoch: float, seconds_before: float) -> None:
-        """A time budget's first plan: the clock starts after the first step of this process (which pays for
-        allocations and warm-up) and the plan is made five steps later, before the warm-up's learning rate has
-        moved much; windows refine it."""
+        """The time budget's clock starts after this process's first step (which pays for allocations and warm-up);
+        its first plan comes five steps later; logged windows refine it (`_replan`)."""
         sync(self.runtime.device)
         now = seconds_before + (time.perf_counter() - t_epoch)
-        if self._pace is None:
-            self._pace, self._pace_at = (self.pos.step, now), self.pos.step + 5
+        if not self.planner.started:
+            self.planner.start(self.pos.step, now)
         else:
-            self._pace_at = -1
             self._replan(now, force=True)
+
+    def _agreed(self, value: float) -> float:
+        """Across processes, the ranks' mean of a number (so that every rank plans alike)."""
+        if not self.dist.active:
+            return value
+        return float(self.dist.mean(torch.tensor([value], device=self.runtime.device)).item())
 
     def _plan(self, total_steps: int) -> None:
         """Set the schedule's length (a time budget's estimate): the epochs follow, the last one maybe partial."""
@@ -361,19 +366,8 @@ class Trainer:
         self.schedule.replace(self._lr_factor())
 
     def _replan(self, train_seconds: float, force: bool = False) -> None:
-        """The schedule's length from the pace measured since the clock started (`train_seconds` is the run's
-        training time now): as many steps as the rest of the budget allows. A plan within 2% of the current one is
-        kept, so the learning rate does not jitter; across processes the ranks' mean decides, so all agree."""
-        step0, seconds0 = self._pace
-        pace = (train_seconds - seconds0) / max(self.pos.step - step0, 1)
-        left = max(0.0, self.budget - train_seconds) / max(pace, 1e-9)
-        if self.dist.active:
-            left = float(self.dist.mean(torch.tensor([left], device=self.runtime.device)).item())
-        total, spe = self.pos.step + int(left), self.steps_per_epoch
-        edge = round(total / spe) * spe  # within a tenth of an epoch of its end: end there, not just after it
-        if abs(total - edge) <= spe // 10 and edge > self.pos.step:
-            total = edge
-        if force or abs(total - self.total_steps) > 0.02 * self.total_steps or total <= self.pos.step:
+        total = self.planner.plan(self.pos.step, train_seconds, self.total_steps, force=force)
+        if total is not None:
             self._plan(total)
 
     def _eval_model(self) -> torch.nn.Module:
@@ -588,7 +582,7 @@ class Trainer:
             self.schedule.step()
             pos.step += 1
             pos.batch += 1
-            if (self.budget is not None and self._pace is None) or pos.step == self._pace_at:
+            if self.planner is not None and self.planner.due(pos.step):
                 self._budget_clock(t_epoch, seconds_before)
             if pos.step in self.snapshots:
                 t0 = time.perf_counter()
@@ -623,7 +617,7 @@ class Trainer:
                 self.window_losses.append(rec["loss"])
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
-                if self.budget is not None and self._pace is not None:
+                if self.planner is not None and self.planner.started:
                     self._replan(pos.train_seconds)
                 win_losses, win_stats, win_start, t_win, win_data = [], [], pos.step, time.perf_counter(), 0.0
                 # a signal that came while logging; across processes, any rank's signal stops them all
