@@ -14,8 +14,8 @@ from PIL import Image
 
 import visrec
 from visrec.config import Config
-from visrec.data.images import Fit, decode
-from visrec.data.stream import LoaderBatches, StreamedImages, random_resized_box
+from visrec.data.images import Fit, decode, random_resized_box
+from visrec.data.stream import LoaderBatches, StreamedImages
 from visrec.errors import VisrecError
 from visrec.runs import Run
 

@@ -95,6 +95,20 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return value if value > 0 else None
 
 
+def parse_size(text: str | int | float, option: str) -> int:
+    """Bytes in "512MB", "4GB", "64KB", "1.5g" or a number of bytes (binary units); `option` names it in errors.
+
+    >>> parse_size("512MB", "x"), parse_size("1.5GB", "x"), parse_size(4096, "x")
+    (536870912, 1610612736, 4096)
+    """
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
+    if not m:
+        raise VisrecError(f"{option} {text!r} is not a size", "give bytes, or e.g. 512MB, 4GB")
+    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)])
+
+
 # Keys that moved when the train section was split by concern: old config files, presets and --set still work.
 RENAMED = {
     "train.device": "device.name", "train.precision": "device.precision", "train.threads": "device.threads",

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from ..config import parse_size
 from ..errors import VisrecError
 from .images import MAX_PIXELS, Fit, ImageFiles, native_channels, peek, scan_classes
 from .sources import RawSplits
@@ -27,13 +27,7 @@ def memory_budget_bytes(budget: str | int | None) -> int:
         except (ValueError, OSError, AttributeError):
             total = 8 << 30
         return total // 8
-    if isinstance(budget, int | float):
-        return int(budget)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", str(budget).lower())
-    if not m:
-        raise VisrecError(f"data.memory_budget={budget!r} is not a size", "give bytes, or e.g. 512MB, 4GB, or auto")
-    unit = (m.group(2) or "b").rstrip("ib") or "b"
-    return int(float(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
+    return parse_size(budget, "data.memory_budget")
 
 
 def choose_size(sizes: list[tuple[int, int]], notes: list[str]) -> tuple[int, int]:

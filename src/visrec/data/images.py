@@ -194,6 +194,49 @@ def _draft(im: Image.Image, wh: tuple[int, int], region: tuple[float, float] | N
     im.draft(None, (max(1, math.ceil(im.size[0] * k)), max(1, math.ceil(im.size[1] * k))))
 
 
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied (a quarter turn swaps them), from
+    the header alone."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
+DEFAULT_SCALE = (0.08, 1.0)  # random-resized crops: the fraction of the image's area (timm, torchvision)
+DEFAULT_RATIO = (3 / 4, 4 / 3)  # ... and the aspect ratio range
+
+
+def random_resized_box(w: int, h: int, rng: np.random.Generator, scale: tuple[float, float] = DEFAULT_SCALE,
+                       ratio: tuple[float, float] = DEFAULT_RATIO) -> Box:
+    """A random region of a w x h image, as fractions (x0, y0, x1, y1): `scale` of its area, aspect ratio (width /
+    height) log-uniform in `ratio`; after ten misses, the centre at the nearest ratio in range (Szegedy et al., 2015,
+    as torchvision and timm draw it)."""
+    area = w * h
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return (x0 / w, y0 / h, (x0 + cw) / w, (y0 + ch) / h)
+    aspect = w / h
+    if aspect < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif aspect > ratio[1]:
+        cw, ch = round(h * ratio[1]), h
+    else:
+        cw, ch = w, h
+    x0, y0 = (w - cw) // 2, (h - ch) // 2
+    return (x0 / w, y0 / h, (x0 + cw) / w, (y0 + ch) / h)
+
+
+def random_crop_array(im: Image.Image, channels: int, fit: Fit, rng: np.random.Generator, scale, ratio) -> np.ndarray:
+    """A random-resized crop of an opened image (`random_resized_box` of its upright size) at the fit's size, as uint8
+    (H, W, channels): what streamed training reads."""
+    box = random_resized_box(*upright_size(im), rng, scale, ratio)
+    return to_array(im, channels, (fit.width, fit.height), box=box)
+
+
 def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | Fit | None = None, *,
              oriented: bool = False, box: Box | None = None) -> np.ndarray:
     """An opened image as uint8 (H, W, channels), converted as the module doc says. `size` resizes it (bilinear):
@@ -202,18 +245,13 @@ def to_array(im: Image.Image, channels: int, size: int | tuple[int, int] | Fit |
     already (`ImageOps.exif_transpose`)."""
     wh = (size.width, size.height) if isinstance(size, Fit) else (size, size) if isinstance(size, int) else size
     if isinstance(size, Fit) and size.mode == "pad" and box is None:  # letterbox: scaled whole, then padded
-        w, h = im.size
-        if not oriented and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-            w, h = h, w
-        ch, cw = size.content(w, h)
+        ch, cw = size.content(*(im.size if oriented else upright_size(im)))
         inner = to_array(im, channels, (cw, ch), oriented=oriented)
         out = np.zeros((size.height, size.width, inner.shape[2]), np.uint8)
         out[:ch, :cw] = inner
         return out
     if wh is not None and not oriented:
-        w, h = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-            w, h = h, w  # turned a quarter upright
+        w, h = upright_size(im)
         if box is not None:
             sides = ((box[2] - box[0]) * w, (box[3] - box[1]) * h)
             region: tuple[float, float] | None = (min(sides), max(sides))

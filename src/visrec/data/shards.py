@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..config import parse_size
 from ..errors import VisrecError
 from .images import IMAGE_EXTENSIONS
 from .stream import Delivery
@@ -77,16 +78,6 @@ def is_member(ref: Any) -> bool:
     return isinstance(ref, ShardMember)
 
 
-def parse_size(text: str | int) -> int:
-    """"1GB", "500MB", "64KB" or a number of bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text).lower())
-    if not m:
-        raise VisrecError(f"--shard-size {text!r} is not a size", "give e.g. 1GB, 500MB or a number of bytes")
-    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)])
-
-
 # ---------------------------------------------------------------- packing
 
 
@@ -94,7 +85,7 @@ def pack(source: str, dest: str, shard_size: int | str = "1GB", *, seed: int = 0
          say: Callable[[str], None] | None = None, **load: Any) -> dict:
     """Write `source`'s splits as WebDataset shards under `dest` (a folder or an fsspec URL), with index.json; `load`
     are load_dataset's split options (val_fraction, test_fraction, split_seed, subset, classes). Returns the index."""
-    limit = parse_size(shard_size)
+    limit = parse_size(shard_size, "--shard-size")
     try:
         return _pack(source, dest, limit, seed, say, load)
     except OSError as e:  # a full disk, a folder that cannot be written, a store that refuses
@@ -485,8 +476,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         import numpy as np
 
-        from .images import open_checked, to_array
-        from .stream import _why, random_resized_box
+        from .images import open_checked, random_crop_array
+        from .stream import _collate, _why
 
         info = torch.utils.data.get_worker_info()
         w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -527,18 +518,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             else:
                 try:
                     with open_checked(io.BytesIO(data), name=name) as im:
-                        ww, hh = im.size
-                        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                            ww, hh = hh, ww
-                        box = random_resized_box(ww, hh, np.random.default_rng([self.seed, self.epoch, i]),
-                                                 self.scale, self.ratio)
-                        a = to_array(im, self.channels, (self.fit.width, self.fit.height), box=box)
+                        a = random_crop_array(im, self.channels, self.fit,
+                                              np.random.default_rng([self.seed, self.epoch, i]), self.scale, self.ratio)
                     batch.append((i, torch.from_numpy(a).permute(2, 0, 1)))
                 except (VisrecError, OSError, ValueError, SyntaxError) as e:
                     batch.append((i, f"{name}: {_why(e)}"))
             if len(batch) == self.batch:
-                from .stream import _collate
-
                 yield (*_collate(batch), w)
                 batch = []
 

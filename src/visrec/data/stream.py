@@ -34,11 +34,8 @@ import torch
 
 from ..errors import VisrecError
 from .batches import EpochOrder
-from .images import Box, Fit, open_checked, to_array
+from .images import DEFAULT_RATIO, DEFAULT_SCALE, Fit, open_checked, random_crop_array, to_array
 from .imageset import index_targets, move_targets
-
-DEFAULT_SCALE = (0.08, 1.0)  # random-resized crops: the fraction of the image's area (timm, torchvision)
-DEFAULT_RATIO = (3 / 4, 4 / 3)  # ... and the aspect ratio range
 
 
 def default_workers() -> int:
@@ -193,31 +190,6 @@ def _why(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def random_resized_box(w: int, h: int, rng: np.random.Generator, scale: tuple[float, float] = DEFAULT_SCALE,
-                       ratio: tuple[float, float] = DEFAULT_RATIO) -> Box:
-    """A random region of a w x h image, as fractions (x0, y0, x1, y1): `scale` of its area, aspect ratio (width /
-    height) log-uniform in `ratio`; after ten misses, the centre at the nearest ratio in range (Szegedy et al., 2015,
-    as torchvision and timm draw it)."""
-    area = w * h
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return (x0 / w, y0 / h, (x0 + cw) / w, (y0 + ch) / h)
-    aspect = w / h
-    if aspect < ratio[0]:
-        cw, ch = w, round(w / ratio[0])
-    elif aspect > ratio[1]:
-        cw, ch = round(h * ratio[1]), h
-    else:
-        cw, ch = w, h
-    x0, y0 = (w - cw) // 2, (h - ch) // 2
-    return (x0 / w, y0 / h, (x0 + cw) / w, (y0 + ch) / h)
-
-
 class _Files(torch.utils.data.Dataset):
     """What a worker process does with one key (epoch, image): open, crop at random (training) or fit (evaluation),
     decode; a bad file comes back as its problem, never an exception."""
@@ -234,13 +206,9 @@ class _Files(torch.utils.data.Dataset):
         path = im_set.paths[i]
         try:
             with open_checked(path, im_set.max_pixels) as im:
-                if self.train:
-                    w, h = im.size
-                    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                        w, h = h, w
-                    rng = np.random.default_rng([self.seed, epoch, i])
-                    box = random_resized_box(w, h, rng, self.scale, self.ratio)
-                    a = to_array(im, im_set.channels, (im_set.fit.width, im_set.fit.height), box=box)
+                if self.train:  # the crop depends on (seed, epoch, image) only: any worker draws the same
+                    a = random_crop_array(im, im_set.channels, im_set.fit,
+                                          np.random.default_rng([self.seed, epoch, i]), self.scale, self.ratio)
                 else:
                     a = to_array(im, im_set.channels, im_set.fit)
             return i, torch.from_numpy(a).permute(2, 0, 1)
