@@ -160,7 +160,7 @@ def test_a_captioning_run_trains_resumes_exactly_evaluates_and_predicts(tmp_path
     out = m.infer([Prepared("x", img, img.shape[2], img.shape[1], "PNG")])[0]
     assert isinstance(out["caption"], str) and len(out["attention"]) == len(out["caption"].split())
     with pytest.raises(VisrecError, match="--beam 0 is not valid"):
-        ServedModel(full.path, beam=0)
+        ServedModel(full.path, beam=0).load()
     # a color photo of another size is refused, naming the options, as a classification run refuses it
     from PIL import Image
     from typer.testing import CliRunner

@@ -129,7 +129,7 @@ def test_agree_judges_argmax_and_scale():
 
 
 def test_unknown_backend_is_refused_with_the_choices(runs):
-    with pytest.raises(VisrecError, match="auto, onnx, torch"):
+    with pytest.raises(VisrecError, match="auto, channels_last, compile, onnx, torch"):
         Run(runs["convnet"]).load_model(backend="tensorrt")
 
 
@@ -149,5 +149,5 @@ def test_cli_eval_and_predict_say_which_backend_ran(runs, tmp_path):
     assert all(o.exit_code == 0 for o in outs), [o.output for o in outs]
     a, b = (json.loads(o.output)[0]["top"] for o in outs)
     assert [t["class"] for t in a] == [t["class"] for t in b]
-    with pytest.raises(VisrecError, match="auto, onnx, torch"):
+    with pytest.raises(VisrecError, match="auto, channels_last, compile, onnx, torch"):
         CliRunner().invoke(app, ["eval", str(path), "--backend", "nope"], catch_exceptions=False)

@@ -86,8 +86,8 @@ def test_a_localizer_trains_end_to_end_and_evaluates(one_object):
         visrec.explain.explain(run.path, "gradcam")
     with pytest.raises(VisrecError, match="ensembles average the class probabilities of classification runs"):
         visrec.ensemble.ensemble([str(run.path), str(run.path)])
-    with pytest.raises(VisrecError, match="is a localization run: predict gives the classes"):
-        run.predict([str(one_object / "images" / sorted(p.name for p in (one_object / "images").iterdir())[0])])
+    (pred,) = run.predict([str(one_object / "images" / sorted(p.name for p in (one_object / "images").iterdir())[0])])
+    assert pred.label in pred.answer.to_json()["top"][0]["class"] and len(pred.answer.box) == 4
     rep = build_report(run.path)
     page = rep.path.read_text()
     assert "<h2>Test images</h2>" in page and "predicted box" in page
@@ -104,7 +104,8 @@ def test_a_localizer_trains_end_to_end_and_evaluates(one_object):
     assert tuple(item.x.shape[-2:]) == (48, 48) and (item.width, item.height) == (96, 64)
     a, b = served.infer([served.prepare(small.getvalue(), "a"), item], 2)
     assert len(a["top"]) == 2 and a["top"][0]["class"] in served.classes
-    frac = served._loc.split_outputs(served.backend(item.x[None]).float())[1][0]  # the box, in image fractions
+    p = served.predictor
+    frac = p.splitter.split_outputs(p.forward(item.x[None]).float())[1][0]  # the box, in image fractions
     assert b["box"] == pytest.approx((frac.clamp(0, 1) * torch.tensor([96, 64, 96, 64])).tolist(), abs=0.01)
     assert served.explain([served.prepare(small.getvalue(), "a")])[0].startswith("data:image/png;base64,")
     bigfile = one_object / "big.png"

@@ -425,7 +425,7 @@ def test_onnx_backend_answers_like_torch(run, images):
     for x, y in zip(a, b, strict=True):
         assert [t["class"] for t in x["top"]] == [t["class"] for t in y["top"]]
         assert [t["prob"] for t in x["top"]] == pytest.approx([t["prob"] for t in y["top"]], abs=1e-4)
-    assert (run.path / "export").is_dir() and ServedModel(run.path, backend="onnx").load().backend.name == "onnx"
+    assert (run.path / "export").is_dir() and ServedModel(run.path, backend="onnx").load().predictor.backend == "onnx"
 
 
 def test_uploads_in_many_formats_decode_like_training(run):
@@ -501,7 +501,7 @@ def test_a_segmentation_run_answers_with_a_mask(tmp_path):
     mask = Image.open(io.BytesIO(base64.b64decode(r["mask"].split(",", 1)[1])))
     assert mask.size == (48, 40)  # in the upload's own pixels
     assert sum(r["pixels"].values()) == pytest.approx(1.0, abs=1e-4) and "(background)" not in r["legend"]
-    with pytest.raises(VisrecError, match="classification and localization"):
+    with pytest.raises(VisrecError, match="segmentation runs explain with no attribution method"):
         m.explain([m.prepare(big.getvalue(), "scene.png")])
     from typer.testing import CliRunner
 

@@ -97,7 +97,7 @@ def test_predict_and_serve_apply_the_recorded_evaluation_transform(streamed_run,
     wide = photos / "red" / "000.jpg"  # 40x30: resized to cover 41x41, centre 36x36
     expected = StreamedImages([wide], 3, lm.fit)[0]
     assert torch.equal(torch.from_numpy(decode(wide, 3, lm.fit)).permute(2, 0, 1), expected)
-    assert torch.equal(Run._to_tensor(wide, lm, resize=True, convert=True), expected)
+    assert torch.equal(streamed_run.predictor(resize=True, convert=True).load(wide).x, expected)
     served = ServedModel(streamed_run.path).load().prepare(wide.read_bytes(), wide.name)
     assert torch.equal(served.x, expected)
     (pred,) = streamed_run.predict([str(wide)])

@@ -58,7 +58,7 @@ DeviceOpt = Annotated[str | None, typer.Option(help="device.name: auto, cpu, cud
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 BackendOpt = Annotated[str, typer.Option(help=(
     "What runs the network: auto (onnxruntime on CPU when the network exports and agrees with torch, else torch), "
-    "torch, or onnx. Classification runs."))]
+    "torch, channels_last, compile (torch.compile) or onnx. Detectors, captioning and style runs use torch."))]
 ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Live progress bar (default: on a terminal).")]
 
@@ -849,10 +849,11 @@ def eval_(
 ) -> None:
     """Evaluate a run's model on a split of its dataset: accuracy, top-5, per-class, confusion."""
     from .runs import Run
+    from .tasks import task_class
 
     r = Run(run)
     _backend_note(r, checkpoint, device, backend)
-    if r.config.task.name != "classification":  # the run's own task evaluates it
+    if not task_class(r.config.task.name).tta_eval:  # the run's own task evaluates it
         from .fit import evaluate_run
         from .training.callbacks import format_metric
 
@@ -933,187 +934,65 @@ def predict(
     object, a segmentation run labels every pixel. Files that cannot be predicted are reported and the exit code
     is 1."""
     from .data.images import expand_image_paths
+    from .io import write_bytes
     from .runs import Run
 
     images = expand_image_paths(images)
     fmt = output_format or ("json" if as_json else "text")
-    if fmt not in ("text", "json", "coco"):
-        raise VisrecError(f"--format {fmt} is not valid", "use text, json or coco")
+    from .tasks import task_class
+
     r = Run(run)
-    task = r.config.task.name
-    _backend_note(r, checkpoint, "cpu", backend)
-    if task == "style":
-        raise VisrecError(f"{run} is a style run: it makes images, it does not predict labels",
-                          f"stylize images with: visrec stylize IMAGE... --model {run}")
-    if task == "generate":
-        raise VisrecError(f"{run} is a generate run: it makes new images, it does not predict labels",
-                          f"draw samples with: visrec sample {run} --n 64")
-    if task in ("detection", "instance"):
-        _predict_objects(r, images, fmt, min_score, convert, checkpoint, max_pixels, draw, annotations)
-        return
-    if annotations is not None:
-        raise VisrecError(f"--annotations is for --format coco with detection and instance runs, and {run} is a "
-                          f"{task} run", "leave out --annotations")
-    if min_score is not None:
-        raise VisrecError(f"--min-score is for detection and instance runs, and {run} is a {task} run",
-                          "leave out --min-score")
-    if fmt == "coco":
-        raise VisrecError(f"--format coco is for detection and instance runs, and {run} is a {task} run",
-                          "use --format text or json")
-    if beam is not None and task != "captioning":
-        raise VisrecError(f"--beam is for captioning runs, and {run} is a {task} run", "leave out --beam")
-    if task in ("localization", "segmentation", "captioning"):
-        _predict_served(r, images, fmt, top_k, checkpoint, max_pixels, draw, beam, r.input_fixes(resize, convert))
-        return
-    if draw is not None:
-        raise VisrecError(f"--draw is for detection, instance, localization and segmentation runs, and {run} is a "
-                          f"{task} run", "leave out --draw")
-    as_json = fmt == "json"
-    preds = r.predict([str(p) for p in images], top_k=top_k, resize=resize, convert=convert, which=checkpoint,
-                      errors="collect", max_pixels=max_pixels, backend=backend)
-    bad = [p for p in preds if p.error]
-    if as_json:
-        print(json.dumps([{"image": p.source, "top": [{"class": c, "prob": v} for c, v in p.top],
-                           **({"error": p.error} if p.error else {})} for p in preds], indent=2))
-    else:
-        for p in preds:
-            if p.error:
-                err.print(f"[red]error:[/red] {p.error}")
-            else:
-                out.print(f"{p.source}: " + ", ".join(f"{c} {v:.1%}" for c, v in p.top))
-    if bad:
-        if not as_json:
-            err.print(f"{len(bad)} of {len(preds)} image(s) could not be predicted")
-        raise typer.Exit(1)
-
-
-def _backend_note(run, checkpoint: str, device: str, backend: str) -> None:
-    """Say on stderr why `--backend auto` runs torch rather than onnxruntime, when it does; `--backend onnx` on a
-    run it cannot serve fails here, with load_model's reason, before any other work."""
-    if backend == "torch" or (backend == "auto" and run.config.task.name != "classification"):
-        return
-    note = run.load_model(checkpoint, device, backend).backend_note
-    if note:
-        err.print(f"[yellow]note:[/yellow] {note}")
-
-
-def _predict_served(run, images: list[Path], fmt: str, top_k: int, checkpoint: str, max_pixels: int | None,
-                    draw: Path | None, beam: int | None, fixes: tuple[bool, bool]) -> None:
-    """Localization, segmentation and captioning runs: the answers `visrec serve` gives, for files decoded as the
-    server does; a file that is not the model's input is refused unless `fixes` (resize, convert) allow the change,
-    the rule classification follows (`Run.input_fixes`)."""
-    from .runs import check_file
-    from .serve.model import ServedModel
-
-    m = ServedModel(run.path, which=checkpoint, max_pixels=max_pixels, beam=beam).load()
-    rows: list[dict] = []
-    for path in images:
-        try:
-            check_file(path, m.channels, tuple(m.size), *fixes, max_pixels)
-            data = path.read_bytes()
-            item = m.prepare(data, str(path))
-            rows.append({"image": str(path), "width": item.width, "height": item.height,
-                         **m.infer([item], top_k)[0]})
-            if draw is not None:
-                if "caption" in rows[-1]:
-                    _draw_attention(item.x, rows[-1], draw / f"{path.stem}.png")
-                else:
-                    _draw_served(data, rows[-1], draw / f"{path.stem}.png")
-        except VisrecError as e:
-            rows.append({"image": str(path), "error": str(e)})  # with its hint, as classification says it
-    bad = [row for row in rows if "error" in row]
-    if fmt == "json":
-        print(json.dumps(rows, indent=2))
-    for row in rows:
-        if "error" in row:
-            err.print(f"[red]error:[/red] {row['error']}")
-        elif fmt == "text" and "caption" in row:
-            out.print(f"{row['image']}: {row['caption']}")
-        elif fmt == "text" and "box" in row:
-            best = row["top"][0]
-            out.print(f"{row['image']}: {best['class']} {best['prob']:.1%} at {[round(v) for v in row['box']]}"
-                      + "".join(f", {t['class']} {t['prob']:.1%}" for t in row["top"][1:]))
-        elif fmt == "text":
-            out.print(f"{row['image']}: " + ", ".join(f"{c} {v:.1%}" for c, v in sorted(
-                row["pixels"].items(), key=lambda kv: -kv[1])) + " of the pixels")
-    if draw is not None and len(bad) < len(rows):
-        err.print(f"drawn to {draw}/")
-    if bad:
-        err.print(f"{len(bad)} of {len(rows)} image(s) could not be predicted")
-        raise typer.Exit(1)
-
-
-def _draw_attention(x, row: dict, path: Path) -> None:
-    """The image the model saw, then one panel per word with its attention weights over the image (attention
-    models), or the image and its caption."""
-    import torch
-
-    from .io import write_bytes
-    from .tasks.captioning import attention_png
-
-    maps = torch.tensor([m["weights"] for m in row["attention"]]) if row.get("attention") else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, attention_png(x, row["caption"], maps))
-
-
-def _draw_served(data: bytes, row: dict, path: Path) -> None:
-    """The image with its predicted box, or its class map over it, as a PNG (written atomically)."""
-    import base64
-    import io
-
-    from PIL import Image, ImageDraw, ImageOps
-
-    from .io import atomic_path
-
-    im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGBA")
-    if "mask" in row:
-        mask = Image.open(io.BytesIO(base64.b64decode(row["mask"].split(",", 1)[1]))).convert("RGBA")
-        im = Image.alpha_composite(im, mask.resize(im.size))
-    if "box" in row:
-        ImageDraw.Draw(im).rectangle(row["box"], outline=(220, 30, 30, 255), width=max(1, round(im.width / 100)))
-    with atomic_path(path) as tmp:
-        im.convert("RGB").save(tmp, format="PNG")
-
-
-def _predict_objects(run, images: list[Path], fmt: str, min_score: float | None, convert: bool | None,
-                     checkpoint: str, max_pixels: int | None, draw: Path | None, annotations: Path | None) -> None:
-    from .tasks.detection import predict_objects
-
+    kind = task_class(r.config.task.name).Predictor
+    if kind is not None and fmt not in kind.formats:  # refused before the model loads
+        raise VisrecError(f"--format {fmt} is not valid for {run}, a {r.config.task.name} run",
+                          f"use {', '.join(kind.formats)}")
+    if min_score is None and fmt == "coco":
+        min_score = 0.05  # the floor COCO's evaluation expects
+    p = r.predictor(which=checkpoint, backend=backend, resize=resize, convert=convert, max_pixels=max_pixels,
+                    min_score=min_score, beam=beam)
+    if p.backend_note:
+        err.print(f"[yellow]note:[/yellow] {p.backend_note}")
     if annotations is not None and fmt != "coco":
-        raise VisrecError("--annotations names the image ids of a COCO results file", "add --format coco")
-    if min_score is None:
-        min_score = 0.05 if fmt == "coco" else 0.5
-    preds = predict_objects(run, [str(p) for p in images], which=checkpoint, min_score=min_score, convert=convert,
-                            errors="collect", max_pixels=max_pixels, draw_to=draw)
-    bad = [p for p in preds if p.error]
-    if fmt == "coco":
-        print(json.dumps(_coco_results(run, preds, images, checkpoint, annotations)))
-        for p in bad:
-            err.print(f"[red]error:[/red] {p.error}")
+        raise VisrecError("--annotations names the image ids of a COCO results file", "add --format coco"
+                          if "coco" in p.formats else "leave out --annotations")
+    if draw is not None and not p.draws:
+        raise VisrecError(f"--draw: the predictions of {run} (a {r.config.task.name} run) have no drawing",
+                          "leave out --draw")
+    preds = p.predict([str(i) for i in images], top_k=top_k, errors="collect")
+    bad = [x for x in preds if x.error]
+    if draw is not None:
+        for i, x in enumerate(preds):
+            if x.error is None and x.answer is not None:
+                stem = Path(x.source).stem if not x.source.startswith("<") else f"input{i}"
+                write_bytes(draw / f"{stem}.png", x.answer.draw(x.item))
+    if fmt not in ("text", "json"):
+        print(p.write(fmt, preds, images, lambda text: err.print(text),
+                      **({"annotations": annotations} if annotations is not None else {})))
     elif fmt == "json":
-        print(json.dumps([p.to_dict() for p in preds], indent=2))
-    else:
-        for p in preds:
-            if p.error:
-                err.print(f"[red]error:[/red] {p.error}")
-                continue
-            found = ", ".join(f"{o['class']} {o['score']:.2f} at {[round(v) for v in o['box']]}" for o in p.objects)
-            out.print(f"{p.source}: {found or 'no object scores ' + str(min_score) + ' or more'}")
-    if draw is not None and not bad:
+        print(json.dumps([x.to_json() for x in preds], indent=2))
+    for x in preds:
+        if x.error:
+            err.print(f"[red]error:[/red] {x.error}")
+        elif fmt == "text":
+            out.print(f"{x.source}: {x.answer.text()}")
+    if draw is not None and len(bad) < len(preds):
         err.print(f"drawn to {draw}/")
     if bad:
         err.print(f"{len(bad)} of {len(preds)} image(s) could not be predicted")
         raise typer.Exit(1)
 
 
-def _coco_results(run, preds, images: list[Path], checkpoint: str, annotations: Path | None) -> list[dict]:
-    """The predictions as a COCO results file in the ids of the user's annotations, saying on stderr how the inputs
-    were numbered."""
-    from .tasks.detection import coco_results_for
+def _backend_note(run, checkpoint: str, device: str, backend: str) -> None:
+    """Say on stderr why `--backend auto` runs torch rather than onnxruntime, when it does; `--backend onnx` on a
+    run it cannot serve fails here, with load_model's reason, before any other work."""
+    from .tasks import task_class
 
-    results, how = coco_results_for(run, preds, images, which=checkpoint, annotations=annotations)
-    err.print(f"image ids: {how}")
-    return results
+    predictor = task_class(run.config.task.name).Predictor
+    if backend == "torch" or predictor is None:
+        return
+    note = run.load_model(checkpoint, device, backend, outputs=predictor.outputs).backend_note
+    if note:
+        err.print(f"[yellow]note:[/yellow] {note}")
 
 
 @app.command()

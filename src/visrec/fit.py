@@ -34,6 +34,11 @@ class Trainer(loop.Trainer):
         super().__init__(cfg, task or create_task(cfg.task.name, cfg), out=out, dataset=dataset, callbacks=observers,
                          progress=progress, quiet=quiet, _resume_dir=_resume_dir)
 
+    def fit(self, *, stop_after_steps: int | None = None, test: bool = True) -> Run:
+        """Train (see visrec.training.Trainer.fit) and return the run folder as the run API's Run (predict,
+        evaluate)."""
+        return Run(super().fit(stop_after_steps=stop_after_steps, test=test).path)
+
 
 def train(
     data: str | Dataset | None = None,

@@ -1,4 +1,7 @@
-"""Inference backends for a trained network: torch eager, or its ONNX graph through onnxruntime.
+"""Inference backends for a trained network, in one registry: torch eager, channels_last, torch.compile, or its ONNX
+graph through onnxruntime. A backend declares which outputs it can produce (`tensor`: one tensor per batch;
+`structured`: dicts of boxes, or decoding loops in Python) and whether gradients flow through it; a task's predictor
+says which it needs, and `visrec.run_store.RunFolder.load_model` refuses a backend that cannot give it.
 
 On this project's CPUs onnxruntime runs the default network 3x faster than torch eager at batch 256 and 5x at
 batch 1, with the same predictions (bench/inference.txt), so `visrec predict` and `visrec eval` use it on CPU by
@@ -18,6 +21,8 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +32,85 @@ from torch import nn
 from .errors import VisrecError
 from .io import atomic_path, user_cache_dir
 
-BACKENDS = ("auto", "torch", "onnx")
 META_KEY = "visrec-network"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a loaded network runs. `build(model, example, path, source)` returns the module to call on normalized
+    batches (`example`: one such batch; `path`: where a compiled file of it may be kept; `source`: the checkpoint's
+    file, which keys that cache)."""
+
+    name: str
+    help: str
+    build: Callable[[nn.Module, torch.Tensor, Path, Path], nn.Module]
+    outputs: frozenset[str] = frozenset({"tensor", "structured"})  # what a network run this way can return
+    gradients: bool = True  # explanations (Grad-CAM) can differentiate through it
+    cpu_only: bool = False
+    channels_last: bool | None = None  # None: as the run's model.channels_last says
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def check_backend(name: str, outputs: str, what: str) -> Backend | None:
+    """The backend `name` (None for auto), refused with the fix when it is unknown or cannot give `outputs`, the
+    output `what` (a run, in words) is read from."""
+    from .errors import unknown_name
+
+    if name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise unknown_name("inference backend", name, backend_names(), "--backend")
+    spec = BACKENDS[name]
+    if outputs not in spec.outputs:
+        raise VisrecError(f"the {name} backend gives a network's {' or '.join(sorted(spec.outputs))} output, and "
+                          f"the predictions of {what} need its {outputs} output (boxes, decoding loops or inputs of "
+                          "their own size)", "use --backend torch")
+    return spec
+
+
+def backend_names() -> tuple[str, ...]:
+    """The names `--backend` takes: auto, then every registered backend."""
+    return ("auto", *BACKENDS)
+
+
+def _compiled(model: nn.Module, example: torch.Tensor, path: Path, source: Path) -> nn.Module:
+    try:
+        net = torch.compile(model, dynamic=True)
+        with torch.inference_mode():
+            net(example)  # compile now, so the first request does not pay for it and a failure names the backend
+    except Exception as e:  # noqa: BLE001 - inductor raises many kinds; the user needs the gist
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VisrecError(f"torch.compile could not compile the network: {first[:300]}",
+                          "use --backend torch (a CPU needs a C compiler for torch.compile)") from None
+    return net
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, path: Path, source: Path) -> nn.Module:
+    return onnx_network(_copy(model).cpu(), example, path, source=source)
+
+
+register_backend(Backend("torch", "PyTorch eager, as trained", lambda model, *_: model))
+register_backend(Backend("channels_last", "PyTorch eager in channels_last memory format (faster convolutions on "
+                         "GPUs)", lambda model, *_: _copy(model).to(memory_format=torch.channels_last),
+                         channels_last=True))
+register_backend(Backend("compile", "torch.compile (inductor); compiled once at load", _compiled,
+                         outputs=frozenset({"tensor"}), gradients=False))
+register_backend(Backend("onnx", "the network's ONNX graph through onnxruntime (CPU), checked against torch at load",
+                         _onnx, outputs=frozenset({"tensor"}), gradients=False, cpu_only=True,
+                         channels_last=False))
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,

@@ -303,9 +303,11 @@ def stylize_with_run(run, images: Sequence[ImageLike], *, size: int | None = Non
     """Each image through a fast style run's transformation network, one forward pass each (`size`: the longer
     side; None keeps the image's own size)."""
     from .runs import Run
+    from .tasks import task_class
 
     run = run if isinstance(run, Run) else Run(run)
-    if run.config.task.name != "style":
+    predictor = task_class(run.config.task.name).Predictor
+    if predictor is None or not predictor.makes_images:
         raise VisrecError(f"{run.path} is a {run.config.task.name} run, not a style run",
                           "train one with: visrec train folder:PHOTOS --task style --style STYLE.jpg; or stylize by "
                           "optimization: visrec stylize CONTENT STYLE")

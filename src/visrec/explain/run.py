@@ -85,8 +85,9 @@ def explain(run, method: str, images: list[Any] | None = None, *, target: str | 
     if method == "class_model":
         return _class_model(lm, folder, None if target is None else _target_index(target, lm.classes), n, options)
     if images:
-        resize, convert = run.input_fixes(resize, convert)  # default: as training did, as predict does
-        x8 = torch.stack([run._to_tensor(i, lm, resize, convert) for i in images])
+        # decoded and fitted by the run's own predictor (default: as training did, as predict does)
+        p = run.predictor(which=which, backend="torch", resize=resize, convert=convert)
+        x8 = torch.stack([p.load(i, str(i) if isinstance(i, str | Path) else None).x for i in images])
     else:
         x8 = _pick_test_images(run, n)
     x = lm.normalizer(x8)

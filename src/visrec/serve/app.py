@@ -408,8 +408,10 @@ def create_app(runs: list[str | Path], settings: ServeSettings | None = None) ->
         s = server.settings
         m = _pick_model(server, model)
         if explain and not m.explainable:
-            raise ApiError(422, "bad_parameter", f"explain=gradcam is for classification and localization runs, and "
-                           f"{m.name} is a {m.task} run", "leave out explain")
+            raise ApiError(422, "bad_parameter", f"explain=gradcam is not offered for {m.name}, a {m.task} run"
+                           + ("" if m.kind.Predictor.explanations else " (its task has no attribution method)"),
+                           "leave out explain" + (", or serve it with --backend torch"
+                                                  if m.kind.Predictor.explanations else ""))
         _check_ready(server)
         batcher = server.batchers[m.name]
         try:

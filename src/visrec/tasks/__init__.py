@@ -67,7 +67,7 @@ def create_task(name: str, cfg: Config | None = None) -> Task:
 def task_of_run(run) -> tuple[Task, Dataset]:
     """A run's task, ready for its data (checked, head width known), and that data rebuilt from the run's config:
     what evaluation and the report need to look at a run of any task again."""
-    from ..runs import dataset_from_config
+    from ..run_store import dataset_from_config
 
     task = create_task(run.config.task.name, run.config)
     ds = dataset_from_config(run.config)

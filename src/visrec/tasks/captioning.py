@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from ..data.text import NULL, Vocabulary, normalize_caption
 from ..errors import VisrecError
 from ..io import write_json
 from ..models.caption import attention_penalty, masked_caption_loss
+from ..prediction import Answer, Predictor, Prepared
 from ..training.task import EvalSettings, Evaluation, Task
 
 
@@ -142,8 +144,57 @@ class CaptionEvaluation(Evaluation):
                     for i, f, r in zip(self.image_ids, names, self.refs, strict=True)])
 
 
+@dataclass
+class Caption(Answer):
+    """The image's caption; attention models add, per word, its weights over the encoder's grid (3 decimals)."""
+
+    caption: str
+    attention: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"caption": self.caption, **({"attention": self.attention} if self.attention is not None else {})}
+
+    def text(self) -> str:
+        return self.caption
+
+    def draw(self, item: Prepared) -> bytes:
+        maps = torch.tensor([m["weights"] for m in self.attention]) if self.attention else None
+        return attention_png(item.x, self.caption, maps)
+
+
+class CaptioningPredictor(Predictor):
+    """A caption per image, decoded greedily or by beam search (`beam`, default the run's task.beam)."""
+
+    outputs = "structured"  # decoding loops in Python: eager backends only
+    settings = {"beam": None}
+    draws = True
+
+    def setup(self) -> None:
+        if self.options["beam"] is None:
+            self.options["beam"] = self.cfg.task.beam
+        if self.options["beam"] < 1:
+            raise VisrecError(f"--beam {self.options['beam']} is not valid", "use 1 (greedy) or more")
+
+    def answer(self, items: list[Prepared], outputs: Any, top_k: list[int]) -> list[Answer]:
+        model = self.lm.model
+        x = self.lm.normalizer(torch.stack([p.x for p in items]).to(self.device))
+        tokens, alphas = model.generate(x, beam=self.options["beam"])
+        res: list[Answer] = []
+        for i, t in enumerate(tokens):
+            text = model.decode(t)
+            attention = None
+            if alphas is not None:
+                gh, gw = model.grid
+                attention = [{"word": w, "weights": [[round(float(v), 3) for v in row]
+                                                     for row in alphas[i, j].view(gh, gw).tolist()]}
+                             for j, w in enumerate(text.split())]
+            res.append(Caption(text, attention))
+        return res
+
+
 class CaptioningTask(Task):
     name = "captioning"
+    Predictor = CaptioningPredictor
     sequence_model = True
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "tokens"

@@ -12,12 +12,25 @@ from ..data import Dataset, ImageSet, Normalizer
 from ..data.augment import MixedTargets
 from ..errors import VisrecError
 from ..evaluate import EvalResult, evaluate, resolve_crop_pad, resolve_tta
+from ..prediction import Answer, Predictor, Prepared, class_scores
 from ..training.losses import build_loss
 from ..training.task import EvalSettings, Task
 
 
+class ClassificationPredictor(Predictor):
+    """The top-k classes with probabilities, with the run's test-time augmentation."""
+
+    tta = True
+    explanations = ("gradcam",)
+
+    def answer(self, items: list[Prepared], outputs: torch.Tensor, top_k: list[int]) -> list[Answer]:
+        return list(class_scores(outputs, self.classes, top_k))
+
+
 class ClassificationTask(Task):
     name = "classification"
+    Predictor = ClassificationPredictor
+    tta_eval = True  # visrec eval compares flips, crops and scales, with the confusion matrix
     class_scores = True  # one logit per class
     progressive_resize = True  # a label does not move when the image shrinks
     ddp_unused_parameters = False  # every parameter gets a gradient every step

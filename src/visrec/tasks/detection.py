@@ -38,6 +38,7 @@ from ..data.coco import NO_OBJECT
 from ..device import autocast
 from ..errors import VisrecError
 from ..io import write_json
+from ..prediction import Answer, Prediction, Predictor, Prepared, hex_color, png_data_uri
 from ..training.task import EvalSettings, Evaluation, Task
 
 
@@ -283,11 +284,107 @@ class DetectionEvaluation(Evaluation):
                 w.writerow([name, "" if ap is None else f"{ap:.6f}", "" if ap50 is None else f"{ap50:.6f}"])
 
 
+@dataclass
+class FoundObjects(Answer):
+    """The objects found in one input: [{class, box (x0, y0, x1, y1 in the input's own pixels), score, color(, mask
+    as COCO RLE)}], and for instance runs the masks over the input as one PNG data URI."""
+
+    objects: list[dict[str, Any]]
+    mask: str | None = None
+    min_score: float = 0.5
+    found: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the kept detections, for drawing
+    classes: list[str] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"objects": self.objects, **({"mask": self.mask} if self.mask is not None else {})}
+
+    def text(self) -> str:
+        found = ", ".join(f"{o['class']} {o['score']:.2f} at {[round(v) for v in o['box']]}" for o in self.objects)
+        return found or f"no object scores {self.min_score} or more"
+
+    def draw(self, item: Prepared) -> bytes:
+        from ..plotting import pyplot
+        from .draw import _rgb, draw_boxes, overlay
+
+        plt = pyplot()
+        x, d = item.x, self.found
+        h, w = x.shape[-2:]
+        fig, ax = plt.subplots(figsize=(max(3, w / 40), max(3, h / 40) * h / max(w, 1)))
+        ax.axis("off")
+        img = _rgb(x)
+        if "masks" in d:
+            img = overlay(img, [(m[0] > 0.5).numpy() for m in d["masks"]], d["labels"].tolist())
+        ax.imshow(img)
+        draw_boxes(ax, d["boxes"], d["labels"].tolist(), self.classes, "#c0392b", d["scores"].tolist())
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+
+class DetectionPredictor(Predictor):
+    """Objects in inputs of any size: decoded as training decoded its images, resized by the detector itself, boxes
+    in each input's own pixels; one forward per input (the detector batches internally anyway)."""
+
+    outputs = "structured"  # dicts of boxes: eager backends only
+    any_size = True
+    settings = {"min_score": 0.5}
+    formats = ("text", "json", "coco")
+    draws = True
+
+    def setup(self) -> None:
+        ms = self.options["min_score"]
+        if not 0 <= ms <= 1:
+            raise VisrecError(f"--min-score {ms} is not a probability", "give a score in 0..1, e.g. 0.5")
+        self.object_names = object_classes(self.classes)
+
+    def answer(self, items: list[Prepared], outputs: Any, top_k: list[int]) -> list[Answer]:
+        min_score = self.options["min_score"]
+        res: list[Answer] = []
+        for p in items:
+            d = detect(self.lm.model, p.x[None], self.lm.normalizer)[0]
+            keep = d["scores"] >= min_score
+            objs, masks = [], []
+            for j in keep.nonzero()[:, 0].tolist():
+                k = int(d["labels"][j])
+                o = {"class": self.object_names[k], "box": [round(v, 2) for v in d["boxes"][j].tolist()],
+                     "score": round(float(d["scores"][j]), 4), "color": hex_color(self.colors[k + 1])}
+                if "masks" in d:
+                    m = (d["masks"][j, 0] > 0.5).numpy()
+                    o["mask"] = _rle(m)
+                    masks.append((m, k + 1))
+                objs.append(o)
+            overlay_uri = None
+            if masks:
+                rgba = np.zeros((p.height, p.width, 4), dtype=np.uint8)
+                for m, k in masks:
+                    rgba[m, :3] = self.colors[k]
+                    rgba[m, 3] = 150
+                overlay_uri = png_data_uri(rgba)
+            res.append(FoundObjects(objs, overlay_uri, min_score, {k: v[keep] for k, v in d.items()},
+                                    self.object_names))
+        return res
+
+    def write(self, fmt: str, predictions: list[Prediction], inputs: list[Path], say,
+              annotations: Path | None = None) -> str:
+        """`coco`: the predictions as a COCO results file in the ids of the user's annotations (default: the run's
+        own COCO folder), saying through `say` how the inputs were numbered."""
+        import json
+
+        if fmt != "coco":
+            return super().write(fmt, predictions, inputs, say)
+        results, how = coco_results_for(self.run, predictions, inputs, classes=self.object_names,
+                                        annotations=annotations)
+        say(f"image ids: {how}")
+        return json.dumps(results)
+
+
 class DetectionTask(Task):
     """Every object of an image, its class and box: torchvision's Faster R-CNN, RetinaNet or FCOS on a zoo backbone,
     scored by pycocotools (COCO mAP)."""
 
     name = "detection"
+    Predictor = DetectionPredictor
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "boxes"
     primary = "map"
@@ -485,92 +582,12 @@ def fit_sizes(train: ImageSet, head: str, min_size: int | None = None) -> dict[s
 # -------------------------------------------------------------------- predicting image files
 
 
-@dataclass
-class ObjectPrediction:
-    """The objects found in one input: [{class, box (x0, y0, x1, y1 pixels of the input), score(, mask RLE)}]."""
-
-    source: str
-    width: int = 0
-    height: int = 0
-    objects: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"image": self.source, "width": self.width, "height": self.height,
-                               "objects": self.objects}
-        return {**out, "error": self.error} if self.error else out
-
-
-def predict_objects(run, images: list[Any], *, which: str = "auto", device: str = "cpu", min_score: float = 0.5,
-                    convert: bool | None = None, errors: str = "raise", max_pixels: int | None = None,
-                    draw_to: str | Path | None = None) -> list[ObjectPrediction]:
-    """Objects in image files (or uint8 arrays) of any size, by a detection or instance run: decoded as training
-    decoded its images, resized by the model itself, boxes returned in each input's own pixels. `draw_to` also
-    writes each input with its boxes (and masks) as `<name>.png` in that folder."""
-    if errors not in ("raise", "collect"):
-        raise VisrecError(f"errors={errors!r} is not valid", "use raise or collect")
-    if not 0 <= min_score <= 1:
-        raise VisrecError(f"--min-score {min_score} is not a probability", "give a score in 0..1, e.g. 0.5")
-    cfg = run.config
-    lm = run.load_model(which, device)
-    convert = cfg.data.name.startswith("folder:") if convert is None else convert
-    classes = object_classes(lm.classes)
-    masks = getattr(lm.model, "masks", False)
-    out: list[ObjectPrediction] = []
-    for i, item in enumerate(images):
-        name = str(item) if isinstance(item, str | Path) else f"<input {i}>"
-        try:
-            x = run._to_tensor(item, lm, False, convert, max_pixels or cfg.data.max_pixels, any_size=True)
-        except VisrecError as e:
-            if errors == "raise":
-                raise
-            out.append(ObjectPrediction(name, error=str(e)))
-            continue
-        d = detect(lm.model, x[None], lm.normalizer)[0]
-        keep = d["scores"] >= min_score
-        objs = []
-        for j in keep.nonzero()[:, 0].tolist():
-            o = {"class": classes[int(d["labels"][j])], "box": [round(v, 2) for v in d["boxes"][j].tolist()],
-                 "score": round(float(d["scores"][j]), 4)}
-            if masks and "masks" in d:
-                o["mask"] = _rle((d["masks"][j, 0] > 0.5).numpy())
-            objs.append(o)
-        out.append(ObjectPrediction(name, int(x.shape[-1]), int(x.shape[-2]), objs))
-        if draw_to is not None:
-            _draw_prediction(x, {k: v[keep] for k, v in d.items()}, classes, Path(draw_to), name, i)
-    return out
-
-
-def _draw_prediction(x: torch.Tensor, d: dict[str, torch.Tensor], classes: list[str], folder: Path, name: str,
-                     i: int) -> Path:
-    from ..io import atomic_path
-    from ..plotting import pyplot
-    from .draw import _rgb, draw_boxes, overlay
-
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = Path(name).stem if not name.startswith("<") else f"input{i}"
-    plt = pyplot()
-    h, w = x.shape[-2:]
-    fig, ax = plt.subplots(figsize=(max(3, w / 40), max(3, h / 40) * h / max(w, 1)))
-    ax.axis("off")
-    img = _rgb(x)
-    if "masks" in d:
-        img = overlay(img, [(m[0] > 0.5).numpy() for m in d["masks"]], d["labels"].tolist())
-    ax.imshow(img)
-    draw_boxes(ax, d["boxes"], d["labels"].tolist(), classes, "#c0392b", d["scores"].tolist())
-    path = folder / f"{stem}.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def coco_results_of(preds: list[ObjectPrediction], category_ids: dict[str, int], image_ids: list[int]
+def coco_results_of(preds: list[Prediction], category_ids: dict[str, int], image_ids: list[int]
                     ) -> list[dict[str, Any]]:
     """Predictions as a COCO results file: input i is `image_ids[i]`, a class is its dataset category id."""
     out = []
     for p, image_id in zip(preds, image_ids, strict=True):
-        for o in p.objects:
+        for o in p.answer.objects if p.answer is not None else []:
             x0, y0, x1, y1 = o["box"]
             r = {"image_id": image_id, "category_id": category_ids[o["class"]],
                  "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "score": o["score"]}
@@ -641,15 +658,14 @@ def image_ids_of(inputs: list[str | Path], annotation_files: list[Path]) -> tupl
     return out, len(known)
 
 
-def coco_results_for(run, preds: list[ObjectPrediction], inputs: list[str | Path], *, which: str = "auto",
+def coco_results_for(run, preds: list[Prediction], inputs: list[str | Path], *, classes: list[str],
                      annotations: str | Path | None = None) -> tuple[list[dict[str, Any]], str]:
-    """(`predict_objects`' answers as a COCO results file, how its image ids were found): categories are the
+    """(a detection run's predictions as a COCO results file, how its image ids were found): categories are the
     dataset's ids (`annotations`' by name, else the run's); each input's image id is the one `annotations` (an
     instances_*.json), else the run's own COCO folder, gives its file; inputs they do not name are numbered after
     their largest id."""
     from ..data.coco import annotation_files
 
-    classes = object_classes(run.load_model(which).classes)
     data = run.config.data.name
     if annotations is not None:
         files = [Path(annotations)]

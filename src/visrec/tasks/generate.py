@@ -218,7 +218,7 @@ def feature_net(spec: str, dataset: str, data_dir: str | None = None, say: Say |
         return None
     if spec.startswith("inception:"):
         return _inception(spec.split(":", 1)[1])
-    from ..runs import Run
+    from ..run_store import RunFolder as Run
 
     path = Path(spec) if spec else default_feature_run(dataset, data_dir, say)
     run = Run(path)
@@ -312,7 +312,7 @@ def sample_run(run, n: int = 64, *, seed: int = 0, steps: int | None = None, out
     import time
 
     from ..io import write_bytes
-    from ..runs import Run
+    from ..run_store import RunFolder as Run
 
     run = run if isinstance(run, Run) else Run(run)
     if run.config.task.name != "generate":
@@ -339,6 +339,8 @@ def sample_run(run, n: int = 64, *, seed: int = 0, steps: int | None = None, out
 
 class GenerateTask(Task):
     name = "generate"
+    predict_hint = ("it makes new images: draw samples with visrec sample {run} --n 64 (in Python: "
+                    "visrec.tasks.generate.sample_run)")
     target = "image"
     primary = "bpd"
     maximize = False

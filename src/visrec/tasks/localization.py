@@ -13,6 +13,7 @@ metric. An image whose object a random crop cut away (its label -1) counts in no
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 from ..data import Dataset, ImageSet, Normalizer
 from ..errors import VisrecError
 from ..evaluate import predict_logits
+from ..prediction import Answer, ClassScores, Predictor, Prepared, class_scores, overlay_png
 from ..training.task import EvalSettings, Evaluation, Task
 
 
@@ -34,8 +36,44 @@ def pair_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([box_iou(x, y).diagonal() for x, y in zip(a.split(512), b.split(512), strict=True)])
 
 
+@dataclass
+class LocatedObject(ClassScores):
+    """The top-k classes and the box of the best one (x0, y0, x1, y1 in the input's own pixels)."""
+
+    box: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "box": self.box}
+
+    def text(self) -> str:
+        (c, p), *rest = self.top
+        return f"{c} {p:.1%} at {[round(v) for v in self.box]}" + "".join(f", {c} {p:.1%}" for c, p in rest)
+
+    def draw(self, item: Prepared) -> bytes:
+        return overlay_png(item, box=self.box)
+
+
+class LocalizationPredictor(Predictor):
+    explanations = ("gradcam",)
+    draws = True
+
+    def setup(self) -> None:
+        self.splitter = type(self.task)(self.cfg)
+        self.splitter.num_classes = len(self.classes)
+
+    def answer(self, items: list[Prepared], outputs: torch.Tensor, top_k: list[int]) -> list[Answer]:
+        logits, boxes = self.splitter.split_outputs(outputs.float())
+        out: list[Answer] = []
+        for scores, p, b in zip(class_scores(logits, self.classes, top_k), items, boxes, strict=True):
+            fw, fh = self.upload_scale(p)
+            box = [round(float(v), 2) for v in (b.clamp(0, 1) * torch.tensor([fw, fh, fw, fh])).tolist()]
+            out.append(LocatedObject(scores.top, box))
+        return out
+
+
 class LocalizationTask(Task):
     name = "localization"
+    Predictor = LocalizationPredictor
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "boxes"
     primary = "loc_acc"

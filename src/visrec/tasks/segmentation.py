@@ -30,6 +30,7 @@ from ..device import autocast
 from ..errors import VisrecError
 from ..evaluate import predict_logits
 from ..io import atomic_path, write_json
+from ..prediction import Answer, Predictor, Prepared, hex_color, overlay_png, png_data_uri
 from ..training.task import EvalSettings, Evaluation, Task
 
 BACKGROUND = "(background)"
@@ -82,8 +83,57 @@ class SegmentationEvaluation(Evaluation):
                 w.writerow([name, "" if iou is None else f"{iou:.6f}", sum(row)])
 
 
+@dataclass
+class PixelClasses(Answer):
+    """Each class's share of the input's pixels, the legend's colors, and the class map over the input (a PNG data
+    URI at the input's own size, background transparent)."""
+
+    pixels: dict[str, float]
+    legend: dict[str, str]
+    mask: str
+    rgba: Any = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pixels": self.pixels, "legend": self.legend, "mask": self.mask}
+
+    def text(self) -> str:
+        return ", ".join(f"{c} {v:.1%}" for c, v in sorted(self.pixels.items(), key=lambda kv: -kv[1])) + \
+            " of the pixels"
+
+    def draw(self, item: Prepared) -> bytes:
+        return overlay_png(item, mask=self.rgba)
+
+
+class SegmentationPredictor(Predictor):
+    draws = True
+
+    def answer(self, items: list[Prepared], outputs: torch.Tensor, top_k: list[int]) -> list[Answer]:
+        import numpy as np
+
+        names = ["(background)", *self.classes]
+        res: list[Answer] = []
+        for p, logits in zip(items, outputs.float(), strict=True):
+            fw, fh = self.upload_scale(p)  # a letterbox: only its image part is the input
+            rh = max(1, round(logits.shape[-2] * p.height / fh))
+            rw = max(1, round(logits.shape[-1] * p.width / fw))
+            up = F.interpolate(logits[None, :, :rh, :rw], size=(p.height, p.width), mode="bilinear",
+                               align_corners=False)[0]
+            cls = up.argmax(0)
+            counts = torch.bincount(cls.flatten(), minlength=len(names)).tolist()
+            total = max(1, p.height * p.width)
+            rgba = np.zeros((p.height, p.width, 4), dtype=np.uint8)
+            c = cls.numpy()
+            rgba[..., :3] = self.colors[c]
+            rgba[..., 3] = np.where(c > 0, 150, 0)
+            res.append(PixelClasses({names[k]: round(n / total, 6) for k, n in enumerate(counts) if n},
+                                    {names[k]: hex_color(self.colors[k]) for k in range(1, len(names))},
+                                    png_data_uri(rgba), rgba))
+        return res
+
+
 class SegmentationTask(Task):
     name = "segmentation"
+    Predictor = SegmentationPredictor
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "semantic"
     primary = "miou"

@@ -15,6 +15,7 @@ run trains against the same one. The test evaluation copies the style image into
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..models.style import (
     RandomVGG,
     VGGLossNet,
 )
+from ..prediction import Answer, Predictor, Prepared, png_bytes, png_data_uri
 from ..training.task import EvalSettings, Evaluation, Task
 
 NET_SPECS = ("random_vgg", "random_multiscale", "vgg16:PATH", "vgg19:PATH", "vgg16-caffe:PATH", "vgg19-caffe:PATH",
@@ -60,7 +62,7 @@ def resolve_loss_net(spec: str, calibration: torch.Tensor | None = None, *, seed
         return VGGLossNet(arch, load_weights(arg, trust=trust), convention=conv or "torchvision", source=arg)
     path = Path(spec).expanduser()
     if path.is_dir():
-        from ..runs import Run
+        from ..run_store import RunFolder as Run
 
         run = Run(path)
         if run.config.task.name != "classification":
@@ -126,8 +128,44 @@ def _png(image01: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+@dataclass
+class Stylized(Answer):
+    """The input through the run's transformation network, at the input's own size (a PNG data URI)."""
+
+    image: str
+    rgb: Any = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stylized": self.image}
+
+    def text(self) -> str:
+        h, w = self.rgb.shape[:2]
+        return f"stylized, {w}x{h}"
+
+    def draw(self, item: Prepared) -> bytes:
+        return png_bytes(self.rgb)
+
+
+class StylePredictor(Predictor):
+    """Each input stylized at its own size, one forward pass each (the network is fully convolutional)."""
+
+    outputs = "structured"  # inputs keep their own sizes: eager backends only
+    any_size = True
+    draws = True
+    makes_images = True
+
+    def answer(self, items: list[Prepared], outputs: Any, top_k: list[int]) -> list[Answer]:
+        res: list[Answer] = []
+        for p in items:
+            y = self.lm.model(p.x[None].float().to(self.device)).clamp(0, 255).round().to(torch.uint8)[0].cpu()
+            rgb = y.permute(1, 2, 0).numpy()
+            res.append(Stylized(png_data_uri(rgb if rgb.shape[2] == 3 else rgb.repeat(3, 2)), rgb))
+        return res
+
+
 class StyleTask(Task):
     name = "style"
+    Predictor = StylePredictor
     target = "image"
     primary = "loss"
     maximize = False

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..data import Dataset, Normalizer
 from ..errors import VisrecError
-from ..runs import RunRef
+from ..run_store import RunRef
 
 
 class Teachers:

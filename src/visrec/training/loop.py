@@ -42,7 +42,7 @@ from ..device import (
 from ..distributed import DistributedError
 from ..errors import VisrecError
 from ..evaluate import eval_batch_size
-from ..runs import Run, dataset_from_config, default_run_name
+from ..run_store import RunFolder, dataset_from_config, default_run_name
 from ..version import __version__
 from .averaging import WeightAverages
 from .budget import BudgetPlanner
@@ -130,7 +130,7 @@ class Trainer:
     def resume(cls, run_dir: str | Path, task: Task | None = None, *, callbacks: Sequence[Callback] = (),
                progress: bool | None = None) -> Trainer:
         """A Trainer that continues the run in `run_dir` from its last checkpoint."""
-        run = Run(run_dir)
+        run = RunFolder(run_dir)
         if run.status == "completed":
             raise VisrecError(f"{run.path} has already completed training", "start a new run instead")
         return cls(run.config, task, callbacks=callbacks, progress=progress, _resume_dir=run.path)
@@ -380,8 +380,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, *, stop_after_steps: int | None = None, test: bool = True) -> Run:
-        """Train to the end (or until stopped), evaluate on test, and return the Run.
+    def fit(self, *, stop_after_steps: int | None = None, test: bool = True) -> RunFolder:
+        """Train to the end (or until stopped), evaluate on test, and return the run folder.
 
         `stop_after_steps` stops after that many optimizer steps in total, exactly as a Ctrl-C would:
         a resumable checkpoint is saved and the run's status is `interrupted`. `test=False` leaves the test
@@ -390,7 +390,7 @@ class Trainer:
         with engine_threads(self.cfg):
             return self._fit(stop_after_steps, test)
 
-    def _fit(self, stop_after_steps: int | None, test: bool) -> Run:
+    def _fit(self, stop_after_steps: int | None, test: bool) -> RunFolder:
         self.writer.write_files(self.cfg, self.ds, f"{self.model}\n\nparameters: {self.params:,}\n")
         callbacks: list[Callback] = [self.writer]
         if self.dist.main:  # across processes, rank 0 logs, reports and runs the observers
@@ -427,7 +427,7 @@ class Trainer:
         if not finished:
             self._end(callbacks, "interrupted", None, error=f"stopped by {self._stop_reason}")
             self.dist.barrier()  # every process returns once rank 0 has written the run
-            return Run(self.run_dir)
+            return RunFolder(self.run_dir)
         if self.cfg.train.select == "best" and self.pos.best_epoch > 0:
             best = load_checkpoint(self.run_dir / "checkpoints", "best")
             self.model.load_state_dict(best.weights)
@@ -445,10 +445,10 @@ class Trainer:
                       error=f"stopped by {e.signal_name} during the test evaluation; the training is complete and "
                             "saved, resuming evaluates it")
             self.dist.barrier()
-            return Run(self.run_dir)
+            return RunFolder(self.run_dir)
         self._end(callbacks, "completed", result, compared=self._compare_averages(result))
         self.dist.barrier()
-        return Run(self.run_dir)
+        return RunFolder(self.run_dir)
 
     def _compare_averages(self, result: Evaluation | None) -> dict[str, dict[str, float | None]]:
         """How much averaging gained over the raw weights, in the primary metric on val and test."""

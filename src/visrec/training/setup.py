@@ -23,7 +23,7 @@ from ..models import create_model, is_file_model
 from ..models.init import init_weights, parse_init
 from ..models.layers import PatchWhitening
 from ..models.reference import engine_model
-from ..runs import RunRef
+from ..run_store import RunRef
 from .finetune import check_finetune
 
 

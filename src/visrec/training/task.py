@@ -19,6 +19,8 @@ from ..config import Config
 from ..data import Dataset, ImageSet, Normalizer
 from ..distributed import Dist
 from ..errors import VisrecError
+from ..prediction import Predictor
+from ..run_store import RunFolder
 
 
 @dataclass
@@ -78,9 +80,23 @@ class Task:
     sequence_model: ClassVar[bool] = False  # the model decodes step by step: the doctor checks gradients through time
     # visrec search's default space for the task, as in a search file (None: visrec.tune's general one)
     search_space: ClassVar[dict[str, dict] | None] = None
+    # evaluation compares test-time augmentation modes, with a confusion matrix (`visrec eval --tta`)
+    tta_eval: ClassVar[bool] = False
+    # what a trained run answers: the task's visrec.prediction.Predictor subclass (None: the task's runs make no
+    # predictions from images; `predict_hint` says what to do instead)
+    Predictor: ClassVar[type[Predictor] | None] = None
+    predict_hint: ClassVar[str] = ""
 
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg if cfg is not None else Config()
+
+    def predictor(self, run: RunFolder, **options: Any) -> Predictor:
+        """The run's model loaded to answer for images (see visrec.prediction): the library's `Run.predict`,
+        `visrec predict`, `visrec serve` and the report's examples all ask it."""
+        if self.Predictor is None:
+            raise VisrecError(f"{run.path} is a {self.name} run: it makes no predictions from images",
+                              self.predict_hint.format(run=run.path) or "see its report.html")
+        return self.Predictor(self, run, **options)
 
     def chance_loss(self, outputs: int, targets: Any = None) -> float | None:
         """The loss of a model that knows nothing, for the doctor's initial-loss check (`outputs`: the model's output
