@@ -267,3 +267,30 @@ def test_the_doctor_examines_a_generative_model_through_the_task(tmp_path):
     assert found[("data", "input-not-normalized")].severity == "ok"  # raw pixels are what these models take
     assert diag.results["overfit"]["last_loss"] < diag.results["overfit"]["first_loss"]
     assert "bpd" in diag.results["overfit"] and diag.results["lr_range"].lrs
+
+
+def test_a_gan_trained_alternately_has_two_optimizers_a_faster_critic_and_resumes_bitwise(feature_run, tmp_path):
+    from visrec import Trainer
+    from visrec.checkpoint import load_checkpoint
+    from visrec.config import resolve_config
+
+    opts = {"data.name": SYN, "task.name": "generate", "model.name": "wgan_gp", "train.epochs": 2,
+            "model.kwargs": {**MODELS["wgan_gp"], "n_critic": 2}, "eval.feature_run": str(feature_run),
+            "task.gan_update": "alternating", "task.critic_lr_scale": 4.0, "optim.name": "adam", "optim.lr": 1e-3,
+            **FAST}
+    cfg = resolve_config(None, [], options=opts)
+    t = Trainer(cfg, out=str(tmp_path / "full"), progress=False)
+    assert set(t.optimizer.named) == {"critic", "generator"}
+    lrs = {g["optimizer"]: g["lr"] for g in t.optimizer.state_dict()["param_groups"]}
+    assert lrs["critic"] == pytest.approx(4 * lrs["generator"])
+    full = t.fit()
+    Trainer(cfg, out=str(tmp_path / "cut"), progress=False).fit(stop_after_steps=3)  # mid-rhythm: 3 % n_critic
+    resumed = Trainer.resume(tmp_path / "cut", progress=False).fit()
+    a = load_checkpoint(full.path / "checkpoints", "last", with_state=True)
+    b = load_checkpoint(resumed.path / "checkpoints", "last", with_state=True)
+    assert a.weights.keys() == b.weights.keys()
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)  # bitwise, both networks
+    assert {g["optimizer"] for g in a.optimizer["param_groups"]} == {"critic", "generator"}
+    assert full.summary["test_fid"] == resumed.summary["test_fid"]
+    w = [r for r in full.metrics("train") if r.get("kind") == "window"]
+    assert w and all(math.isfinite(r["g_loss"]) and math.isfinite(r["d_loss"]) for r in w)

@@ -332,6 +332,12 @@ class TaskConfig:
     content_weight: NonNeg = 1.0  # style: weight of the content (feature reconstruction) loss
     style_weight: NonNeg = 5.0  # style: weight of the style (Gram) loss, each layer's normalized by its target
     tv_weight: NonNeg = 1.0  # style: weight of the total-variation loss (mean squared neighbour difference, 0..1)
+    gan_update: Literal["joint", "alternating"] = "joint"  # generate, GANs: joint = one optimizer, one step for both
+    #   networks (the generator's loss through a gradient-free copy of the critic); alternating = a critic step, then
+    #   a generator step through the updated critic, each network with its own optimizer
+    # generate, gan_update=alternating: the critic's learning rate is optim.lr times this (the two time-scale update
+    #   rule, Heusel et al. 2017: a faster critic, e.g. 4)
+    critic_lr_scale: Annotated[float, Range(0, open_low=True)] = 1.0
 
 
 @dataclass

@@ -415,10 +415,12 @@ class Critic(nn.Module):
 
 
 class GAN(GenerativeModel):
-    """A generator and a discriminator (critic) in one module, trained by one optimizer: each step's loss is the
-    discriminator's plus the generator's, the generator's taken through a copy of the discriminator's weights
-    that carries no gradient, so each network follows only its own loss. `n_critic` > 1 leaves the generator out
-    of all but every n-th step (its gradients stay None, so the optimizer does not move it)."""
+    """A generator and a discriminator (critic) in one module. Trained jointly (one optimizer), each step's loss is
+    the discriminator's plus the generator's, the generator's taken through a copy of the discriminator's weights
+    that carries no gradient, so each network follows only its own loss; `n_critic` > 1 leaves the generator out
+    of all but every n-th step (its gradients stay None, so the optimizer does not move it). Trained alternately
+    (task.gan_update=alternating: the generate task's step, two optimizers), `forward(x, "critic")` and
+    `forward(x, "generator")` give each network's loss for its own optimizer."""
 
     kind = "gan"
     stats = ("d_loss", "g_loss", "d_acc")
@@ -435,7 +437,14 @@ class GAN(GenerativeModel):
         params = {k: v.detach() for k, v in self.critic.named_parameters()}
         return functional_call(self.critic, {**params, **dict(self.critic.named_buffers())}, (x,))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mode: str = "joint") -> dict[str, torch.Tensor]:
+        """`joint`: the critic's and the generator's losses of one simultaneous step (module doc); `critic`: the
+        critic's loss alone, on `x` and fresh samples; `generator`: the generator's loss through the critic as it is
+        now (for alternating updates with two optimizers, the caller counting `steps`)."""
+        if mode == "critic":
+            return self._critic_loss(x)
+        if mode == "generator":
+            return self._generator_loss(len(x), x.device)
         n = len(x)
         g_step = int(self.steps) % self.n_critic == 0
         if self.training:
@@ -464,6 +473,26 @@ class GAN(GenerativeModel):
         ones = torch.ones(n, device=x.device)
         return {"loss": loss, "d_loss": d_loss.detach() * ones, "g_loss": g_loss.detach() * ones,
                 "d_acc": acc.detach() * ones}
+
+    def _critic_loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            fake = self.generator(torch.randn(len(x), self.latent, device=x.device))
+        real_score, fake_score = self.critic(x), self.critic(fake)
+        if self.loss_kind == "non_saturating":
+            d_loss = F.softplus(-real_score).mean() + F.softplus(fake_score).mean()
+            acc = ((real_score > 0).float().mean() + (fake_score < 0).float().mean()) / 2
+        else:
+            d_loss = fake_score.mean() - real_score.mean()
+            if self.gp and torch.is_grad_enabled():
+                d_loss = d_loss + self.gp * self.gradient_penalty(x, fake)
+            acc = (real_score > fake_score.mean()).float().mean()
+        ones = torch.ones(len(x), device=x.device)
+        return {"loss": d_loss, "d_loss": d_loss.detach() * ones, "d_acc": acc.detach() * ones}
+
+    def _generator_loss(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        score = self.critic(self.generator(torch.randn(n, self.latent, device=device)))
+        g_loss = F.softplus(-score).mean() if self.loss_kind == "non_saturating" else -score.mean()
+        return {"loss": g_loss, "g_loss": g_loss.detach() * torch.ones(n, device=device)}
 
     def gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """(||grad of the critic at a random interpolate|| - 1)^2 (Gulrajani et al. 2017), gradients in the critic's

@@ -403,6 +403,38 @@ class GenerateTask(Task):
     def targets(self, data: ImageSet) -> torch.Tensor:
         return torch.zeros(len(data.images), dtype=torch.uint8)  # the image is its own target
 
+    def _alternating(self) -> bool:
+        return self.kind == "gan" and self.cfg.task.gan_update == "alternating"
+
+    def optimizers(self, model: nn.Module, build) -> dict[str, torch.optim.Optimizer] | None:
+        """A GAN trained alternately: the critic's optimizer (optim.lr x task.critic_lr_scale, the two time-scale
+        update rule) and the generator's (optim.lr)."""
+        if not self._alternating():
+            return None
+        return {"critic": build(model.critic, self.cfg.task.critic_lr_scale), "generator": build(model.generator, 1.0)}
+
+    def train_step(self, xb: torch.Tensor, yb: Any, ctx) -> tuple[Any, torch.Tensor, Any, bool]:
+        """Alternating GAN updates: the critic on this batch and fresh samples, then (every n_critic-th step) the
+        generator through the critic just updated. The step's loss is the sum of the two, as a joint step's is."""
+        if not self._alternating():
+            return super().train_step(xb, yb, ctx)
+        x, target = ctx.inputs(xb, yb)
+        with ctx.autocast():
+            d = ctx.net(x, "critic")
+        stepped = ctx.update(d["loss"], "critic")
+        model = ctx.model
+        g_loss = torch.zeros((), device=x.device)
+        if int(model.steps) % model.n_critic == 0:
+            with ctx.autocast():
+                g = ctx.net(x, "generator")
+            stepped = ctx.update(g["loss"], "generator") and stepped
+            g_loss = g["loss"].detach()
+        model.steps += 1
+        loss = d["loss"].detach() + g_loss
+        out = {"loss": loss, "d_loss": d["d_loss"], "g_loss": g_loss * torch.ones_like(d["d_loss"]),
+               "d_acc": d["d_acc"]}
+        return out, loss, target, stepped
+
     def forward(self, model: nn.Module, x: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
         return model(x)
 

@@ -11,6 +11,7 @@ augmentation draws and schedule as if it had never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import sys
@@ -47,9 +48,10 @@ from ..version import __version__
 from .averaging import WeightAverages
 from .budget import BudgetPlanner
 from .callbacks import Callback, ProgressPrinter, TensorBoardLogger, TrainState
+from .context import Optimizers, StepContext
 from .distill import Teachers
 from .finetune import Finetune, cache_dir, cached_features
-from .optim import add_gradient_noise, build_optimizer, build_ref_optimizer, l2_penalty
+from .optim import build_optimizer, build_ref_optimizer, l2_penalty
 from .rundir import RunWriter
 from .schedules import LRSchedule, schedule_factor, snapshot_steps
 from .setup import (
@@ -161,7 +163,12 @@ class Trainer:
         self.forward = torch.compile(net) if cfg.model.compile else net
         self.finetune = (Finetune.build(self.model, cfg.finetune, ds.channels, ds.image_size)
                          if cfg.finetune.strategy != "none" else None)
-        self.optimizer = (build_ref_optimizer(self.model, cfg.optim) if cfg.train.engine == "numpy" else
+        named = None
+        if cfg.train.engine != "numpy" and self.finetune is None:
+            named = task.optimizers(self.model, lambda part, scale=1.0: build_optimizer(
+                part, dataclasses.replace(cfg.optim, lr=cfg.optim.lr * scale)))
+        self.optimizer = (Optimizers(named) if named else
+                          build_ref_optimizer(self.model, cfg.optim) if cfg.train.engine == "numpy" else
                           build_optimizer(self.model, cfg.optim,
                                           lr_factors=self.finetune.lr_factors() if self.finetune else None))
         bs = epoch_batch_size(cfg.train.batch_size, len(ds.train), cfg.train.min_epoch_steps)
@@ -488,16 +495,21 @@ class Trainer:
         model, device, amp, mf = self.forward, self.runtime.device, self.runtime.amp_dtype, self.memory_format
         low, until = self.low_res, self.cfg.train.progressive_until
 
-        def forward(xb: torch.Tensor, yb: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        def inputs(xb: torch.Tensor, yb: Any) -> tuple[torch.Tensor, Any]:
             x = self.normalizer(xb).contiguous(memory_format=mf)
             x, target = self.pipeline(x, yb) if self.pipeline else (x, yb)
             if low is not None and self.pos.step < until * self.total_steps:
                 x = F.interpolate(x, size=low, mode="bilinear", antialias=True, align_corners=False
                                   ).contiguous(memory_format=mf)
+            return x, target
+
+        def forward(xb: torch.Tensor, yb: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+            x, target = inputs(xb, yb)
             with autocast(device, amp):
                 out = self.task.forward(model, x, target)
             return out, self.loss_step(out, target, x), target
 
+        forward.inputs = inputs  # type: ignore[attr-defined]
         return forward
 
     def _probe(self) -> tuple[DeviceBatches, Forward]:
@@ -551,6 +563,8 @@ class Trainer:
         t_epoch = t_win = time.perf_counter()
         seconds_before = pos.train_seconds
         win_data = ep_data = 0.0  # seconds spent waiting for batches (wall clock: no device sync)
+        ctx = StepContext(self.forward, self.model, opt, forward, getattr(forward, "inputs", lambda x, y: (x, y)),
+                          device, self.runtime.amp_dtype, pos.step, clip, noise, noise_gamma, skip_bad)
         feed = iter(batches)
         while True:
             t_wait = time.perf_counter()
@@ -566,17 +580,9 @@ class Trainer:
                 out, loss, target = self._lbfgs_step(opt, forward, xb, yb, params, clip)
                 stepped = True
             else:
-                out, loss, target = forward(xb, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if noise > 0:
-                    add_gradient_noise(params, noise, noise_gamma, pos.step)
-                if clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-                stepped = not (skip_bad and not torch.isfinite(loss))  # host sync, only when asked for
-                if stepped:
-                    opt.step()
-                else:
+                ctx.step = pos.step
+                out, loss, target, stepped = self.task.train_step(xb, yb, ctx)
+                if not stepped:
                     pos.skipped_steps += 1
             self.averages.after_step(self.model, pos.step + 1, stepped)
             self.schedule.step()

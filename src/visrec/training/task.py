@@ -21,6 +21,7 @@ from ..distributed import Dist
 from ..errors import VisrecError
 from ..prediction import Predictor
 from ..run_store import RunFolder
+from .context import StepContext
 
 
 @dataclass
@@ -97,6 +98,19 @@ class Task:
             raise VisrecError(f"{run.path} is a {self.name} run: it makes no predictions from images",
                               self.predict_hint.format(run=run.path) or "see its report.html")
         return self.Predictor(self, run, **options)
+
+    def optimizers(self, model: nn.Module, build: Callable[[nn.Module, float], torch.optim.Optimizer]
+                   ) -> dict[str, torch.optim.Optimizer] | None:
+        """Named optimizers for a model whose parts learn from separate losses (a GAN's critic and generator), each
+        made by `build(part, lr_scale)` with the run's optimizer settings; None: one optimizer over the model."""
+        return None
+
+    def train_step(self, xb: torch.Tensor, yb: Any, ctx: StepContext) -> tuple[Any, torch.Tensor, Any, bool]:
+        """One optimizer step on a batch -> (outputs, loss, targets, whether the step was taken). The default is the
+        loop's: the forward pass, then one update of every parameter (`ctx.update`: noise, clipping, the non-finite
+        policy); a task with several optimizers alternates updates here (see visrec.training.context)."""
+        out, loss, target = ctx.forward(xb, yb)
+        return out, loss, target, ctx.update(loss)
 
     def chance_loss(self, outputs: int, targets: Any = None) -> float | None:
         """The loss of a model that knows nothing, for the doctor's initial-loss check (`outputs`: the model's output
