@@ -83,7 +83,7 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("file", "expected"), [
-    ("training/loop.py", {"visrec.checkpoint", "visrec.training.averaging", "visrec.data"}),
+    ("training/loop.py", {"visrec.run_store", "visrec.training.averaging", "visrec.data"}),
     ("tasks/__init__.py", {"visrec.config", "visrec.tasks.classification", "visrec.training.task"}),
 ])
 def test_relative_imports_resolve_to_the_modules_they_name(file, expected):

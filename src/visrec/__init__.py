@@ -46,6 +46,25 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+def _task_recipe(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A task's recipe and per-model recipes, from its class (see visrec.config.task_recipe)."""
+    from .tasks import task_class
+
+    cls = task_class(name)
+    return dict(cls.recipe), {k: dict(v) for k, v in cls.model_recipes.items()}
+
+
+def _wire() -> None:
+    """What a lower layer asks of a higher one, installed here, at the top: the config's recipes come from the
+    tasks (imported only when a config names a task)."""
+    from . import config
+
+    config.recipe_source = _task_recipe
+
+
+_wire()
+
+
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS, *_SUBPACKAGES})
 

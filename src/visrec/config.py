@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -715,47 +716,22 @@ def load_preset(name: str) -> dict[str, Any]:
         raise VisrecError(f"{source} is not valid YAML: {e}") from None
 
 
-# Tasks whose models train under another recipe than classification's: these values sit between the built-in
-# defaults and the preset (a preset, --set and options override them). torchvision's reference recipe for its
-# detectors: momentum SGD at 0.02 for batches of 16, weight decay 1e-4, a short warmup; gradients clipped, since
-# a detector's early box losses can spike.
-_DETECTOR_RECIPE: dict[str, Any] = {
-    "optim.name": "momentum", "optim.lr": 0.02, "optim.weight_decay": 1e-4, "optim.grad_clip": 10.0,
-    "schedule.name": "cosine", "schedule.warmup_epochs": 0.3, "schedule.start_factor": 0.01,
-    "train.batch_size": 16, "train.epochs": 12, "eval.tta": "none",
-}
-TASK_RECIPES: dict[str, dict[str, Any]] = {  # with a model of the task's kind, so `--task` alone trains
-    "detection": {"model.name": "fasterrcnn_resnet18", **_DETECTOR_RECIPE},
-    "instance": {"model.name": "maskrcnn_resnet18", **_DETECTOR_RECIPE},
-    # every image holds thousands of pixel examples: small batches (more steps for the same pixels) train a U-Net
-    # far faster than classification's 256 (3 epochs of 3,000 scenes: mIoU 0.11 at 256, 0.37 at 16 with lr 0.1)
-    "segmentation": {"model.name": "unet", "train.batch_size": 16, "optim.lr": 0.1},
-    # recurrent decoders want Adam, clipped gradients and no flips (a flip turns "left of" into "right of")
-    # the transformation network sees raw pixels (0..255) and must keep the content where it is: no flips or crops
-    "style": {"model.name": "transformnet", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
-              "optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "constant", "train.batch_size": 4,
-              "train.epochs": 2, "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off"},
-    # raw pixels (the models scale them), no flips (a flipped garment is another image to a likelihood), Adam
-    "generate": {"model.name": "pixelcnn", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
-                 "optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "cosine", "train.batch_size": 64,
-                 "train.epochs": 10, "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off",
-                 "optim.grad_clip": 1.0},
-    "captioning": {"model.name": "lstm_attention", "optim.name": "adam", "optim.lr": 2e-3,
-                   "optim.weight_decay": 0.0, "optim.grad_clip": 5.0, "schedule.name": "cosine",
-                   "schedule.warmup_epochs": 0.3, "data.augment": [], "train.batch_size": 64, "train.epochs": 10,
-                   "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off"},
-}
+# A task's recipe (the values its models train under, between the built-in defaults and the preset) and its
+# per-model recipes are declared on its class (`Task.recipe`, `Task.model_recipes`). This layer knows no task:
+# the package's facade (visrec/__init__.py) installs `recipe_source`, which asks the task's class by name.
+RecipeSource = Callable[[str], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
+recipe_source: RecipeSource | None = None
 
 
-# GANs: Adam with beta1 0.5 (Radford et al.) or 0 (WGAN-GP, Gulrajani et al.), no clipping (the penalty is the
-# critic's constraint); DDPM: Ho et al.'s 2e-4 without decay
-MODEL_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
-    ("generate", "dcgan"): {"optim.lr": 2e-4, "optim.betas": [0.5, 0.999], "optim.grad_clip": 0.0,
-                            "schedule.name": "constant"},
-    ("generate", "wgan_gp"): {"optim.lr": 1e-4, "optim.betas": [0.0, 0.9], "optim.grad_clip": 0.0,
-                              "schedule.name": "constant"},
-    ("generate", "ddpm"): {"optim.lr": 2e-4, "optim.grad_clip": 1.0, "schedule.name": "constant"},
-}
+def task_recipe(task: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(the task's recipe, its per-model recipes by model name); empty for a task that cannot be found here (the
+    run's task check names it, with the choices)."""
+    if recipe_source is None:
+        return {}, {}
+    try:
+        return recipe_source(task)
+    except VisrecError:
+        return {}, {}
 
 
 def _named(preset: dict[str, Any], items: list[tuple[str, Any]], options: dict[str, Any] | None,
@@ -776,7 +752,7 @@ def resolve_config(
     base: Config | None = None,
     options: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults (or `base`), then the task's recipe (`TASK_RECIPES`, not over a `base`), then the preset, then
+    """Defaults (or `base`), then the task's recipe (`Task.recipe`, not over a `base`), then the preset, then
     overrides (`["optim.lr=0.1"]` or `{"optim.lr": 0.1}`), then
     `options`: dotted keys of dedicated options or arguments (`{"train.epochs": 3}`), None meaning "not given"."""
     cfg = Config.from_dict(base.to_dict()) if base is not None else Config()
@@ -786,11 +762,12 @@ def resolve_config(
     else:
         items = [parse_override(o) for o in overrides or []]
     task = _named(preset_dict, items, options)
-    if base is None and task in TASK_RECIPES:
-        for key, value in TASK_RECIPES[task].items():
-            cfg.set(key, value)
+    recipe, model_recipes = task_recipe(task) if base is None and task else ({}, {})
+    for key, value in recipe.items():
+        cfg.set(key, value)
+    if recipe or model_recipes:
         model = _named(preset_dict, items, options, "model") or cfg.model.name
-        for key, value in MODEL_RECIPES.get((task, model), {}).items():
+        for key, value in model_recipes.get(model, {}).items():
             cfg.set(key, value)
     if preset:
         apply_dict(cfg, preset_dict, f"preset {preset}")

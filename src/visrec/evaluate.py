@@ -280,7 +280,7 @@ def predict_logits(
         x = normalizer(chunk.to(device, non_blocking=True))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
+        with torch.no_grad(), autocast(device, amp_dtype):  # no graph: evaluation never backpropagates
             if tta == "none":
                 logits = model(x).float()
             else:

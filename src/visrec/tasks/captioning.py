@@ -195,6 +195,11 @@ class CaptioningPredictor(Predictor):
 class CaptioningTask(Task):
     name = "captioning"
     Predictor = CaptioningPredictor
+    # recurrent decoders want Adam, clipped gradients and no flips (a flip turns "left of" into "right of")
+    recipe = {"model.name": "lstm_attention", "optim.name": "adam", "optim.lr": 2e-3, "optim.weight_decay": 0.0,
+              "optim.grad_clip": 5.0, "schedule.name": "cosine", "schedule.warmup_epochs": 0.3, "data.augment": [],
+              "train.batch_size": 64, "train.epochs": 10, "eval.tta": "none", "loss.label_smoothing": 0.0,
+              "model.channels_last": "off"}
     sequence_model = True
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "tokens"

@@ -284,6 +284,15 @@ class DetectionEvaluation(Evaluation):
                 w.writerow([name, "" if ap is None else f"{ap:.6f}", "" if ap50 is None else f"{ap50:.6f}"])
 
 
+# torchvision's reference recipe for its detectors: momentum SGD at 0.02 for batches of 16, weight decay 1e-4, a
+# short warmup; gradients clipped, since a detector's early box losses can spike
+DETECTOR_RECIPE: dict[str, Any] = {
+    "optim.name": "momentum", "optim.lr": 0.02, "optim.weight_decay": 1e-4, "optim.grad_clip": 10.0,
+    "schedule.name": "cosine", "schedule.warmup_epochs": 0.3, "schedule.start_factor": 0.01,
+    "train.batch_size": 16, "train.epochs": 12, "eval.tta": "none",
+}
+
+
 @dataclass
 class FoundObjects(Answer):
     """The objects found in one input: [{class, box (x0, y0, x1, y1 in the input's own pixels), score, color(, mask
@@ -385,6 +394,7 @@ class DetectionTask(Task):
 
     name = "detection"
     Predictor = DetectionPredictor
+    recipe = {"model.name": "fasterrcnn_resnet18", **DETECTOR_RECIPE}
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "boxes"
     primary = "map"
@@ -541,6 +551,7 @@ class InstanceTask(DetectionTask):
     (mask and box AP)."""
 
     name = "instance"
+    recipe = {"model.name": "maskrcnn_resnet18", **DETECTOR_RECIPE}
     target = "masks"
     primary = "mask_map"
     overfit_metric = "mask_map50"

@@ -339,6 +339,18 @@ def sample_run(run, n: int = 64, *, seed: int = 0, steps: int | None = None, out
 
 class GenerateTask(Task):
     name = "generate"
+    # raw pixels (the models scale them), no flips (a flipped garment is another image to a likelihood), Adam
+    recipe = {"model.name": "pixelcnn", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
+              "optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "cosine", "train.batch_size": 64,
+              "train.epochs": 10, "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off",
+              "optim.grad_clip": 1.0}
+    # GANs: Adam with beta1 0.5 (Radford et al.) or 0 (WGAN-GP, Gulrajani et al.), no clipping (the penalty is the
+    # critic's constraint); DDPM: Ho et al.'s 2e-4 without decay
+    model_recipes = {
+        "dcgan": {"optim.lr": 2e-4, "optim.betas": [0.5, 0.999], "optim.grad_clip": 0.0, "schedule.name": "constant"},
+        "wgan_gp": {"optim.lr": 1e-4, "optim.betas": [0.0, 0.9], "optim.grad_clip": 0.0, "schedule.name": "constant"},
+        "ddpm": {"optim.lr": 2e-4, "optim.grad_clip": 1.0, "schedule.name": "constant"},
+    }
     predict_hint = ("it makes new images: draw samples with visrec sample {run} --n 64 (in Python: "
                     "visrec.tasks.generate.sample_run)")
     target = "image"

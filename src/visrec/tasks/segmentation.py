@@ -134,6 +134,9 @@ class SegmentationPredictor(Predictor):
 class SegmentationTask(Task):
     name = "segmentation"
     Predictor = SegmentationPredictor
+    # every image holds thousands of pixel examples: small batches (more steps for the same pixels) train a U-Net
+    # far faster than classification's 256 (3 epochs of 3,000 scenes: mIoU 0.11 at 256, 0.37 at 16 with lr 0.1)
+    recipe = {"model.name": "unet", "train.batch_size": 16, "optim.lr": 0.1}
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "semantic"
     primary = "miou"

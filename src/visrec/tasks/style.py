@@ -166,6 +166,10 @@ class StylePredictor(Predictor):
 class StyleTask(Task):
     name = "style"
     Predictor = StylePredictor
+    # the transformation network sees raw pixels (0..255) and must keep the content where it is: no flips or crops
+    recipe = {"model.name": "transformnet", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
+              "optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "constant", "train.batch_size": 4,
+              "train.epochs": 2, "eval.tta": "none", "loss.label_smoothing": 0.0, "model.channels_last": "off"}
     target = "image"
     primary = "loss"
     maximize = False

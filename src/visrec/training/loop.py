@@ -23,9 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, parse_duration
-from ..data import Dataset, DeviceBatches, Normalizer, Pipeline
+from ..data import Dataset, DeviceBatches, Pipeline
 from ..data.augment import alternates_flip
 from ..data.imageset import move_targets
 from ..data.shards import ShardBatches, sequential_shards
@@ -48,6 +47,7 @@ from ..version import __version__
 from .averaging import WeightAverages
 from .budget import BudgetPlanner
 from .callbacks import Callback, ProgressPrinter, TensorBoardLogger, TrainState
+from .checkpointer import Checkpointer
 from .context import Optimizers, StepContext
 from .distill import Teachers
 from .finetune import Finetune, cache_dir, cached_features
@@ -60,15 +60,15 @@ from .setup import (
     engine_threads,
     epoch_batch_size,
     fit_normalizer,
-    model_spec,
     rank_device,
     schedule_warnings,
     start_distributed,
     wrap_ddp,
 )
-from .state import Position, Stopped, all_finite, capture_rng, now, restore_rng, stop_at_once, stop_signals
+from .state import Position, Stopped, now, stop_at_once, stop_signals
 from .step import LossStep, NonFiniteLoss, nonfinite_error
 from .task import EvalSettings, Evaluation, Task
+from .window import Window
 
 # One batch through the network: (uint8 images or features, targets) -> (outputs, loss, targets as augmented).
 Forward = Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor, Any]]
@@ -126,7 +126,7 @@ class Trainer:
         self.resuming = _resume_dir is not None
         self._setup()
         if self.resuming:
-            self._restore()
+            self.checkpoints.restore()
 
     @classmethod
     def resume(cls, run_dir: str | Path, task: Task | None = None, *, callbacks: Sequence[Callback] = (),
@@ -210,7 +210,7 @@ class Trainer:
         self.averages = WeightAverages(self.model, ema=a.ema, swa=a.swa, swa_every=a.swa_every,
                                        total_steps=self.total_steps)
         self.schedule = LRSchedule(self.optimizer, self._lr_factor())
-        self.pipeline = Pipeline(cfg.data.augment, device, seed=self._augment_seed(), normalizer=self.normalizer,
+        self.pipeline = Pipeline(cfg.data.augment, device, seed=self.augment_seed(), normalizer=self.normalizer,
                                  images=ds.train.images)
         self.lbfgs_l2 = None
         if cfg.optim.name == "lbfgs":
@@ -226,6 +226,7 @@ class Trainer:
                                           say=None if self.quiet or not self.dist.main else _say)
         self.pos = Position()
         self.writer = RunWriter(self.run_dir, write=self.dist.main)
+        self.checkpoints = Checkpointer(self)
         self.probe_features: dict[str, Any] = {}  # the linear probe's feature extraction: cache hit, seconds
 
     def _stream(self, bs: int, device: torch.device) -> LoaderBatches | ShardBatches:
@@ -272,64 +273,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _meta(self) -> dict[str, Any]:
-        ds = self.ds
-        return {
-            **self.pos.state(), "saved": now(),
-            "classes": ds.classes, "preprocess": self.normalizer.state(), "task": self.task.name,
-            "model": model_spec(self.cfg, ds, self.normalizer, self.task.num_outputs(ds)),
-            "schedule": self.schedule.state_dict(),
-            **self.averages.state(),
-            "augment_rng": self.pipeline.get_state()["rng"],
-            **({"input": ds.fit.state()} if ds.fit is not None else {}),
-        }
-
-    def _augment_seed(self) -> int:
+    def augment_seed(self) -> int:
         """Initialization is seeded alike on every rank; augmentation differs per rank."""
         return self.cfg.train.seed + 1 + 7919 * self.dist.rank
 
-    def _save(self, tag: str, **kwargs: Any) -> None:
-        """Rank 0 writes the checkpoint; the others wait until it is on disk."""
-        if self.dist.main:
-            save_checkpoint(self.run_dir / "checkpoints", tag, self.model, self._meta(), extra=self._extra(),
-                            **kwargs)
-        self.dist.barrier()
-
-    def _extra(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"preprocess": self.normalizer.tensors}
-
-    def _save_last(self) -> None:
-        # Never replace the last good checkpoint with poisoned weights: a NaN can arrive between two logged
-        # windows (whose losses are checked) and a checkpoint_every save. With train.nonfinite=skip the user
-        # accepts skipped steps, whose forward passes may still have pushed batch-norm statistics to inf: then
-        # only the parameters must be finite.
-        if not all_finite(self.model, params_only=self.cfg.train.nonfinite == "skip"):
-            raise self._nonfinite(self.pos.step)
-        a = self.averages
-        self._save("last", ema=a.ema.module if a.ema else None, swa=a.swa.module if a.swa else None,
-                   optimizer=self.optimizer, rng=capture_rng(self.pipeline.gen))
-
-    def _restore(self) -> None:
-        ckpt = load_checkpoint(self.run_dir / "checkpoints", "last", with_state=True)
-        m = ckpt.meta
-        if m["classes"] != self.ds.classes:
-            raise VisrecError(f"{self.run_dir}: the dataset's classes changed since the run started",
-                              f"run had {m['classes']}, data now has {self.ds.classes}")
-        self.model.load_state_dict(ckpt.weights)
-        self.averages.load(self.model, m, ckpt.ema, ckpt.swa)
-        self.optimizer.load_state_dict(ckpt.optimizer)
-        self.schedule.load_state_dict(m["schedule"])
-        self.normalizer = Normalizer.from_state(m["preprocess"], ckpt.extra.get("preprocess")).to(self.runtime.device)
-        restore_rng(ckpt.rng)
-        self.pipeline.set_state({"gen": ckpt.rng["augment"], "rng": m["augment_rng"]})
-        self.pos = Position.from_state(m)
-        if self.budget is not None and self.pos.planned_steps:
-            self._plan(self.pos.planned_steps)
-        self.writer = RunWriter(self.run_dir, resume_step=self.pos.step, write=self.dist.main)
-        if self.dist.active:  # one augmentation stream per rank, continued from the position (any world size)
-            self.pipeline.reseed(self._augment_seed() + 7 * self.pos.step)
-
-    def _nonfinite(self, step: int) -> NonFiniteLoss:
+    def nonfinite_error(self, step: int) -> NonFiniteLoss:
         return nonfinite_error(self.cfg, self.cfg.optim.lr * self.schedule.factor(step - 1), step,
                                self.pos.epoch + 1, self.run_dir / "checkpoints")
 
@@ -365,7 +313,7 @@ class Trainer:
             return value
         return float(self.dist.mean(torch.tensor([value], device=self.runtime.device)).item())
 
-    def _plan(self, total_steps: int) -> None:
+    def plan(self, total_steps: int) -> None:
         """Set the schedule's length (a time budget's estimate): the epochs follow, the last one maybe partial."""
         self.total_steps = max(1, total_steps)
         self.epochs_planned = -(-self.total_steps // self.steps_per_epoch)
@@ -375,7 +323,7 @@ class Trainer:
     def _replan(self, train_seconds: float, force: bool = False) -> None:
         total = self.planner.plan(self.pos.step, train_seconds, self.total_steps, force=force)
         if total is not None:
-            self._plan(total)
+            self.plan(total)
 
     def _eval_model(self) -> torch.nn.Module:
         """The weights the run is judged by: SWA over EMA over raw."""
@@ -435,11 +383,7 @@ class Trainer:
             self._end(callbacks, "interrupted", None, error=f"stopped by {self._stop_reason}")
             self.dist.barrier()  # every process returns once rank 0 has written the run
             return RunFolder(self.run_dir)
-        if self.cfg.train.select == "best" and self.pos.best_epoch > 0:
-            best = load_checkpoint(self.run_dir / "checkpoints", "best")
-            self.model.load_state_dict(best.weights)
-            if self.averages.ema is not None and best.ema is not None:
-                self.averages.ema.module.load_state_dict(best.ema)
+        self.checkpoints.select()
         try:  # a signal now stops the evaluation at once; the trained weights are in the last checkpoint
             with stop_at_once():
                 if test:
@@ -557,12 +501,10 @@ class Trainer:
         params = list(self.model.parameters())  # frozen ones have no gradient and are skipped
         ep_loss, ep_steps = torch.zeros((), device=device), 0
         ep_stats = torch.zeros(len(self.task.stats), device=device)
-        win_losses: list[torch.Tensor] = []
-        win_stats: list[torch.Tensor] = []  # the task's per-batch sums, reduced once per window as the losses are
-        win_start = pos.step
-        t_epoch = t_win = time.perf_counter()
+        win = Window(pos.step)
+        t_epoch = time.perf_counter()
         seconds_before = pos.train_seconds
-        win_data = ep_data = 0.0  # seconds spent waiting for batches (wall clock: no device sync)
+        ep_data = 0.0  # seconds spent waiting for batches (wall clock: no device sync)
         ctx = StepContext(self.forward, self.model, opt, forward, getattr(forward, "inputs", lambda x, y: (x, y)),
                           device, self.runtime.amp_dtype, pos.step, clip, noise, noise_gamma, skip_bad)
         feed = iter(batches)
@@ -573,7 +515,7 @@ class Trainer:
             except StopIteration:
                 break
             waited = time.perf_counter() - t_wait
-            win_data += waited
+            win.data_seconds += waited
             ep_data += waited
             # ---- hot path: no host syncs here ----
             if isinstance(opt, torch.optim.LBFGS):
@@ -593,10 +535,9 @@ class Trainer:
             if pos.step in self.snapshots:
                 t0 = time.perf_counter()
                 k = sorted(self.snapshots).index(pos.step) + 1  # the weights at the end of a learning-rate cycle
-                self._save(f"snapshot{k}")
+                self.checkpoints.save(f"snapshot{k}")
                 t_epoch += time.perf_counter() - t0  # saving is not training time
-            win_losses.append(loss.detach())
-            win_stats.append(self.task.batch_stats(detached(out), target))
+            win.add(loss, self.task.batch_stats(detached(out), target))
             ep_steps += 1
             # ---- end of hot path ----
             last_in_epoch = pos.batch == self.steps_per_epoch or pos.step >= self.total_steps
@@ -604,28 +545,23 @@ class Trainer:
             if not self.dist.active:  # across processes a signal is agreed on at the window's end
                 stop = stop or self._stop_reason is not None
             if pos.step % log_every == 0 or last_in_epoch or stop:
-                losses = self.dist.mean(torch.stack(win_losses).float())
-                finite = torch.isfinite(losses)
+                losses, finite, sums = win.reduce(self.dist)
                 if not skip_bad and not bool(finite.all()):  # host sync, once per window
-                    raise self._nonfinite(win_start + int((~finite).nonzero()[0]) + 1)
+                    raise self.nonfinite_error(win.first_nonfinite_step(finite))
                 sync(device)
                 t = time.perf_counter()
                 pos.train_seconds = seconds_before + (t - t_epoch)
-                n_img = len(win_losses) * bs
                 ep_loss += losses[finite].sum()
-                sums = self.dist.sum(torch.stack(win_stats).sum(0))
                 ep_stats += sums
-                rec = {"epoch": pos.epoch + 1, "step": pos.step, "split": "train", "kind": "window",
-                       "loss": losses[finite].mean().item() if bool(finite.any()) else float("nan"),
-                       **self._stat_fields(sums, n_img), "lr": self.schedule.lr,
-                       "seconds": round(pos.train_seconds, 3), "images_per_s": n_img / max(t - t_win, 1e-9),
-                       "data_seconds": round(win_data, 4), "data_share": round(win_data / max(t - t_win, 1e-9), 4)}
+                rec = win.record(epoch=pos.epoch + 1, step=pos.step, batch_size=bs, losses=losses, finite=finite,
+                                 stat_fields=lambda n, sums=sums: self._stat_fields(sums, n), lr=self.schedule.lr,
+                                 seconds=pos.train_seconds, now=t)
                 self.window_losses.append(rec["loss"])
                 for cb in callbacks:
                     cb.on_window(self._state(), rec)
                 if self.planner is not None and self.planner.started:
                     self._replan(pos.train_seconds)
-                win_losses, win_stats, win_start, t_win, win_data = [], [], pos.step, time.perf_counter(), 0.0
+                win = Window(pos.step)
                 # a signal that came while logging; across processes, any rank's signal stops them all
                 reached = stop_after_steps is not None and pos.step >= stop_after_steps
                 stop = self.dist.any(stop or self._stop_reason is not None, device)
@@ -633,11 +569,11 @@ class Trainer:
                     self._stop_reason = "another process was stopped"
             if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0 and not last_in_epoch:
                 t0 = time.perf_counter()
-                self._save_last()
+                self.checkpoints.save_last()
                 t_epoch += time.perf_counter() - t0  # saving is not training time
             if stop:
                 self._stop_reason = self._stop_reason or f"stop_after_steps={stop_after_steps}"
-                self._save_last()
+                self.checkpoints.save_last()
                 return False
             if pos.step >= self.total_steps:  # the budget is spent: this epoch ends here
                 break
@@ -667,18 +603,15 @@ class Trainer:
                 r = self._evaluate(self._eval_model(), "val")
             except Exception:
                 pos.epoch, pos.batch = pos.epoch + 1, 0
-                self._save_last()  # the epoch's training is kept: --resume goes on from its end, unvalidated
+                self.checkpoints.save_last()  # the epoch's training is kept: --resume goes on from its end, unvalidated
                 raise
             records.append({"epoch": pos.epoch + 1, "step": pos.step, "split": "val", "kind": "epoch",
                             **r.metrics, "lr": self.schedule.lr, "seconds": round(pos.train_seconds, 3)})
-            value = r.metrics.get(self.task.primary)  # a task may measure it every few epochs (eval.fid_every)
-            if value is not None and self.task.better(value, pos.best_val):
-                pos.best_val, pos.best_epoch = value, pos.epoch + 1
-                ema = self.averages.ema
-                self._save("best", ema=ema.module if ema else None)
+            # a task may measure its primary metric every few epochs only (eval.fid_every)
+            self.checkpoints.consider_best(r.metrics.get(self.task.primary))
         pos.epoch += 1
         pos.batch = 0
-        self._save_last()
+        self.checkpoints.save_last()
         state = self._state(epoch=pos.epoch)
         for cb in callbacks:
             cb.on_epoch_end(state, records)

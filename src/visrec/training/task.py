@@ -81,6 +81,10 @@ class Task:
     sequence_model: ClassVar[bool] = False  # the model decodes step by step: the doctor checks gradients through time
     # visrec search's default space for the task, as in a search file (None: visrec.tune's general one)
     search_space: ClassVar[dict[str, dict] | None] = None
+    # the values the task's models train under (config keys), between the built-in defaults and a preset, with a
+    # model of the task's kind so `--task` alone trains; and per model name, values over those
+    recipe: ClassVar[dict[str, Any]] = {}
+    model_recipes: ClassVar[dict[str, dict[str, Any]]] = {}
     # evaluation compares test-time augmentation modes, with a confusion matrix (`visrec eval --tta`)
     tta_eval: ClassVar[bool] = False
     # what a trained run answers: the task's visrec.prediction.Predictor subclass (None: the task's runs make no
