@@ -115,4 +115,5 @@ def test_the_task_is_registered_with_its_metric():
     r = CliRunner().invoke(app, ["tasks", "--json"])
     listed = {row["task"]: row["primary_metric"] for row in json.loads(r.stdout)}
     assert listed == {"classification": "acc", "localization": "loc_acc", "segmentation": "miou", "detection": "map",
-                      "instance": "mask_map", "captioning": "bleu4", "style": "loss", "generate": "bpd"}
+                      "instance": "mask_map", "captioning": "bleu4", "style": "loss", "generate": "bpd",
+                      "keypoints": "oks_ap"}

@@ -69,13 +69,17 @@ class CocoSplit:
     # with data.image_size, images are letterboxed (scaled to fit, padded bottom and right): the (height, width) each
     # image takes in the stored one
     content: list[tuple[int, int]] = field(default_factory=list)
+    # each object's keypoints (m, K, 3): x, y in the stored image's pixels (scaled as its box), COCO's visibility
+    # flag v (0: not labeled, its x, y zero; 1: labeled, hidden; 2: visible); empty when no annotation has keypoints
+    keypoints: list[np.ndarray] = field(default_factory=list)
 
 
 def split_of(path: Path) -> str | None:
     """`instances_train2017.json` -> train; `instances_val.json` -> val; a name with none of them -> None."""
     stem = path.stem.lower()
     for s in SPLITS:
-        if re.search(rf"(^|[_\-.]){s}", stem.removeprefix("instances").removeprefix("captions")):
+        if re.search(rf"(^|[_\-.]){s}",
+                     stem.removeprefix("instances").removeprefix("captions").removeprefix("person_keypoints")):
             return s
     return None
 
@@ -86,7 +90,8 @@ def annotation_files(root: Path) -> dict[str, Path]:
         raise VisrecError(f"{root} has no annotations/ folder: it is not a COCO folder",
                           "give the folder that holds annotations/instances_<split>.json")
     found: dict[str, Path] = {}
-    for p in sorted(ann.glob("instances_*.json")):
+    # instances_*.json; a split that has none may be a keypoints file (COCO's person_keypoints_*.json)
+    for p in [*sorted(ann.glob("instances_*.json")), *sorted(ann.glob("person_keypoints_*.json"))]:
         s = split_of(p)
         if s and s not in found:
             found[s] = p
@@ -285,11 +290,12 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
         raise VisrecError(f"{path}: images come in {len(sizes)} sizes ({sorted(sizes)[:4]} ...)",
                           "set data.image_size to resize them all to one square size")
     images, boxes, labels, crowd, inst_maps, over_maps, areas = [], [], [], [], [], [], []
+    kp_count, keypoints = keypoint_count(d), []
     has_masks = any(a.get("segmentation") for a in d.get("annotations") or [])
     fit = Fit.square(image_size, mode="pad") if image_size else None  # the aspect ratio kept: a letterbox
     if stream:
         return _stream_split(d, located, anns, cat, classes, fit, channels, has_masks=any(
-            a.get("segmentation") for a in d.get("annotations") or []), ids_here=ids_here)
+            a.get("segmentation") for a in d.get("annotations") or []), ids_here=ids_here, kp_count=kp_count)
     content = []
     for im in d["images"]:
         h, w = im["height"], im["width"]
@@ -301,6 +307,8 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
         content.append((oh, ow))
         own = anns.get(im["id"], [])
         b = _scaled_boxes(own, oh / h, ow / w, oh, ow)
+        if kp_count:
+            keypoints.append(_scaled_keypoints(own, kp_count, oh / h, ow / w))
         images.append(torch.from_numpy(a).permute(2, 0, 1))
         boxes.append(b)
         labels.append(np.array([cat[o["category_id"]] for o in own], dtype=np.int64))
@@ -330,7 +338,8 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
                       image_ids=[im["id"] for im in d["images"]],
                       file_names=[str(im["file_name"]) for im in d["images"]],
                       sizes=[(int(im["height"]), int(im["width"])) for im in d["images"]], areas=areas,
-                      category_ids=[ids_here.get(c) for c in classes], content=content if fit else [])
+                      category_ids=[ids_here.get(c) for c in classes], content=content if fit else [],
+                      keypoints=keypoints)
     cap_file = path.parent / path.name.replace("instances_", "captions_", 1) if isinstance(path, Path) else None
     if cap_file is not None and cap_file.is_file():
         caps: dict[int, list[str]] = {}
@@ -338,6 +347,23 @@ def _read_split(path: Path, d: dict, located: dict[int, Path], classes: list[str
             caps.setdefault(c.get("image_id"), []).append(str(c.get("caption", "")))
         split.captions = [caps.get(im["id"], []) for im in d["images"]]
     return split
+
+
+def keypoint_count(d: dict) -> int:
+    """K of a COCO document whose annotations carry `keypoints` (x, y, v triplets), else 0."""
+    return max([len(a.get("keypoints") or []) // 3 for a in d.get("annotations") or []] + [0])
+
+
+def _scaled_keypoints(own: list[dict], k: int, sy: float, sx: float) -> np.ndarray:
+    """(m, k, 3) keypoints of an image's annotations, x and y scaled by (sx, sy); unlabeled ones (v = 0) zero."""
+    out = np.zeros((len(own), k, 3), dtype=np.float32)
+    for j, o in enumerate(own):
+        kp = np.asarray(o.get("keypoints") or [], dtype=np.float32).reshape(-1, 3)[:k]
+        out[j, : len(kp)] = kp
+    out[..., 0] *= sx
+    out[..., 1] *= sy
+    out[out[..., 2] <= 0] = 0.0
+    return out
 
 
 def _scaled_boxes(own: list[dict], sy: float, sx: float, oh: int, ow: int) -> np.ndarray:
@@ -350,7 +376,7 @@ def _scaled_boxes(own: list[dict], sy: float, sx: float, oh: int, ow: int) -> np
 
 
 def _stream_split(d: dict, located: dict[int, Path], anns: dict[int, list[dict]], cat: dict, classes: list[str],
-                  fit: Fit | None, channels: int, has_masks: bool, ids_here: dict) -> CocoSplit:
+                  fit: Fit | None, channels: int, has_masks: bool, ids_here: dict, kp_count: int = 0) -> CocoSplit:
     """A split whose images stay in their files and whose masks are drawn when read: the boxes, labels and names are
     what is kept, from the annotations alone (their sizes say where the letterbox puts each image)."""
     from .lazy_masks import LazyMasks, Raster
@@ -360,13 +386,15 @@ def _stream_split(d: dict, located: dict[int, Path], anns: dict[int, list[dict]]
         sizes = {(im["height"], im["width"]) for im in d["images"]}
         (h0, w0), = sizes  # one size (read_coco refused several without data.image_size)
         fit = Fit(h0, w0, mode="pad")
-    content, boxes, labels, crowd, areas, objects = [], [], [], [], [], []
+    content, boxes, labels, crowd, areas, objects, keypoints = [], [], [], [], [], [], []
     for im in d["images"]:
         h, w = im["height"], im["width"]
         oh, ow = fit.content(w, h)
         content.append((oh, ow))
         own = anns.get(im["id"], [])
         b = _scaled_boxes(own, oh / h, ow / w, oh, ow)
+        if kp_count:
+            keypoints.append(_scaled_keypoints(own, kp_count, oh / h, ow / w))
         boxes.append(b)
         labels.append(np.array([cat[o["category_id"]] for o in own], dtype=np.int64))
         crowd.append(np.array([bool(o.get("iscrowd")) for o in own], dtype=bool))
@@ -382,7 +410,7 @@ def _stream_split(d: dict, located: dict[int, Path], anns: dict[int, list[dict]]
                      crowd=crowd if any(c.any() for c in crowd) else [],
                      image_ids=[im["id"] for im in d["images"]],
                      file_names=[str(im["file_name"]) for im in d["images"]], sizes=sizes, areas=areas,
-                     category_ids=[ids_here.get(c) for c in classes], content=content)
+                     category_ids=[ids_here.get(c) for c in classes], content=content, keypoints=keypoints)
 
 
 def validate_coco(root: str | Path) -> list[CocoProblem]:
@@ -447,6 +475,12 @@ def to_targets(split: CocoSplit, no_object: int) -> tuple[torch.Tensor, dict[str
         targets["overlaps"] = split.overlaps
     if split.captions:
         targets["captions"] = split.captions
+    if split.keypoints:  # (N, M, K, 3), each object's slot as its box's; zero where there is none
+        k = split.keypoints[0].shape[1]
+        kp = torch.zeros(n, m, k, 3)
+        for i, a in enumerate(split.keypoints):
+            kp[i, : len(a)] = torch.from_numpy(a)
+        targets["keypoints"] = kp
     if split.image_ids:  # the dataset's own ids, names and sizes, for results files its own tools can score
         targets["image_id"] = torch.tensor(split.image_ids, dtype=torch.long)
         targets["file_name"] = list(split.file_names)

@@ -16,6 +16,7 @@ from .captioning import CaptioningTask
 from .classification import ClassificationTask
 from .detection import DetectionTask, InstanceTask
 from .generate import GenerateTask
+from .keypoints import KeypointsTask
 from .localization import LocalizationTask
 from .segmentation import SegmentationTask
 from .style import StyleTask
@@ -37,6 +38,7 @@ register_task(InstanceTask)
 register_task(CaptioningTask)
 register_task(StyleTask)
 register_task(GenerateTask)
+register_task(KeypointsTask)
 
 
 def is_file_task(name: str) -> bool:
@@ -77,5 +79,5 @@ def task_of_run(run) -> tuple[Task, Dataset]:
 
 
 __all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "DetectionTask", "EvalSettings", "Evaluation",
-           "GenerateTask", "InstanceTask", "LocalizationTask", "SegmentationTask", "StyleTask", "Task",
+           "GenerateTask", "InstanceTask", "KeypointsTask", "LocalizationTask", "SegmentationTask", "StyleTask", "Task",
            "create_task", "register_task", "task_class", "task_of_run"]
