@@ -284,7 +284,7 @@ def build_report(run, out: str | Path | None = None, *, explain: bool = True, pe
     if s.get("most_confused"):
         parts.append("<p>Most confused (true → predicted, count):</p>"
                      + _table(["true", "predicted", "count"], [list(r) for r in s["most_confused"]]))
-    classification = task_class(s.get("task") or run.config.task.name).class_scores  # class figures and tables
+    classification = task_class(run.config.task.name).class_scores  # class figures and tables
     if not per and classification:
         parts.append('<p class="muted">The run has no test evaluation yet.</p>')
     if s.get("test") and not classification:
