@@ -136,6 +136,10 @@ def test_distillation_loss_is_the_tempered_kl_and_a_student_trains(tmp_path):
     with pytest.raises(VisrecError, match="classes"):
         fit("runs/bad2", **{"distill.teachers": [str(teachers[0].path)],
                             "data.name": "synthetic:classes=3,size=12,train=384,test=128"})
+    with pytest.raises(VisrecError, match="distillation matches class probabilities, and task segmentation"):
+        fit("runs/bad3", **{"distill.teachers": [str(teachers[0].path)], "task.name": "segmentation",
+                            "data.name": "scenes", "data.scene_count": 20, "data.scene_size": 32,
+                            "model.name": "unet", "model.kwargs": {"widths": [4, 8]}})
 
 
 def test_tta_views_are_the_course_crops_and_scales():

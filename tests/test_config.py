@@ -192,4 +192,7 @@ def test_anchored_makes_existing_relative_paths_absolute(tmp_path, monkeypatch):
     for name in ("fashion-mnist", "synthetic:classes=3", "folder:missing"):  # no path, or none that exists
         cfg.data.name = name
         assert cfg.anchored().data.name == name
-    assert cfg.anchored().task.style_net == "random_vgg" and Config().anchored().model.name == "convnet"
+    assert cfg.anchored().task.options == {} and Config().anchored().model.name == "convnet"
+    cfg.task.options = {"style": "net.py", "style_net": "random_vgg", "other": "vgg16:net.py"}  # a task's files too
+    assert cfg.anchored().task.options == {"style": str(tmp_path / "net.py"), "style_net": "random_vgg",
+                                           "other": f"vgg16:{tmp_path / 'net.py'}"}

@@ -511,3 +511,23 @@ def test_a_packed_coco_folder_trains_from_shards_and_scores_against_its_own_file
     if results:
         assert _pycocotools_map(root / "annotations" / "instances_test.json", results) == pytest.approx(
             s["test_map"], abs=1e-9)
+
+
+def test_swa_recalibrates_a_detectors_batch_norm_through_the_tasks_own_pass():
+    from visrec.models import create_model
+    from visrec.tasks import DetectionTask
+    from visrec.training.averaging import recompute_batchnorm
+
+    model = create_model("fasterrcnn_resnet18", in_chans=3, num_classes=2, image_size=32,
+                         **{**TINY, "min_size": 32}).eval()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    for m in bns:
+        m.running_mean.fill_(5.0)
+    images = (torch.rand(6, 3, 32, 32) * 255).byte()
+    task = DetectionTask(resolve_config(None, ["task.name=detection"]))
+    recompute_batchnorm(model, images, lambda x: x.float() / 255, batch_size=3, forward=task.statistics_forward)
+    assert all(not torch.allclose(m.running_mean, torch.full_like(m.running_mean, 5.0)) for m in bns)
+    assert not model.training  # left as it was
+    with pytest.raises(Exception):  # noqa: B017 - torchvision refuses a training forward without targets
+        model.train()(torch.zeros(1, 3, 32, 32))

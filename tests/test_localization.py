@@ -52,7 +52,7 @@ def test_a_perfect_box_scores_one_and_a_shifted_one_less():
     acc3, iou3, loc3 = (task.batch_stats(wrong_class, targets) / 3).tolist()
     assert acc3 == 0 and iou3 == pytest.approx(1, abs=1e-4) and loc3 == 0  # the box alone is not enough
     for name in ("l1", "smooth_l1", "giou", "l1+giou"):
-        t = LocalizationTask(resolve_config(None, [f"task.box_loss={name}"]))
+        t = LocalizationTask(resolve_config(None, ["task.name=localization", f"task.box_loss={name}"]))
         t.num_classes = 3
         assert t.loss(perfect, targets) < t.loss(shifted, targets)
 

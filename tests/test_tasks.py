@@ -139,3 +139,32 @@ def test_what_the_loop_asks_a_task_is_what_the_task_declares(tmp_path):
     with pytest.raises(VisrecError, match="fixed run .its targets are in the images' pixels"):
         visrec.train("digits", model="convnet", task=f"{tmp_path / 'mine.py'}:Fixed", epochs=1, out="runs/f",
                      progress=False, overrides={"train.progressive_size": 6, "model.kwargs": {"widths": [8, 16, 16]}})
+
+
+def test_a_task_file_declares_its_own_options_checked_like_the_configs(tmp_path):
+    from visrec.config import resolve_config
+    from visrec.errors import VisrecError
+    from visrec.tasks import create_task
+
+    (tmp_path / "margin.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from typing import Annotated, Literal\n"
+        "from visrec.config import Range\n"
+        "from visrec.tasks import ClassificationTask\n\n\n"
+        "@dataclass\n"
+        "class MarginOptions:\n"
+        "    margin: Annotated[float, Range(0, 1)] = 0.5  # how far apart\n"
+        "    mode: Literal['soft', 'hard'] = 'soft'\n\n\n"
+        "class Margin(ClassificationTask):\n"
+        "    Options = MarginOptions\n")
+    spec = f"{tmp_path / 'margin.py'}:Margin"
+    cfg = resolve_config(None, [f"task.name={spec}", "task.margin=0.25"])
+    assert cfg.task.options == {"margin": 0.25} and cfg.to_dict()["task"] == {"name": spec, "margin": 0.25}
+    task = create_task(spec, cfg)
+    assert task.options.margin == 0.25 and task.options.mode == "soft"
+    with pytest.raises(VisrecError, match="(?s)option of task .*'marg'.*did you mean 'margin'"):
+        resolve_config(None, [f"task.name={spec}", "task.marg=0.1"])
+    with pytest.raises(VisrecError, match="task.mode='medium'"):
+        resolve_config(None, [f"task.name={spec}", "task.mode=medium"])
+    with pytest.raises(VisrecError, match="task.box_loss is an option of task localization"):
+        resolve_config(None, [f"task.name={spec}", "task.box_loss=giou"])

@@ -54,12 +54,26 @@ def _task_recipe(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     return dict(cls.recipe), {k: dict(v) for k, v in cls.model_recipes.items()}
 
 
+def _task_options(name: str) -> type:
+    from .tasks import task_class
+
+    return task_class(name).Options
+
+
+def _option_classes() -> dict[str, type]:
+    from .tasks import TASKS
+
+    return {name: cls.Options for name, cls in TASKS.items()}
+
+
 def _wire() -> None:
-    """What a lower layer asks of a higher one, installed here, at the top: the config's recipes come from the
-    tasks (imported only when a config names a task)."""
+    """What a lower layer asks of a higher one, installed here, at the top: the config's recipes and the task options
+    it checks come from the tasks (imported only when a config names a task or lists every key)."""
     from . import config
 
     config.recipe_source = _task_recipe
+    config.options_source = _task_options
+    config.option_classes = _option_classes
 
 
 _wire()

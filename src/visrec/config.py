@@ -317,28 +317,11 @@ class FinetuneConfig:
 @dataclass
 class TaskConfig:
     name: str = "classification"  # classification, localization, segmentation, detection, instance, captioning, style,
-    #   or file.py:Class
-    box_loss: Literal["l1", "smooth_l1", "giou", "l1+giou"] = "smooth_l1"  # localization: the box term of the loss
-    box_weight: NonNeg = 1.0  # localization: weight of the box term next to the class term
-    per_class_boxes: bool = False  # localization: one box per class (else one class-agnostic box)
-    seg_loss: Literal["ce", "ce+dice"] = "ce"  # segmentation: pixel cross-entropy, optionally plus soft Dice
-    ignore_index: Annotated[int, Range(0, 255)] = 255  # segmentation: pixels of this label count nowhere
-    min_word_count: AtLeast1 = 1  # captioning: words seen fewer times in training captions become <UNK>
-    beam: AtLeast1 = 1  # captioning: beam width when evaluating (1 = greedy)
-    attention_reg: NonNeg = 1.0  # captioning, lstm_attention: weight of the doubly stochastic attention penalty
-    style: str = ""  # style: the style image the transformation network learns (a file; copied into the run)
-    style_net: str = "random_vgg"  # style: the loss network (random_vgg, random_multiscale, vgg16:PATH, vgg19:PATH,
-    #   vgg16-caffe:PATH, vgg19-caffe:PATH, or a classification run folder)
-    style_size: NonNegInt = 0  # style: the style image's longer side in pixels (0: the training images' size)
-    content_weight: NonNeg = 1.0  # style: weight of the content (feature reconstruction) loss
-    style_weight: NonNeg = 5.0  # style: weight of the style (Gram) loss, each layer's normalized by its target
-    tv_weight: NonNeg = 1.0  # style: weight of the total-variation loss (mean squared neighbour difference, 0..1)
-    gan_update: Literal["joint", "alternating"] = "joint"  # generate, GANs: joint = one optimizer, one step for both
-    #   networks (the generator's loss through a gradient-free copy of the critic); alternating = a critic step, then
-    #   a generator step through the updated critic, each network with its own optimizer
-    # generate, gan_update=alternating: the critic's learning rate is optim.lr times this (the two time-scale update
-    #   rule, Heusel et al. 2017: a faster critic, e.g. 4)
-    critic_lr_scale: Annotated[float, Range(0, open_low=True)] = 1.0
+    #   generate, keypoints, or file.py:Class
+    # the chosen task's own options (`task.KEY`), declared by its class's `Options` dataclass and checked against it
+    # when the config is resolved (unknown keys refused, with the task's options named); config.yaml writes them
+    # under task: beside name
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -358,7 +341,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["task"] = {"name": self.task.name, **copy.deepcopy(self.task.options)}  # task: {name, option: value}
+        return d
 
     def anchored(self) -> Config:
         """A copy whose relative paths to files and folders that exist (a folder:, coco: or yolo: dataset, the data
@@ -375,9 +360,12 @@ class Config:
         if cfg.model.weights:
             cfg.model.weights = _absolute(cfg.model.weights)
         cfg.distill.teachers = [_absolute_run_ref(t) for t in cfg.distill.teachers]
-        net, sep, path = cfg.task.style_net.partition(":")
-        cfg.task.style_net = f"{net}:{_absolute(path)}" if sep and net.startswith("vgg") else \
-            _absolute_run_ref(cfg.task.style_net)
+        for key, value in cfg.task.options.items():  # a task's file-valued options: a file, a run, KIND:FILE
+            if isinstance(value, str) and value:
+                kind, sep, path = value.partition(":")
+                cfg.task.options[key] = (f"{kind}:{_absolute(path)}" if sep and Path(path).expanduser().exists()
+                                         else _absolute(value) if Path(value).expanduser().exists()
+                                         else _absolute_run_ref(value))
         return cfg
 
     def to_yaml(self) -> str:
@@ -387,6 +375,7 @@ class Config:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
         cfg = cls()
         apply_dict(cfg, d, source)
+        check_task_options(cfg, source)
         return cfg
 
     def set(self, key: str, value: Any, source: str = "--set") -> None:
@@ -394,9 +383,62 @@ class Config:
         _set_key(self, key, value, source)
 
     def keys(self) -> list[str]:
-        """Every valid `section.key`."""
-        sections = dataclasses.fields(self)
-        return [f"{s.name}.{f.name}" for s in sections for f in dataclasses.fields(getattr(self, s.name))]
+        """Every valid `section.key`: the sections' fields, and every registered task's options (task.KEY)."""
+        out = []
+        for sec in dataclasses.fields(self):
+            for f in dataclasses.fields(getattr(self, sec.name)):
+                if sec.name == "task" and f.name == "options":
+                    out += [f"task.{k}" for k in _all_task_options()]
+                else:
+                    out.append(f"{sec.name}.{f.name}")
+        return out
+
+
+# A task's options are declared by its class (`Task.Options`, a dataclass typed like a config section). This layer
+# knows no task: the package's facade installs `options_source` (a task's name -> its Options class) and
+# `option_classes` (every registered task's name -> its Options class).
+options_source: Callable[[str], type] | None = None
+option_classes: Callable[[], dict[str, type]] | None = None
+
+
+def _all_task_options() -> dict[str, list[str]]:
+    """Every registered task's option names -> the tasks that declare each."""
+    out: dict[str, list[str]] = {}
+    for task, cls in (option_classes() if option_classes is not None else {}).items():
+        for f in dataclasses.fields(cls):
+            out.setdefault(f.name, []).append(task)
+    return out
+
+
+def coerce_options(cls: type, given: dict[str, Any], task: str, source: str) -> dict[str, Any]:
+    """`given` task options checked against the task's Options dataclass and converted to its types; an unknown
+    key is refused, naming the task's options (and the tasks that have it)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = _class_field_types(cls)
+    out = {}
+    for key, value in given.items():
+        if key not in fields:
+            e = unknown_name(f"option of task {task}", key, fields, source) if fields else VisrecError(
+                f"{source}: task {task} has no options, and task.{key} was given")
+            owners = _all_task_options().get(key)
+            if owners:
+                e.hint = (f"task.{key} is an option of task {' and '.join(owners)}; "
+                          + (f"task {task}'s options: {', '.join(sorted(fields))}" if fields else "leave it out"))
+            raise e
+        out[key] = _coerce(value, hints[key], f"task.{key}", source)
+    return out
+
+
+def check_task_options(cfg: Config, source: str = "config") -> None:
+    """The config's task options checked against its task's Options (where the task can be found here: a task in a
+    file that cannot be imported is checked when the run builds it)."""
+    if options_source is None or not cfg.task.options:
+        return
+    try:
+        cls = options_source(cfg.task.name)
+    except VisrecError:
+        return
+    cfg.task.options = coerce_options(cls, cfg.task.options, cfg.task.name, source)
 
 
 def _absolute(path: str) -> str:
@@ -513,10 +555,21 @@ def _bad_choice(key: str, value: Any, choices: tuple, source: str) -> typing.NoR
                       f"did you mean {close!r}?" if close else f"for example: --set {key}={names[0]}")
 
 
+def _key_type(key: str) -> Any:
+    """The declared type of a key: a section's field, or a registered task's option."""
+    section, name = _canonical(key).split(".")
+    if section == "task" and name != "name":
+        for cls in (option_classes() if option_classes is not None else {}).values():
+            hints = _class_field_types(cls)
+            if name in hints:
+                return hints[name]
+        raise KeyError(f"{key} is no registered task's option")
+    return _field_types(getattr(Config(), section))[name]
+
+
 def choices(key: str) -> tuple:
     """The valid values of a key with a fixed set of them (`choices("train.select")` -> ("last", "best"))."""
-    section, name = _canonical(key).split(".")
-    tp = _field_types(getattr(Config(), section))[name]
+    tp = _key_type(key)
     while typing.get_origin(tp) in (Annotated, typing.Union, types.UnionType):
         tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
     if typing.get_origin(tp) is not Literal:
@@ -526,8 +579,7 @@ def choices(key: str) -> tuple:
 
 def bounds(key: str) -> tuple[float | None, float | None]:
     """The natural (low, high) limits of a numeric key, from its declared range; None where it has none."""
-    section, name = _canonical(key).split(".")
-    tp = _field_types(getattr(Config(), section))[name]
+    tp = _key_type(key)
     lo = hi = None
     while True:
         origin = typing.get_origin(tp)
@@ -619,6 +671,13 @@ def _set_key(cfg: Config, key: str, value: Any, source: str) -> None:
         keys = ", ".join(_keys_of(section, parts[0]))
         raise VisrecError(f"{source}: {key!r} is a section; set one of its keys: {keys}")
     names = {f.name for f in dataclasses.fields(section)}
+    if parts[0] == "task" and parts[1] != "name":  # a task's own option: checked when the task is known
+        if len(parts) > 2 and parts[1] == "options":
+            parts = ["task", *parts[2:]]
+        if len(parts) != 2:
+            raise VisrecError(f"{source}: {key!r} is not a task option", "task options are task.KEY=value")
+        cfg.task.options[parts[1]] = value
+        return
     if parts[1] not in names:
         e = unknown_name(f"key of section {parts[0]!r}", parts[1], names, source)
         owners = [o for o in _owners(cfg, parts[1], parts[0]) if o != key]
@@ -779,4 +838,5 @@ def resolve_config(
     given = {k for k, _ in items} | {k for k, v in (options or {}).items() if v is not None}
     if "train.epochs" in given and "train.time_budget" not in given:
         cfg.train.time_budget = ""  # an epoch count asked for replaces a budget the preset (or base) set
+    check_task_options(cfg, "the config")
     return cfg

@@ -319,7 +319,7 @@ def stylize_with_run(run, images: Sequence[ImageLike], *, size: int | None = Non
         with torch.no_grad():
             y = lm.model(x.to(next(lm.model.parameters()).device) * 255.0).cpu() / 255.0
         settings = {"method": "fast style transfer (Johnson et al.)", "content": _name(image), "run": str(run.path),
-                    "style": run.config.task.style, "size": size, "output_size": list(y.shape[-2:])}
+                    "style": run.config.task.options.get("style", ""), "size": size, "output_size": list(y.shape[-2:])}
         out.append(Synthesis(y.clamp(0, 1), settings, {}, time.perf_counter() - started))
     return out
 

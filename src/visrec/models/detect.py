@@ -96,8 +96,6 @@ class Detector(nn.Module):
         self.net, self.label_offset, self.masks = net, label_offset, masks
 
     def forward(self, x: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
-        if self.training and targets is None:
-            return self.net.backbone(x)  # batch-norm statistics only (SWA's recalibration pass)
         images = list(x.unbind(0))
         if self.training:
             shifted = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]

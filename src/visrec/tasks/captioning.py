@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import AtLeast1, NonNeg
 from ..data import Dataset, ImageSet, Normalizer
 from ..data.text import NULL, Vocabulary, normalize_caption
 from ..errors import VisrecError
@@ -171,7 +172,7 @@ class CaptioningPredictor(Predictor):
 
     def setup(self) -> None:
         if self.options["beam"] is None:
-            self.options["beam"] = self.cfg.task.beam
+            self.options["beam"] = self.task.options.beam
         if self.options["beam"] < 1:
             raise VisrecError(f"--beam {self.options['beam']} is not valid", "use 1 (greedy) or more")
 
@@ -192,8 +193,16 @@ class CaptioningPredictor(Predictor):
         return res
 
 
+@dataclass
+class CaptioningOptions:
+    min_word_count: AtLeast1 = 1  # words seen fewer times in training captions become <UNK>
+    beam: AtLeast1 = 1  # beam width when evaluating (1 = greedy)
+    attention_reg: NonNeg = 1.0  # lstm_attention: weight of the doubly stochastic attention penalty
+
+
 class CaptioningTask(Task):
     name = "captioning"
+    Options = CaptioningOptions
     Predictor = CaptioningPredictor
     # recurrent decoders want Adam, clipped gradients and no flips (a flip turns "left of" into "right of")
     recipe = {"model.name": "lstm_attention", "optim.name": "adam", "optim.lr": 2e-3, "optim.weight_decay": 0.0,
@@ -234,7 +243,7 @@ class CaptioningTask(Task):
     def _build_vocab(self, ds: Dataset) -> Vocabulary:
         if self.vocab is None:
             self.vocab = Vocabulary.build((c for caps in ds.train.targets["captions"] for c in caps),
-                                          self.cfg.task.min_word_count)
+                                          self.options.min_word_count)
         return self.vocab
 
     def num_outputs(self, ds: Dataset) -> int:
@@ -271,8 +280,8 @@ class CaptioningTask(Task):
     def loss(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
         loss = masked_caption_loss(outputs["logits"], outputs["target"])
         alphas = outputs.get("alphas")
-        if alphas is not None and self.cfg.task.attention_reg > 0:
-            loss = loss + self.cfg.task.attention_reg * attention_penalty(alphas, (outputs["target"] != NULL).float())
+        if alphas is not None and self.options.attention_reg > 0:
+            loss = loss + self.options.attention_reg * attention_penalty(alphas, (outputs["target"] != NULL).float())
         return loss
 
     def chance_loss(self, vocabulary: int, targets: torch.Tensor) -> float:
@@ -303,7 +312,7 @@ class CaptioningTask(Task):
     def evaluate(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, *, split: str,
                  settings: EvalSettings) -> CaptionEvaluation:
         refs = [[normalize_caption(c) for c in caps] for caps in data.targets["captions"]]
-        hyps, _ = self.captions(model, data.images, normalizer, beam=self.cfg.task.beam,
+        hyps, _ = self.captions(model, data.images, normalizer, beam=self.options.beam,
                                 batch_size=settings.batch_size)
         metrics = {**corpus_bleu(hyps, refs), "cider": cider_d(hyps, refs), **(scene_scores(hyps, refs) or {})}
         metrics["loss"] = self._teacher_forced_loss(model, data, normalizer, settings.batch_size)

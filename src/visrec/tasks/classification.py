@@ -31,6 +31,8 @@ class ClassificationTask(Task):
     name = "classification"
     Predictor = ClassificationPredictor
     tta_eval = True  # visrec eval compares flips, crops and scales, with the confusion matrix
+    distills = True  # teachers' probabilities over the same classes
+    linear_probe = True  # the classifier is the whole head
     class_scores = True  # one logit per class
     progressive_resize = True  # a label does not move when the image shrinks
     ddp_unused_parameters = False  # every parameter gets a gradient every step

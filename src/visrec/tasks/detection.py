@@ -475,6 +475,11 @@ class DetectionTask(Task):
     def forward(self, model: nn.Module, x: torch.Tensor, targets: Any) -> Any:
         return model(x, to_torchvision(targets, self.masks)) if model.training else model(x)
 
+    def statistics_forward(self, model: nn.Module, x: torch.Tensor) -> None:
+        """Batch norm lives in the backbone: its pass alone recalibrates the averaged weights (the heads take
+        targets in training)."""
+        model.net.backbone(x)
+
     def loss(self, outputs: dict[str, torch.Tensor], targets: Any) -> torch.Tensor:
         return sum(v.float() for v in outputs.values())
 

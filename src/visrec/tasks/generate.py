@@ -24,13 +24,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from ..config import Range
 from ..data import Dataset, ImageSet, Normalizer
 from ..errors import VisrecError
 from ..training.task import EvalSettings, Evaluation, Task
@@ -337,8 +339,20 @@ def sample_run(run, n: int = 64, *, seed: int = 0, steps: int | None = None, out
     return png, npz, seconds
 
 
+@dataclass
+class GenerateOptions:
+    # GANs: joint = one optimizer, one step for both networks (the generator's loss through a gradient-free copy of
+    #   the critic); alternating = a critic step, then a generator step through the updated critic, each network
+    #   with its own optimizer
+    gan_update: Literal["joint", "alternating"] = "joint"
+    # gan_update=alternating: the critic's learning rate is optim.lr times this (the two time-scale update rule,
+    #   Heusel et al. 2017: a faster critic, e.g. 4)
+    critic_lr_scale: Annotated[float, Range(0, open_low=True)] = 1.0
+
+
 class GenerateTask(Task):
     name = "generate"
+    Options = GenerateOptions
     # raw pixels (the models scale them), no flips (a flipped garment is another image to a likelihood), Adam
     recipe = {"model.name": "pixelcnn", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
               "optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "cosine", "train.batch_size": 64,
@@ -416,14 +430,14 @@ class GenerateTask(Task):
         return torch.zeros(len(data.images), dtype=torch.uint8)  # the image is its own target
 
     def _alternating(self) -> bool:
-        return self.kind == "gan" and self.cfg.task.gan_update == "alternating"
+        return self.kind == "gan" and self.options.gan_update == "alternating"
 
     def optimizers(self, model: nn.Module, build) -> dict[str, torch.optim.Optimizer] | None:
         """A GAN trained alternately: the critic's optimizer (optim.lr x task.critic_lr_scale, the two time-scale
         update rule) and the generator's (optim.lr)."""
         if not self._alternating():
             return None
-        return {"critic": build(model.critic, self.cfg.task.critic_lr_scale), "generator": build(model.generator, 1.0)}
+        return {"critic": build(model.critic, self.options.critic_lr_scale), "generator": build(model.generator, 1.0)}
 
     def train_step(self, xb: torch.Tensor, yb: Any, ctx) -> tuple[Any, torch.Tensor, Any, bool]:
         """Alternating GAN updates: the critic on this batch and fresh samples, then (every n_critic-th step) the

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
+from ..config import NonNeg
 from ..data import Dataset, ImageSet, Normalizer
 from ..errors import VisrecError
 from ..evaluate import predict_logits
@@ -71,8 +72,16 @@ class LocalizationPredictor(Predictor):
         return out
 
 
+@dataclass
+class LocalizationOptions:
+    box_loss: Literal["l1", "smooth_l1", "giou", "l1+giou"] = "smooth_l1"  # the box term of the loss
+    box_weight: NonNeg = 1.0  # weight of the box term next to the class term
+    per_class_boxes: bool = False  # one box per class (else one class-agnostic box)
+
+
 class LocalizationTask(Task):
     name = "localization"
+    Options = LocalizationOptions
     Predictor = LocalizationPredictor
     random_crops = False  # targets in the images' pixels (or words about them): images read whole
     target = "boxes"
@@ -82,8 +91,8 @@ class LocalizationTask(Task):
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
-        t = self.cfg.task
-        self.box_loss_name, self.box_weight, self.per_class = t.box_loss, t.box_weight, t.per_class_boxes
+        o = self.options
+        self.box_loss_name, self.box_weight, self.per_class = o.box_loss, o.box_weight, o.per_class_boxes
         self.num_classes = 0
 
     # ---------------------------------------------------------------- data and model

@@ -19,12 +19,13 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Range
 from ..data import Dataset, ImageSet, Normalizer
 from ..device import autocast
 from ..errors import VisrecError
@@ -131,8 +132,15 @@ class SegmentationPredictor(Predictor):
         return res
 
 
+@dataclass
+class SegmentationOptions:
+    seg_loss: Literal["ce", "ce+dice"] = "ce"  # pixel cross-entropy, optionally plus soft Dice
+    ignore_index: Annotated[int, Range(0, 255)] = 255  # pixels of this label count nowhere
+
+
 class SegmentationTask(Task):
     name = "segmentation"
+    Options = SegmentationOptions
     Predictor = SegmentationPredictor
     # every image holds thousands of pixel examples: small batches (more steps for the same pixels) train a U-Net
     # far faster than classification's 256 (3 epochs of 3,000 scenes: mIoU 0.11 at 256, 0.37 at 16 with lr 0.1)
@@ -145,8 +153,7 @@ class SegmentationTask(Task):
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
-        t = self.cfg.task
-        self.ignore, self.seg_loss = t.ignore_index, t.seg_loss
+        self.ignore, self.seg_loss = self.options.ignore_index, self.options.seg_loss
         self.classes: list[str] = []
 
     def check(self, ds: Dataset) -> None:

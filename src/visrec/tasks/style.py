@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import NonNeg, NonNegInt
 from ..data import Dataset, ImageSet, Normalizer
 from ..errors import VisrecError
 from ..models.style import (
@@ -163,8 +164,20 @@ class StylePredictor(Predictor):
         return res
 
 
+@dataclass
+class StyleOptions:
+    style: str = ""  # the style image the transformation network learns (a file; copied into the run)
+    style_net: str = "random_vgg"  # the loss network (random_vgg, random_multiscale, vgg16:PATH, vgg19:PATH,
+    #   vgg16-caffe:PATH, vgg19-caffe:PATH, or a classification run folder)
+    style_size: NonNegInt = 0  # the style image's longer side in pixels (0: the training images' size)
+    content_weight: NonNeg = 1.0  # weight of the content (feature reconstruction) loss
+    style_weight: NonNeg = 5.0  # weight of the style (Gram) loss, each layer's normalized by its target
+    tv_weight: NonNeg = 1.0  # weight of the total-variation loss (mean squared neighbour difference, 0..1)
+
+
 class StyleTask(Task):
     name = "style"
+    Options = StyleOptions
     Predictor = StylePredictor
     # the transformation network sees raw pixels (0..255) and must keep the content where it is: no flips or crops
     recipe = {"model.name": "transformnet", "data.normalize": "none", "data.augment": [], "optim.name": "adam",
@@ -184,7 +197,7 @@ class StyleTask(Task):
     # ---------------------------------------------------------------- data and model
 
     def check(self, ds: Dataset) -> None:
-        t = self.cfg.task
+        t = self.options
         if not t.style:
             raise VisrecError("task style needs the style image: --style PATH (task.style)",
                               "for example: visrec train folder:PHOTOS --task style --style painting.jpg")
@@ -211,7 +224,7 @@ class StyleTask(Task):
     def perceptual(self, device: torch.device | str = "cpu") -> PerceptualLoss:
         """The loss (loss network and style targets), built once and moved to `device`."""
         if self._loss is None:
-            t = self.cfg.task
+            t = self.options
             if self.style_image is None:
                 self.style_image = read_style_image(t.style, 3, t.style_size or None, self.cfg.data.max_pixels)
             net = resolve_loss_net(t.style_net, self.style_image, trust=bool(self.cfg.model.trust_checkpoint))
@@ -275,7 +288,7 @@ class StyleTask(Task):
     def summary_fields(self, test: Evaluation | None) -> dict[str, Any]:
         net = self._loss.net if self._loss is not None else None
         # a style network learns no classes: the one class of a folder of photos is not one
-        return {"style_image": str(self.cfg.task.style), "loss_network": net.description if net else None,
+        return {"style_image": str(self.options.style), "loss_network": net.description if net else None,
                 "num_classes": None}
 
     def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8,

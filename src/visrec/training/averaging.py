@@ -5,6 +5,8 @@ recomputation that averaged weights need."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,9 +69,11 @@ class SWA(_Average):
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: nn.Module, images: torch.Tensor, normalizer, batch_size: int = 256) -> nn.Module:
+def recompute_batchnorm(model: nn.Module, images: torch.Tensor, normalizer, batch_size: int = 256,
+                        forward: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> nn.Module:
     """Replace every batch-norm layer's running statistics by the exact averages over `images` (train mode
-    forward passes, cumulative averaging): averaged weights do not match any run's statistics."""
+    forward passes, cumulative averaging): averaged weights do not match any run's statistics. `forward(model, x)`
+    is the pass (the task's `statistics_forward`; default: the model's forward)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
@@ -81,7 +85,11 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, normalizer, batc
     model.train()
     device = next(model.parameters()).device
     for chunk in images.split(batch_size):
-        model(normalizer(chunk.to(device)))
+        x = normalizer(chunk.to(device))
+        if forward is None:
+            model(x)
+        else:
+            forward(model, x)
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
     model.train(was_training)
@@ -107,11 +115,11 @@ class WeightAverages:
             self._swa_update(model)
 
     def end_epoch(self, model: nn.Module, step: int, final: bool, images: torch.Tensor, normalizer,
-                  batch_size: int) -> None:
+                  batch_size: int, forward: Callable[[nn.Module, torch.Tensor], Any] | None = None) -> None:
         if self.swa_start is not None and not self.swa_every and step >= self.swa_start:
             self._swa_update(model)
         if self.swa is not None and final:  # the average is final: fit its batch-norm statistics
-            recompute_batchnorm(self.swa.module, images, normalizer, batch_size=batch_size)
+            recompute_batchnorm(self.swa.module, images, normalizer, batch_size=batch_size, forward=forward)
 
     def _swa_update(self, model: nn.Module) -> None:
         if self.swa is None:

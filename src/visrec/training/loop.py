@@ -218,6 +218,12 @@ class Trainer:
             self.lbfgs_l2 = l2_penalty(self.model, cfg.optim.weight_decay, cfg.optim.decay_all)
         self.snapshots = set(snapshot_steps(cfg.schedule, self.total_steps, self.steps_per_epoch))
         d = cfg.distill
+        if d.teachers and not task.distills:
+            raise VisrecError(f"distillation matches class probabilities, and task {task.name} does not output class "
+                              "scores", "leave out distill.teachers (distill classification runs)")
+        if cfg.finetune.strategy == "linear" and not task.linear_probe:
+            raise VisrecError(f"finetune.strategy=linear trains the classifier alone on cached features, and task "
+                              f"{task.name}'s head is more than a classifier", "use finetune.strategy=last or full")
         teachers = Teachers(d.teachers, ds, self.normalizer, device, d.temperature, d.alpha) if d.teachers else None
         self.loss_step = LossStep(task, self.model, teachers, device=device, amp_dtype=self.runtime.amp_dtype)
         eval_bs = eval_batch_size(cfg.eval.batch_size, device, ds.train.images.shape[1:])
@@ -597,7 +603,7 @@ class Trainer:
                             "images_per_s": n / max(ep_seconds, 1e-9),
                             "data_share": round(min(1.0, data_seconds / max(ep_seconds, 1e-9)), 4)})
         self.averages.end_epoch(self.model, pos.step, self._final(), self.ds.train.images, self.normalizer,
-                                self.eval_settings.batch_size)
+                                self.eval_settings.batch_size, forward=self.task.statistics_forward)
         if self.ds.val is not None:
             try:
                 r = self._evaluate(self._eval_model(), "val")

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, coerce_options
 from ..data import Dataset, ImageSet, Normalizer
 from ..distributed import Dist
 from ..errors import VisrecError
@@ -53,6 +53,11 @@ class Evaluation:
         """Files of the evaluation in the run folder; a task with only numbers writes none."""
 
 
+@dataclass
+class NoOptions:
+    """A task without options of its own."""
+
+
 class Task:
     """One kind of learning problem, as the loop sees it. Subclass it and register it in `visrec.tasks`.
 
@@ -85,6 +90,10 @@ class Task:
     # model of the task's kind so `--task` alone trains; and per model name, values over those
     recipe: ClassVar[dict[str, Any]] = {}
     model_recipes: ClassVar[dict[str, dict[str, Any]]] = {}
+    # distill.teachers: the outputs are class scores a teacher ensemble's probabilities can be matched to
+    distills: ClassVar[bool] = False
+    # finetune.strategy=linear: the model's classifier (get_classifier) is the whole head of the task
+    linear_probe: ClassVar[bool] = False
     # evaluation compares test-time augmentation modes, with a confusion matrix (`visrec eval --tta`)
     tta_eval: ClassVar[bool] = False
     # what a trained run answers: the task's visrec.prediction.Predictor subclass (None: the task's runs make no
@@ -92,8 +101,14 @@ class Task:
     Predictor: ClassVar[type[Predictor] | None] = None
     predict_hint: ClassVar[str] = ""
 
+    # the task's own options (`task.KEY` in a config): a dataclass typed like a config section, with defaults
+    Options: ClassVar[type] = NoOptions
+
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg if cfg is not None else Config()
+        # checked and converted again here: a config built by hand (not resolved) meets the same rules
+        self.options = self.Options(**coerce_options(self.Options, self.cfg.task.options,
+                                                     self.name or self.cfg.task.name, "task options"))
 
     def predictor(self, run: RunFolder, **options: Any) -> Predictor:
         """The run's model loaded to answer for images (see visrec.prediction): the library's `Run.predict`,
@@ -108,6 +123,12 @@ class Task:
         """Named optimizers for a model whose parts learn from separate losses (a GAN's critic and generator), each
         made by `build(part, lr_scale)` with the run's optimizer settings; None: one optimizer over the model."""
         return None
+
+    def statistics_forward(self, model: nn.Module, x: torch.Tensor) -> None:
+        """One training-mode forward pass on a normalized batch whose only purpose is batch norm's running
+        statistics (SWA's recalibration of the averaged weights): the model's forward; a task whose model needs
+        targets in training (a detector) says here what runs instead."""
+        model(x)
 
     def train_step(self, xb: torch.Tensor, yb: Any, ctx: StepContext) -> tuple[Any, torch.Tensor, Any, bool]:
         """One optimizer step on a batch -> (outputs, loss, targets, whether the step was taken). The default is the
