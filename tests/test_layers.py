@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "visrec"
 
 # Lowest first. A package or module of visrec is named by its first component under visrec/.
 LAYERS: list[set[str]] = [
-    {"errors", "io", "config", "device", "distributed", "plotting", "checkpoint", "version", "presets"},
+    {"errors", "io", "coerce", "config", "device", "distributed", "plotting", "checkpoint", "version", "presets"},
     {"data", "models", "ref", "inference"},
     {"evaluate", "run_store", "prediction"},
     {"training"},
