@@ -196,3 +196,16 @@ def test_anchored_makes_existing_relative_paths_absolute(tmp_path, monkeypatch):
     cfg.task.options = {"style": "net.py", "style_net": "random_vgg", "other": "vgg16:net.py"}  # a task's files too
     assert cfg.anchored().task.options == {"style": str(tmp_path / "net.py"), "style_net": "random_vgg",
                                            "other": f"vgg16:{tmp_path / 'net.py'}"}
+
+
+def test_a_run_folder_written_before_tasks_declared_their_options_still_loads():
+    old = Config().to_dict()
+    old["task"] = {"name": "localization", "box_loss": "giou", "box_weight": 2.0, "per_class_boxes": False,
+                   "seg_loss": "ce", "ignore_index": 255, "min_word_count": 1, "beam": 1, "attention_reg": 1.0,
+                   "style": "", "style_net": "random_vgg", "style_size": 0, "content_weight": 1.0,
+                   "style_weight": 5.0, "tv_weight": 1.0}  # the one flat task section of older versions
+    cfg = Config.from_dict(old, "config.yaml")
+    assert cfg.task.options == {"box_loss": "giou", "box_weight": 2.0, "per_class_boxes": False}
+    old["task"]["not_an_option"] = 1
+    with pytest.raises(VisrecError, match="not_an_option"):
+        Config.from_dict(old, "config.yaml")
