@@ -441,18 +441,23 @@ class GenerateTask(Task):
 
     def train_step(self, xb: torch.Tensor, yb: Any, ctx) -> tuple[Any, torch.Tensor, Any, bool]:
         """Alternating GAN updates: the critic on this batch and fresh samples, then (every n_critic-th step) the
-        generator through the critic just updated. The step's loss is the sum of the two, as a joint step's is."""
+        generator on the same samples through the critic just updated. The step's loss is the sum of the two, as a
+        joint step's is."""
         if not self._alternating():
             return super().train_step(xb, yb, ctx)
         x, target = ctx.inputs(xb, yb)
-        with ctx.autocast():
-            d = ctx.net(x, "critic")
-        stepped = ctx.update(d["loss"], "critic")
         model = ctx.model
+        g_step = int(model.steps) % model.n_critic == 0
+        # one batch of samples for both steps (kept on the generator's graph), except across processes, where DDP
+        # must see the generator run in the forward whose backward reaches it
+        reuse = g_step and not isinstance(ctx.net, torch.nn.parallel.DistributedDataParallel)
+        with ctx.autocast():
+            d = ctx.net(x, "critic+samples" if reuse else "critic")
+        stepped = ctx.update(d["loss"], "critic")
         g_loss = torch.zeros((), device=x.device)
-        if int(model.steps) % model.n_critic == 0:
+        if g_step:
             with ctx.autocast():
-                g = ctx.net(x, "generator")
+                g = ctx.net(d["fake"], "generator:samples") if reuse else ctx.net(x, "generator")
             stepped = ctx.update(g["loss"], "generator") and stepped
             g_loss = g["loss"].detach()
         model.steps += 1
