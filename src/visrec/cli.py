@@ -69,8 +69,8 @@ def out_option(what: str) -> typer.models.OptionInfo:
 
 
 TaskOpt = Annotated[str | None, typer.Option(
-    help="task.name: classification, localization, segmentation, detection, instance, captioning, style (see "
-         "`visrec tasks`), or file.py:ClassName.")]
+    help="task.name: a registered task (`visrec tasks` lists them: classification, localization, keypoints, "
+         "segmentation, detection, instance, captioning, style, generate), or file.py:ClassName.")]
 
 
 def _config(preset: str | None, sets: list[str] | None, base=None, **options):

@@ -40,6 +40,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `dest` to fill; on success it replaces `dest` whole (a folder appears complete or
+    not at all), on an error it is removed and `dest` is left as it was."""
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def user_cache_dir() -> Path:
     """visrec's user cache: $XDG_CACHE_HOME/visrec or ~/.cache/visrec."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

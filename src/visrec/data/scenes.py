@@ -17,8 +17,6 @@ masks, annotations/captions_*.json) and read back through the COCO reader, like 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import VisrecError, unknown_name
+from ..io import atomic_folder
 from .coco import write_coco
 from .download import cache_dir
 
@@ -214,9 +213,7 @@ def generate_scenes(name: str = "scenes", *, count: int = 10_000, size: int = 64
         return dest
     source = source_of(name)
     objects, classes = ({}, SHAPES) if source == "shapes" else _objects(source, data_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".scenes-", dir=dest.parent))
-    try:
+    with atomic_folder(dest) as tmp:
         (tmp / "images").mkdir()
         for k, (split, n, src) in enumerate((("train", count, "train"), ("val", max(count // 10, 2), "train"),
                                              ("test", max(count // 5, 2), "test"))):
@@ -234,10 +231,4 @@ def generate_scenes(name: str = "scenes", *, count: int = 10_000, size: int = 64
                 objs.append(visible)
                 caps.append([caption(visible, classes)] if visible else ["an empty scene"])
             write_coco(tmp, split, names, [(size, size)] * n, objs, classes, caps)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest

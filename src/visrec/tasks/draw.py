@@ -1,4 +1,5 @@
-"""Figures of the detection tasks: images with true and predicted boxes (and masks), precision-recall curves."""
+"""Figures of the tasks: grids of test images to draw truth and predictions on, images with true and predicted boxes
+(and masks), precision-recall curves."""
 
 from __future__ import annotations
 
@@ -18,6 +19,22 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
 def _rgb(img: torch.Tensor) -> np.ndarray:
     a = img.permute(1, 2, 0).float().numpy() / 255
     return np.repeat(a, 3, 2) if a.shape[2] == 1 else a[..., :3]
+
+
+def image_grid(x8: torch.Tensor, panel_height: float = 2.6):
+    """(figure, axes): one panel per uint8 image (C, H, W) of `x8`, at most 4 per row, each image shown and every axis
+    off, for the caller to draw truth and predictions on (axes.flat[i] is image i's)."""
+    plt = pyplot()
+    n = len(x8)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, panel_height * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        img = x8[i].permute(1, 2, 0).numpy()
+        axes.flat[i].imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None)
+    return fig, axes
 
 
 def overlay(img: np.ndarray, masks: list[np.ndarray], labels: list[int], alpha: float = 0.45) -> np.ndarray:

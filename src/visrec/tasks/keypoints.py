@@ -25,8 +25,6 @@ category's `keypoints` names them, its `skeleton` joins them). `stickmen(out)` w
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from torch import nn
 from ..data import Dataset, ImageSet, Normalizer
 from ..errors import VisrecError
 from ..evaluate import predict_logits
-from ..io import write_json
+from ..io import atomic_folder, write_json
 from ..prediction import Answer, Predictor, Prepared, png_bytes
 from ..training.task import EvalSettings, Evaluation, Task
 
@@ -71,12 +69,10 @@ def stickmen(out: str | Path, *, count: int = 2000, size: int = 64, seed: int = 
         return dest
     if size < 24:
         raise VisrecError(f"stickmen size {size} is too small for a figure", "use 32 or more")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".stickmen-", dir=dest.parent))
     index = {n: i for i, n in enumerate(JOINTS)}
     category = {"id": 1, "name": "person", "supercategory": "person", "keypoints": list(JOINTS),
                 "skeleton": [[index[a] + 1, index[b] + 1] for a, b in BONES]}
-    try:
+    with atomic_folder(dest) as tmp:
         (tmp / "images").mkdir()
         for k, (split, n) in enumerate((("train", count), ("val", max(count // 10, 2)),
                                         ("test", max(count // 5, 2)))):
@@ -109,12 +105,6 @@ def stickmen(out: str | Path, *, count: int = 2000, size: int = 64, seed: int = 
             write_json(tmp / "annotations" / f"instances_{split}.json",
                        {"info": {"description": "visrec stickmen"}, "images": images, "annotations": anns,
                         "categories": [category]})
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -440,25 +430,17 @@ class KeypointsTask(Task):
     @torch.no_grad()
     def figures(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int = 8,
                 folder: Path | None = None) -> dict[str, bytes]:
-        from ..plotting import figure_png, pyplot
+        from ..plotting import figure_png
+        from .draw import image_grid
 
-        n = min(n, len(data))
-        if n == 0:
+        found = self.examples(model, data, normalizer, n)
+        if found is None:
             return {}
-        x8 = data.images[:n]
-        out = predict_logits(model, x8, normalizer).cpu()
-        targets = {k: v[:n] for k, v in self.targets(data).items()}
+        x8, out, targets = found
         xy = decode_outputs(out.float())[0] * targets["size"][:, None, :]
-        plt = pyplot()
-        cols = min(n, 4)
-        rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for i in range(n):
+        fig, axes = image_grid(x8)
+        for i in range(len(x8)):
             ax = axes.flat[i]
-            img = x8[i].permute(1, 2, 0).numpy()
-            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None)
             for pts, color, style in ((targets["keypoints"][i, :, :2], "#27ae60", "-"), (xy[i], "#c0392b", "--")):
                 for a, b in self.skeleton:
                     ax.plot([pts[a - 1, 0], pts[b - 1, 0]], [pts[a - 1, 1], pts[b - 1, 1]], color=color, lw=1,

@@ -206,28 +206,21 @@ class LocalizationTask(Task):
                 folder: Path | None = None) -> dict[str, bytes]:
         from matplotlib.patches import Rectangle
 
-        from ..plotting import figure_png, pyplot
+        from ..plotting import figure_png
+        from .draw import image_grid
 
-        n = min(n, len(data))
-        if n == 0:
+        found = self.examples(model, data, normalizer, n)
+        if found is None:
             return {}
-        x8 = data.images[:n]
-        out = predict_logits(model, x8, normalizer).cpu()
-        targets = {k: v[:n] for k, v in self.targets(data).items()}
+        x8, out, targets = found
+        n = len(x8)
         labels, true = self._truth(targets)
         logits, boxes = self.split_outputs(out)
         pred, iou = logits.argmax(1), pair_iou(boxes, true)
         h, w = x8.shape[-2:]
-        plt = pyplot()
-        cols = min(n, 4)
-        rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
+        fig, axes = image_grid(x8, panel_height=2.9)
         for i in range(n):
             ax = axes.flat[i]
-            img = x8[i].permute(1, 2, 0).numpy()
-            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None)
             for box, color, style in ((true[i], "#27ae60", "-"), (boxes[i], "#c0392b", "--")):
                 x0, y0, x1, y1 = (box * torch.tensor([w, h, w, h])).tolist()
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=color, lw=1.5, ls=style))

@@ -193,6 +193,21 @@ class Task:
         the files the test evaluation saved in the run `folder`)."""
         return {}
 
+    @torch.no_grad()
+    def examples(self, model: nn.Module, data: ImageSet, normalizer: Normalizer, n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """For figures: the first `n` images of `data` (uint8), the model's outputs on them (one tensor per image,
+        on the CPU) and their targets; None when `data` is empty."""
+        from ..evaluate import predict_logits
+
+        n = min(n, len(data))
+        if n == 0:
+            return None
+        x8 = data.images[:n]
+        targets = self.targets(data)
+        targets = {k: v[:n] for k, v in targets.items()} if isinstance(targets, dict) else targets[:n]
+        return x8, predict_logits(model, x8, normalizer).cpu(), targets
+
     def at_chance(self, test: Evaluation, ds: Dataset) -> str | None:
         """A sentence when the test result is no better than guessing (the end of training warns with it)."""
         return None
