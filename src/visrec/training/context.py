@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -81,6 +81,7 @@ class StepContext:
     device: torch.device
     amp_dtype: torch.dtype | None
     step: int  # optimizer steps taken before this one
+    params: list[torch.Tensor] = field(default_factory=list)  # the model's, in its order (clipping sums over them)
     clip: float = 0.0
     noise: float = 0.0
     noise_gamma: float = 0.55
@@ -96,7 +97,8 @@ class StepContext:
         run's gradient noise, clipping and non-finite policy. False when the step was skipped (a non-finite loss
         under train.nonfinite=skip)."""
         opt = self.optimizer if optimizer is None else self.optimizer.named[optimizer]  # type: ignore[union-attr]
-        params = [p for g in opt.param_groups for p in g["params"]]
+        params = self.params if optimizer is None and self.params else [p for g in opt.param_groups
+                                                                         for p in g["params"]]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.noise > 0:

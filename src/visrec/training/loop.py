@@ -512,7 +512,7 @@ class Trainer:
         seconds_before = pos.train_seconds
         ep_data = 0.0  # seconds spent waiting for batches (wall clock: no device sync)
         ctx = StepContext(self.forward, self.model, opt, forward, getattr(forward, "inputs", lambda x, y: (x, y)),
-                          device, self.runtime.amp_dtype, pos.step, clip, noise, noise_gamma, skip_bad)
+                          device, self.runtime.amp_dtype, pos.step, params, clip, noise, noise_gamma, skip_bad)
         feed = iter(batches)
         while True:
             t_wait = time.perf_counter()
