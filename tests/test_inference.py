@@ -53,6 +53,27 @@ def test_every_backend_gives_the_same_predictions_on_test_images(runs, name):
         assert [p.top[0][1] for p in a] == pytest.approx([p.top[0][1] for p in b], abs=1e-4)
 
 
+def test_the_registry_backends_answer_like_eager_torch_and_declare_what_they_give(runs):
+    from visrec.inference import BACKENDS, backend_names
+
+    assert backend_names() == ("auto", "torch", "channels_last", "compile", "onnx")
+    assert BACKENDS["onnx"].outputs == {"tensor"} and not BACKENDS["onnx"].gradients
+    assert "structured" in BACKENDS["channels_last"].outputs and BACKENDS["channels_last"].gradients
+    run = Run(runs["convnet"])
+    images = list(dataset_from_config(run.config).test.images[:16])
+    eager = run.predict(images, backend="torch", top_k=3)
+    for name in ("channels_last", "compile"):
+        other = run.predictor(backend=name)
+        assert other.backend == name
+        got = other.predict(images, top_k=3)
+        assert [p.label for p in got] == [p.label for p in eager]
+        assert [p.top[0][1] for p in got] == pytest.approx([p.top[0][1] for p in eager], abs=1e-4)
+    # a backend works on its own copy: the eager model keeps its memory format
+    lm = run.load_model()
+    assert all(p.is_contiguous(memory_format=torch.channels_last if lm.channels_last else torch.contiguous_format)
+               for p in lm.model.parameters() if p.dim() == 4)
+
+
 def test_the_graph_is_exported_once_per_checkpoint_and_again_when_it_changes(runs, tmp_path):
     import shutil
 
