@@ -121,7 +121,7 @@ def test_regression_head_trains_resumes_exactly_and_answers_everywhere(stick, he
                                  "--draw", str(tmp_path / "drawn")])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)[0] == lib.to_json()
-    assert Image.open(tmp_path / "drawn" / "test_000000.png").size == (32, 32)
+    assert Image.open(tmp_path / "drawn" / "test_000000.png").size == (256, 256)  # small inputs drawn enlarged
 
 
 def test_data_without_keypoints_and_moving_augmentations_are_refused(stick, tmp_path):

@@ -183,19 +183,24 @@ class Pose(Answer):
         return ", ".join(f"{p['name']} ({round(p['x'])}, {round(p['y'])})" for p in self.points)
 
     def draw(self, item: Prepared) -> bytes:
-        from PIL import ImageDraw
+        """The input (enlarged to 256 pixels on its longer side when smaller) with the skeleton in green and the
+        keypoints: left ones red, right ones blue, the others yellow."""
+        from PIL import Image, ImageDraw
 
         im = item.original()
+        k = max(1.0, 256 / max(im.size))
+        if k > 1:
+            im = im.resize((round(im.width * k), round(im.height * k)), Image.Resampling.NEAREST)
+        pts = [(p["x"] * k, p["y"] * k) for p in self.points]
         d = ImageDraw.Draw(im)
         w = max(1, round(im.width / 80))
         for a, b in self.skeleton:
-            pa, pb = self.points[a - 1], self.points[b - 1]
-            d.line([(pa["x"], pa["y"]), (pb["x"], pb["y"])], fill=(46, 204, 113), width=w)
-        for p in self.points:
+            d.line([pts[a - 1], pts[b - 1]], fill=(46, 204, 113), width=w)
+        for p, (x, y) in zip(self.points, pts, strict=True):
             r = 1.5 * w
             color = (231, 76, 60) if "left" in p["name"] else (52, 152, 219) if "right" in p["name"] else (241, 196,
                                                                                                           15)
-            d.ellipse([p["x"] - r, p["y"] - r, p["x"] + r, p["y"] + r], fill=color)
+            d.ellipse([x - r, y - r, x + r, y + r], fill=color)
         return png_bytes(np.asarray(im))
 
 
