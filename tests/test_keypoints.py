@@ -131,3 +131,33 @@ def test_data_without_keypoints_and_moving_augmentations_are_refused(stick, tmp_
     with pytest.raises(VisrecError, match="(?s)hflip, which move pixels but not keypoints.*flips images itself"):
         visrec.train(f"coco:{stick}", task="keypoints", epochs=1, out=str(tmp_path / "b"), progress=False,
                      overrides={**FAST, "data.augment": ["hflip"]})
+
+
+def test_the_served_page_draws_the_skeleton(heatmap_run, stick, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from browser import find_chromium, launch
+    from test_serve import ServerProcess
+
+    if find_chromium() is None:
+        pytest.skip("needs a chromium binary (Debian: apt-get install chromium)")
+    s = ServerProcess([str(heatmap_run.path)], tmp_path / "server.log")
+    try:
+        with launch() as browser:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(s.url + "/")
+            page.wait_for_selector("#card dl")
+            page.set_input_files("#files", [str(stick / "images" / "test_000000.png")])
+            page.wait_for_selector(".result[data-state=done]")
+            card = page.query_selector(".result")
+            assert len(card.query_selector_all("svg.boxes circle")) == len(JOINTS)
+            assert len(card.query_selector_all("svg.boxes line")) == 14  # the skeleton's bones
+            assert "14 keypoints" in card.inner_text()
+            assert errors == []
+    finally:
+        s.stop()

@@ -1050,8 +1050,9 @@ def serve(
         envvar="VISREC_TOKEN")] = None,
     max_batch: Annotated[int, typer.Option(help="Images per forward pass at most (1 turns batching off).")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to join its batch.")] = 5.0,
-    backend: Annotated[str, typer.Option(help="torch, or onnx (the run's ONNX export through onnxruntime).")
-                       ] = "torch",
+    backend: Annotated[str, typer.Option(help="torch, channels_last, compile (torch.compile) or onnx (the network's "
+                                              "ONNX graph through onnxruntime); detectors, captioning and style "
+                                              "runs take torch.")] = "torch",
     max_bytes: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 10 * 1024 * 1024,
     max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 16,
     max_pixels: Annotated[int | None, typer.Option(

@@ -107,6 +107,32 @@ function drawObjects(article, objects, width, height) {
   if (!objects.length) list.append(el("li", {}, "no object found"));
 }
 
+function drawPose(article, points, skeleton, width, height) {
+  const svg = $(".boxes", article);
+  svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+  svg.setAttribute("preserveAspectRatio", "none");
+  const ns = "http://www.w3.org/2000/svg";
+  const stroke = Math.max(0.5, width / 120);
+  for (const [a, b] of skeleton) {
+    const p = points[a - 1], q = points[b - 1];
+    if (!p || !q) continue;
+    const line = document.createElementNS(ns, "line");
+    for (const [k, v] of Object.entries({ x1: p.x, y1: p.y, x2: q.x, y2: q.y, stroke: "#2ecc71",
+                                          "stroke-width": stroke })) line.setAttribute(k, v);
+    svg.append(line);
+  }
+  for (const p of points) {
+    const dot = document.createElementNS(ns, "circle");
+    const color = p.name.includes("left") ? "#e74c3c" : p.name.includes("right") ? "#3498db" : "#f1c40f";
+    for (const [k, v] of Object.entries({ cx: p.x, cy: p.y, r: 2 * stroke, fill: color })) dot.setAttribute(k, v);
+    const title = document.createElementNS(ns, "title");
+    title.textContent = p.name + " " + percent(p.score);
+    dot.append(title);
+    svg.append(dot);
+  }
+  $(".objects", article).append(el("li", {}, points.length + " keypoints (left red, right blue)"));
+}
+
 function showAnswer(article, result, file) {
   const top = $(".top", article);
   if (result.top) {
@@ -126,10 +152,11 @@ function showAnswer(article, result, file) {
       result.attention.map((a) => a.word).join(", ");
     top.append(item);
   }
-  if (result.mask) {
+  if (result.keypoints) drawPose(article, result.keypoints, result.skeleton || [], result.width, result.height);
+  if (result.mask || result.stylized) {
     const overlay = $(".overlay", article);
-    overlay.src = result.mask;
-    overlay.alt = "predicted masks";
+    overlay.src = result.mask || result.stylized;
+    overlay.alt = result.mask ? "predicted masks" : "the stylized image";
     overlay.hidden = false;
   }
   if (result.pixels) {
