@@ -46,7 +46,7 @@ class ServedModel:
         self.name = self.run.name
         self.backend_name, self.which = backend, which
         self.max_pixels = max_pixels or cfg.data.max_pixels or MAX_PIXELS
-        self.threads = threads or torch.get_num_threads()
+        self.threads = threads or torch.get_num_threads()  # the torch threads of the process (onnxruntime: as many)
         self._tta_request = tta
         self.ready = False
 
