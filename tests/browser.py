@@ -36,3 +36,12 @@ def launch(width: int = 1280, height: int = 2000) -> Iterator:
             yield browser
         finally:
             browser.close()
+
+
+def watch_errors(page) -> list[str]:
+    """The page's console errors and uncaught exceptions, collected as they happen (the list fills while the test
+    drives the page)."""
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return errors

@@ -138,7 +138,7 @@ def test_the_served_page_draws_the_skeleton(heatmap_run, stick, tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from browser import find_chromium, launch
+    from browser import find_chromium, launch, watch_errors
     from test_serve import ServerProcess
 
     if find_chromium() is None:
@@ -147,9 +147,7 @@ def test_the_served_page_draws_the_skeleton(heatmap_run, stick, tmp_path):
     try:
         with launch() as browser:
             page = browser.new_page()
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            errors = watch_errors(page)
             page.goto(s.url + "/")
             page.wait_for_selector("#card dl")
             page.set_input_files("#files", [str(stick / "images" / "test_000000.png")])

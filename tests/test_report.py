@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import visrec
-from browser import find_chromium, launch
+from browser import find_chromium, launch, watch_errors
 from visrec.cli import app
 from visrec.doctor import TrainingMonitor
 from visrec.errors import VisrecError
@@ -51,9 +51,7 @@ def test_training_writes_a_self_contained_report(run):
 def test_report_loads_in_headless_chromium(run, tmp_path):
     with launch() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 2000})
-        errors: list[str] = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        errors = watch_errors(page)
         page.goto((run.path / "report.html").resolve().as_uri())
         assert errors == []
         n, decoded = page.evaluate("[document.images.length, Array.from(document.images).filter("

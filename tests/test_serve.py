@@ -525,16 +525,14 @@ def _chromium() -> str | None:
 
 @pytest.mark.skipif(_chromium() is None, reason="needs a chromium binary (Debian: apt-get install chromium)")
 def test_the_page_predicts_dropped_images_in_headless_chromium(run, images, tmp_path, client):
-    from browser import launch
+    from browser import launch, watch_errors
 
     s = ServerProcess([str(run.path)], tmp_path / "server.log")
     outside: list[str] = []
     try:
         with launch() as browser:
             page = browser.new_page()
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            errors = watch_errors(page)
             page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(s.url)
                        else (outside.append(route.request.url), route.abort()))
             page.goto(s.url + "/")

@@ -247,10 +247,6 @@ def decode_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------- the task
 
 
-class KeypointsEvaluation(Evaluation):
-    pass
-
-
 class KeypointsTask(Task):
     name = "keypoints"
     Predictor = KeypointsPredictor
@@ -374,7 +370,7 @@ class KeypointsTask(Task):
             share, has = self._pck(out, targets, alpha) if len(out) else (torch.zeros(0), torch.zeros(0).bool())
             metrics[key] = float(share[has].mean()) if bool(has.any()) else float("nan")
         metrics["oks_ap"], metrics["oks_ap50"] = self.oks_ap(out, targets)
-        return KeypointsEvaluation(split, metrics)
+        return Evaluation(split, metrics)
 
     def sigmas(self) -> np.ndarray:
         mean = float(np.mean(list(COCO_SIGMAS.values())))
